@@ -1,0 +1,490 @@
+//! The JSON <-> Automerge mapping of DESIGN §2, and writes that emit only what changed.
+//!
+//! Reading: maps and tables become objects, lists arrays, text and strings strings, `Int`
+//! and `Uint` integers, `F64` floats (a non-finite float reads as `null`), counters their
+//! current integer value, timestamps integer milliseconds since the Unix epoch, bytes a
+//! standard padded base64 string, booleans and null themselves, and scalar types from a
+//! future Automerge version `null`.
+//!
+//! Writing: objects become maps, arrays lists, strings scalar strings, integers that fit
+//! `i64` become `Int`, larger non-negative integers `Uint`, other numbers `F64`. A write
+//! compares the new value with the current one and emits ops only where they differ; it
+//! keeps the Automerge type already there when the JSON value still fits it (an edited
+//! string stays a text object and is spliced, a new integer on a counter becomes an
+//! increment), so apps that use those types directly keep their merge semantics.
+
+use automerge::transaction::Transactable;
+use automerge::{AutomergeError, ObjId, ObjType, Prop, ReadDoc, ScalarValue, Value, ROOT};
+use base64::Engine as _;
+use serde_json::{Map, Number, Value as Json};
+
+use crate::error::ModelError;
+
+/// Root key that marks a document as deleted. Reserved: user content may not use it.
+pub const TOMBSTONE_KEY: &str = "@deleted";
+
+/// Reads the document's user content (the root without the tombstone) as a JSON object.
+pub fn read_root<R: ReadDoc>(doc: &R) -> Map<String, Json> {
+    let mut out = read_map(doc, &ROOT);
+    out.remove(TOMBSTONE_KEY);
+    out
+}
+
+/// Whether the document carries a tombstone, so reads answer "not found".
+pub fn is_deleted<R: ReadDoc>(doc: &R) -> bool {
+    matches!(
+        doc.get(ROOT, TOMBSTONE_KEY),
+        Ok(Some((Value::Scalar(s), _))) if matches!(s.as_ref(), ScalarValue::Boolean(true))
+    )
+}
+
+/// Reads the map (or table) `obj` as a JSON object.
+pub fn read_map<R: ReadDoc>(doc: &R, obj: &ObjId) -> Map<String, Json> {
+    let mut out = Map::new();
+    for key in doc.keys(obj) {
+        if let Ok(Some((value, id))) = doc.get(obj, key.as_str()) {
+            out.insert(key, read_value(doc, value, &id));
+        }
+    }
+    out
+}
+
+/// Reads one value (`id` is the object id when `value` is an object) as JSON.
+pub fn read_value<R: ReadDoc>(doc: &R, value: Value<'_>, id: &ObjId) -> Json {
+    match value {
+        Value::Scalar(s) => scalar_to_json(&s),
+        Value::Object(ObjType::Map | ObjType::Table) => Json::Object(read_map(doc, id)),
+        Value::Object(ObjType::List) => {
+            let items = (0..doc.length(id))
+                .map(|i| match doc.get(id, i) {
+                    Ok(Some((v, child))) => read_value(doc, v, &child),
+                    _ => Json::Null,
+                })
+                .collect();
+            Json::Array(items)
+        }
+        Value::Object(ObjType::Text) => Json::String(doc.text(id).unwrap_or_default()),
+    }
+}
+
+/// The JSON form of an Automerge scalar (see the module doc for the mapping).
+pub fn scalar_to_json(s: &ScalarValue) -> Json {
+    match s {
+        ScalarValue::Str(s) => Json::String(s.to_string()),
+        ScalarValue::Int(i) => Json::Number((*i).into()),
+        ScalarValue::Uint(u) => Json::Number((*u).into()),
+        ScalarValue::F64(f) => Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        ScalarValue::Counter(c) => Json::Number(i64::from(c).into()),
+        ScalarValue::Timestamp(t) => Json::Number((*t).into()),
+        ScalarValue::Boolean(b) => Json::Bool(*b),
+        ScalarValue::Bytes(b) => Json::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        ScalarValue::Null | ScalarValue::Unknown { .. } => Json::Null,
+    }
+}
+
+/// The Automerge scalar a JSON scalar is stored as. `None` for objects and arrays.
+fn json_to_scalar(v: &Json) -> Option<ScalarValue> {
+    Some(match v {
+        Json::Null => ScalarValue::Null,
+        Json::Bool(b) => ScalarValue::Boolean(*b),
+        Json::String(s) => ScalarValue::Str(s.as_str().into()),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ScalarValue::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                ScalarValue::Uint(u)
+            } else {
+                ScalarValue::F64(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Json::Array(_) | Json::Object(_) => return None,
+    })
+}
+
+/// Refuses root content the model cannot store as given.
+pub fn check_root_keys(content: &Map<String, Json>) -> Result<(), ModelError> {
+    if content.contains_key(TOMBSTONE_KEY) {
+        return Err(ModelError::ReservedKey(TOMBSTONE_KEY.to_owned()));
+    }
+    Ok(())
+}
+
+/// Replaces the user content with `content` and clears any tombstone, emitting ops only for
+/// what differs.
+pub fn write_replace<T: Transactable>(
+    tx: &mut T,
+    content: &Map<String, Json>,
+) -> Result<(), AutomergeError> {
+    update_map(tx, &ROOT, content, true)?;
+    clear_tombstone(tx)
+}
+
+/// Applies an RFC 7386 merge patch to the user content. A deleted document is treated as
+/// `{}`. A leaf the patch names explicitly is written even when equal to the visible value if
+/// that value has concurrent alternatives: naming it is how a client resolves the conflict.
+pub fn write_merge_patch<T: Transactable>(
+    tx: &mut T,
+    patch: &Map<String, Json>,
+) -> Result<(), AutomergeError> {
+    if is_deleted(tx) {
+        update_map(tx, &ROOT, &Map::new(), true)?;
+        clear_tombstone(tx)?;
+    }
+    merge_patch_map(tx, &ROOT, patch)
+}
+
+/// Removes the user content and sets the tombstone.
+pub fn write_delete<T: Transactable>(tx: &mut T) -> Result<(), AutomergeError> {
+    update_map(tx, &ROOT, &Map::new(), true)?;
+    if !is_deleted(tx) {
+        tx.put(ROOT, TOMBSTONE_KEY, true)?;
+    }
+    Ok(())
+}
+
+fn clear_tombstone<T: Transactable>(tx: &mut T) -> Result<(), AutomergeError> {
+    if tx.get(ROOT, TOMBSTONE_KEY)?.is_some() {
+        tx.delete(ROOT, TOMBSTONE_KEY)?;
+    }
+    Ok(())
+}
+
+fn merge_patch_map<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    patch: &Map<String, Json>,
+) -> Result<(), AutomergeError> {
+    for (key, value) in patch {
+        let prop = Prop::Map(key.clone());
+        match value {
+            Json::Null => {
+                if tx.get(obj, prop.clone())?.is_some() {
+                    tx.delete(obj, prop)?;
+                }
+            }
+            Json::Object(inner) => {
+                let child = match tx.get(obj, prop.clone())? {
+                    Some((Value::Object(ObjType::Map | ObjType::Table), id)) => id,
+                    _ => tx.put_object(obj, prop, ObjType::Map)?,
+                };
+                merge_patch_map(tx, &child, inner)?;
+            }
+            leaf => {
+                if tx.get_all(obj, prop.clone())?.len() > 1 {
+                    put_fresh(tx, obj, prop, leaf)?;
+                } else {
+                    update_prop(tx, obj, prop, leaf)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes map `obj` equal `new`. At the root, the tombstone key is left to the caller.
+fn update_map<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    new: &Map<String, Json>,
+    is_root: bool,
+) -> Result<(), AutomergeError> {
+    let stale: Vec<String> = tx
+        .keys(obj)
+        .filter(|k| !new.contains_key(k) && !(is_root && k == TOMBSTONE_KEY))
+        .collect();
+    for key in stale {
+        tx.delete(obj, key)?;
+    }
+    for (key, value) in new {
+        update_prop(tx, obj, Prop::Map(key.clone()), value)?;
+    }
+    Ok(())
+}
+
+/// Makes the existing property `prop` of `obj` equal `new`, reusing what is there.
+fn update_prop<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    prop: Prop,
+    new: &Json,
+) -> Result<(), AutomergeError> {
+    match (tx.get(obj, prop.clone())?, new) {
+        (Some((Value::Object(ObjType::Map | ObjType::Table), id)), Json::Object(m)) => {
+            update_map(tx, &id, m, false)
+        }
+        (Some((Value::Object(ObjType::List), id)), Json::Array(items)) => {
+            update_list(tx, &id, items)
+        }
+        (Some((Value::Object(ObjType::Text), id)), Json::String(s)) => {
+            if tx.text(&id)? != *s {
+                tx.update_text(&id, s)?;
+            }
+            Ok(())
+        }
+        (Some((Value::Scalar(current), _)), new) if scalar_to_json(&current) == *new => Ok(()),
+        (Some((Value::Scalar(current), _)), Json::Number(n))
+            if matches!(current.as_ref(), ScalarValue::Counter(_)) && n.is_i64() =>
+        {
+            let now = match current.as_ref() {
+                ScalarValue::Counter(c) => i64::from(c),
+                _ => 0,
+            };
+            let target = n.as_i64().unwrap_or(now);
+            tx.increment(obj, prop, target.wrapping_sub(now))
+        }
+        _ => put_fresh(tx, obj, prop, new),
+    }
+}
+
+/// Writes `new` at `prop` as a new value, discarding what was there.
+fn put_fresh<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    prop: Prop,
+    new: &Json,
+) -> Result<(), AutomergeError> {
+    match new {
+        Json::Object(m) => {
+            let id = tx.put_object(obj, prop, ObjType::Map)?;
+            update_map(tx, &id, m, false)
+        }
+        Json::Array(items) => {
+            let id = tx.put_object(obj, prop, ObjType::List)?;
+            update_list(tx, &id, items)
+        }
+        scalar => match json_to_scalar(scalar) {
+            Some(s) => tx.put(obj, prop, s),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Inserts `new` into list `list` at `index`.
+fn insert_fresh<T: Transactable>(
+    tx: &mut T,
+    list: &ObjId,
+    index: usize,
+    new: &Json,
+) -> Result<(), AutomergeError> {
+    match new {
+        Json::Object(m) => {
+            let id = tx.insert_object(list, index, ObjType::Map)?;
+            update_map(tx, &id, m, false)
+        }
+        Json::Array(items) => {
+            let id = tx.insert_object(list, index, ObjType::List)?;
+            update_list(tx, &id, items)
+        }
+        scalar => match json_to_scalar(scalar) {
+            Some(s) => tx.insert(list, index, s),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Makes list `list` equal `new`: the common prefix and suffix are left alone, the middle is
+/// updated in place and then shortened or extended, so an insertion or removal at either end
+/// costs one op rather than a rewrite of the list.
+fn update_list<T: Transactable>(
+    tx: &mut T,
+    list: &ObjId,
+    new: &[Json],
+) -> Result<(), AutomergeError> {
+    let old: Vec<Json> = (0..tx.length(list))
+        .map(|i| match tx.get(list, i) {
+            Ok(Some((v, id))) => read_value(tx, v, &id),
+            _ => Json::Null,
+        })
+        .collect();
+    let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+    let suffix = old[prefix..]
+        .iter()
+        .rev()
+        .zip(new[prefix..].iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let old_mid = old.len() - prefix - suffix;
+    let new_mid = new.len() - prefix - suffix;
+    let common = old_mid.min(new_mid);
+    for i in prefix..prefix + common {
+        update_prop(tx, list, Prop::Seq(i), &new[i])?;
+    }
+    let at = prefix + common;
+    for _ in new_mid..old_mid {
+        tx.delete(list, at)?;
+    }
+    for (offset, value) in new[at..prefix + new_mid].iter().enumerate() {
+        insert_fresh(tx, list, at + offset, value)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transaction;
+    use automerge::Automerge;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn obj(v: Json) -> Map<String, Json> {
+        match v {
+            Json::Object(m) => m,
+            _ => panic!("test value is not an object"),
+        }
+    }
+
+    /// Applies `f` in one transaction and returns how many ops it emitted.
+    fn ops(doc: &mut Automerge, f: impl FnOnce(&mut Transaction<'_>)) -> usize {
+        let mut tx = doc.transaction();
+        f(&mut tx);
+        let n = tx.pending_ops();
+        tx.commit();
+        n
+    }
+
+    fn put(doc: &mut Automerge, v: &Map<String, Json>) -> usize {
+        ops(doc, |tx| write_replace(tx, v).expect("replace"))
+    }
+
+    #[test]
+    fn floats_and_integers_stay_apart() {
+        let mut doc = Automerge::new();
+        let v = obj(json!({"i": 1, "f": 1.0, "big": u64::MAX, "neg": -5, "e": 1.5e300}));
+        put(&mut doc, &v);
+        let back = read_root(&doc);
+        assert_eq!(back, v);
+        assert!(back["f"].is_f64() && back["i"].is_i64() && back["big"].is_u64());
+    }
+
+    #[test]
+    fn same_object_twice_emits_nothing() {
+        let mut doc = Automerge::new();
+        let v = obj(json!({"a": {"b": [1, 2, {"c": null}]}, "s": "x"}));
+        assert!(put(&mut doc, &v) > 0);
+        assert_eq!(put(&mut doc, &v), 0);
+    }
+
+    #[test]
+    fn one_field_changed_emits_one_op() {
+        let mut doc = Automerge::new();
+        put(&mut doc, &obj(json!({"a": 1, "b": {"c": [1, 2, 3]}})));
+        assert_eq!(
+            put(&mut doc, &obj(json!({"a": 2, "b": {"c": [1, 2, 3]}}))),
+            1
+        );
+        assert_eq!(
+            put(&mut doc, &obj(json!({"a": 2, "b": {"c": [0, 1, 2, 3]}}))),
+            1
+        );
+        assert_eq!(
+            put(&mut doc, &obj(json!({"a": 2, "b": {"c": [0, 1, 2]}}))),
+            1
+        );
+    }
+
+    #[test]
+    fn text_and_counter_types_are_kept() {
+        let mut doc = Automerge::new();
+        let (text, _) = {
+            let mut tx = doc.transaction();
+            let t = tx.put_object(ROOT, "t", ObjType::Text).expect("text");
+            tx.splice_text(&t, 0, 0, "hello").expect("splice");
+            tx.put(ROOT, "n", ScalarValue::counter(5)).expect("counter");
+            (t, tx.commit())
+        };
+        assert_eq!(read_root(&doc), obj(json!({"t": "hello", "n": 5})));
+        put(&mut doc, &obj(json!({"t": "hello world", "n": 8})));
+        assert_eq!(doc.object_type(&text).expect("type"), ObjType::Text);
+        assert!(matches!(
+            doc.get(ROOT, "n").expect("get"),
+            Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Counter(_))
+        ));
+        assert_eq!(read_root(&doc), obj(json!({"t": "hello world", "n": 8})));
+    }
+
+    #[test]
+    fn delete_then_recreate() {
+        let mut doc = Automerge::new();
+        put(&mut doc, &obj(json!({"a": 1})));
+        ops(&mut doc, |tx| write_delete(tx).expect("delete"));
+        assert!(is_deleted(&doc));
+        assert_eq!(read_root(&doc), Map::new());
+        ops(&mut doc, |tx| {
+            write_merge_patch(tx, &obj(json!({"b": 2}))).expect("patch")
+        });
+        assert!(!is_deleted(&doc));
+        assert_eq!(read_root(&doc), obj(json!({"b": 2})));
+    }
+
+    #[test]
+    fn non_json_types_read_as_documented() {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "ts", ScalarValue::Timestamp(1_700_000_000_000))
+            .expect("ts");
+        tx.put(ROOT, "b", ScalarValue::Bytes(vec![0, 1, 2]))
+            .expect("bytes");
+        tx.put(ROOT, "nan", f64::NAN).expect("nan");
+        tx.commit();
+        assert_eq!(
+            read_root(&doc),
+            obj(json!({"ts": 1_700_000_000_000_i64, "b": "AAEC", "nan": null}))
+        );
+    }
+
+    #[test]
+    fn unknown_scalars_read_as_null() {
+        let unknown = ScalarValue::Unknown {
+            type_code: 20,
+            bytes: vec![1],
+        };
+        assert_eq!(scalar_to_json(&unknown), Json::Null);
+    }
+
+    fn arb_json() -> impl Strategy<Value = Json> {
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::Bool),
+            any::<i64>().prop_map(|i| json!(i)),
+            any::<u64>().prop_map(|u| json!(u)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            ".{0,12}".prop_map(Json::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Json::Array),
+                prop::collection::btree_map("[a-z@]{0,6}", inner, 0..6)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arb_root() -> impl Strategy<Value = Map<String, Json>> {
+        prop::collection::btree_map("[a-z]{1,6}", arb_json(), 0..8)
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        #[test]
+        fn put_then_get_is_equal(v in arb_root()) {
+            let mut doc = Automerge::new();
+            put(&mut doc, &v);
+            prop_assert_eq!(read_root(&doc), v.clone());
+            // And it survives a save/load round trip.
+            let loaded = Automerge::load(&doc.save()).expect("load");
+            prop_assert_eq!(read_root(&loaded), v);
+        }
+
+        #[test]
+        fn replace_is_minimal_and_exact(a in arb_root(), b in arb_root()) {
+            let mut doc = Automerge::new();
+            put(&mut doc, &a);
+            put(&mut doc, &b);
+            prop_assert_eq!(read_root(&doc), b.clone());
+            prop_assert_eq!(put(&mut doc, &b), 0);
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The document store: Automerge documents in one redb file, with a local change feed.
+//!
+//! [`Store`] owns the database, a byte-bounded cache of loaded documents and the single
+//! writer thread (see `writer`) that group-commits every write. Reads run on the caller's
+//! thread from a redb read snapshot. This module never touches the network; the sync layer
+//! reads documents and the feed through it and writes through the same writer.
+//!
+//! Durability: a write future resolves only after the redb transaction holding it has
+//! committed with `Durability::Immediate`. A process killed at any moment loses nothing
+//! that was acknowledged.
+
+mod cache;
+mod compact;
+mod tables;
+mod writer;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use automerge::{ActorId, Automerge, ChangeHash};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::{ModelError, StoreError};
+use crate::model::{self, json, Conflict, DocId, Namespace};
+use cache::{CachedDoc, DocCache};
+use tables::{
+    decode_u64, DocMeta, CHUNKS, DOCS, FEED, KEY_EPOCH, KEY_NEXT_DOC, KEY_NEXT_SEQ, KEY_SCHEMA,
+    META, SCHEMA_VERSION,
+};
+use writer::{load_chunks, WriteOp, WriteRequest, Writer};
+
+/// A position in a store's local change feed. Starts at 1; 0 means "before everything".
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct FeedSeq(pub u64);
+
+impl fmt::Display for FeedSeq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Settings of a [`Store`]. The defaults suit an edge device; hubs raise the caches.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Largest accepted write: JSON content (serialized) or Automerge bytes to import.
+    pub max_content_bytes: usize,
+    /// Memory for loaded documents (estimated bytes); least recently used ones are dropped.
+    pub doc_cache_bytes: u64,
+    /// Memory for redb's page cache.
+    pub redb_cache_bytes: usize,
+    /// Most writes committed in one transaction.
+    pub max_batch: usize,
+    /// Change chunks below this many bytes are never compacted into a snapshot.
+    pub compact_min_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_content_bytes: 16 * 1024 * 1024,
+            doc_cache_bytes: 64 * 1024 * 1024,
+            redb_cache_bytes: 32 * 1024 * 1024,
+            max_batch: 1024,
+            compact_min_bytes: 4096,
+        }
+    }
+}
+
+/// The answer to a write, given once it is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// The document's heads right after this write.
+    pub heads: Vec<ChangeHash>,
+    /// The document's feed position after the commit that carried this write.
+    pub seq: FeedSeq,
+    /// False when the write changed nothing (no ops were emitted).
+    pub changed: bool,
+}
+
+/// A document's content as of one commit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocSnapshot {
+    /// The user content.
+    pub content: Map<String, Json>,
+    /// The heads the content reflects (the ETag of the HTTP API).
+    pub heads: Vec<ChangeHash>,
+    /// The document's feed position.
+    pub seq: FeedSeq,
+}
+
+/// A document's Automerge bytes, as `save()` writes them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportedDoc {
+    /// A complete, compressed Automerge document.
+    pub bytes: Vec<u8>,
+    /// Its heads.
+    pub heads: Vec<ChangeHash>,
+    /// Whether it carries a tombstone.
+    pub deleted: bool,
+}
+
+/// One line of a namespace listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocSummary {
+    /// The document id.
+    pub id: DocId,
+    /// Its heads.
+    pub heads: Vec<ChangeHash>,
+    /// Whether it carries a tombstone.
+    pub deleted: bool,
+    /// Its feed position.
+    pub seq: FeedSeq,
+}
+
+/// One entry of the change feed: a document at its latest position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedEntry {
+    /// The feed position.
+    pub seq: FeedSeq,
+    /// The document's namespace.
+    pub ns: Namespace,
+    /// The document's id.
+    pub id: DocId,
+    /// Its heads at that position.
+    pub heads: Vec<ChangeHash>,
+    /// Whether it carries a tombstone.
+    pub deleted: bool,
+}
+
+/// How a document is laid out on disk, for operators and compaction checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DocStorage {
+    /// Chunks stored (a snapshot and the change chunks after it).
+    pub chunks: u64,
+    /// Bytes of the snapshot chunk.
+    pub snapshot_bytes: u64,
+    /// Bytes of the change chunks after the snapshot.
+    pub incremental_bytes: u64,
+}
+
+/// A node's document store. Cheap to clone; all clones share one database and writer.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    cache: Arc<DocCache>,
+    requests: Option<mpsc::UnboundedSender<WriteRequest>>,
+    feed: watch::Receiver<FeedSeq>,
+    feed_epoch: u128,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("feed_epoch", &format_args!("{:032x}", self.feed_epoch))
+            .field("last_seq", &*self.feed.borrow())
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer commit what is queued and exit.
+        self.requests.take();
+        if let Some(handle) = self.writer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it (with a fresh random feed epoch) if absent.
+    pub fn open(path: impl AsRef<Path>, cfg: StoreConfig) -> Result<Self, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(cfg.redb_cache_bytes)
+            .create(path.as_ref())?;
+        let (feed_epoch, next_seq, next_doc_key) = init_tables(&db)?;
+        let db = Arc::new(db);
+        let cache = Arc::new(DocCache::new(cfg.doc_cache_bytes));
+        let (feed_tx, feed) = watch::channel(FeedSeq(next_seq - 1));
+        let (requests, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            db: db.clone(),
+            cache: cache.clone(),
+            cfg,
+            // A fresh actor per open: a node restored from an old backup can never reuse
+            // sequence numbers that peers have already seen with other content.
+            actor: ActorId::random(),
+            next_seq,
+            next_doc_key,
+            feed_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("tidesync-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::WriteFailed(format!("cannot start the writer: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                cache,
+                requests: Some(requests),
+                feed,
+                feed_epoch,
+                writer: Some(handle),
+            }),
+        })
+    }
+
+    /// The random id this database was created with. It changes only when the database is
+    /// recreated, which tells peers to start their cursors into this feed over.
+    pub fn feed_epoch(&self) -> u128 {
+        self.inner.feed_epoch
+    }
+
+    /// Replaces the content of a document (creating it), emitting ops only for what changed.
+    /// `if_match` makes the write conditional on the document's current heads.
+    pub async fn put(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        content: Json,
+        if_match: Option<Vec<ChangeHash>>,
+    ) -> Result<WriteOutcome, StoreError> {
+        let content = into_object(content)?;
+        self.write(ns, id, WriteOp::Replace(content), if_match)
+            .await
+    }
+
+    /// Applies an RFC 7386 merge patch (a missing or deleted document counts as `{}`).
+    pub async fn patch(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        patch: Json,
+        if_match: Option<Vec<ChangeHash>>,
+    ) -> Result<WriteOutcome, StoreError> {
+        let patch = into_object(patch)?;
+        self.write(ns, id, WriteOp::Patch(patch), if_match).await
+    }
+
+    /// Deletes a document by writing a tombstone, which syncs like any other write.
+    /// [`StoreError::NotFound`] if it is absent or already deleted.
+    pub async fn delete(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        if_match: Option<Vec<ChangeHash>>,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.write(ns, id, WriteOp::Delete, if_match).await
+    }
+
+    /// Merges Automerge bytes (a saved document, changes, or both, from upstream Automerge)
+    /// into a document, creating it if needed. Invalid bytes change nothing.
+    pub async fn import(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        bytes: Vec<u8>,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.write(ns, id, WriteOp::Import(bytes), None).await
+    }
+
+    async fn write(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        op: WriteOp,
+        if_match: Option<Vec<ChangeHash>>,
+    ) -> Result<WriteOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let req = WriteRequest {
+            ns: ns.clone(),
+            id: id.clone(),
+            op,
+            if_match,
+            reply,
+        };
+        let requests = self.inner.requests.as_ref().ok_or(StoreError::Closed)?;
+        requests.send(req).map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The document's content, or `None` if it is absent or deleted.
+    pub fn get(&self, ns: &Namespace, id: &DocId) -> Result<Option<DocSnapshot>, StoreError> {
+        Ok(self
+            .with_doc(ns, id, |meta, doc| {
+                (!meta.deleted).then(|| DocSnapshot {
+                    content: json::read_root(doc),
+                    heads: meta.heads(),
+                    seq: FeedSeq(meta.seq),
+                })
+            })?
+            .flatten())
+    }
+
+    /// The document as Automerge bytes (deleted documents too: the tombstone is content).
+    pub fn export(&self, ns: &Namespace, id: &DocId) -> Result<Option<ExportedDoc>, StoreError> {
+        self.with_doc(ns, id, |meta, doc| ExportedDoc {
+            bytes: doc.save(),
+            heads: meta.heads(),
+            deleted: meta.deleted,
+        })
+    }
+
+    /// The fields of a document with concurrent values; `None` if absent or deleted.
+    pub fn conflicts(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+    ) -> Result<Option<Vec<Conflict>>, StoreError> {
+        Ok(self
+            .with_doc(ns, id, |meta, doc| {
+                (!meta.deleted).then(|| model::conflicts(doc))
+            })?
+            .flatten())
+    }
+
+    /// Runs `f` on the committed state of a document, loading it if it is not cached.
+    fn with_doc<T>(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        f: impl FnOnce(&DocMeta, &Automerge) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let Some(raw) = docs.get((ns.as_str(), id.as_str()))? else {
+            return Ok(None);
+        };
+        let meta = DocMeta::decode(raw.value())?;
+        let doc = match self.inner.cache.get(meta.key, meta.seq) {
+            Some(doc) => doc,
+            None => {
+                let chunks = txn.open_table(CHUNKS)?;
+                let doc = Arc::new(load_chunks(&chunks, &meta)?);
+                self.inner.cache.insert(
+                    meta.key,
+                    CachedDoc {
+                        seq: meta.seq,
+                        doc: doc.clone(),
+                        weight: CachedDoc::estimate_weight(meta.stored_bytes()),
+                    },
+                );
+                doc
+            }
+        };
+        Ok(Some(f(&meta, &doc)))
+    }
+
+    /// The on-disk layout of a document, or `None` if absent.
+    pub fn doc_storage(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+    ) -> Result<Option<DocStorage>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let Some(raw) = docs.get((ns.as_str(), id.as_str()))? else {
+            return Ok(None);
+        };
+        let meta = DocMeta::decode(raw.value())?;
+        Ok(Some(DocStorage {
+            chunks: meta.next_chunk - meta.first_chunk,
+            snapshot_bytes: meta.snapshot_bytes,
+            incremental_bytes: meta.incremental_bytes,
+        }))
+    }
+
+    /// Every document of a namespace, deleted ones included, in id order.
+    pub fn list(&self, ns: &Namespace) -> Result<Vec<DocSummary>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let mut out = Vec::new();
+        for entry in docs.range((ns.as_str(), "")..)? {
+            let (k, v) = entry?;
+            let (entry_ns, id) = k.value();
+            if entry_ns != ns.as_str() {
+                break;
+            }
+            let meta = DocMeta::decode(v.value())?;
+            out.push(DocSummary {
+                id: stored_id(id)?,
+                heads: meta.heads(),
+                deleted: meta.deleted,
+                seq: FeedSeq(meta.seq),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` feed entries after `since`, oldest first. Each document appears once,
+    /// at its latest position, so a reader that stores the last seq it saw never misses a
+    /// change and never sees a stale one.
+    pub fn changes_since(
+        &self,
+        since: FeedSeq,
+        limit: usize,
+    ) -> Result<Vec<FeedEntry>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let feed = txn.open_table(FEED)?;
+        let docs = txn.open_table(DOCS)?;
+        let mut out = Vec::new();
+        for entry in feed.range(since.0.saturating_add(1)..)?.take(limit) {
+            let (seq, name) = entry?;
+            let (ns, id) = name.value();
+            let raw = docs
+                .get((ns, id))?
+                .ok_or_else(|| StoreError::Corrupt(format!("feed names missing doc {ns}/{id}")))?;
+            let meta = DocMeta::decode(raw.value())?;
+            out.push(FeedEntry {
+                seq: FeedSeq(seq.value()),
+                ns: Namespace::new(ns).map_err(corrupt_name)?,
+                id: stored_id(id)?,
+                heads: meta.heads(),
+                deleted: meta.deleted,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The feed position of the latest committed write.
+    pub fn last_seq(&self) -> FeedSeq {
+        *self.inner.feed.borrow()
+    }
+
+    /// A receiver that sees [`Store::last_seq`] move after every commit, for live push
+    /// and watchers.
+    pub fn subscribe(&self) -> watch::Receiver<FeedSeq> {
+        self.inner.feed.clone()
+    }
+
+    /// How many documents the store holds, deleted ones included.
+    pub fn doc_count(&self) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        Ok(txn.open_table(DOCS)?.len()?)
+    }
+
+    /// Documents in the cache and their estimated bytes.
+    pub fn cache_usage(&self) -> (usize, u64) {
+        self.inner.cache.usage()
+    }
+}
+
+fn into_object(v: Json) -> Result<Map<String, Json>, ModelError> {
+    match v {
+        Json::Object(m) => Ok(m),
+        Json::Array(_) => Err(ModelError::NotAnObject("an array")),
+        Json::String(_) => Err(ModelError::NotAnObject("a string")),
+        Json::Number(_) => Err(ModelError::NotAnObject("a number")),
+        Json::Bool(_) => Err(ModelError::NotAnObject("a boolean")),
+        Json::Null => Err(ModelError::NotAnObject("null")),
+    }
+}
+
+fn corrupt_name(e: ModelError) -> StoreError {
+    StoreError::Corrupt(format!("stored name is invalid: {e}"))
+}
+
+fn stored_id(id: &str) -> Result<DocId, StoreError> {
+    DocId::new(id).map_err(corrupt_name)
+}
+
+/// Creates the tables on first open; returns the feed epoch and the writer's counters.
+fn init_tables(db: &Database) -> Result<(u128, u64, u64), StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    let counters = {
+        let mut meta = txn.open_table(META)?;
+        txn.open_table(DOCS)?;
+        txn.open_table(CHUNKS)?;
+        txn.open_table(FEED)?;
+        let schema = meta.get(KEY_SCHEMA)?.map(|v| v.value().to_vec());
+        match schema {
+            None => {
+                let mut epoch = [0u8; 16];
+                getrandom::fill(&mut epoch).map_err(|e| {
+                    StoreError::WriteFailed(format!("no randomness for the feed epoch: {e}"))
+                })?;
+                meta.insert(KEY_SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())?;
+                meta.insert(KEY_EPOCH, epoch.as_slice())?;
+                meta.insert(KEY_NEXT_SEQ, 1u64.to_le_bytes().as_slice())?;
+                meta.insert(KEY_NEXT_DOC, 1u64.to_le_bytes().as_slice())?;
+                (u128::from_le_bytes(epoch), 1, 1)
+            }
+            Some(v) if v == SCHEMA_VERSION.to_le_bytes() => {
+                let read = |key: &str| -> Result<Vec<u8>, StoreError> {
+                    Ok(meta
+                        .get(key)?
+                        .ok_or_else(|| StoreError::Corrupt(format!("meta key {key} missing")))?
+                        .value()
+                        .to_vec())
+                };
+                let epoch: [u8; 16] = read(KEY_EPOCH)?
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("feed epoch: expected 16 bytes".into()))?;
+                let next_seq = decode_u64(&read(KEY_NEXT_SEQ)?, KEY_NEXT_SEQ)?;
+                let next_doc = decode_u64(&read(KEY_NEXT_DOC)?, KEY_NEXT_DOC)?;
+                (u128::from_le_bytes(epoch), next_seq, next_doc)
+            }
+            Some(v) => {
+                return Err(StoreError::Corrupt(format!(
+                    "unsupported schema version {v:?} (this build reads {SCHEMA_VERSION})"
+                )))
+            }
+        }
+    };
+    txn.commit()?;
+    Ok(counters)
+}

@@ -1,0 +1,379 @@
+//! The single writer: batches concurrent writes into one durable redb transaction.
+//!
+//! Requests queue on a channel. The writer takes the first, then everything else already
+//! queued (up to `max_batch`), applies them all to their documents, appends the new Automerge
+//! changes as chunks, moves each touched document to the end of the feed, and commits once
+//! with `Durability::Immediate`. Only then does any request of the batch get its answer: one
+//! fsync is shared by the whole batch, and an idle store commits a lone write at once.
+//!
+//! If the commit fails, every request of the batch gets an error and the cached copies of
+//! the touched documents are dropped, so memory never runs ahead of the disk.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use automerge::{ActorId, Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
+use redb::{Database, Durability, ReadableTable, Table};
+use serde_json::{Map, Value as Json};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::cache::{CachedDoc, DocCache};
+use super::tables::{encode_heads, DocMeta, CHUNKS, DOCS, FEED, KEY_NEXT_DOC, KEY_NEXT_SEQ, META};
+use super::{FeedSeq, StoreConfig, WriteOutcome};
+use crate::error::{ModelError, StoreError};
+use crate::model::{json, same_heads, DocId, Namespace};
+
+/// What a write request does to its document.
+#[derive(Debug)]
+pub(crate) enum WriteOp {
+    /// Replace the user content.
+    Replace(Map<String, Json>),
+    /// Apply an RFC 7386 merge patch.
+    Patch(Map<String, Json>),
+    /// Set the tombstone.
+    Delete,
+    /// Merge Automerge bytes (a saved document and/or changes).
+    Import(Vec<u8>),
+}
+
+#[derive(Debug)]
+pub(crate) struct WriteRequest {
+    pub ns: Namespace,
+    pub id: DocId,
+    pub op: WriteOp,
+    pub if_match: Option<Vec<ChangeHash>>,
+    pub reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+}
+
+/// A document being changed by the current batch.
+struct Working {
+    ns: Namespace,
+    id: DocId,
+    /// `None` for a document this batch creates.
+    meta: Option<DocMeta>,
+    doc: Automerge,
+    heads_before: Vec<ChangeHash>,
+}
+
+impl Working {
+    fn changed(&self) -> bool {
+        !same_heads(&self.doc.get_heads(), &self.heads_before)
+    }
+}
+
+/// The outcome of one request before the batch commits: the heads it produced and which
+/// working document it touched (to learn its feed seq).
+type Pending = Result<(usize, Vec<ChangeHash>), StoreError>;
+
+pub(crate) struct Writer {
+    pub db: Arc<Database>,
+    pub cache: Arc<DocCache>,
+    pub cfg: StoreConfig,
+    pub actor: ActorId,
+    pub next_seq: u64,
+    pub next_doc_key: u64,
+    pub feed_tx: watch::Sender<FeedSeq>,
+}
+
+impl Writer {
+    /// Runs until every sender is gone; then the remaining queue is drained and committed.
+    pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteRequest>) {
+        let mut batch = Vec::with_capacity(self.cfg.max_batch);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < self.cfg.max_batch {
+                match rx.try_recv() {
+                    Ok(req) => batch.push(req),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(&mut batch);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<WriteRequest>) {
+        let (next_seq, next_doc_key) = (self.next_seq, self.next_doc_key);
+        let mut working: Vec<Working> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        let result = self.apply_and_commit(batch, &mut working, &mut pending);
+        let replies = batch.drain(..).map(|r| r.reply);
+        match result {
+            Ok(seqs) => {
+                for w in working {
+                    let Some(meta) = w.meta else { continue };
+                    let weight = CachedDoc::estimate_weight(meta.stored_bytes());
+                    self.cache.insert(
+                        meta.key,
+                        CachedDoc {
+                            seq: meta.seq,
+                            doc: Arc::new(w.doc),
+                            weight,
+                        },
+                    );
+                }
+                for (reply, p) in replies.zip(pending) {
+                    let _ = reply.send(p.map(|(slot, heads)| {
+                        let (seq, changed) = seqs[slot];
+                        WriteOutcome {
+                            heads,
+                            seq: FeedSeq(seq),
+                            changed,
+                        }
+                    }));
+                }
+                self.feed_tx.send_replace(FeedSeq(self.next_seq - 1));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store write batch failed; nothing of it was stored");
+                self.next_seq = next_seq;
+                self.next_doc_key = next_doc_key;
+                for w in &working {
+                    if let Some(meta) = &w.meta {
+                        self.cache.remove(meta.key);
+                    }
+                }
+                let msg = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::WriteFailed(msg.clone())));
+                }
+            }
+        }
+    }
+
+    /// Applies the batch inside one write transaction and commits it. Returns, per working
+    /// document, its feed seq and whether the batch changed it.
+    fn apply_and_commit(
+        &mut self,
+        batch: &mut [WriteRequest],
+        working: &mut Vec<Working>,
+        pending: &mut Vec<Pending>,
+    ) -> Result<Vec<(u64, bool)>, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let mut seqs = Vec::new();
+        {
+            let mut docs = txn.open_table(DOCS)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
+            let mut feed = txn.open_table(FEED)?;
+            let mut index: HashMap<(Namespace, DocId), usize> = HashMap::new();
+            for req in batch.iter_mut() {
+                let key = (req.ns.clone(), req.id.clone());
+                let slot = match index.get(&key) {
+                    Some(&slot) => slot,
+                    None => {
+                        let w = self.load_working(&docs, &chunks, &req.ns, &req.id)?;
+                        working.push(w);
+                        index.insert(key, working.len() - 1);
+                        working.len() - 1
+                    }
+                };
+                let op = std::mem::replace(&mut req.op, WriteOp::Delete);
+                let result = apply_op(&mut working[slot], op, req.if_match.take(), &self.cfg)
+                    .map(|heads| (slot, heads));
+                pending.push(result);
+            }
+            for w in working.iter_mut() {
+                let changed = w.changed();
+                if changed {
+                    self.persist(w, &mut docs, &mut chunks, &mut feed)?;
+                }
+                seqs.push((w.meta.as_ref().map_or(0, |m| m.seq), changed));
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(KEY_NEXT_SEQ, self.next_seq.to_le_bytes().as_slice())?;
+            meta.insert(KEY_NEXT_DOC, self.next_doc_key.to_le_bytes().as_slice())?;
+        }
+        txn.commit()?;
+        Ok(seqs)
+    }
+
+    fn load_working(
+        &self,
+        docs: &Table<(&str, &str), &[u8]>,
+        chunks: &Table<(u64, u64), &[u8]>,
+        ns: &Namespace,
+        id: &DocId,
+    ) -> Result<Working, StoreError> {
+        let meta = match docs.get((ns.as_str(), id.as_str()))? {
+            Some(v) => Some(DocMeta::decode(v.value())?),
+            None => None,
+        };
+        let mut doc = match &meta {
+            None => Automerge::new(),
+            Some(m) => match self.cache.take(m.key, m.seq) {
+                Some(arc) => Arc::try_unwrap(arc).unwrap_or_else(|shared| (*shared).clone()),
+                None => load_chunks(chunks, m)?,
+            },
+        };
+        doc.set_actor(self.actor.clone());
+        let heads_before = doc.get_heads();
+        Ok(Working {
+            ns: ns.clone(),
+            id: id.clone(),
+            meta,
+            doc,
+            heads_before,
+        })
+    }
+
+    /// Appends the batch's changes of `w` (or a fresh snapshot, when the changes would
+    /// outweigh the last one) and moves the document to the end of the feed.
+    fn persist(
+        &mut self,
+        w: &mut Working,
+        docs: &mut Table<(&str, &str), &[u8]>,
+        chunks: &mut Table<(u64, u64), &[u8]>,
+        feed: &mut Table<u64, (&str, &str)>,
+    ) -> Result<(), StoreError> {
+        let meta = w.meta.get_or_insert_with(|| {
+            let key = self.next_doc_key;
+            self.next_doc_key += 1;
+            DocMeta {
+                key,
+                heads: Vec::new(),
+                deleted: false,
+                seq: 0,
+                first_chunk: 0,
+                next_chunk: 0,
+                snapshot_bytes: 0,
+                incremental_bytes: 0,
+            }
+        });
+        let changes = w.doc.save_after(&w.heads_before);
+        let incremental = meta.incremental_bytes + changes.len() as u64;
+        if incremental > meta.snapshot_bytes.max(self.cfg.compact_min_bytes) {
+            super::compact::replace_with_snapshot(chunks, meta, &w.doc.save())?;
+        } else {
+            chunks.insert((meta.key, meta.next_chunk), changes.as_slice())?;
+            meta.next_chunk += 1;
+            meta.incremental_bytes = incremental;
+        }
+        if meta.seq != 0 {
+            feed.remove(meta.seq)?;
+        }
+        meta.seq = self.next_seq;
+        self.next_seq += 1;
+        feed.insert(meta.seq, (w.ns.as_str(), w.id.as_str()))?;
+        meta.heads = encode_heads(&w.doc.get_heads());
+        meta.deleted = json::is_deleted(&w.doc);
+        docs.insert((w.ns.as_str(), w.id.as_str()), meta.encode().as_slice())?;
+        Ok(())
+    }
+}
+
+/// Loads a document from its chunks (a snapshot, then changes, in order).
+pub(crate) fn load_chunks(
+    chunks: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    meta: &DocMeta,
+) -> Result<Automerge, StoreError> {
+    let mut bytes = Vec::with_capacity(meta.stored_bytes() as usize);
+    for entry in chunks.range((meta.key, meta.first_chunk)..(meta.key, meta.next_chunk))? {
+        let (_, v) = entry?;
+        bytes.extend_from_slice(v.value());
+    }
+    Automerge::load(&bytes)
+        .map_err(|e| StoreError::Corrupt(format!("document {} does not load: {e}", meta.key)))
+}
+
+/// Applies one request to its working document. On error the document is as before.
+fn apply_op(
+    w: &mut Working,
+    op: WriteOp,
+    if_match: Option<Vec<ChangeHash>>,
+    cfg: &StoreConfig,
+) -> Result<Vec<ChangeHash>, StoreError> {
+    let exists = w.meta.is_some() || !w.doc.get_heads().is_empty();
+    if let Some(expected) = if_match {
+        let current = w.doc.get_heads();
+        if !same_heads(&expected, &current) {
+            return Err(StoreError::PreconditionFailed { current });
+        }
+    }
+    match op {
+        WriteOp::Replace(content) => {
+            check_size(&content, cfg)?;
+            json::check_root_keys(&content)?;
+            transact(&mut w.doc, |tx| json::write_replace(tx, &content))?;
+        }
+        WriteOp::Patch(patch) => {
+            check_size(&patch, cfg)?;
+            json::check_root_keys(&patch)?;
+            transact(&mut w.doc, |tx| json::write_merge_patch(tx, &patch))?;
+        }
+        WriteOp::Delete => {
+            if !exists || json::is_deleted(&w.doc) {
+                return Err(StoreError::NotFound);
+            }
+            transact(&mut w.doc, |tx| json::write_delete(tx))?;
+        }
+        WriteOp::Import(bytes) => {
+            if bytes.len() > cfg.max_content_bytes {
+                return Err(ModelError::TooLarge {
+                    size: bytes.len(),
+                    limit: cfg.max_content_bytes,
+                }
+                .into());
+            }
+            w.doc = import_bytes(&w.doc, &bytes)?;
+        }
+    }
+    Ok(w.doc.get_heads())
+}
+
+fn check_size(content: &Map<String, Json>, cfg: &StoreConfig) -> Result<(), ModelError> {
+    let size = serde_json::to_vec(content).map_or(usize::MAX, |v| v.len());
+    if size > cfg.max_content_bytes {
+        return Err(ModelError::TooLarge {
+            size,
+            limit: cfg.max_content_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Runs `f` in an Automerge transaction, rolling back on error.
+fn transact(
+    doc: &mut Automerge,
+    f: impl FnOnce(
+        &mut automerge::transaction::Transaction<'_>,
+    ) -> Result<(), automerge::AutomergeError>,
+) -> Result<(), StoreError> {
+    let mut tx = doc.transaction();
+    match f(&mut tx) {
+        Ok(()) => {
+            tx.commit();
+            Ok(())
+        }
+        Err(e) => {
+            tx.rollback();
+            Err(StoreError::Corrupt(format!(
+                "applying a write to the document: {e}"
+            )))
+        }
+    }
+}
+
+/// Merges Automerge bytes into a copy of `doc`, refusing anything that does not parse
+/// completely or depends on changes neither side has.
+fn import_bytes(doc: &Automerge, bytes: &[u8]) -> Result<Automerge, ModelError> {
+    let invalid = |e: automerge::AutomergeError| ModelError::InvalidAutomerge(e.to_string());
+    if bytes.is_empty() {
+        return Err(ModelError::InvalidAutomerge("no data".into()));
+    }
+    // A strict load proves the bytes parse in full. Changes that build on this document's
+    // history fail it only with MissingDeps, which the merge below settles.
+    match Automerge::load_with_options(
+        bytes,
+        LoadOptions::new().on_partial_load(OnPartialLoad::Error),
+    ) {
+        Ok(_) | Err(automerge::AutomergeError::MissingDeps) => {}
+        Err(e) => return Err(invalid(e)),
+    }
+    let mut merged = doc.clone();
+    merged.load_incremental(bytes).map_err(invalid)?;
+    let missing = merged.get_missing_deps(&[]);
+    if !missing.is_empty() {
+        return Err(ModelError::MissingDependencies(missing.len()));
+    }
+    Ok(merged)
+}
