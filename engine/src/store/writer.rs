@@ -111,6 +111,9 @@ impl Writer {
                         },
                     );
                 }
+                // Publish the new feed position before answering, so a caller that sees
+                // its write acknowledged also sees it in `last_seq`.
+                self.feed_tx.send_replace(FeedSeq(self.next_seq - 1));
                 for (reply, p) in replies.zip(pending) {
                     let _ = reply.send(p.map(|(slot, heads)| {
                         let (seq, changed) = seqs[slot];
@@ -121,7 +124,6 @@ impl Writer {
                         }
                     }));
                 }
-                self.feed_tx.send_replace(FeedSeq(self.next_seq - 1));
             }
             Err(e) => {
                 tracing::error!(error = %e, "store write batch failed; nothing of it was stored");
