@@ -1,5 +1,7 @@
 //! Shared helpers for cross-process tests, simulation and benchmarks.
 
+pub mod bench;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A small seeded PRNG (xorshift64*), so every randomized test can print and replay its seed.

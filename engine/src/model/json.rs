@@ -190,7 +190,7 @@ fn update_map<T: Transactable>(
 ) -> Result<(), AutomergeError> {
     let stale: Vec<String> = tx
         .keys(obj)
-        .filter(|k| !new.contains_key(k) && !(is_root && k == TOMBSTONE_KEY))
+        .filter(|k| !(new.contains_key(k) || (is_root && k == TOMBSTONE_KEY)))
         .collect();
     for key in stale {
         tx.delete(obj, key)?;
@@ -306,8 +306,8 @@ fn update_list<T: Transactable>(
     let old_mid = old.len() - prefix - suffix;
     let new_mid = new.len() - prefix - suffix;
     let common = old_mid.min(new_mid);
-    for i in prefix..prefix + common {
-        update_prop(tx, list, Prop::Seq(i), &new[i])?;
+    for (i, value) in new.iter().enumerate().skip(prefix).take(common) {
+        update_prop(tx, list, Prop::Seq(i), value)?;
     }
     let at = prefix + common;
     for _ in new_mid..old_mid {

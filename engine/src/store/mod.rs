@@ -28,10 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::{ModelError, StoreError};
 use crate::model::{self, json, Conflict, DocId, Namespace};
 use cache::{CachedDoc, DocCache};
-use tables::{
-    decode_u64, DocMeta, CHUNKS, DOCS, FEED, KEY_EPOCH, KEY_NEXT_DOC, KEY_NEXT_SEQ, KEY_SCHEMA,
-    META, SCHEMA_VERSION,
-};
+use tables::{DocMeta, CHUNKS, DOCS, FEED, KEY_EPOCH, KEY_SCHEMA, META, SCHEMA_VERSION};
 use writer::{load_chunks, WriteOp, WriteRequest, Writer};
 
 /// A position in a store's local change feed. Starts at 1; 0 means "before everything".
@@ -472,17 +469,18 @@ fn stored_id(id: &str) -> Result<DocId, StoreError> {
     DocId::new(id).map_err(corrupt_name)
 }
 
-/// Creates the tables on first open; returns the feed epoch and the writer's counters.
+/// Creates the tables on first open; returns the feed epoch and the writer's counters
+/// (next feed seq, next doc key), derived from the feed and the chunks.
 fn init_tables(db: &Database) -> Result<(u128, u64, u64), StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     let counters = {
         let mut meta = txn.open_table(META)?;
+        let chunks = txn.open_table(CHUNKS)?;
+        let feed = txn.open_table(FEED)?;
         txn.open_table(DOCS)?;
-        txn.open_table(CHUNKS)?;
-        txn.open_table(FEED)?;
         let schema = meta.get(KEY_SCHEMA)?.map(|v| v.value().to_vec());
-        match schema {
+        let epoch: [u8; 16] = match schema {
             None => {
                 let mut epoch = [0u8; 16];
                 getrandom::fill(&mut epoch).map_err(|e| {
@@ -490,31 +488,23 @@ fn init_tables(db: &Database) -> Result<(u128, u64, u64), StoreError> {
                 })?;
                 meta.insert(KEY_SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())?;
                 meta.insert(KEY_EPOCH, epoch.as_slice())?;
-                meta.insert(KEY_NEXT_SEQ, 1u64.to_le_bytes().as_slice())?;
-                meta.insert(KEY_NEXT_DOC, 1u64.to_le_bytes().as_slice())?;
-                (u128::from_le_bytes(epoch), 1, 1)
+                epoch
             }
-            Some(v) if v == SCHEMA_VERSION.to_le_bytes() => {
-                let read = |key: &str| -> Result<Vec<u8>, StoreError> {
-                    Ok(meta
-                        .get(key)?
-                        .ok_or_else(|| StoreError::Corrupt(format!("meta key {key} missing")))?
-                        .value()
-                        .to_vec())
-                };
-                let epoch: [u8; 16] = read(KEY_EPOCH)?
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("feed epoch: expected 16 bytes".into()))?;
-                let next_seq = decode_u64(&read(KEY_NEXT_SEQ)?, KEY_NEXT_SEQ)?;
-                let next_doc = decode_u64(&read(KEY_NEXT_DOC)?, KEY_NEXT_DOC)?;
-                (u128::from_le_bytes(epoch), next_seq, next_doc)
-            }
+            Some(v) if v == SCHEMA_VERSION.to_le_bytes() => meta
+                .get(KEY_EPOCH)?
+                .ok_or_else(|| StoreError::Corrupt("feed epoch missing".into()))?
+                .value()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("feed epoch: expected 16 bytes".into()))?,
             Some(v) => {
                 return Err(StoreError::Corrupt(format!(
                     "unsupported schema version {v:?} (this build reads {SCHEMA_VERSION})"
                 )))
             }
-        }
+        };
+        let next_seq = feed.last()?.map_or(1, |(k, _)| k.value() + 1);
+        let next_doc = chunks.last()?.map_or(1, |(k, _)| k.value().0 + 1);
+        (u128::from_le_bytes(epoch), next_seq, next_doc)
     };
     txn.commit()?;
     Ok(counters)

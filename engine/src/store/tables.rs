@@ -2,10 +2,14 @@
 //!
 //! | table    | key                      | value                                   |
 //! |----------|--------------------------|-----------------------------------------|
-//! | `meta`   | `&str` name              | store-wide values (see the `KEY_*`s)    |
+//! | `meta`   | `&str` name              | schema version, feed epoch (written once) |
 //! | `docs`   | `(namespace, doc id)`    | postcard [`DocMeta`]                    |
 //! | `chunks` | `(doc key, chunk no.)`   | Automerge bytes: a snapshot or changes  |
 //! | `feed`   | feed seq                 | `(namespace, doc id)`, once per doc      |
+//!
+//! The writer's counters are not stored: the next feed seq follows the feed's last key (the
+//! latest write is always in the feed) and the next doc key follows the last chunk's doc key
+//! (every document always has a chunk). A commit so touches only the tables it must.
 
 use automerge::ChangeHash;
 use redb::TableDefinition;
@@ -22,8 +26,6 @@ pub(crate) const FEED: TableDefinition<u64, (&str, &str)> = TableDefinition::new
 pub(crate) const SCHEMA_VERSION: u32 = 1;
 pub(crate) const KEY_SCHEMA: &str = "schema_version";
 pub(crate) const KEY_EPOCH: &str = "feed_epoch";
-pub(crate) const KEY_NEXT_SEQ: &str = "next_seq";
-pub(crate) const KEY_NEXT_DOC: &str = "next_doc_key";
 
 /// What the store keeps per document besides its Automerge bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,13 +68,6 @@ impl DocMeta {
 
 pub(crate) fn encode_heads(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
     heads.iter().map(|h| h.0).collect()
-}
-
-pub(crate) fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
-    let arr: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt(format!("{what}: expected 8 bytes")))?;
-    Ok(u64::from_le_bytes(arr))
 }
 
 #[cfg(test)]

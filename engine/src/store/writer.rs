@@ -18,7 +18,7 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::cache::{CachedDoc, DocCache};
-use super::tables::{encode_heads, DocMeta, CHUNKS, DOCS, FEED, KEY_NEXT_DOC, KEY_NEXT_SEQ, META};
+use super::tables::{encode_heads, DocMeta, CHUNKS, DOCS, FEED};
 use super::{FeedSeq, StoreConfig, WriteOutcome};
 use crate::error::{ModelError, StoreError};
 use crate::model::{json, same_heads, DocId, Namespace};
@@ -181,9 +181,6 @@ impl Writer {
                 }
                 seqs.push((w.meta.as_ref().map_or(0, |m| m.seq), changed));
             }
-            let mut meta = txn.open_table(META)?;
-            meta.insert(KEY_NEXT_SEQ, self.next_seq.to_le_bytes().as_slice())?;
-            meta.insert(KEY_NEXT_DOC, self.next_doc_key.to_le_bytes().as_slice())?;
         }
         txn.commit()?;
         Ok(seqs)
