@@ -32,6 +32,15 @@ pub enum ModelError {
     /// The Automerge changes depend on changes this node does not have.
     #[error("Automerge changes depend on {0} change(s) this document does not have")]
     MissingDependencies(usize),
+    /// A namespace pattern is neither a namespace nor a prefix followed by `*`.
+    #[error("invalid namespace pattern {0:?}: expected a namespace or a prefix ending in *")]
+    InvalidPattern(String),
+    /// A grant is not `PATTERN=rw` or `PATTERN=ro`.
+    #[error("invalid grant {0:?}: expected PATTERN=rw or PATTERN=ro")]
+    InvalidGrant(String),
+    /// A node id does not match `[A-Za-z0-9._-]{1,64}`.
+    #[error("invalid node id {0:?}: expected [A-Za-z0-9._-]{{1,64}}")]
+    InvalidNodeId(String),
     /// A heads value (as in `If-Match`) is not a list of hex change hashes.
     #[error("invalid heads {0:?}: expected comma-separated 64-digit hex change hashes")]
     InvalidHeads(String),

@@ -68,6 +68,34 @@ impl DocId {
     }
 }
 
+/// A node's name in the deployment: `[A-Za-z0-9._-]{1,64}`, as written in its certificate.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(String);
+
+impl NodeId {
+    /// Longest node id accepted, in bytes.
+    pub const MAX_LEN: usize = 64;
+
+    /// Validates `s` as a node id.
+    pub fn new(s: impl Into<String>) -> Result<Self, ModelError> {
+        let s = s.into();
+        let ok = !s.is_empty()
+            && s.len() <= Self::MAX_LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(Self(s))
+        } else {
+            Err(ModelError::InvalidNodeId(s))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 macro_rules! text_newtype_impls {
     ($t:ty) => {
         impl FromStr for $t {
@@ -90,6 +118,7 @@ macro_rules! text_newtype_impls {
 }
 text_newtype_impls!(Namespace);
 text_newtype_impls!(DocId);
+text_newtype_impls!(NodeId);
 
 #[cfg(test)]
 mod tests {

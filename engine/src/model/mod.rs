@@ -3,11 +3,13 @@
 //! Pure functions over Automerge documents; no storage, no I/O.
 
 pub mod conflicts;
+pub mod grants;
 pub mod ids;
 pub mod json;
 
 pub use conflicts::{conflicts, Conflict};
-pub use ids::{DocId, Namespace};
+pub use grants::{Access, Grant, Grants, NsPattern};
+pub use ids::{DocId, Namespace, NodeId};
 
 use automerge::ChangeHash;
 

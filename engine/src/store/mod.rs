@@ -11,8 +11,12 @@
 
 mod cache;
 mod compact;
+mod sync_state;
 mod tables;
 mod writer;
+
+pub use sync_state::warm as warm_sync_state;
+pub use tables::PeerRecord;
 
 use std::fmt;
 use std::path::Path;
@@ -26,10 +30,12 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{ModelError, StoreError};
-use crate::model::{self, json, Conflict, DocId, Namespace};
+use crate::model::{self, json, Conflict, DocId, Namespace, NodeId};
 use cache::{CachedDoc, DocCache};
-use tables::{DocMeta, CHUNKS, DOCS, FEED, KEY_EPOCH, KEY_SCHEMA, META, SCHEMA_VERSION};
-use writer::{load_chunks, WriteOp, WriteRequest, Writer};
+use tables::{
+    DocMeta, CHUNKS, DOCS, FEED, KEY_EPOCH, KEY_SCHEMA, META, PEERS, SCHEMA_VERSION, SYNC_STATE,
+};
+use writer::{load_chunks, Applied, ApplySync, WriteOp, WriteRequest, Writer};
 
 /// A position in a store's local change feed. Starts at 1; 0 means "before everything".
 #[derive(
@@ -79,6 +85,15 @@ pub struct WriteOutcome {
     pub seq: FeedSeq,
     /// False when the write changed nothing (no ops were emitted).
     pub changed: bool,
+}
+
+/// The result of applying a peer's sync message, for generating the reply.
+#[derive(Debug)]
+pub struct SyncApplied {
+    /// The sync state after the message, as persisted.
+    pub state: automerge::sync::State,
+    /// The document as committed.
+    pub doc: Arc<Automerge>,
 }
 
 /// A document's content as of one commit.
@@ -276,10 +291,19 @@ impl Store {
         op: WriteOp,
         if_match: Option<Vec<ChangeHash>>,
     ) -> Result<WriteOutcome, StoreError> {
+        let doc = Some((ns.clone(), id.clone()));
+        Ok(self.submit(doc, op, if_match).await?.outcome)
+    }
+
+    async fn submit(
+        &self,
+        doc: Option<(Namespace, DocId)>,
+        op: WriteOp,
+        if_match: Option<Vec<ChangeHash>>,
+    ) -> Result<Applied, StoreError> {
         let (reply, answer) = oneshot::channel();
         let req = WriteRequest {
-            ns: ns.clone(),
-            id: id.clone(),
+            doc,
             op,
             if_match,
             reply,
@@ -287,6 +311,82 @@ impl Store {
         let requests = self.inner.requests.as_ref().ok_or(StoreError::Closed)?;
         requests.send(req).map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Receives `peer`'s Automerge sync message for a document and persists the document and
+    /// the sync state in one commit; the reply is generated from what this returns, so a
+    /// peer's changes are acknowledged only once durable. `state` is the session's in-memory
+    /// state (`None` loads the persisted one). With `read_only`, changes in the message are
+    /// ignored. Invalid changes are refused and change nothing.
+    pub async fn apply_sync(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        peer: &NodeId,
+        peer_epoch: u128,
+        state: Option<automerge::sync::State>,
+        read_only: bool,
+        message: automerge::sync::Message,
+    ) -> Result<SyncApplied, StoreError> {
+        let op = WriteOp::ApplySync(Box::new(ApplySync {
+            peer: peer.clone(),
+            peer_epoch,
+            state,
+            read_only,
+            message,
+        }));
+        self.submit(Some((ns.clone(), id.clone())), op, None)
+            .await?
+            .sync
+            .ok_or_else(|| StoreError::WriteFailed("sync message was not applied".into()))
+    }
+
+    /// Records that every document of `peer`'s feed up to `record.cursor` is here.
+    pub async fn set_peer_record(
+        &self,
+        peer: &NodeId,
+        record: PeerRecord,
+    ) -> Result<(), StoreError> {
+        let op = WriteOp::SetCursor {
+            peer: peer.clone(),
+            record,
+        };
+        self.submit(None, op, None).await.map(|_| ())
+    }
+
+    /// What this node durably knows of `peer`'s feed.
+    pub fn peer_record(&self, peer: &NodeId) -> Result<Option<PeerRecord>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let peers = txn.open_table(PEERS)?;
+        peers
+            .get(peer.as_str())?
+            .map(|v| PeerRecord::decode(v.value()))
+            .transpose()
+    }
+
+    /// A document as committed, with the sync state persisted for `peer` (warm-started; `None`
+    /// if none, or if it belongs to another of the peer's feed epochs). `None` if absent.
+    pub fn load_for_sync(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        peer: &NodeId,
+        peer_epoch: u128,
+    ) -> Result<Option<(Arc<Automerge>, Option<automerge::sync::State>)>, StoreError> {
+        let mut found = None;
+        let doc = self.with_doc_arc(ns, id, |meta, doc| {
+            found = Some(meta.key);
+            doc
+        })?;
+        let (Some(doc), Some(key)) = (doc, found) else {
+            return Ok(None);
+        };
+        let txn = self.inner.db.begin_read()?;
+        let states = txn.open_table(SYNC_STATE)?;
+        let state = states
+            .get((peer.as_str(), key))?
+            .and_then(|v| sync_state::decode(v.value(), peer_epoch));
+        Ok(Some((doc, state)))
     }
 
     /// The document's content, or `None` if it is absent or deleted.
@@ -331,6 +431,15 @@ impl Store {
         id: &DocId,
         f: impl FnOnce(&DocMeta, &Automerge) -> T,
     ) -> Result<Option<T>, StoreError> {
+        self.with_doc_arc(ns, id, |meta, doc| f(meta, &doc))
+    }
+
+    fn with_doc_arc<T>(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        f: impl FnOnce(&DocMeta, Arc<Automerge>) -> T,
+    ) -> Result<Option<T>, StoreError> {
         let txn = self.inner.db.begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let Some(raw) = docs.get((ns.as_str(), id.as_str()))? else {
@@ -353,7 +462,7 @@ impl Store {
                 doc
             }
         };
-        Ok(Some(f(&meta, &doc)))
+        Ok(Some(f(&meta, doc)))
     }
 
     /// The on-disk layout of a document, or `None` if absent.
@@ -479,6 +588,8 @@ fn init_tables(db: &Database) -> Result<(u128, u64, u64), StoreError> {
         let chunks = txn.open_table(CHUNKS)?;
         let feed = txn.open_table(FEED)?;
         txn.open_table(DOCS)?;
+        txn.open_table(PEERS)?;
+        txn.open_table(SYNC_STATE)?;
         let schema = meta.get(KEY_SCHEMA)?.map(|v| v.value().to_vec());
         let epoch: [u8; 16] = match schema {
             None => {

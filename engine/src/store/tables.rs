@@ -6,6 +6,8 @@
 //! | `docs`   | `(namespace, doc id)`    | postcard [`DocMeta`]                    |
 //! | `chunks` | `(doc key, chunk no.)`   | Automerge bytes: a snapshot or changes  |
 //! | `feed`   | feed seq                 | `(namespace, doc id)`, once per doc      |
+//! | `peers`  | peer node id             | postcard [`PeerRecord`]                 |
+//! | `sync_state` | `(peer node id, doc key)` | peer feed epoch (16 bytes LE) + `automerge::sync::State::encode()` |
 //!
 //! The writer's counters are not stored: the next feed seq follows the feed's last key (the
 //! latest write is always in the feed) and the next doc key follows the last chunk's doc key
@@ -21,6 +23,9 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 pub(crate) const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
 pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
 pub(crate) const FEED: TableDefinition<u64, (&str, &str)> = TableDefinition::new("feed");
+pub(crate) const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
+pub(crate) const SYNC_STATE: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("sync_state");
 
 /// Version of the layout above; bumped (with a migration) whenever an encoding changes.
 pub(crate) const SCHEMA_VERSION: u32 = 1;
@@ -63,6 +68,25 @@ impl DocMeta {
 
     pub(crate) fn stored_bytes(&self) -> u64 {
         self.snapshot_bytes + self.incremental_bytes
+    }
+}
+
+/// What this node durably knows about a peer's feed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// The peer's feed epoch the cursor refers to.
+    pub epoch: u128,
+    /// Every document of the peer's feed up to this seq has been received and committed here.
+    pub cursor: u64,
+}
+
+impl PeerRecord {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("peer record: {e}")))
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
     }
 }
 

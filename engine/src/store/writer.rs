@@ -4,7 +4,9 @@
 //! queued (up to `max_batch`), applies them all to their documents, appends the new Automerge
 //! changes as chunks, moves each touched document to the end of the feed, and commits once
 //! with `Durability::Immediate`. Only then does any request of the batch get its answer: one
-//! fsync is shared by the whole batch, and an idle store commits a lone write at once.
+//! fsync is shared by the whole batch, and an idle store commits a lone write at once. A
+//! batch that changed no document (only sync bookkeeping) commits without fsync: losing it
+//! in a crash only makes the next sync exchange a little longer.
 //!
 //! If the commit fails, every request of the batch gets an error and the cached copies of
 //! the touched documents are dropped, so memory never runs ahead of the disk.
@@ -12,18 +14,19 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use automerge::sync::{State, SyncDoc};
 use automerge::{ActorId, Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 use redb::{Database, Durability, ReadableTable, Table};
 use serde_json::{Map, Value as Json};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::cache::{CachedDoc, DocCache};
-use super::tables::{encode_heads, DocMeta, CHUNKS, DOCS, FEED};
-use super::{FeedSeq, StoreConfig, WriteOutcome};
+use super::tables::{encode_heads, DocMeta, PeerRecord, CHUNKS, DOCS, FEED, PEERS, SYNC_STATE};
+use super::{sync_state, FeedSeq, StoreConfig, SyncApplied, WriteOutcome};
 use crate::error::{ModelError, StoreError};
-use crate::model::{json, same_heads, DocId, Namespace};
+use crate::model::{json, same_heads, DocId, Namespace, NodeId};
 
-/// What a write request does to its document.
+/// What a write request does.
 #[derive(Debug)]
 pub(crate) enum WriteOp {
     /// Replace the user content.
@@ -34,15 +37,37 @@ pub(crate) enum WriteOp {
     Delete,
     /// Merge Automerge bytes (a saved document and/or changes).
     Import(Vec<u8>),
+    /// Receive a peer's Automerge sync message and persist the resulting sync state.
+    ApplySync(Box<ApplySync>),
+    /// Record how far this node has durably received a peer's feed. Targets no document.
+    SetCursor { peer: NodeId, record: PeerRecord },
+}
+
+#[derive(Debug)]
+pub(crate) struct ApplySync {
+    pub peer: NodeId,
+    pub peer_epoch: u128,
+    /// The session's in-memory state; `None` loads the persisted one.
+    pub state: Option<State>,
+    /// Ignore any changes in the message (the peer may only read this namespace).
+    pub read_only: bool,
+    pub message: automerge::sync::Message,
 }
 
 #[derive(Debug)]
 pub(crate) struct WriteRequest {
-    pub ns: Namespace,
-    pub id: DocId,
+    /// The document written; `None` for requests that touch no document.
+    pub doc: Option<(Namespace, DocId)>,
     pub op: WriteOp,
     pub if_match: Option<Vec<ChangeHash>>,
-    pub reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+    pub reply: oneshot::Sender<Result<Applied, StoreError>>,
+}
+
+/// The answer to one request.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    pub outcome: WriteOutcome,
+    pub sync: Option<SyncApplied>,
 }
 
 /// A document being changed by the current batch.
@@ -61,9 +86,12 @@ impl Working {
     }
 }
 
-/// The outcome of one request before the batch commits: the heads it produced and which
-/// working document it touched (to learn its feed seq).
-type Pending = Result<(usize, Vec<ChangeHash>), StoreError>;
+/// One request's result before the batch commits.
+struct Pending {
+    slot: Option<usize>,
+    heads: Vec<ChangeHash>,
+    sync_state: Option<(NodeId, u128, State)>,
+}
 
 pub(crate) struct Writer {
     pub db: Arc<Database>,
@@ -94,33 +122,45 @@ impl Writer {
     fn commit_batch(&mut self, batch: &mut Vec<WriteRequest>) {
         let (next_seq, next_doc_key) = (self.next_seq, self.next_doc_key);
         let mut working: Vec<Working> = Vec::new();
-        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        let mut pending: Vec<Result<Pending, StoreError>> = Vec::with_capacity(batch.len());
         let result = self.apply_and_commit(batch, &mut working, &mut pending);
         let replies = batch.drain(..).map(|r| r.reply);
         match result {
             Ok(seqs) => {
-                for w in working {
-                    let Some(meta) = w.meta else { continue };
-                    let weight = CachedDoc::estimate_weight(meta.stored_bytes());
-                    self.cache.insert(
-                        meta.key,
-                        CachedDoc {
-                            seq: meta.seq,
-                            doc: Arc::new(w.doc),
-                            weight,
-                        },
-                    );
-                }
+                let docs: Vec<Option<Arc<Automerge>>> = working
+                    .into_iter()
+                    .map(|w| {
+                        let meta = w.meta?;
+                        let doc = Arc::new(w.doc);
+                        let weight = CachedDoc::estimate_weight(meta.stored_bytes());
+                        self.cache.insert(
+                            meta.key,
+                            CachedDoc {
+                                seq: meta.seq,
+                                doc: doc.clone(),
+                                weight,
+                            },
+                        );
+                        Some(doc)
+                    })
+                    .collect();
                 // Publish the new feed position before answering, so a caller that sees
                 // its write acknowledged also sees it in `last_seq`.
                 self.feed_tx.send_replace(FeedSeq(self.next_seq - 1));
                 for (reply, p) in replies.zip(pending) {
-                    let _ = reply.send(p.map(|(slot, heads)| {
-                        let (seq, changed) = seqs[slot];
-                        WriteOutcome {
-                            heads,
-                            seq: FeedSeq(seq),
-                            changed,
+                    let _ = reply.send(p.map(|p| {
+                        let (seq, changed) = p.slot.map_or((0, false), |s| seqs[s]);
+                        let doc = p.slot.and_then(|s| docs[s].clone());
+                        Applied {
+                            outcome: WriteOutcome {
+                                heads: p.heads,
+                                seq: FeedSeq(seq),
+                                changed,
+                            },
+                            sync: p.sync_state.map(|(_, _, state)| SyncApplied {
+                                state,
+                                doc: doc.unwrap_or_default(),
+                            }),
                         }
                     }));
                 }
@@ -148,42 +188,123 @@ impl Writer {
         &mut self,
         batch: &mut [WriteRequest],
         working: &mut Vec<Working>,
-        pending: &mut Vec<Pending>,
+        pending: &mut Vec<Result<Pending, StoreError>>,
     ) -> Result<Vec<(u64, bool)>, StoreError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
         let mut seqs = Vec::new();
+        let mut any_changed = false;
         {
             let mut docs = txn.open_table(DOCS)?;
             let mut chunks = txn.open_table(CHUNKS)?;
             let mut feed = txn.open_table(FEED)?;
             let mut index: HashMap<(Namespace, DocId), usize> = HashMap::new();
+            let mut cursors: Vec<(NodeId, PeerRecord)> = Vec::new();
             for req in batch.iter_mut() {
-                let key = (req.ns.clone(), req.id.clone());
+                let op = std::mem::replace(&mut req.op, WriteOp::Delete);
+                let Some(key) = req.doc.clone() else {
+                    if let WriteOp::SetCursor { peer, record } = op {
+                        cursors.push((peer, record));
+                    }
+                    pending.push(Ok(Pending {
+                        slot: None,
+                        heads: Vec::new(),
+                        sync_state: None,
+                    }));
+                    continue;
+                };
                 let slot = match index.get(&key) {
                     Some(&slot) => slot,
                     None => {
-                        let w = self.load_working(&docs, &chunks, &req.ns, &req.id)?;
+                        let w = self.load_working(&docs, &chunks, &key.0, &key.1)?;
                         working.push(w);
                         index.insert(key, working.len() - 1);
                         working.len() - 1
                     }
                 };
-                let op = std::mem::replace(&mut req.op, WriteOp::Delete);
-                let result = apply_op(&mut working[slot], op, req.if_match.take(), &self.cfg)
-                    .map(|heads| (slot, heads));
-                pending.push(result);
+                let w = &mut working[slot];
+                let result = match op {
+                    WriteOp::ApplySync(apply) => self.apply_sync(&txn, w, *apply),
+                    op => apply_op(w, op, req.if_match.take(), &self.cfg).map(|heads| Pending {
+                        slot: None,
+                        heads,
+                        sync_state: None,
+                    }),
+                };
+                pending.push(result.map(|p| Pending {
+                    slot: Some(slot),
+                    ..p
+                }));
             }
             for w in working.iter_mut() {
                 let changed = w.changed();
                 if changed {
+                    any_changed = true;
                     self.persist(w, &mut docs, &mut chunks, &mut feed)?;
                 }
                 seqs.push((w.meta.as_ref().map_or(0, |m| m.seq), changed));
             }
+            let mut states = txn.open_table(SYNC_STATE)?;
+            for p in pending.iter().flatten() {
+                let (Some(slot), Some((peer, epoch, state))) = (p.slot, &p.sync_state) else {
+                    continue;
+                };
+                if let Some(meta) = &working[slot].meta {
+                    let bytes = sync_state::encode(*epoch, state);
+                    states.insert((peer.as_str(), meta.key), bytes.as_slice())?;
+                }
+            }
+            let mut peers = txn.open_table(PEERS)?;
+            for (peer, record) in cursors {
+                peers.insert(peer.as_str(), record.encode().as_slice())?;
+            }
         }
+        txn.set_durability(if any_changed {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
         txn.commit()?;
         Ok(seqs)
+    }
+
+    /// Receives a peer's sync message into the working document. Invalid changes leave the
+    /// document as it was: they are applied to a copy first.
+    fn apply_sync(
+        &self,
+        txn: &redb::WriteTransaction,
+        w: &mut Working,
+        apply: ApplySync,
+    ) -> Result<Pending, StoreError> {
+        let mut state = match apply.state {
+            Some(state) => state,
+            None => match &w.meta {
+                Some(meta) => {
+                    let states = txn.open_table(SYNC_STATE)?;
+                    let stored = states.get((apply.peer.as_str(), meta.key))?;
+                    stored
+                        .and_then(|v| sync_state::decode(v.value(), apply.peer_epoch))
+                        .unwrap_or_default()
+                }
+                None => State::new(),
+            },
+        };
+        state.read_only = apply.read_only;
+        let invalid = |e: automerge::AutomergeError| ModelError::InvalidAutomerge(e.to_string());
+        if apply.message.changes.is_empty() || apply.read_only {
+            w.doc
+                .receive_sync_message(&mut state, apply.message)
+                .map_err(invalid)?;
+        } else {
+            let mut copy = w.doc.clone();
+            copy.receive_sync_message(&mut state, apply.message)
+                .map_err(invalid)?;
+            w.doc = copy;
+        }
+        Ok(Pending {
+            slot: None,
+            heads: w.doc.get_heads(),
+            sync_state: Some((apply.peer, apply.peer_epoch, state)),
+        })
     }
 
     fn load_working(
@@ -274,7 +395,7 @@ pub(crate) fn load_chunks(
         .map_err(|e| StoreError::Corrupt(format!("document {} does not load: {e}", meta.key)))
 }
 
-/// Applies one request to its working document. On error the document is as before.
+/// Applies one local write to its working document. On error the document is as before.
 fn apply_op(
     w: &mut Working,
     op: WriteOp,
@@ -315,6 +436,7 @@ fn apply_op(
             }
             w.doc = import_bytes(&w.doc, &bytes)?;
         }
+        WriteOp::ApplySync(_) | WriteOp::SetCursor { .. } => {}
     }
     Ok(w.doc.get_heads())
 }
