@@ -87,6 +87,24 @@ pub struct WriteOutcome {
     pub changed: bool,
 }
 
+/// The peer a sync operation is for: its node id and the feed epoch it announced.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SyncPeer {
+    /// The peer's node id.
+    pub id: NodeId,
+    /// The peer's feed epoch; sync state kept for another epoch is ignored.
+    pub epoch: u128,
+}
+
+/// A document loaded for sync with one peer.
+#[derive(Debug)]
+pub struct SyncDoc {
+    /// The document as committed.
+    pub doc: Arc<Automerge>,
+    /// The persisted sync state for the peer, warm-started; `None` if there is none.
+    pub state: Option<automerge::sync::State>,
+}
+
 /// The result of applying a peer's sync message, for generating the reply.
 #[derive(Debug)]
 pub struct SyncApplied {
@@ -322,15 +340,14 @@ impl Store {
         &self,
         ns: &Namespace,
         id: &DocId,
-        peer: &NodeId,
-        peer_epoch: u128,
+        peer: &SyncPeer,
         state: Option<automerge::sync::State>,
         read_only: bool,
         message: automerge::sync::Message,
     ) -> Result<SyncApplied, StoreError> {
         let op = WriteOp::ApplySync(Box::new(ApplySync {
-            peer: peer.clone(),
-            peer_epoch,
+            peer: peer.id.clone(),
+            peer_epoch: peer.epoch,
             state,
             read_only,
             message,
@@ -370,9 +387,8 @@ impl Store {
         &self,
         ns: &Namespace,
         id: &DocId,
-        peer: &NodeId,
-        peer_epoch: u128,
-    ) -> Result<Option<(Arc<Automerge>, Option<automerge::sync::State>)>, StoreError> {
+        peer: &SyncPeer,
+    ) -> Result<Option<SyncDoc>, StoreError> {
         let mut found = None;
         let doc = self.with_doc_arc(ns, id, |meta, doc| {
             found = Some(meta.key);
@@ -384,9 +400,9 @@ impl Store {
         let txn = self.inner.db.begin_read()?;
         let states = txn.open_table(SYNC_STATE)?;
         let state = states
-            .get((peer.as_str(), key))?
-            .and_then(|v| sync_state::decode(v.value(), peer_epoch));
-        Ok(Some((doc, state)))
+            .get((peer.id.as_str(), key))?
+            .and_then(|v| sync_state::decode(v.value(), peer.epoch));
+        Ok(Some(SyncDoc { doc, state }))
     }
 
     /// The document's content, or `None` if it is absent or deleted.
