@@ -38,5 +38,6 @@
 pub mod error;
 pub mod model;
 pub mod store;
+pub mod sync;
 
 pub use error::{Error, ModelError, StoreError};

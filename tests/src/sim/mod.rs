@@ -1,0 +1,389 @@
+//! A deterministic network of sync sessions over real stores, raft-harness style.
+//!
+//! Nodes are [`Store`]s (on tmpfs when the machine has one); links are pairs of
+//! [`Session`]s with a frame queue each way. The harness delivers, drops, duplicates and
+//! reorders frames, cuts and restores links and restarts nodes from their stores, all from
+//! one seed, and carries out every session output itself (no sockets, no timers). After
+//! [`Net::heal`] every link is fresh and every frame delivered, so a correct protocol
+//! converges.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use automerge::ReadDoc;
+use serde_json::json;
+use tidesync::model::{DocId, Grants, Namespace, NodeId};
+use tidesync::store::{Store, StoreConfig, SyncPeer};
+use tidesync::sync::{Apply, Message, Output, PeerIdentity, Role, Session, SessionConfig};
+
+use crate::Rng;
+
+/// One node: a store that survives restarts.
+#[derive(Debug)]
+pub struct SimNode {
+    /// The node's id.
+    pub id: NodeId,
+    path: PathBuf,
+    /// Open while the node runs.
+    pub store: Option<Store>,
+    /// Change hashes of every write the store acknowledged, with the document.
+    pub acked: Vec<(Namespace, DocId, automerge::ChangeHash)>,
+}
+
+/// A connection between two nodes: `sessions[0]` runs at `ends[0]`.
+#[derive(Debug)]
+struct Link {
+    ends: [usize; 2],
+    sessions: [Option<Session>; 2],
+    /// Frames in flight towards `ends[i]`.
+    queues: [VecDeque<Message>; 2],
+}
+
+/// The network.
+#[derive(Debug)]
+pub struct Net {
+    /// The nodes.
+    pub nodes: Vec<SimNode>,
+    links: Vec<Link>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    /// Frames delivered so far.
+    pub delivered: u64,
+}
+
+const NAMESPACES: [&str; 2] = ["alpha", "beta"];
+const DOCS: usize = 4;
+
+impl Net {
+    /// `n` nodes (all hubs) with links `edges`.
+    pub fn new(n: usize, edges: &[(usize, usize)]) -> Result<Self> {
+        let dir = match tempfile::Builder::new()
+            .prefix("tidesync-sim")
+            .tempdir_in("/dev/shm")
+        {
+            Ok(d) => d,
+            Err(_) => tempfile::tempdir()?,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let path = dir.path().join(format!("n{i}.redb"));
+            let store = Store::open(&path, sim_store_config())?;
+            nodes.push(SimNode {
+                id: NodeId::new(format!("n{i}"))?,
+                path,
+                store: Some(store),
+                acked: Vec::new(),
+            });
+        }
+        let links = edges
+            .iter()
+            .map(|&(a, b)| Link {
+                ends: [a, b],
+                sessions: [None, None],
+                queues: [VecDeque::new(), VecDeque::new()],
+            })
+            .collect();
+        let mut net = Self {
+            nodes,
+            links,
+            rt,
+            _dir: dir,
+            delivered: 0,
+        };
+        for l in 0..net.links.len() {
+            net.connect(l)?;
+        }
+        Ok(net)
+    }
+
+    /// A local write at `node`: one field of one document.
+    pub fn write(&mut self, node: usize, rng: &mut Rng) -> Result<()> {
+        let Some(store) = self.nodes[node].store.clone() else {
+            return Ok(());
+        };
+        let ns = Namespace::new(NAMESPACES[rng.range(0, 2) as usize])?;
+        let id = DocId::new(format!("d{}", rng.range(0, DOCS as u64)))?;
+        let field = format!("f{}", rng.range(0, 3));
+        let value = rng.range(0, 1000);
+        let out = self
+            .rt
+            .block_on(store.patch(&ns, &id, json!({ field: value }), None))?;
+        if out.changed {
+            // A local change depends on every current head, so it is the only head after.
+            if let [h] = out.heads[..] {
+                self.nodes[node].acked.push((ns, id, h));
+            } else {
+                bail!("a local write left {} heads", out.heads.len());
+            }
+        }
+        self.notify(node)
+    }
+
+    /// One random network event: mostly in-order delivery, sometimes chaos.
+    pub fn step(&mut self, rng: &mut Rng, chaos: bool) -> Result<()> {
+        let l = rng.range(0, self.links.len() as u64) as usize;
+        let dir = rng.range(0, 2) as usize;
+        let roll = rng.range(0, 100);
+        if !chaos || roll < 80 {
+            return self.deliver(l, dir, 0);
+        }
+        let q = &mut self.links[l].queues[dir];
+        match roll {
+            80..=85 if q.len() > 1 => {
+                let i = rng.range(1, q.len() as u64) as usize;
+                self.deliver(l, dir, i)
+            }
+            86..=89 => {
+                if let Some(m) = q.front().cloned() {
+                    q.push_front(m);
+                }
+                self.deliver(l, dir, 0)
+            }
+            90..=93 => {
+                q.pop_front();
+                Ok(())
+            }
+            94..=96 => {
+                self.disconnect(l);
+                Ok(())
+            }
+            97 => self.connect(l),
+            _ => self.restart(self.links[l].ends[dir]),
+        }
+    }
+
+    /// Restarts every link (fresh sessions from the stores) and delivers everything.
+    pub fn heal(&mut self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].store.is_none() {
+                self.start(i)?;
+            }
+        }
+        for l in 0..self.links.len() {
+            self.disconnect(l);
+            self.connect(l)?;
+        }
+        self.run_until_quiet(1_000_000)
+    }
+
+    /// Delivers frames in order until none is left; fails after `max` frames.
+    pub fn run_until_quiet(&mut self, max: u64) -> Result<()> {
+        let mut budget = max;
+        loop {
+            let mut any = false;
+            for l in 0..self.links.len() {
+                for dir in 0..2 {
+                    while !self.links[l].queues[dir].is_empty() {
+                        any = true;
+                        self.deliver(l, dir, 0)?;
+                        budget = budget
+                            .checked_sub(1)
+                            .context("no quiescence: too many frames")?;
+                    }
+                }
+            }
+            if !any {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Checks that every node holds the same heads and content for every document, and
+    /// every acknowledged write.
+    pub fn check_converged(&self) -> Result<()> {
+        let stores: Vec<&Store> = self.nodes.iter().filter_map(|n| n.store.as_ref()).collect();
+        for ns in NAMESPACES {
+            let ns = Namespace::new(ns)?;
+            // Feed positions are local; ids, heads and tombstones must agree.
+            let summary = |s: &Store| -> Result<Vec<_>> {
+                Ok(s.list(&ns)?
+                    .into_iter()
+                    .map(|d| (d.id, d.heads, d.deleted))
+                    .collect())
+            };
+            let first = summary(stores[0])?;
+            for (i, s) in stores.iter().enumerate().skip(1) {
+                let other = summary(s)?;
+                if first != other {
+                    bail!("node {i} differs in {ns}: {other:?} vs node 0: {first:?}");
+                }
+            }
+            for (id, _, _) in &first {
+                let content =
+                    |s: &Store| -> Result<_> { Ok(s.get(&ns, id)?.map(|d| (d.content, d.heads))) };
+                let c0 = content(stores[0])?;
+                for (i, s) in stores.iter().enumerate().skip(1) {
+                    if content(s)? != c0 {
+                        bail!("node {i} content of {ns}/{id} differs");
+                    }
+                }
+            }
+        }
+        for node in &self.nodes {
+            for (ns, id, hash) in &node.acked {
+                for (i, s) in stores.iter().enumerate() {
+                    let bytes = s.export(ns, id)?.context("acked doc missing")?.bytes;
+                    let doc = automerge::Automerge::load(&bytes)?;
+                    if doc.get_change_by_hash(hash).is_none() {
+                        bail!("node {i} lacks write {hash} of {} to {ns}/{id}", node.id);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, l: usize, dir: usize, index: usize) -> Result<()> {
+        let Some(msg) = self.links[l].queues[dir].remove(index) else {
+            return Ok(());
+        };
+        self.delivered += 1;
+        let Some(session) = self.links[l].sessions[dir].as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = session.handle_message(msg) {
+            // A protocol error closes the connection, as the driver does.
+            let _ = e;
+            self.disconnect(l);
+            return Ok(());
+        }
+        self.drive(l, dir)
+    }
+
+    fn connect(&mut self, l: usize) -> Result<()> {
+        if self.links[l].sessions.iter().any(Option::is_some) {
+            return Ok(());
+        }
+        let ends = self.links[l].ends;
+        if ends.iter().any(|&n| self.nodes[n].store.is_none()) {
+            return Ok(());
+        }
+        for side in 0..2 {
+            let (me, peer) = (ends[side], ends[1 - side]);
+            let store = self.nodes[me].store.as_ref().context("running")?;
+            let cfg = SessionConfig::new(self.nodes[me].id.clone(), Role::Hub, store.feed_epoch());
+            let identity = PeerIdentity {
+                node_id: self.nodes[peer].id.clone(),
+                role: Role::Hub,
+                grants: Grants::everything(),
+            };
+            let record = store.peer_record(&self.nodes[peer].id)?;
+            self.links[l].sessions[side] =
+                Some(Session::new(cfg, identity, record, store.last_seq()));
+        }
+        self.drive(l, 0)?;
+        self.drive(l, 1)
+    }
+
+    fn disconnect(&mut self, l: usize) {
+        self.links[l].sessions = [None, None];
+        self.links[l].queues = [VecDeque::new(), VecDeque::new()];
+    }
+
+    fn restart(&mut self, node: usize) -> Result<()> {
+        for l in 0..self.links.len() {
+            if self.links[l].ends.contains(&node) {
+                self.disconnect(l);
+            }
+        }
+        self.nodes[node].store = None; // closes the database
+        self.start(node)
+    }
+
+    fn start(&mut self, node: usize) -> Result<()> {
+        self.nodes[node].store = Some(Store::open(&self.nodes[node].path, sim_store_config())?);
+        for l in 0..self.links.len() {
+            if self.links[l].ends.contains(&node) {
+                self.connect(l)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells every session at `node` that its store moved, and drives them.
+    fn notify(&mut self, node: usize) -> Result<()> {
+        let Some(last) = self.nodes[node].store.as_ref().map(Store::last_seq) else {
+            return Ok(());
+        };
+        for l in 0..self.links.len() {
+            for side in 0..2 {
+                if self.links[l].ends[side] == node {
+                    if let Some(s) = self.links[l].sessions[side].as_mut() {
+                        s.handle_feed_advanced(last);
+                    }
+                    self.drive(l, side)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out the outputs of the session at `ends[side]` of link `l`.
+    fn drive(&mut self, l: usize, side: usize) -> Result<()> {
+        let node = self.links[l].ends[side];
+        let peer_node = self.links[l].ends[1 - side];
+        let Some(store) = self.nodes[node].store.clone() else {
+            return Ok(());
+        };
+        let mut wrote = false;
+        loop {
+            let Some(session) = self.links[l].sessions[side].as_mut() else {
+                break;
+            };
+            let Some(out) = session.poll_output() else {
+                break;
+            };
+            let peer = SyncPeer {
+                id: self.nodes[peer_node].id.clone(),
+                epoch: session.peer_hello().map_or(0, |h| h.feed_epoch),
+            };
+            match out {
+                Output::Send(m) => self.links[l].queues[1 - side].push_back(m),
+                Output::ReadFeed { after, limit } => {
+                    let last = store.last_seq();
+                    let entries = store.changes_since(after, limit)?;
+                    session.handle_feed(entries, last);
+                }
+                Output::Load { ns, id } => {
+                    let loaded = store.load_for_sync(&ns, &id, &peer)?;
+                    session.handle_loaded(ns, id, loaded);
+                }
+                Output::Apply(apply) => {
+                    let Apply {
+                        ns,
+                        id,
+                        state,
+                        read_only,
+                        message,
+                    } = *apply;
+                    let result = self
+                        .rt
+                        .block_on(store.apply_sync(&ns, &id, &peer, state, read_only, message));
+                    wrote |= result.is_ok();
+                    if session.handle_applied(ns, id, result).is_err() {
+                        self.disconnect(l);
+                        break;
+                    }
+                }
+                Output::SaveCursor(record) => {
+                    self.rt.block_on(store.set_peer_record(&peer.id, record))?;
+                }
+                Output::Event(_) => {}
+            }
+        }
+        if wrote {
+            self.notify(node)?;
+        }
+        Ok(())
+    }
+}
+
+fn sim_store_config() -> StoreConfig {
+    StoreConfig {
+        doc_cache_bytes: 1 << 20,
+        redb_cache_bytes: 1 << 20,
+        ..StoreConfig::default()
+    }
+}
