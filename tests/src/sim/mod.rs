@@ -328,10 +328,7 @@ impl Net {
             return Ok(());
         };
         let mut wrote = false;
-        loop {
-            let Some(session) = self.links[l].sessions[side].as_mut() else {
-                break;
-            };
+        while let Some(session) = self.links[l].sessions[side].as_mut() {
             let Some(out) = session.poll_output() else {
                 break;
             };
