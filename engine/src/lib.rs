@@ -37,6 +37,7 @@
 
 pub mod error;
 pub mod model;
+pub mod net;
 pub mod store;
 pub mod sync;
 

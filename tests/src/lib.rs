@@ -1,6 +1,7 @@
 //! Shared helpers for cross-process tests, simulation and benchmarks.
 
 pub mod bench;
+pub mod cluster;
 pub mod sim;
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -94,6 +94,16 @@ impl ProtocolError {
         }
     }
 
+    /// A malformed frame or unexpected message.
+    pub fn protocol(reason: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Protocol, reason)
+    }
+
+    /// A frame the codec refused (over the size limit, or a broken length prefix).
+    pub fn from_frame_error(e: &std::io::Error) -> Self {
+        Self::new(ErrorCode::Protocol, format!("bad frame: {e}"))
+    }
+
     /// The message that tells the peer.
     pub fn to_message(&self) -> Message {
         Message::Error {

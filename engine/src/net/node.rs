@@ -1,0 +1,436 @@
+//! A running node: the quinn endpoint, its accept loop, the dial loops, and the registry
+//! that keeps one connection per peer.
+//!
+//! Hubs listen and may dial other hubs; edges only dial hubs. A dial loop reconnects with
+//! exponential backoff and jitter; with `failover`, it tries its addresses in order and
+//! uses the first that answers. When two connections to one peer exist (both sides
+//! dialed), the one dialed by the smaller node id stays, so both sides pick the same.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::driver::{self, DriverContext, PeerCounters, CLOSE_REPLACED, CLOSE_SHUTDOWN};
+use super::pki::{Bundle, Identity, TlsError, SERVER_NAME};
+use super::tls::{self, Revocations};
+use crate::model::{NodeId, NsPattern};
+use crate::store::Store;
+use crate::sync::{PeerIdentity, Role, Session, SessionConfig};
+
+/// Settings of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's certificate, key and CA.
+    pub bundle: Bundle,
+    /// Where to accept connections (hubs). `None`: dial only (edges).
+    pub listen: Option<SocketAddr>,
+    /// Addresses to dial.
+    pub dial: Vec<SocketAddr>,
+    /// Use only the first address of `dial` that answers, moving on when it fails (edges);
+    /// otherwise keep a connection to every address (hub mesh).
+    pub failover: bool,
+    /// Namespaces to receive.
+    pub subscriptions: Vec<NsPattern>,
+    /// Node ids refused at the handshake and cut off when added.
+    pub revocations: Revocations,
+    /// Largest frame, in bytes.
+    pub max_frame: usize,
+    /// First reconnect delay; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults: no listening, no dialing, all namespaces, 16 MiB frames.
+    pub fn new(bundle: Bundle) -> Self {
+        Self {
+            bundle,
+            listen: None,
+            dial: Vec::new(),
+            failover: false,
+            subscriptions: vec![NsPattern::all()],
+            revocations: Revocations::new(),
+            max_frame: 16 * 1024 * 1024,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Failures to start a node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// The bundle or TLS setup is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The socket could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A peer as status shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The peer's node id.
+    pub node_id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// Its address, as last seen.
+    pub addr: SocketAddr,
+    /// Whether a connection is up.
+    pub connected: bool,
+    /// Frame bytes sent.
+    pub bytes_sent: u64,
+    /// Frame bytes received.
+    pub bytes_received: u64,
+    /// Frames sent.
+    pub messages_sent: u64,
+    /// Frames received.
+    pub messages_received: u64,
+    /// Local feed positions the peer has not acknowledged.
+    pub lag: u64,
+    /// Unix milliseconds of the last completed document sync (0: never).
+    pub last_sync_ms: u64,
+    /// Documents synced with the peer in the current connection.
+    pub docs_synced: u64,
+    /// Refusals because of the peer's grants.
+    pub rejected: u64,
+    /// Documents loaded from the store for this peer.
+    pub docs_loaded: u64,
+}
+
+struct PeerEntry {
+    conn_id: u64,
+    conn: Option<quinn::Connection>,
+    dialed_by: NodeId,
+    role: Role,
+    addr: SocketAddr,
+    counters: Arc<PeerCounters>,
+}
+
+struct Inner {
+    store: Store,
+    identity: Identity,
+    cfg: NodeConfig,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    peers: Mutex<HashMap<NodeId, PeerEntry>>,
+    next_conn: AtomicU64,
+    handshake_failures: AtomicU64,
+    cancel: CancellationToken,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+/// A running node. Dropping it does not stop it; call [`Node::shutdown`].
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.inner.identity.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Binds the endpoint and starts accepting and dialing. Must run inside tokio.
+    pub fn start(store: Store, cfg: NodeConfig) -> Result<Self, NetError> {
+        let identity = cfg.bundle.identity()?;
+        let client = tls::client_config(&cfg.bundle, &cfg.revocations)?;
+        let mut endpoint = match cfg.listen {
+            Some(addr) => {
+                let server = tls::server_config(&cfg.bundle, &cfg.revocations)?;
+                quinn::Endpoint::server(server, addr)
+                    .map_err(|source| NetError::Bind { addr, source })?
+            }
+            None => {
+                let addr = SocketAddr::from(([0, 0, 0, 0], 0));
+                quinn::Endpoint::client(addr).map_err(|source| NetError::Bind { addr, source })?
+            }
+        };
+        endpoint.set_default_client_config(client.clone());
+        let node = Self {
+            inner: Arc::new(Inner {
+                store,
+                identity,
+                cfg,
+                endpoint,
+                client,
+                peers: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(1),
+                handshake_failures: AtomicU64::new(0),
+                cancel: CancellationToken::new(),
+                tasks: Mutex::new(JoinSet::new()),
+            }),
+        };
+        if node.inner.cfg.listen.is_some() {
+            let n = node.clone();
+            node.spawn(async move { n.accept_loop().await });
+        }
+        if node.inner.cfg.failover {
+            let n = node.clone();
+            let addrs = node.inner.cfg.dial.clone();
+            node.spawn(async move { n.dial_loop(addrs).await });
+        } else {
+            for addr in node.inner.cfg.dial.clone() {
+                let n = node.clone();
+                node.spawn(async move { n.dial_loop(vec![addr]).await });
+            }
+        }
+        Ok(node)
+    }
+
+    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        if let Ok(mut tasks) = self.inner.tasks.lock() {
+            tasks.spawn(fut);
+        }
+    }
+
+    /// The address the endpoint is bound to (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.endpoint.local_addr()
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// The node's store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Handshakes refused so far (bad or revoked certificates, wrong roles).
+    pub fn handshake_failures(&self) -> u64 {
+        self.inner.handshake_failures.load(Ordering::Relaxed)
+    }
+
+    /// Every peer seen since start, connected or not.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let Ok(peers) = self.inner.peers.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<PeerStatus> = peers
+            .iter()
+            .map(|(id, e)| {
+                let c = &e.counters;
+                let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                PeerStatus {
+                    node_id: id.clone(),
+                    role: e.role,
+                    addr: e.addr,
+                    connected: e.conn.is_some(),
+                    bytes_sent: get(&c.bytes_sent),
+                    bytes_received: get(&c.bytes_received),
+                    messages_sent: get(&c.messages_sent),
+                    messages_received: get(&c.messages_received),
+                    lag: get(&c.lag),
+                    last_sync_ms: get(&c.last_sync_ms),
+                    docs_synced: get(&c.docs_synced),
+                    rejected: get(&c.rejected),
+                    docs_loaded: get(&c.docs_loaded),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        out
+    }
+
+    /// Closes every live connection (peers reconnect as usual).
+    pub fn drop_connections(&self) {
+        if let Ok(peers) = self.inner.peers.lock() {
+            for e in peers.values() {
+                if let Some(conn) = &e.conn {
+                    conn.close(CLOSE_REPLACED.into(), b"dropped");
+                }
+            }
+        }
+    }
+
+    /// Stops dialing and accepting, tells every peer, and waits for the tasks to end.
+    /// Writes already acknowledged are durable; those in flight finish in the store.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner
+            .endpoint
+            .close(CLOSE_SHUTDOWN.into(), b"shutting down");
+        let tasks = self
+            .inner
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .ok();
+        if let Some(mut tasks) = tasks {
+            while tasks.join_next().await.is_some() {}
+        }
+        self.inner.endpoint.wait_idle().await;
+    }
+
+    async fn accept_loop(&self) {
+        loop {
+            let incoming = tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                i = self.inner.endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+            };
+            let n = self.clone();
+            self.spawn(async move {
+                match incoming.await {
+                    Ok(conn) => n.run_connection(conn, false).await,
+                    Err(e) => {
+                        n.inner.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "refused an incoming connection");
+                    }
+                }
+            });
+        }
+    }
+
+    async fn dial_loop(&self, addrs: Vec<SocketAddr>) {
+        let cfg = &self.inner.cfg;
+        let mut backoff = cfg.min_backoff;
+        while !self.inner.cancel.is_cancelled() {
+            for &addr in &addrs {
+                let connecting = match self.inner.endpoint.connect_with(
+                    self.inner.client.clone(),
+                    addr,
+                    SERVER_NAME,
+                ) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "cannot dial");
+                        continue;
+                    }
+                };
+                let conn = tokio::select! {
+                    _ = self.inner.cancel.cancelled() => return,
+                    c = connecting => c,
+                };
+                match conn {
+                    Ok(conn) => {
+                        backoff = cfg.min_backoff;
+                        self.run_connection(conn, true).await;
+                        // After a connection ends, start again from the first address.
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::info!(%addr, error = %e, "dial failed");
+                        if matches!(e, quinn::ConnectionError::TransportError(_)) {
+                            self.inner
+                                .handshake_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            let delay = jitter(backoff);
+            backoff = (backoff * 2).min(cfg.max_backoff);
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Registers the connection (settling duplicates), runs its session, unregisters it.
+    async fn run_connection(&self, conn: quinn::Connection, dialer: bool) {
+        let identity = match tls::peer_identity(&conn) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "connection without a usable identity");
+                conn.close(driver::CLOSE_PROTOCOL.into(), b"no identity");
+                return;
+            }
+        };
+        let me = &self.inner.identity.node_id;
+        let peer = identity.node_id.clone();
+        let dialed_by = if dialer { me.clone() } else { peer.clone() };
+        let conn_id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        let counters = {
+            let Ok(mut peers) = self.inner.peers.lock() else {
+                return;
+            };
+            let counters = Arc::new(PeerCounters::default());
+            if let Some(e) = peers.get(&peer) {
+                if let Some(old) = &e.conn {
+                    // Keep the connection dialed by the smaller node id; a reconnect of the
+                    // same dialer replaces its stale predecessor.
+                    if e.dialed_by < dialed_by {
+                        conn.close(CLOSE_REPLACED.into(), b"duplicate connection");
+                        return;
+                    }
+                    old.close(CLOSE_REPLACED.into(), b"replaced");
+                }
+            }
+            peers.insert(
+                peer.clone(),
+                PeerEntry {
+                    conn_id,
+                    conn: Some(conn.clone()),
+                    dialed_by,
+                    role: identity.role,
+                    addr: conn.remote_address(),
+                    counters: counters.clone(),
+                },
+            );
+            counters
+        };
+        let store = &self.inner.store;
+        let record = store.peer_record(&peer).ok().flatten();
+        let mut scfg = SessionConfig::new(me.clone(), self.inner.identity.role, store.feed_epoch());
+        scfg.subscriptions = self.inner.cfg.subscriptions.clone();
+        let session = Session::new(
+            scfg,
+            PeerIdentity {
+                node_id: peer.clone(),
+                role: identity.role,
+                grants: identity.grants.clone(),
+            },
+            record,
+            store.last_seq(),
+        );
+        let ctx = DriverContext {
+            store: store.clone(),
+            revocations: self.inner.cfg.revocations.clone(),
+            max_frame: self.inner.cfg.max_frame,
+        };
+        tokio::select! {
+            _ = self.inner.cancel.cancelled() => {
+                conn.close(CLOSE_SHUTDOWN.into(), b"shutting down");
+            }
+            _ = driver::run(conn.clone(), session, dialer, ctx, counters) => {}
+        }
+        if let Ok(mut peers) = self.inner.peers.lock() {
+            if let Some(e) = peers.get_mut(&peer) {
+                if e.conn_id == conn_id {
+                    e.conn = None;
+                }
+            }
+        }
+    }
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5), so reconnecting nodes spread out.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = getrandom::fill(&mut b).map_or(0x8000, |()| u16::from_le_bytes(b));
+    d.mul_f64(0.5 + f64::from(r) / 65536.0)
+}

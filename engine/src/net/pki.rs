@@ -1,0 +1,323 @@
+//! The deployment PKI: a CA, node certificates that carry identity and grants, bundles.
+//!
+//! A node certificate names the node three ways: its subject common name is the node id;
+//! its subject alternative names hold the DNS name [`SERVER_NAME`] (every node answers to
+//! it, since peers dial addresses, not names) and URIs `tidesync:node:ID`,
+//! `tidesync:role:edge|hub` and one `tidesync:grant:PATTERN=rw|ro` per grant. They are
+//! plain X.509 fields, readable with `openssl x509 -text`, and signed by the CA, so a node
+//! cannot widen its own grants.
+
+use std::fmt;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+use crate::model::{Grant, Grants, NodeId};
+use crate::sync::Role;
+
+/// The DNS name in every node certificate; dialers verify it.
+pub const SERVER_NAME: &str = "tidesync.node";
+
+const URI_NODE: &str = "tidesync:node:";
+const URI_ROLE: &str = "tidesync:role:";
+const URI_GRANT: &str = "tidesync:grant:";
+
+/// Certificate problems.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// rcgen could not make or sign a certificate.
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A PEM file is malformed or lacks a part.
+    #[error("bad PEM: {0}")]
+    Pem(String),
+    /// A certificate does not carry a valid Tidesync identity.
+    #[error("certificate identity: {0}")]
+    Identity(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Who a certificate says its holder is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The node id.
+    pub node_id: NodeId,
+    /// Edge or hub.
+    pub role: Role,
+    /// For edges, what they may read and write. Hubs hold everything.
+    pub grants: Grants,
+}
+
+impl Identity {
+    /// Reads the identity from a DER certificate (not verifying it: the TLS layer does).
+    pub fn from_cert(der: &[u8]) -> Result<Self, TlsError> {
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+            .map_err(|e| TlsError::Identity(format!("unparsable certificate: {e}")))?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| TlsError::Identity(e.to_string()))?
+            .ok_or_else(|| TlsError::Identity("no subject alternative names".into()))?;
+        let (mut node, mut role, mut grants) = (None, None, Vec::new());
+        for name in &san.value.general_names {
+            let GeneralName::URI(uri) = name else {
+                continue;
+            };
+            if let Some(id) = uri.strip_prefix(URI_NODE) {
+                node = Some(NodeId::new(id).map_err(|e| TlsError::Identity(e.to_string()))?);
+            } else if let Some(r) = uri.strip_prefix(URI_ROLE) {
+                role = Some(match r {
+                    "edge" => Role::Edge,
+                    "hub" => Role::Hub,
+                    other => return Err(TlsError::Identity(format!("unknown role {other:?}"))),
+                });
+            } else if let Some(g) = uri.strip_prefix(URI_GRANT) {
+                grants.push(
+                    g.parse::<Grant>()
+                        .map_err(|e| TlsError::Identity(e.to_string()))?,
+                );
+            }
+        }
+        let node_id = node.ok_or_else(|| TlsError::Identity("no node id".into()))?;
+        let role = role.ok_or_else(|| TlsError::Identity("no role".into()))?;
+        let grants = match role {
+            Role::Hub => Grants::everything(),
+            Role::Edge => Grants::new(grants),
+        };
+        Ok(Self {
+            node_id,
+            role,
+            grants,
+        })
+    }
+}
+
+/// A deployment's certificate authority.
+pub struct Ca {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Makes a new CA named `name`.
+    pub fn generate(name: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{name} Tidesync CA"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from its certificate and key PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            issuer,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA private key, PEM. Keep it off the nodes.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// Issues a node certificate and key. Grants matter only for edges.
+    pub fn issue(&self, node: &NodeId, role: Role, grants: &[Grant]) -> Result<Bundle, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node.as_str());
+        params.distinguished_name = dn;
+        let uri = |s: String| -> Result<SanType, TlsError> {
+            Ok(SanType::URI(s.try_into().map_err(|e: rcgen::Error| {
+                TlsError::Identity(e.to_string())
+            })?))
+        };
+        params
+            .subject_alt_names
+            .push(uri(format!("{URI_NODE}{node}"))?);
+        params
+            .subject_alt_names
+            .push(uri(format!("{URI_ROLE}{}", role.as_str()))?);
+        if role == Role::Edge {
+            for g in grants {
+                params
+                    .subject_alt_names
+                    .push(uri(format!("{URI_GRANT}{g}"))?);
+            }
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Bundle::from_issued(&self.cert_pem, cert.der().clone(), &key)
+    }
+}
+
+/// What a node needs to join a deployment: the CA certificate, its own certificate and key.
+/// Stored as one PEM file in that order.
+pub struct Bundle {
+    ca: CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Bundle {
+    fn clone(&self) -> Self {
+        Self {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bundle").finish_non_exhaustive()
+    }
+}
+
+impl Bundle {
+    /// The bundle file's text.
+    pub fn to_pem(&self) -> String {
+        let blocks = [
+            pem::Pem::new("CERTIFICATE", self.ca.to_vec()),
+            pem::Pem::new("CERTIFICATE", self.cert.to_vec()),
+            pem::Pem::new("PRIVATE KEY", self.key.secret_der().to_vec()),
+        ];
+        pem::encode_many(&blocks)
+    }
+
+    /// Reads a bundle file's text: the CA certificate, the node certificate, the node key.
+    pub fn from_pem(text: &str) -> Result<Self, TlsError> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        let [ca, cert] = <[CertificateDer<'static>; 2]>::try_from(certs).map_err(|certs| {
+            TlsError::Pem(format!(
+                "expected 2 certificates (CA, node), found {}",
+                certs.len()
+            ))
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
+            .map_err(|e| TlsError::Pem(format!("node key: {e}")))?;
+        let bundle = Self { ca, cert, key };
+        bundle.identity()?;
+        Ok(bundle)
+    }
+
+    fn from_issued(
+        ca_pem: &str,
+        cert: CertificateDer<'static>,
+        key: &KeyPair,
+    ) -> Result<Self, TlsError> {
+        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        let key = PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| TlsError::Pem(e.to_owned()))?;
+        Ok(Self { ca, cert, key })
+    }
+
+    /// The identity in the node certificate.
+    pub fn identity(&self) -> Result<Identity, TlsError> {
+        Identity::from_cert(&self.cert)
+    }
+
+    pub(crate) fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca
+    }
+
+    pub(crate) fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    pub(crate) fn key_der(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_identity_and_grants() {
+        let ca = Ca::generate("test").expect("ca");
+        let grants: Vec<Grant> = vec![
+            "models=ro".parse().expect("g"),
+            "health.*=rw".parse().expect("g"),
+        ];
+        let bundle = ca
+            .issue(&NodeId::new("edge-1").expect("id"), Role::Edge, &grants)
+            .expect("issue");
+        let again = Bundle::from_pem(&bundle.to_pem()).expect("parse");
+        let id = again.identity().expect("identity");
+        assert_eq!(id.node_id.as_str(), "edge-1");
+        assert_eq!(id.role, Role::Edge);
+        assert_eq!(id.grants, Grants::new(grants));
+        let hub = ca
+            .issue(&NodeId::new("hub-1").expect("id"), Role::Hub, &[])
+            .expect("issue");
+        assert_eq!(
+            hub.identity().expect("identity").grants,
+            Grants::everything()
+        );
+
+        let reloaded = Ca::from_pem(ca.cert_pem(), ca.key_pem()).expect("reload");
+        let b = reloaded
+            .issue(&NodeId::new("edge-2").expect("id"), Role::Edge, &[])
+            .expect("issue");
+        assert_eq!(b.ca_der(), bundle.ca_der());
+    }
+
+    #[test]
+    fn broken_bundles_are_refused() {
+        assert!(matches!(Bundle::from_pem(""), Err(TlsError::Pem(_))));
+        let ca = Ca::generate("t").expect("ca");
+        let b = ca
+            .issue(&NodeId::new("n").expect("id"), Role::Hub, &[])
+            .expect("issue");
+        let no_key: String = b
+            .to_pem()
+            .split("-----BEGIN PRIVATE KEY")
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        assert!(Bundle::from_pem(&no_key).is_err());
+    }
+}

@@ -1,0 +1,282 @@
+//! TLS for QUIC: TLS 1.3 only, the ring provider, mutual authentication against the
+//! deployment CA, and Tidesync's own checks inside the handshake.
+//!
+//! Both verifiers first run webpki's chain verification against the CA, then read the
+//! Tidesync identity from the certificate and refuse revoked node ids; the dialer also
+//! refuses any peer that is not a hub. A refused certificate fails the handshake itself,
+//! so nothing of the connection is ever handed to the sync layer.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
+use tokio::sync::watch;
+
+use super::pki::{Bundle, Identity, TlsError};
+use crate::model::NodeId;
+use crate::sync::{Role, ALPN};
+
+/// Node ids whose certificates are refused, shared by a node's verifiers and connections.
+/// Changing it takes effect at once: new handshakes fail and live connections close.
+#[derive(Clone, Debug)]
+pub struct Revocations {
+    ids: Arc<RwLock<HashSet<NodeId>>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Self {
+            ids: Arc::default(),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl Revocations {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Refuses `id` from now on.
+    pub fn revoke(&self, id: NodeId) {
+        let added = self.ids.write().is_ok_and(|mut ids| ids.insert(id));
+        if added {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Replaces the whole list (as read from a revocation file).
+    pub fn replace(&self, ids: impl IntoIterator<Item = NodeId>) {
+        let new: HashSet<NodeId> = ids.into_iter().collect();
+        let changed = match self.ids.write() {
+            Ok(mut cur) if *cur != new => {
+                *cur = new;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Whether `id` is refused.
+    pub fn is_revoked(&self, id: &NodeId) -> bool {
+        // A poisoned lock means a writer panicked mid-update: refuse rather than admit.
+        self.ids.read().map_or(true, |ids| ids.contains(id))
+    }
+
+    /// Wakes on every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// How long an idle connection lives without keep-alives answered.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a quiet connection sends a keep-alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(bundle: &Bundle) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(bundle.ca_der().clone())?;
+    Ok(Arc::new(roots))
+}
+
+fn check_identity(
+    cert: &CertificateDer<'_>,
+    revocations: &Revocations,
+    required_role: Option<Role>,
+) -> Result<Identity, rustls::Error> {
+    let identity = Identity::from_cert(cert)
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    if revocations.is_revoked(&identity.node_id) {
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+    }
+    if required_role.is_some_and(|r| r != identity.role) {
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ));
+    }
+    Ok(identity)
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // 30 s always fits quinn's VarInt; the fallback is never taken.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    Arc::new(t)
+}
+
+/// The accepting side: verifies client certificates (edges and hubs).
+pub fn server_config(
+    bundle: &Bundle,
+    revocations: &Revocations,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(roots(bundle)?, provider())
+        .build()
+        .map_err(|e| TlsError::Identity(e.to_string()))?;
+    let verifier = Arc::new(ClientVerifier {
+        inner,
+        revocations: revocations.clone(),
+    });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![bundle.cert_der().clone()], bundle.key_der())?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
+        .map_err(|e| TlsError::Identity(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport());
+    Ok(server)
+}
+
+/// The dialing side: presents this node's certificate and accepts only hubs.
+pub fn client_config(
+    bundle: &Bundle,
+    revocations: &Revocations,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let inner = WebPkiServerVerifier::builder_with_provider(roots(bundle)?, provider())
+        .build()
+        .map_err(|e| TlsError::Identity(e.to_string()))?;
+    let verifier = Arc::new(HubVerifier {
+        inner,
+        revocations: revocations.clone(),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![bundle.cert_der().clone()], bundle.key_der())?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
+        .map_err(|e| TlsError::Identity(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport());
+    Ok(client)
+}
+
+/// The verified identity of a connection's peer.
+pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| TlsError::Identity("the peer presented no certificate".into()))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| TlsError::Identity("the peer presented no certificate".into()))?;
+    Identity::from_cert(first)
+}
+
+#[derive(Debug)]
+struct ClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: Revocations,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_identity(end_entity, &self.revocations, None)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct HubVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    revocations: Revocations,
+}
+
+impl ServerCertVerifier for HubVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        check_identity(end_entity, &self.revocations, Some(Role::Hub))?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
