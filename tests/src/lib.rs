@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod rogue;
 pub mod sim;
 
 use std::time::{SystemTime, UNIX_EPOCH};

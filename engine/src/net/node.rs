@@ -294,7 +294,9 @@ impl Node {
             let n = self.clone();
             self.spawn(async move {
                 match incoming.await {
-                    Ok(conn) => n.run_connection(conn, false).await,
+                    Ok(conn) => {
+                        n.run_connection(conn, false).await;
+                    }
                     Err(e) => {
                         n.inner.handshake_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(error = %e, "refused an incoming connection");
@@ -326,8 +328,11 @@ impl Node {
                 };
                 match conn {
                     Ok(conn) => {
-                        backoff = cfg.min_backoff;
-                        self.run_connection(conn, true).await;
+                        // Only a connection that carried a session resets the backoff: a
+                        // peer that refuses us after the handshake is not hammered.
+                        if self.run_connection(conn, true).await {
+                            backoff = cfg.min_backoff;
+                        }
                         // After a connection ends, start again from the first address.
                         break;
                     }
@@ -351,22 +356,31 @@ impl Node {
     }
 
     /// Registers the connection (settling duplicates), runs its session, unregisters it.
-    async fn run_connection(&self, conn: quinn::Connection, dialer: bool) {
+    /// Returns whether the peer said anything (the session got going).
+    async fn run_connection(&self, conn: quinn::Connection, dialer: bool) -> bool {
         let identity = match tls::peer_identity(&conn) {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(error = %e, "connection without a usable identity");
                 conn.close(driver::CLOSE_PROTOCOL.into(), b"no identity");
-                return;
+                return false;
             }
         };
+        if self.inner.cfg.revocations.is_revoked(&identity.node_id) {
+            // The handshake checks this too; a list that changed meanwhile is caught here.
+            self.inner
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            conn.close(driver::CLOSE_REVOKED.into(), b"revoked");
+            return false;
+        }
         let me = &self.inner.identity.node_id;
         let peer = identity.node_id.clone();
         let dialed_by = if dialer { me.clone() } else { peer.clone() };
         let conn_id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let counters = {
             let Ok(mut peers) = self.inner.peers.lock() else {
-                return;
+                return false;
             };
             let counters = Arc::new(PeerCounters::default());
             if let Some(e) = peers.get(&peer) {
@@ -375,7 +389,7 @@ impl Node {
                     // same dialer replaces its stale predecessor.
                     if e.dialed_by < dialed_by {
                         conn.close(CLOSE_REPLACED.into(), b"duplicate connection");
-                        return;
+                        return true;
                     }
                     old.close(CLOSE_REPLACED.into(), b"replaced");
                 }
@@ -416,7 +430,7 @@ impl Node {
             _ = self.inner.cancel.cancelled() => {
                 conn.close(CLOSE_SHUTDOWN.into(), b"shutting down");
             }
-            _ = driver::run(conn.clone(), session, dialer, ctx, counters) => {}
+            _ = driver::run(conn.clone(), session, dialer, ctx, counters.clone()) => {}
         }
         if let Ok(mut peers) = self.inner.peers.lock() {
             if let Some(e) = peers.get_mut(&peer) {
@@ -425,6 +439,7 @@ impl Node {
                 }
             }
         }
+        counters.messages_received.load(Ordering::Relaxed) > 0
     }
 }
 

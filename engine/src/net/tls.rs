@@ -141,6 +141,10 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![bundle.cert_der().clone()], bundle.key_der())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // No resumption: a resumed session skips client certificate verification, and with it
+    // the revocation check. Every connection proves its certificate afresh.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -278,5 +282,26 @@ impl ServerCertVerifier for HubVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn revoking_wakes_subscribers_of_every_clone() {
+        let r = Revocations::new();
+        let clone = r.clone();
+        let mut rx = clone.subscribe();
+        let id = NodeId::new("edge-1").expect("id");
+        r.revoke(id.clone());
+        tokio::time::timeout(Duration::from_secs(1), rx.changed())
+            .await
+            .expect("woken")
+            .expect("open");
+        assert!(clone.is_revoked(&id));
+        clone.replace(Vec::new());
+        assert!(!r.is_revoked(&id));
     }
 }

@@ -290,6 +290,13 @@ impl Writer {
         };
         state.read_only = apply.read_only;
         let invalid = |e: automerge::AutomergeError| ModelError::InvalidAutomerge(e.to_string());
+        if !apply.read_only {
+            // Automerge skips change bytes it cannot parse; a peer that sends such bytes is
+            // faulty or hostile, so refuse the whole message instead.
+            for chunk in apply.message.changes.iter() {
+                validate_chunk(chunk)?;
+            }
+        }
         if apply.message.changes.is_empty() || apply.read_only {
             w.doc
                 .receive_sync_message(&mut state, apply.message)
@@ -379,6 +386,20 @@ impl Writer {
         docs.insert((w.ns.as_str(), w.id.as_str()), meta.encode().as_slice())?;
         Ok(())
     }
+}
+
+/// Checks that `chunk` is one complete Automerge change, or a complete saved document (as
+/// version 2 sync messages send when most of a document is missing).
+fn validate_chunk(chunk: &[u8]) -> Result<(), ModelError> {
+    if automerge::Change::try_from(chunk).is_ok() {
+        return Ok(());
+    }
+    Automerge::load_with_options(
+        chunk,
+        LoadOptions::new().on_partial_load(OnPartialLoad::Error),
+    )
+    .map(|_| ())
+    .map_err(|e| ModelError::InvalidAutomerge(format!("sync message change: {e}")))
 }
 
 /// Loads a document from its chunks (a snapshot, then changes, in order).

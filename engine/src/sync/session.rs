@@ -560,7 +560,10 @@ impl Session {
         if let Some(l) = loaded {
             entry.doc = Some(l.doc);
             if entry.state.is_none() {
-                entry.state = Some(l.state.unwrap_or_default());
+                let mut state = l.state.unwrap_or_default();
+                // Read-only: we neither apply nor ask for the peer's changes, and tell it so.
+                state.read_only = !self.peer.grants.can_write(&key.0);
+                entry.state = Some(state);
             }
         }
         if !entry.inbox.is_empty() {

@@ -1,0 +1,346 @@
+//! Mutual TLS and grants: who may connect, read and write.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use automerge::sync::SyncDoc;
+use automerge::transaction::Transactable;
+use serde_json::json;
+use tidesync::model::{DocId, Namespace, NodeId};
+use tidesync::net::pki::SERVER_NAME;
+use tidesync::store::warm_sync_state;
+use tidesync::sync::{ErrorCode, Hello, Message, Role, PROTOCOL_VERSION};
+use tidesync_tests::cluster::{wait_until, Deployment};
+use tidesync_tests::rogue::Rogue;
+
+fn ns(s: &str) -> Namespace {
+    Namespace::new(s).unwrap()
+}
+
+fn id(s: &str) -> DocId {
+    DocId::new(s).unwrap()
+}
+
+/// Accepts any server certificate: lets a test client reach the hub's check of *its* side.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_certificate_is_refused() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![tidesync::sync::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let outcome = async {
+        let conn = endpoint.connect(hub.addr(), SERVER_NAME)?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(b"hello?").await?;
+        let mut buf = [0u8; 1];
+        recv.read_exact(&mut buf).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    assert!(
+        outcome.is_err(),
+        "the hub talked to a client without a certificate"
+    );
+    wait_until(Duration::from_secs(2), "a refused handshake", || {
+        Ok(hub.node.handshake_failures() >= 1)
+    })
+    .await
+    .unwrap();
+    assert!(hub.node.peers().is_empty());
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_is_refused() {
+    let d = Deployment::new().unwrap();
+    let other = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let stranger = other.bundle("edge-x", Role::Edge, &["*=rw"]).unwrap();
+    assert!(Rogue::connect(&stranger, hub.addr()).await.is_err());
+    wait_until(Duration::from_secs(2), "a refused handshake", || {
+        Ok(hub.node.handshake_failures() >= 1)
+    })
+    .await
+    .unwrap();
+    assert!(hub.node.peers().is_empty());
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_cannot_pose_as_a_hub() {
+    let d = Deployment::new().unwrap();
+    // An edge certificate on a listening node, where a dialing edge expects a hub.
+    let mut cfg = d.config("fake-hub", Role::Edge, &["*=rw"]).unwrap();
+    cfg.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let fake = d.start("fake-hub", cfg).unwrap();
+    let edge = d.bundle("edge-1", Role::Edge, &["*=rw"]).unwrap();
+    assert!(Rogue::connect(&edge, fake.addr()).await.is_err());
+    let real_edge = d.edge("edge-2", &["*=rw"], &[fake.addr()]).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(real_edge.node.peers().is_empty());
+    assert!(fake.node.peers().is_empty());
+    real_edge.stop().await;
+    fake.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_nodes_are_refused_and_cut_off_at_once() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let revocations = hub.cfg.revocations.clone();
+    let edge = d.edge("edge-1", &["*=rw"], &[hub.addr()]).unwrap();
+    let edge_id = NodeId::new("edge-1").unwrap();
+    wait_until(Duration::from_secs(5), "edge connected", || {
+        Ok(hub
+            .node
+            .peers()
+            .iter()
+            .any(|p| p.node_id == edge_id && p.connected))
+    })
+    .await
+    .unwrap();
+
+    let revoked_at = Instant::now();
+    revocations.revoke(edge_id.clone());
+    let took = wait_until(
+        Duration::from_secs(1),
+        "the live connection dropped",
+        || {
+            Ok(!hub
+                .node
+                .peers()
+                .iter()
+                .any(|p| p.node_id == edge_id && p.connected))
+        },
+    )
+    .await
+    .unwrap();
+    println!(
+        "revoked connection dropped in {:?}",
+        revoked_at.elapsed().max(took)
+    );
+    let failures = hub.node.handshake_failures();
+
+    // The edge keeps redialing, and every handshake is refused; its writes stay local.
+    let w = edge
+        .store
+        .put(
+            &ns("notes"),
+            &id("n1"),
+            json!({"after": "revocation"}),
+            None,
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(5), "refused redials", || {
+        Ok(hub.node.handshake_failures() > failures)
+    })
+    .await
+    .unwrap();
+    assert!(!hub
+        .node
+        .peers()
+        .iter()
+        .any(|p| p.node_id == edge_id && p.connected));
+    assert!(hub.store.get(&ns("notes"), &id("n1")).unwrap().is_none());
+    assert!(!w.heads.is_empty());
+    let again = d.bundle("edge-1", Role::Edge, &["*=rw"]).unwrap();
+    assert!(
+        Rogue::connect(&again, hub.addr()).await.is_err() || {
+            // The client side may finish its half of the handshake before the refusal arrives.
+            let r = Rogue::connect(&again, hub.addr()).await;
+            match r {
+                Ok(r) => r.closed_within(Duration::from_secs(2)).await,
+                Err(_) => true,
+            }
+        }
+    );
+    edge.stop().await;
+    hub.stop().await;
+}
+
+/// Handshake and hello as `name`, then drain the hub's hello.
+async fn rogue_session(d: &Deployment, hub: SocketAddr, name: &str, grants: &[&str]) -> Rogue {
+    let bundle = d.bundle(name, Role::Edge, grants).unwrap();
+    let mut r = Rogue::connect(&bundle, hub).await.unwrap();
+    r.send(&Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        node_id: name.into(),
+        role: Role::Edge,
+        feed_epoch: 42,
+        resume: None,
+        subscriptions: vec![],
+    }))
+    .await
+    .unwrap();
+    r.recv_until(Duration::from_secs(5), |m| matches!(m, Message::Hello(_)))
+        .await
+        .unwrap()
+        .unwrap();
+    r
+}
+
+/// A sync message that carries one fresh change to `field`.
+fn sync_with_change(field: &str) -> Vec<u8> {
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    tx.put(automerge::ROOT, field, "from the edge").unwrap();
+    tx.commit();
+    let mut state = warm_sync_state(automerge::sync::State::new());
+    doc.generate_sync_message(&mut state).unwrap().encode()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_and_ungranted_namespaces_refuse_writes() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let before = hub
+        .store
+        .put(&ns("models"), &id("resnet"), json!({"version": 1}), None)
+        .await
+        .unwrap();
+    let mut r = rogue_session(&d, hub.addr(), "edge-ro", &["models=ro"]).await;
+    for (n, doc) in [
+        ("models", "resnet"),
+        ("models", "new-doc"),
+        ("secrets", "key"),
+    ] {
+        r.send(&Message::Sync {
+            ns: n.into(),
+            id: doc.into(),
+            data: sync_with_change("hacked"),
+        })
+        .await
+        .unwrap();
+        let err = r
+            .recv_until(Duration::from_secs(5), |m| {
+                matches!(m, Message::Error { .. })
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                err,
+                Some(Message::Error {
+                    code: ErrorCode::Forbidden,
+                    ..
+                })
+            ),
+            "{n}/{doc}: {err:?}"
+        );
+    }
+    // Nothing was stored, and the connection stays up for reading.
+    let after = hub
+        .store
+        .get(&ns("models"), &id("resnet"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.heads, before.heads);
+    assert!(hub
+        .store
+        .get(&ns("models"), &id("new-doc"))
+        .unwrap()
+        .is_none());
+    assert!(hub.store.get(&ns("secrets"), &id("key")).unwrap().is_none());
+    assert!(!r.closed_within(Duration::from_millis(200)).await);
+    let rejected: u64 = hub.node.peers().iter().map(|p| p.rejected).sum();
+    assert!(rejected >= 3, "rejections counted: {rejected}");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_receive_only_granted_namespaces() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    for n in ["models", "health.eu", "secrets"] {
+        for i in 0..5 {
+            hub.store
+                .put(&ns(n), &id(&format!("d{i}")), json!({ "ns": n }), None)
+                .await
+                .unwrap();
+        }
+    }
+    let edge = d
+        .edge("edge-1", &["models=ro", "health.*=rw"], &[hub.addr()])
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the edge caught up", || {
+        Ok(edge.store.list(&ns("models"))?.len() == 5
+            && edge.store.list(&ns("health.eu"))?.len() == 5
+            && hub.node.peers().iter().any(|p| p.connected && p.lag == 0))
+    })
+    .await
+    .unwrap();
+    // A write after catch-up, in the namespace it may not read, does not leak either.
+    hub.store
+        .put(&ns("secrets"), &id("late"), json!({"x": 1}), None)
+        .await
+        .unwrap();
+    hub.store
+        .put(&ns("models"), &id("late"), json!({"x": 1}), None)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(5), "the late model", || {
+        Ok(edge.store.get(&ns("models"), &id("late"))?.is_some())
+    })
+    .await
+    .unwrap();
+    assert!(edge.store.list(&ns("secrets")).unwrap().is_empty());
+    // And the edge's own writes to a namespace it may write arrive.
+    edge.store
+        .put(&ns("health.eu"), &id("edge-1"), json!({"ok": true}), None)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(5), "the edge's health report", || {
+        Ok(hub.store.get(&ns("health.eu"), &id("edge-1"))?.is_some())
+    })
+    .await
+    .unwrap();
+    edge.stop().await;
+    hub.stop().await;
+}
