@@ -1,0 +1,184 @@
+//! Hostile frames on an authenticated connection: the peer is dropped, nothing it sent is
+//! stored, and other peers keep syncing meanwhile.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::json;
+use tidesync::model::{DocId, Namespace};
+use tidesync::sync::{Hello, Message, Role, PROTOCOL_VERSION};
+use tidesync_tests::cluster::{wait_until, Deployment, TestNode};
+use tidesync_tests::rogue::Rogue;
+use tidesync_tests::Rng;
+
+fn ns() -> Namespace {
+    Namespace::new("telemetry").unwrap()
+}
+
+/// An honest edge writes; the write must reach the hub while the rogue misbehaves.
+async fn honest_write_arrives(edge: &TestNode, hub: &TestNode, i: u32) {
+    let id = DocId::new(format!("honest-{i}")).unwrap();
+    let w = edge
+        .store
+        .put(&ns(), &id, json!({ "i": i }), None)
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the honest write at the hub",
+        || {
+            Ok(hub
+                .store
+                .get(&ns(), &id)?
+                .is_some_and(|d| d.heads == w.heads))
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn rogue(d: &Deployment, hub: &TestNode, hello: bool) -> Rogue {
+    let bundle = d.bundle("rogue", Role::Edge, &["*=rw"]).unwrap();
+    let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
+    if hello {
+        r.send(&Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            node_id: "rogue".into(),
+            role: Role::Edge,
+            feed_epoch: 7,
+            resume: None,
+            subscriptions: vec![],
+        }))
+        .await
+        .unwrap();
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_drop_only_the_hostile_peer() {
+    let mut rng = Rng::from_env_or_time();
+    println!("seed {}", rng.seed());
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    honest_write_arrives(&edge, &hub, 0).await;
+    let docs_before = hub.store.doc_count().unwrap();
+
+    // 1. A frame of random bytes.
+    let mut r = rogue(&d, &hub, false).await;
+    let junk: Vec<u8> = (0..rng.range(1, 4096))
+        .map(|_| rng.next_u64() as u8)
+        .collect();
+    r.send_frame(&junk).await.unwrap();
+    assert!(
+        r.closed_within(Duration::from_secs(2)).await,
+        "random bytes: not dropped"
+    );
+    honest_write_arrives(&edge, &hub, 1).await;
+
+    // 2. A length prefix far over the 16 MiB limit, after a proper hello.
+    let mut r = rogue(&d, &hub, true).await;
+    r.send_raw(&0x7fff_fff0u32.to_be_bytes()).await.unwrap();
+    r.send_raw(&[0u8; 1024]).await.unwrap();
+    assert!(
+        r.closed_within(Duration::from_secs(2)).await,
+        "oversized frame: not dropped"
+    );
+    honest_write_arrives(&edge, &hub, 2).await;
+
+    // 3. A well-formed sync message whose change bytes are not Automerge.
+    let mut r = rogue(&d, &hub, true).await;
+    let mut msg = automerge::sync::Message {
+        heads: vec![automerge::ChangeHash([7; 32])],
+        need: vec![],
+        have: vec![],
+        changes: vec![b"definitely not a change".to_vec()].into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    r.send(&Message::Sync {
+        ns: "telemetry".into(),
+        id: "poisoned".into(),
+        data: msg.clone().encode(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        r.closed_within(Duration::from_secs(2)).await,
+        "invalid changes: not dropped"
+    );
+    honest_write_arrives(&edge, &hub, 3).await;
+
+    // 4. Sync bytes that are not a sync message at all.
+    let mut r = rogue(&d, &hub, true).await;
+    msg.heads.clear();
+    let mut data = msg.encode();
+    data[0] = 0x99;
+    r.send(&Message::Sync {
+        ns: "telemetry".into(),
+        id: "poisoned".into(),
+        data,
+    })
+    .await
+    .unwrap();
+    assert!(
+        r.closed_within(Duration::from_secs(2)).await,
+        "bad sync bytes: not dropped"
+    );
+
+    // 5. A second hello, and a message before any hello.
+    let mut r = rogue(&d, &hub, true).await;
+    r.send(&Message::Synced { seq: 1 }).await.unwrap();
+    r.send(&Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        node_id: "rogue".into(),
+        role: Role::Edge,
+        feed_epoch: 7,
+        resume: None,
+        subscriptions: vec![],
+    }))
+    .await
+    .unwrap();
+    assert!(
+        r.closed_within(Duration::from_secs(2)).await,
+        "second hello: not dropped"
+    );
+    let mut r = rogue(&d, &hub, false).await;
+    r.send(&Message::Synced { seq: 1 }).await.unwrap();
+    assert!(
+        r.closed_within(Duration::from_secs(2)).await,
+        "no hello: not dropped"
+    );
+
+    // 6. A hello that lies about who it is.
+    let mut r = rogue(&d, &hub, false).await;
+    r.send(&Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        node_id: "edge-honest".into(),
+        role: Role::Hub,
+        feed_epoch: 7,
+        resume: None,
+        subscriptions: vec![],
+    }))
+    .await
+    .unwrap();
+    assert!(
+        r.closed_within(Duration::from_secs(2)).await,
+        "lying hello: not dropped"
+    );
+
+    honest_write_arrives(&edge, &hub, 4).await;
+    assert!(hub
+        .store
+        .get(&ns(), &DocId::new("poisoned").unwrap())
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        hub.store.doc_count().unwrap(),
+        docs_before + 4,
+        "only the honest writes"
+    );
+    edge.stop().await;
+    hub.stop().await;
+}
