@@ -109,6 +109,10 @@ pub struct PeerStatus {
     pub rejected: u64,
     /// Documents loaded from the store for this peer.
     pub docs_loaded: u64,
+    /// UDP bytes sent on the current connection, QUIC and TLS overhead included.
+    pub udp_bytes_sent: u64,
+    /// UDP bytes received on the current connection.
+    pub udp_bytes_received: u64,
 }
 
 struct PeerEntry {
@@ -231,6 +235,7 @@ impl Node {
             .map(|(id, e)| {
                 let c = &e.counters;
                 let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                let udp = e.conn.as_ref().map(|c| c.stats());
                 PeerStatus {
                     node_id: id.clone(),
                     role: e.role,
@@ -245,6 +250,8 @@ impl Node {
                     docs_synced: get(&c.docs_synced),
                     rejected: get(&c.rejected),
                     docs_loaded: get(&c.docs_loaded),
+                    udp_bytes_sent: udp.as_ref().map_or(0, |s| s.udp_tx.bytes),
+                    udp_bytes_received: udp.as_ref().map_or(0, |s| s.udp_rx.bytes),
                 }
             })
             .collect();

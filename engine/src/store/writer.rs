@@ -117,6 +117,16 @@ impl Writer {
             }
             self.commit_batch(&mut batch);
         }
+        // Bookkeeping batches commit without fsync; a clean close makes them durable.
+        let flushed = || -> Result<(), StoreError> {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            txn.commit()?;
+            Ok(())
+        };
+        if let Err(e) = flushed() {
+            tracing::warn!(error = %e, "final flush of the store failed");
+        }
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<WriteRequest>) {
@@ -255,7 +265,17 @@ impl Writer {
             }
             let mut peers = txn.open_table(PEERS)?;
             for (peer, record) in cursors {
-                peers.insert(peer.as_str(), record.encode().as_slice())?;
+                // Saves may arrive out of order; within one epoch a cursor only moves forward.
+                let stale = match peers.get(peer.as_str())? {
+                    Some(v) => {
+                        let old = PeerRecord::decode(v.value())?;
+                        old.epoch == record.epoch && old.cursor >= record.cursor
+                    }
+                    None => false,
+                };
+                if !stale {
+                    peers.insert(peer.as_str(), record.encode().as_slice())?;
+                }
             }
         }
         txn.set_durability(if any_changed {

@@ -74,8 +74,8 @@ pub async fn run(seconds: f64) -> Result<Value> {
         println!(
             "{:>8} {:>16} {:>16} {:>8}",
             w,
-            tidesync[&w.to_string()],
-            limit[&w.to_string()],
+            tidesync[&w.to_string()].to_string(),
+            limit[&w.to_string()].to_string(),
             ratio(w)
         );
     }
