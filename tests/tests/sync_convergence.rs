@@ -93,3 +93,72 @@ async fn a_write_crosses_a_hub_between_two_edges_at_once() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_that_dial_each_other_keep_one_connection() {
+    let d = Deployment::new().unwrap();
+    let h1 = d.hub("hub-1", &[]).unwrap();
+    let mut cfg = d.config("hub-2", tidesync::sync::Role::Hub, &[]).unwrap();
+    cfg.dial = vec![h1.addr()];
+    let h2 = d.start("hub-2", cfg).unwrap();
+    // hub-1 restarts dialing hub-2 as well: both sides now dial.
+    let (path, mut cfg1) = h1.stop().await;
+    cfg1.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    cfg1.dial = vec![h2.addr()];
+    let h1 = tidesync_tests::cluster::start_at(path, cfg1).unwrap();
+    let ns = Namespace::new("mesh").unwrap();
+    let id = DocId::new("x").unwrap();
+    let w = h1
+        .store
+        .put(&ns, &id, json!({"from": "hub-1"}), None)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the write at hub-2", || {
+        Ok(h2
+            .store
+            .get(&ns, &id)?
+            .is_some_and(|doc| doc.heads == w.heads))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for h in [&h1, &h2] {
+        let up: Vec<_> = h.node.peers().into_iter().filter(|p| p.connected).collect();
+        assert_eq!(up.len(), 1, "one connection per peer: {up:?}");
+    }
+    h2.stop().await;
+    h1.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_edge_gets_everything_again() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let ns = Namespace::new("models").unwrap();
+    for i in 0..20 {
+        let id = DocId::new(format!("m{i}")).unwrap();
+        hub.store
+            .put(&ns, &id, json!({ "i": i }), None)
+            .await
+            .unwrap();
+    }
+    let edge = d.edge("edge-1", &["*=rw"], &[hub.addr()]).unwrap();
+    wait_until(Duration::from_secs(10), "first sync", || {
+        same_docs(&hub.store, &edge.store, &ns)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The edge's database is lost: a new file, a new feed epoch, stale cursors at the hub.
+    let (path, cfg) = edge.stop().await;
+    std::fs::remove_file(&path).unwrap();
+    let edge = tidesync_tests::cluster::start_at(path, cfg).unwrap();
+    wait_until(Duration::from_secs(10), "everything again", || {
+        same_docs(&hub.store, &edge.store, &ns)
+    })
+    .await
+    .unwrap();
+    assert_eq!(edge.store.list(&ns).unwrap().len(), 20);
+    edge.stop().await;
+    hub.stop().await;
+}

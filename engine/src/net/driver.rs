@@ -32,7 +32,8 @@ pub const CLOSE_SHUTDOWN: u32 = 3;
 /// Application error code on QUIC close: a newer connection to the same peer replaced it.
 pub const CLOSE_REPLACED: u32 = 4;
 
-/// Live counters of one peer connection, shared with status and metrics.
+/// Live counters of one peer, across its connections (monotonic except `lag`), shared
+/// with status and metrics.
 #[derive(Debug, Default)]
 pub struct PeerCounters {
     /// Frame bytes sent, length prefixes included.
@@ -55,6 +56,10 @@ pub struct PeerCounters {
     pub last_sync_ms: AtomicU64,
     /// Documents loaded from the store for this peer.
     pub docs_loaded: AtomicU64,
+    /// Automerge changes received from the peer and stored.
+    pub changes_applied: AtomicU64,
+    /// Protocol errors that ended a connection with this peer.
+    pub protocol_errors: AtomicU64,
 }
 
 /// Why a connection ended.
@@ -119,9 +124,20 @@ pub async fn run(
     let mut applies: JoinSet<(Namespace, DocId, Result<SyncApplied, StoreError>)> = JoinSet::new();
     let mut saves: JoinSet<Result<(), StoreError>> = JoinSet::new();
 
+    let mut seen_synced = 0;
     let result: Result<(), DriverError> = async {
         loop {
             drain(&mut session, &mut writer, &ctx, &counters, &mut applies, &mut saves).await?;
+            let synced = session.stats().docs_synced;
+            if synced > seen_synced {
+                counters.docs_synced.fetch_add(synced - seen_synced, Ordering::Relaxed);
+                seen_synced = synced;
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                counters.last_sync_ms.store(now, Ordering::Relaxed);
+            }
+            counters.lag.store(session.lag(), Ordering::Relaxed);
             tokio::select! {
                 frame = reader.next() => {
                     let frame = match frame {
@@ -147,8 +163,11 @@ pub async fn run(
                 }
                 Some(done) = applies.join_next() => {
                     let (ns, id, result) = done.map_err(|e| DriverError::Stream(e.to_string()))?;
-                    if result.is_ok() {
+                    if let Ok(applied) = &result {
                         counters.syncs_applied.fetch_add(1, Ordering::Relaxed);
+                        counters
+                            .changes_applied
+                            .fetch_add(applied.changes_applied, Ordering::Relaxed);
                     }
                     session.handle_applied(ns, id, result)?;
                 }
@@ -167,6 +186,7 @@ pub async fn run(
 
     match &result {
         Err(DriverError::Protocol(e)) => {
+            counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %peer_id, error = %e, "closing connection: protocol error");
             let _ = writer.send(Bytes::from(e.to_message().encode())).await;
             let _ = writer.get_mut().finish();

@@ -103,13 +103,20 @@ pub struct PeerStatus {
     pub lag: u64,
     /// Unix milliseconds of the last completed document sync (0: never).
     pub last_sync_ms: u64,
-    /// Documents synced with the peer in the current connection.
+    /// Documents synced with the peer.
     pub docs_synced: u64,
     /// Refusals because of the peer's grants.
     pub rejected: u64,
     /// Documents loaded from the store for this peer.
     pub docs_loaded: u64,
-    /// UDP bytes sent on the current connection, QUIC and TLS overhead included.
+    /// Automerge changes received from the peer and stored.
+    pub changes_applied: u64,
+    /// Protocol errors that ended a connection with the peer.
+    pub protocol_errors: u64,
+    /// How far this node has durably received the peer's feed.
+    pub cursor: u64,
+    /// UDP bytes sent on the current connection, QUIC and TLS overhead included (the
+    /// counters above add up over all connections).
     pub udp_bytes_sent: u64,
     /// UDP bytes received on the current connection.
     pub udp_bytes_received: u64,
@@ -250,6 +257,15 @@ impl Node {
                     docs_synced: get(&c.docs_synced),
                     rejected: get(&c.rejected),
                     docs_loaded: get(&c.docs_loaded),
+                    changes_applied: get(&c.changes_applied),
+                    protocol_errors: get(&c.protocol_errors),
+                    cursor: self
+                        .inner
+                        .store
+                        .peer_record(id)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |r| r.cursor),
                     udp_bytes_sent: udp.as_ref().map_or(0, |s| s.udp_tx.bytes),
                     udp_bytes_received: udp.as_ref().map_or(0, |s| s.udp_rx.bytes),
                 }
@@ -389,7 +405,11 @@ impl Node {
             let Ok(mut peers) = self.inner.peers.lock() else {
                 return false;
             };
-            let counters = Arc::new(PeerCounters::default());
+            // Counters live as long as the node: they add up over reconnects.
+            let counters = peers
+                .get(&peer)
+                .map(|e| e.counters.clone())
+                .unwrap_or_default();
             if let Some(e) = peers.get(&peer) {
                 if let Some(old) = &e.conn {
                     // Keep the connection dialed by the smaller node id; a reconnect of the

@@ -112,6 +112,8 @@ pub struct SyncApplied {
     pub state: automerge::sync::State,
     /// The document as committed.
     pub doc: Arc<Automerge>,
+    /// How many of the message's changes were new to this node and stored.
+    pub changes_applied: u64,
 }
 
 /// A document's content as of one commit.

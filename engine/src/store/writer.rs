@@ -91,6 +91,8 @@ struct Pending {
     slot: Option<usize>,
     heads: Vec<ChangeHash>,
     sync_state: Option<(NodeId, u128, State)>,
+    /// Changes a sync message added to the document.
+    new_changes: u64,
 }
 
 pub(crate) struct Writer {
@@ -170,6 +172,7 @@ impl Writer {
                             sync: p.sync_state.map(|(_, _, state)| SyncApplied {
                                 state,
                                 doc: doc.unwrap_or_default(),
+                                changes_applied: p.new_changes,
                             }),
                         }
                     }));
@@ -219,6 +222,7 @@ impl Writer {
                         slot: None,
                         heads: Vec::new(),
                         sync_state: None,
+                        new_changes: 0,
                     }));
                     continue;
                 };
@@ -238,6 +242,7 @@ impl Writer {
                         slot: None,
                         heads,
                         sync_state: None,
+                        new_changes: 0,
                     }),
                 };
                 pending.push(result.map(|p| Pending {
@@ -317,6 +322,7 @@ impl Writer {
                 validate_chunk(chunk)?;
             }
         }
+        let before = w.doc.get_heads();
         if apply.message.changes.is_empty() || apply.read_only {
             w.doc
                 .receive_sync_message(&mut state, apply.message)
@@ -327,10 +333,12 @@ impl Writer {
                 .map_err(invalid)?;
             w.doc = copy;
         }
+        let new_changes = w.doc.get_changes(&before).len() as u64;
         Ok(Pending {
             slot: None,
             heads: w.doc.get_heads(),
             sync_state: Some((apply.peer, apply.peer_epoch, state)),
+            new_changes,
         })
     }
 
