@@ -416,18 +416,26 @@ impl Writer {
     }
 }
 
-/// Checks that `chunk` is one complete Automerge change, or a complete saved document (as
-/// version 2 sync messages send when most of a document is missing).
+/// Checks that a sync message's chunk is valid Automerge data: a change, a bundle of
+/// changes, or a saved document (version 2 messages send one when most is missing).
 fn validate_chunk(chunk: &[u8]) -> Result<(), ModelError> {
     if automerge::Change::try_from(chunk).is_ok() {
         return Ok(());
     }
-    Automerge::load_with_options(
-        chunk,
+    check_parses(chunk)
+}
+
+/// Checks that `bytes` parse completely as Automerge data, whether or not the changes they
+/// depend on are among them (they may be in the document the bytes are merged into).
+fn check_parses(bytes: &[u8]) -> Result<(), ModelError> {
+    match Automerge::load_with_options(
+        bytes,
         LoadOptions::new().on_partial_load(OnPartialLoad::Error),
-    )
-    .map(|_| ())
-    .map_err(|e| ModelError::InvalidAutomerge(format!("sync message change: {e}")))
+    ) {
+        // MissingDeps is raised only after every chunk parsed.
+        Ok(_) | Err(automerge::AutomergeError::MissingDeps) => Ok(()),
+        Err(e) => Err(ModelError::InvalidAutomerge(e.to_string())),
+    }
 }
 
 /// Loads a document from its chunks (a snapshot, then changes, in order).
@@ -530,15 +538,8 @@ fn import_bytes(doc: &Automerge, bytes: &[u8]) -> Result<Automerge, ModelError> 
     if bytes.is_empty() {
         return Err(ModelError::InvalidAutomerge("no data".into()));
     }
-    // A strict load proves the bytes parse in full. Changes that build on this document's
-    // history fail it only with MissingDeps, which the merge below settles.
-    match Automerge::load_with_options(
-        bytes,
-        LoadOptions::new().on_partial_load(OnPartialLoad::Error),
-    ) {
-        Ok(_) | Err(automerge::AutomergeError::MissingDeps) => {}
-        Err(e) => return Err(invalid(e)),
-    }
+    // Changes that build on this document's history are settled by the merge below.
+    check_parses(bytes)?;
     let mut merged = doc.clone();
     merged.load_incremental(bytes).map_err(invalid)?;
     let missing = merged.get_missing_deps(&[]);
@@ -546,4 +547,35 @@ fn import_bytes(doc: &Automerge, bytes: &[u8]) -> Result<Automerge, ModelError> 
         return Err(ModelError::MissingDependencies(missing.len()));
     }
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::ROOT;
+
+    /// Regression: sync messages carry changes whose dependencies are in the receiving
+    /// document, not in the message; the simulation found them refused as invalid, which
+    /// stalled convergence. Only bytes that do not parse are invalid.
+    #[test]
+    fn chunks_with_outside_dependencies_are_valid_and_garbage_is_not() {
+        let mut doc = Automerge::new();
+        for i in 0..3 {
+            let mut tx = doc.transaction();
+            tx.put(ROOT, "x", i).expect("put");
+            tx.commit();
+        }
+        let first = doc.get_changes(&[])[0].hash();
+        let later = doc.save_after(&[first]);
+        assert!(check_parses(&later).is_ok(), "changes with outside deps");
+        for c in doc.get_changes(&[first]) {
+            assert!(validate_chunk(c.raw_bytes()).is_ok());
+        }
+        assert!(validate_chunk(&doc.save()).is_ok(), "a whole document");
+        assert!(validate_chunk(b"definitely not a change").is_err());
+        let mut truncated = later.clone();
+        truncated.truncate(later.len() / 2);
+        assert!(check_parses(&truncated).is_err());
+    }
 }
