@@ -258,28 +258,39 @@ impl Writer {
                 }
                 seqs.push((w.meta.as_ref().map_or(0, |m| m.seq), changed));
             }
-            let mut states = txn.open_table(SYNC_STATE)?;
-            for p in pending.iter().flatten() {
-                let (Some(slot), Some((peer, epoch, state))) = (p.slot, &p.sync_state) else {
-                    continue;
-                };
-                if let Some(meta) = &working[slot].meta {
-                    let bytes = sync_state::encode(*epoch, state);
-                    states.insert((peer.as_str(), meta.key), bytes.as_slice())?;
+            // Open the bookkeeping tables only when there is something to write: an opened
+            // table costs pages at commit.
+            let states_to_write: Vec<(&NodeId, u128, &State, u64)> = pending
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    let (peer, epoch, state) = p.sync_state.as_ref()?;
+                    let meta = working[p.slot?].meta.as_ref()?;
+                    Some((peer, *epoch, state, meta.key))
+                })
+                .collect();
+            if !states_to_write.is_empty() {
+                let mut states = txn.open_table(SYNC_STATE)?;
+                for (peer, epoch, state, key) in states_to_write {
+                    let bytes = sync_state::encode(epoch, state);
+                    states.insert((peer.as_str(), key), bytes.as_slice())?;
                 }
             }
-            let mut peers = txn.open_table(PEERS)?;
-            for (peer, record) in cursors {
-                // Saves may arrive out of order; within one epoch a cursor only moves forward.
-                let stale = match peers.get(peer.as_str())? {
-                    Some(v) => {
-                        let old = PeerRecord::decode(v.value())?;
-                        old.epoch == record.epoch && old.cursor >= record.cursor
+            if !cursors.is_empty() {
+                let mut peers = txn.open_table(PEERS)?;
+                for (peer, record) in cursors {
+                    // Saves may arrive out of order; within one epoch a cursor only moves
+                    // forward.
+                    let stale = match peers.get(peer.as_str())? {
+                        Some(v) => {
+                            let old = PeerRecord::decode(v.value())?;
+                            old.epoch == record.epoch && old.cursor >= record.cursor
+                        }
+                        None => false,
+                    };
+                    if !stale {
+                        peers.insert(peer.as_str(), record.encode().as_slice())?;
                     }
-                    None => false,
-                };
-                if !stale {
-                    peers.insert(peer.as_str(), record.encode().as_slice())?;
                 }
             }
         }
