@@ -10,8 +10,20 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tidesync::net::pki::SERVER_NAME;
 use tidesync::net::{tls, Bundle, Revocations};
-use tidesync::sync::Message;
+use tidesync::sync::{Hello, Message, Role, PROTOCOL_VERSION};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+/// A hello claiming to be `node_id` in `role`, with an arbitrary feed epoch.
+pub fn hello(node_id: &str, role: Role) -> Message {
+    Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        node_id: node_id.into(),
+        role,
+        feed_epoch: 7,
+        resume: None,
+        subscriptions: vec![],
+    })
+}
 
 /// A connected rogue peer.
 #[derive(Debug)]

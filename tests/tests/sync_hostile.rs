@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use tidesync::model::{DocId, Namespace};
-use tidesync::sync::{Hello, Message, Role, PROTOCOL_VERSION};
+use tidesync::sync::{Message, Role};
 use tidesync_tests::cluster::{wait_until, Deployment, TestNode};
-use tidesync_tests::rogue::Rogue;
+use tidesync_tests::rogue::{hello, Rogue};
 use tidesync_tests::Rng;
 
 fn ns() -> Namespace {
@@ -37,20 +37,11 @@ async fn honest_write_arrives(edge: &TestNode, hub: &TestNode, i: u32) {
     .unwrap();
 }
 
-async fn rogue(d: &Deployment, hub: &TestNode, hello: bool) -> Rogue {
+async fn rogue(d: &Deployment, hub: &TestNode, say_hello: bool) -> Rogue {
     let bundle = d.bundle("rogue", Role::Edge, &["*=rw"]).unwrap();
     let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
-    if hello {
-        r.send(&Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            node_id: "rogue".into(),
-            role: Role::Edge,
-            feed_epoch: 7,
-            resume: None,
-            subscriptions: vec![],
-        }))
-        .await
-        .unwrap();
+    if say_hello {
+        r.send(&hello("rogue", Role::Edge)).await.unwrap();
     }
     r
 }
@@ -130,16 +121,7 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
     // 5. A second hello, and a message before any hello.
     let mut r = rogue(&d, &hub, true).await;
     r.send(&Message::Synced { seq: 1 }).await.unwrap();
-    r.send(&Message::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        node_id: "rogue".into(),
-        role: Role::Edge,
-        feed_epoch: 7,
-        resume: None,
-        subscriptions: vec![],
-    }))
-    .await
-    .unwrap();
+    r.send(&hello("rogue", Role::Edge)).await.unwrap();
     assert!(
         r.closed_within(Duration::from_secs(2)).await,
         "second hello: not dropped"
@@ -153,16 +135,7 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
 
     // 6. A hello that lies about who it is.
     let mut r = rogue(&d, &hub, false).await;
-    r.send(&Message::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        node_id: "edge-honest".into(),
-        role: Role::Hub,
-        feed_epoch: 7,
-        resume: None,
-        subscriptions: vec![],
-    }))
-    .await
-    .unwrap();
+    r.send(&hello("edge-honest", Role::Hub)).await.unwrap();
     assert!(
         r.closed_within(Duration::from_secs(2)).await,
         "lying hello: not dropped"

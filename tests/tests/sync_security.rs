@@ -11,9 +11,9 @@ use serde_json::json;
 use tidesync::model::{DocId, Namespace, NodeId};
 use tidesync::net::pki::SERVER_NAME;
 use tidesync::store::warm_sync_state;
-use tidesync::sync::{ErrorCode, Hello, Message, Role, PROTOCOL_VERSION};
+use tidesync::sync::{ErrorCode, Message, Role};
 use tidesync_tests::cluster::{wait_until, Deployment};
-use tidesync_tests::rogue::Rogue;
+use tidesync_tests::rogue::{hello, Rogue};
 
 fn ns(s: &str) -> Namespace {
     Namespace::new(s).unwrap()
@@ -209,16 +209,7 @@ async fn revoked_nodes_are_refused_and_cut_off_at_once() {
 async fn rogue_session(d: &Deployment, hub: SocketAddr, name: &str, grants: &[&str]) -> Rogue {
     let bundle = d.bundle(name, Role::Edge, grants).unwrap();
     let mut r = Rogue::connect(&bundle, hub).await.unwrap();
-    r.send(&Message::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        node_id: name.into(),
-        role: Role::Edge,
-        feed_epoch: 42,
-        resume: None,
-        subscriptions: vec![],
-    }))
-    .await
-    .unwrap();
+    r.send(&hello(name, Role::Edge)).await.unwrap();
     r.recv_until(Duration::from_secs(5), |m| matches!(m, Message::Hello(_)))
         .await
         .unwrap()
