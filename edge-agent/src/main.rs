@@ -1,5 +1,67 @@
 //! `tidesync-edge`: the Tidesync agent for devices.
 
-fn main() {
-    println!("tidesync-edge {}", env!("CARGO_PKG_VERSION"));
+mod cli;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tidesync::daemon::{Daemon, DaemonConfig};
+use tidesync::model::NsPattern;
+use tidesync::net::Bundle;
+use tidesync::store::StoreConfig;
+
+use cli::{Cli, Command};
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TIDESYNC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Run {
+            data,
+            bundle,
+            hubs,
+            api,
+            subscribe,
+            token,
+            max_body,
+        } => {
+            let bundle = Bundle::read(&bundle)?;
+            let subscriptions = if subscribe.is_empty() {
+                vec![NsPattern::all()]
+            } else {
+                subscribe
+                    .iter()
+                    .map(|p| p.parse().with_context(|| format!("--subscribe {p}")))
+                    .collect::<Result<_>>()?
+            };
+            std::fs::create_dir_all(&data)
+                .with_context(|| format!("cannot create {}", data.display()))?;
+            let cfg = DaemonConfig {
+                db_path: data.join("node.redb"),
+                bundle,
+                listen: None,
+                api,
+                dial: hubs,
+                failover: true,
+                subscriptions,
+                token,
+                revocation_file: None,
+                max_body,
+                store: StoreConfig::default(),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            rt.block_on(Daemon::run_until_signal(cfg))?;
+            Ok(())
+        }
+    }
 }

@@ -35,6 +35,8 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod daemon;
 pub mod error;
 pub mod model;
 pub mod net;

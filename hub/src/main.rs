@@ -1,5 +1,19 @@
-//! `tidesync-hub`: the Tidesync hub for data-center regions.
+//! `tidesync-hub`: the Tidesync hub for data-center regions, and the deployment's PKI tool.
 
-fn main() {
-    println!("tidesync-hub {}", env!("CARGO_PKG_VERSION"));
+mod cli;
+mod run;
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TIDESYNC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    run::run(cli.command)
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod procs;
 pub mod rogue;
 pub mod sim;
 

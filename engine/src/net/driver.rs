@@ -142,9 +142,12 @@ pub async fn run(
                 frame = reader.next() => {
                     let frame = match frame {
                         Some(Ok(f)) => f,
-                        Some(Err(e)) => {
+                        // The codec reports bad frames as InvalidData; anything else is the
+                        // connection going away.
+                        Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                             return Err(ProtocolError::from_frame_error(&e).into());
                         }
+                        Some(Err(e)) => return Err(DriverError::Stream(e.to_string())),
                         None => return Ok(()),
                     };
                     counters.messages_received.fetch_add(1, Ordering::Relaxed);

@@ -253,6 +253,14 @@ impl Bundle {
         Ok(Self { ca, cert, key })
     }
 
+    /// Reads a bundle file.
+    pub fn read(path: &std::path::Path) -> Result<Self, TlsError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TlsError::Pem(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_pem(&text)
+            .map_err(|e| TlsError::Pem(format!("{} is not a valid bundle: {e}", path.display())))
+    }
+
     /// The identity in the node certificate.
     pub fn identity(&self) -> Result<Identity, TlsError> {
         Identity::from_cert(&self.cert)

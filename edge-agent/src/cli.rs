@@ -1,0 +1,47 @@
+//! The command line of `tidesync-edge`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Tidesync edge agent: keeps the documents this device is granted, accepts writes online or
+/// offline, and syncs them with the deployment's hubs.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The edge agent's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the edge agent.
+    Run {
+        /// Directory of the agent's database (created if missing).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The certificate bundle `tidesync-hub enroll` wrote for this edge.
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// A hub's QUIC address. Repeat for failover: the first that answers is used, and
+        /// the agent moves to the next when it fails.
+        #[arg(long = "hub", value_name = "ADDR", required = true)]
+        hubs: Vec<SocketAddr>,
+        /// HTTP API address; port 0 picks a free port.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7780")]
+        api: SocketAddr,
+        /// Namespace pattern to receive (e.g. models, flags.*). Repeat for several
+        /// [default: everything the certificate grants].
+        #[arg(long = "subscribe", value_name = "PATTERN")]
+        subscribe: Vec<String>,
+        /// Require `Authorization: Bearer TOKEN` on the API (except /v1/health).
+        #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
+        token: Option<String>,
+        /// Largest API request body, in bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
+        max_body: usize,
+    },
+}

@@ -1,0 +1,67 @@
+//! Every API error as `{"error": "…"}` with its status, decided in one place.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::error::{ModelError, StoreError};
+
+/// An error answered to an HTTP client.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with `status`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        let status = match e {
+            ModelError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Model(m) => m.into(),
+            StoreError::NotFound => Self::new(StatusCode::NOT_FOUND, "document not found"),
+            StoreError::PreconditionFailed { current } => Self::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "If-Match does not match the current heads \"{}\"",
+                    crate::model::format_heads(&current)
+                ),
+            ),
+            StoreError::Closed => Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            other => {
+                tracing::error!(error = %other, "request failed in the store");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+            }
+        }
+    }
+}

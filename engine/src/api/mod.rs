@@ -1,0 +1,414 @@
+//! The local HTTP API (DESIGN §7), the same on edges and hubs.
+//!
+//! Handlers validate names and bodies, call the store, and map every failure to a status
+//! and `{"error": …}` through `error`. Writes answer after the durable commit. This module
+//! owns no state of its own: the store and the node are shared with the rest of the
+//! process.
+
+pub mod error;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::model::{format_heads, parse_heads, DocId, Grants, Namespace, NodeId};
+use crate::net::Node;
+use crate::store::{FeedSeq, Store, WriteOutcome};
+use crate::sync::Role;
+use error::ApiError;
+
+/// What the API serves.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    /// The node's store.
+    pub store: Store,
+    /// The running node, for status (absent when the API runs without sync).
+    pub node: Option<Node>,
+    /// This node's id.
+    pub node_id: NodeId,
+    /// This node's role.
+    pub role: Role,
+    /// Namespaces local clients may write: an edge's own grants; everything on a hub.
+    pub write_grants: Grants,
+    /// If set, every request but `/v1/health` needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+}
+
+/// The API's routes over `state`.
+pub fn router(state: ApiState) -> Router {
+    let max_body = state.max_body;
+    let protected = Router::new()
+        .route("/v1/docs/{ns}", get(list_docs))
+        .route(
+            "/v1/docs/{ns}/{id}",
+            get(get_doc)
+                .put(put_doc)
+                .patch(patch_doc)
+                .delete(delete_doc),
+        )
+        .route("/v1/docs/{ns}/{id}/conflicts", get(conflicts))
+        .route(
+            "/v1/docs/{ns}/{id}/automerge",
+            get(get_automerge).post(post_automerge),
+        )
+        .route("/v1/changes", get(changes))
+        .route("/v1/status", get(status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(protected)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn require_token(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token",
+            ));
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+fn names(ns: &str, id: &str) -> Result<(Namespace, DocId), ApiError> {
+    Ok((Namespace::new(ns)?, DocId::new(id)?))
+}
+
+fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| ApiError::new(e.status(), e.body_text()))
+}
+
+fn json_body(bytes: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body(bytes)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))
+}
+
+fn if_match(headers: &HeaderMap) -> Result<Option<Vec<automerge::ChangeHash>>, ApiError> {
+    match headers.get(header::IF_MATCH) {
+        None => Ok(None),
+        Some(v) => {
+            let text = v
+                .to_str()
+                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "If-Match is not text"))?;
+            Ok(Some(parse_heads(text)?))
+        }
+    }
+}
+
+fn check_writable(state: &ApiState, ns: &Namespace) -> Result<(), ApiError> {
+    if state.write_grants.can_write(ns) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("namespace {ns} is not granted for writing on this node"),
+        ))
+    }
+}
+
+fn written(w: WriteOutcome) -> Response {
+    let etag = etag(&w.heads);
+    let mut resp = Json(json!({
+        "heads": w.heads.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "seq": w.seq.0,
+    }))
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+fn etag(heads: &[automerge::ChangeHash]) -> String {
+    format!("\"{}\"", format_heads(heads))
+}
+
+fn heads_json(heads: &[automerge::ChangeHash]) -> Value {
+    json!(heads.iter().map(ToString::to_string).collect::<Vec<_>>())
+}
+
+async fn health(State(state): State<ApiState>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "node_id": state.node_id.as_str(),
+        "role": state.role.as_str(),
+    }))
+}
+
+async fn list_docs(
+    State(state): State<ApiState>,
+    Path(ns): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let ns = Namespace::new(ns)?;
+    let docs: Vec<Value> = state
+        .store
+        .list(&ns)?
+        .into_iter()
+        .map(|d| json!({"id": d.id.as_str(), "heads": heads_json(&d.heads), "deleted": d.deleted}))
+        .collect();
+    Ok(Json(json!({ "docs": docs })))
+}
+
+async fn get_doc(
+    State(state): State<ApiState>,
+    Path((ns, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (ns, id) = names(&ns, &id)?;
+    let doc = state.store.get(&ns, &id)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("document {ns}/{id} not found"),
+        )
+    })?;
+    let mut resp = Json(Value::Object(doc.content)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&etag(&doc.heads)) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(resp)
+}
+
+async fn put_doc(
+    State(state): State<ApiState>,
+    Path((ns, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (ns, id) = names(&ns, &id)?;
+    check_writable(&state, &ns)?;
+    let content = json_body(bytes)?;
+    let w = state
+        .store
+        .put(&ns, &id, content, if_match(&headers)?)
+        .await?;
+    Ok(written(w))
+}
+
+async fn patch_doc(
+    State(state): State<ApiState>,
+    Path((ns, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (ns, id) = names(&ns, &id)?;
+    check_writable(&state, &ns)?;
+    let patch = json_body(bytes)?;
+    let w = state
+        .store
+        .patch(&ns, &id, patch, if_match(&headers)?)
+        .await?;
+    Ok(written(w))
+}
+
+async fn delete_doc(
+    State(state): State<ApiState>,
+    Path((ns, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (ns, id) = names(&ns, &id)?;
+    check_writable(&state, &ns)?;
+    let w = state.store.delete(&ns, &id, if_match(&headers)?).await?;
+    Ok(written(w))
+}
+
+async fn conflicts(
+    State(state): State<ApiState>,
+    Path((ns, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let (ns, id) = names(&ns, &id)?;
+    let found = state.store.conflicts(&ns, &id)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("document {ns}/{id} not found"),
+        )
+    })?;
+    Ok(Json(json!({ "conflicts": found })))
+}
+
+async fn get_automerge(
+    State(state): State<ApiState>,
+    Path((ns, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (ns, id) = names(&ns, &id)?;
+    let doc = state
+        .store
+        .export(&ns, &id)?
+        .filter(|d| !d.deleted)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("document {ns}/{id} not found"),
+            )
+        })?;
+    let mut resp = (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        doc.bytes,
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&etag(&doc.heads)) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(resp)
+}
+
+async fn post_automerge(
+    State(state): State<ApiState>,
+    Path((ns, id)): Path<(String, String)>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (ns, id) = names(&ns, &id)?;
+    check_writable(&state, &ns)?;
+    let bytes = body(bytes)?;
+    let w = state.store.import(&ns, &id, bytes.to_vec()).await?;
+    Ok(written(w))
+}
+
+#[derive(Debug, Deserialize)]
+struct ChangesQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+const CHANGES_PAGE: usize = 1000;
+
+async fn changes(
+    State(state): State<ApiState>,
+    Query(q): Query<ChangesQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let since = FeedSeq(q.since.unwrap_or(0));
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_sse {
+        return Ok(Sse::new(change_stream(state.store.clone(), since))
+            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+            .into_response());
+    }
+    let limit = q.limit.unwrap_or(CHANGES_PAGE).min(CHANGES_PAGE);
+    let last = state.store.last_seq();
+    let entries = state.store.changes_since(since, limit)?;
+    let last_seq = if entries.len() < limit {
+        last.max(entries.last().map_or(since, |e| e.seq))
+    } else {
+        entries.last().map_or(since, |e| e.seq)
+    };
+    Ok(Json(json!({
+        "changes": entries.iter().map(feed_json).collect::<Vec<_>>(),
+        "last_seq": last_seq.0,
+    }))
+    .into_response())
+}
+
+fn feed_json(e: &crate::store::FeedEntry) -> Value {
+    json!({
+        "seq": e.seq.0,
+        "ns": e.ns.as_str(),
+        "id": e.id.as_str(),
+        "heads": heads_json(&e.heads),
+        "deleted": e.deleted,
+    })
+}
+
+/// Every change after `since`, then each new one as it commits, as SSE events with the
+/// feed seq as event id (so a client can resume with `since`).
+fn change_stream(store: Store, since: FeedSeq) -> impl Stream<Item = Result<Event, Infallible>> {
+    let watch = store.subscribe();
+    stream::unfold(
+        (store, watch, since, Vec::<Event>::new()),
+        |(store, mut watch, mut pos, mut ready)| async move {
+            loop {
+                if let Some(event) = ready.pop() {
+                    return Some((Ok(event), (store, watch, pos, ready)));
+                }
+                match store.changes_since(pos, CHANGES_PAGE) {
+                    Ok(entries) if !entries.is_empty() => {
+                        for e in entries.iter().rev() {
+                            ready.push(
+                                Event::default()
+                                    .id(e.seq.0.to_string())
+                                    .event("change")
+                                    .data(feed_json(e).to_string()),
+                            );
+                        }
+                        pos = entries.last().map_or(pos, |e| e.seq);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change stream ended");
+                        return None;
+                    }
+                }
+                if watch.changed().await.is_err() {
+                    return None;
+                }
+            }
+        },
+    )
+}
+
+async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let peers: Vec<Value> = state
+        .node
+        .as_ref()
+        .map(|n| n.peers())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            json!({
+                "node_id": p.node_id.as_str(),
+                "role": p.role.as_str(),
+                "addr": p.addr.to_string(),
+                "connected": p.connected,
+                "bytes_sent": p.bytes_sent,
+                "bytes_received": p.bytes_received,
+                "messages_sent": p.messages_sent,
+                "messages_received": p.messages_received,
+                "lag": p.lag,
+                "last_sync_ms": p.last_sync_ms,
+                "docs_synced": p.docs_synced,
+                "changes_applied": p.changes_applied,
+                "rejected": p.rejected,
+                "protocol_errors": p.protocol_errors,
+                "cursor": p.cursor,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "node_id": state.node_id.as_str(),
+        "role": state.role.as_str(),
+        "feed_epoch": format!("{:032x}", state.store.feed_epoch()),
+        "last_seq": state.store.last_seq().0,
+        "docs": state.store.doc_count()?,
+        "peers": peers,
+    })))
+}

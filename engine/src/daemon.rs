@@ -1,0 +1,255 @@
+//! A node process: the store, the sync node and the HTTP API started together, the
+//! revocation file watched, and a graceful stop. Both binaries are thin shells around it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::model::{Grants, NodeId, NsPattern};
+use crate::net::{Bundle, NetError, Node, NodeConfig, Revocations};
+use crate::store::{Store, StoreConfig};
+use crate::StoreError;
+
+/// How often the revocation file is re-read.
+pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
+
+/// What a node process runs with.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The redb file.
+    pub db_path: PathBuf,
+    /// The node's certificate bundle.
+    pub bundle: Bundle,
+    /// QUIC listen address (hubs).
+    pub listen: Option<SocketAddr>,
+    /// HTTP API address.
+    pub api: SocketAddr,
+    /// Addresses to dial.
+    pub dial: Vec<SocketAddr>,
+    /// Dial only the first address that answers (edges).
+    pub failover: bool,
+    /// Namespaces to receive.
+    pub subscriptions: Vec<NsPattern>,
+    /// Bearer token the API requires, if any.
+    pub token: Option<String>,
+    /// A file of revoked node ids, one per line, re-read while running.
+    pub revocation_file: Option<PathBuf>,
+    /// Largest API request body.
+    pub max_body: usize,
+    /// Store settings.
+    pub store: StoreConfig,
+}
+
+/// Failures to start a node process.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// The store did not open.
+    #[error("opening the store {path}: {source}")]
+    Store {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+    /// The sync node did not start.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The bundle is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::net::TlsError),
+    /// The API address could not be bound.
+    #[error("cannot bind the API on {addr}: {source}")]
+    Api {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The revocation file could not be read.
+    #[error("reading the revocation list {path}: {source}")]
+    Revocations {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running node process.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The sync node.
+    pub node: Node,
+    /// The store.
+    pub store: Store,
+    /// The QUIC address actually bound.
+    pub quic_addr: SocketAddr,
+    /// The API address actually bound.
+    pub api_addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Reads a revocation file: node ids, one per line; blank lines and `#` comments ignored.
+pub fn read_revocations(path: &std::path::Path) -> std::io::Result<Vec<NodeId>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| match NodeId::new(l) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(line = l, error = %e, "ignoring a bad line in the revocation list");
+                None
+            }
+        })
+        .collect())
+}
+
+impl Daemon {
+    /// Opens the store, starts the node and the API.
+    pub async fn start(cfg: DaemonConfig) -> Result<Self, DaemonError> {
+        let identity = cfg.bundle.identity()?;
+        let revocations = Revocations::new();
+        if let Some(path) = &cfg.revocation_file {
+            let ids = read_revocations(path).map_err(|source| DaemonError::Revocations {
+                path: path.clone(),
+                source,
+            })?;
+            revocations.replace(ids);
+        }
+        let store =
+            Store::open(&cfg.db_path, cfg.store.clone()).map_err(|source| DaemonError::Store {
+                path: cfg.db_path.clone(),
+                source,
+            })?;
+        let mut ncfg = NodeConfig::new(cfg.bundle.clone());
+        ncfg.listen = cfg.listen;
+        ncfg.dial = cfg.dial.clone();
+        ncfg.failover = cfg.failover;
+        ncfg.subscriptions = cfg.subscriptions.clone();
+        ncfg.revocations = revocations.clone();
+        let node = Node::start(store.clone(), ncfg)?;
+        let quic_addr = node.local_addr().map_err(|source| DaemonError::Api {
+            addr: cfg.api,
+            source,
+        })?;
+        let listener = tokio::net::TcpListener::bind(cfg.api)
+            .await
+            .map_err(|source| DaemonError::Api {
+                addr: cfg.api,
+                source,
+            })?;
+        let api_addr = listener.local_addr().map_err(|source| DaemonError::Api {
+            addr: cfg.api,
+            source,
+        })?;
+        let write_grants = match identity.role {
+            crate::sync::Role::Hub => Grants::everything(),
+            crate::sync::Role::Edge => identity.grants.clone(),
+        };
+        let app = api::router(ApiState {
+            store: store.clone(),
+            node: Some(node.clone()),
+            node_id: identity.node_id.clone(),
+            role: identity.role,
+            write_grants,
+            token: cfg.token.clone(),
+            max_body: cfg.max_body,
+        });
+        let cancel = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let stop = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the API server failed");
+            }
+        }));
+        if let Some(path) = cfg.revocation_file.clone() {
+            let stop = cancel.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(REVOCATION_POLL) => {}
+                    }
+                    match read_revocations(&path) {
+                        Ok(ids) => revocations.replace(ids),
+                        Err(e) => tracing::warn!(error = %e, "cannot re-read the revocation list"),
+                    }
+                }
+            }));
+        }
+        Ok(Self {
+            node,
+            store,
+            quic_addr,
+            api_addr,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The line every binary prints once it is ready.
+    pub fn ready_line(&self) -> String {
+        format!(
+            "tidesync listening quic={} api={}",
+            self.quic_addr, self.api_addr
+        )
+    }
+
+    /// Starts, prints the ready line on stdout, and runs until SIGINT or SIGTERM, then stops
+    /// gracefully.
+    pub async fn run_until_signal(cfg: DaemonConfig) -> Result<(), DaemonError> {
+        let daemon = Self::start(cfg).await?;
+        println!("{}", daemon.ready_line());
+        wait_for_signal().await;
+        daemon.shutdown().await;
+        Ok(())
+    }
+
+    /// Stops the API (in-flight requests finish), tells peers, and lets queued writes
+    /// commit before the store closes.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.node.shutdown().await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,93 @@
+//! The command line of `tidesync-hub`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Tidesync hub: a data-center node of a Tidesync deployment, and the tool that creates the
+/// deployment's certificate authority and enrolls its nodes.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The hub's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a deployment: a new CA and this hub's own certificate, in DIR.
+    Init {
+        /// Directory for the CA, the hub's bundle and its database (created if missing).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Name of the deployment's first hub, also its node id.
+        #[arg(long, default_value = "hub")]
+        name: String,
+    },
+    /// Issue a certificate bundle for a node (edge or additional hub).
+    Enroll {
+        /// The deployment directory made by `init` (holds the CA).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The node's id: [A-Za-z0-9._-]{1,64}.
+        #[arg(long, value_name = "NODE")]
+        name: String,
+        /// The node's role.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// For edges: a namespace pattern and its access, PATTERN=rw or PATTERN=ro
+        /// (e.g. models=ro, health.*=rw). Repeat for several. An edge without grants
+        /// can read and write nothing.
+        #[arg(long = "grant", value_name = "PATTERN=rw|ro")]
+        grants: Vec<String>,
+        /// Where to write the bundle (CA certificate, node certificate, node key).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Revoke a node: hubs using DIR refuse it and cut its connections, without a restart.
+    Revoke {
+        /// The deployment directory (its `revoked` file lists revoked node ids).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The node id to revoke.
+        #[arg(long, value_name = "NODE")]
+        name: String,
+    },
+    /// Run the hub.
+    Run {
+        /// Directory of the hub's database, and of `bundle.pem` and `revoked` by default.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The hub's certificate bundle [default: DIR/bundle.pem]. Give the file `enroll`
+        /// wrote to run an additional hub of the deployment.
+        #[arg(long, value_name = "FILE")]
+        bundle: Option<PathBuf>,
+        /// QUIC address to accept nodes on; port 0 picks a free port.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        /// HTTP API address; port 0 picks a free port.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7790")]
+        api: SocketAddr,
+        /// Another hub to sync with (QUIC address). Repeat for several.
+        #[arg(long = "peer", value_name = "ADDR")]
+        peers: Vec<SocketAddr>,
+        /// Require `Authorization: Bearer TOKEN` on the API (except /v1/health).
+        #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
+        token: Option<String>,
+        /// Largest API request body, in bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
+        max_body: usize,
+    },
+}
+
+/// A node's role, as written in its certificate.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RoleArg {
+    /// A device or branch node: reads and writes what its grants allow.
+    Edge,
+    /// A data-center node: reads and writes everything.
+    Hub,
+}

@@ -1,0 +1,167 @@
+//! The hub's commands, wiring engine parts together.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tidesync::daemon::{read_revocations, Daemon, DaemonConfig};
+use tidesync::model::{Grant, NodeId, NsPattern};
+use tidesync::net::{Bundle, Ca};
+use tidesync::store::StoreConfig;
+use tidesync::sync::Role;
+
+use crate::cli::{Command, RoleArg};
+
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca-key.pem";
+const BUNDLE: &str = "bundle.pem";
+const REVOKED: &str = "revoked";
+const DB: &str = "node.redb";
+
+/// Runs one command.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Init { data, name } => init(&data, &name),
+        Command::Enroll {
+            data,
+            name,
+            role,
+            grants,
+            out,
+        } => enroll(&data, &name, role, &grants, &out),
+        Command::Revoke { data, name } => revoke(&data, &name),
+        Command::Run {
+            data,
+            bundle,
+            listen,
+            api,
+            peers,
+            token,
+            max_body,
+        } => {
+            let bundle_path = bundle.unwrap_or_else(|| data.join(BUNDLE));
+            let bundle = Bundle::read(&bundle_path)?;
+            let cfg = DaemonConfig {
+                db_path: data.join(DB),
+                bundle,
+                listen: Some(listen),
+                api,
+                dial: peers,
+                failover: false,
+                subscriptions: vec![NsPattern::all()],
+                token,
+                revocation_file: Some(data.join(REVOKED)),
+                max_body,
+                store: StoreConfig {
+                    doc_cache_bytes: 256 * 1024 * 1024,
+                    redb_cache_bytes: 128 * 1024 * 1024,
+                    ..StoreConfig::default()
+                },
+            };
+            serve(cfg, &data)
+        }
+    }
+}
+
+/// Writes `text` to `path`, readable by the owner only (it may hold a private key).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn init(data: &Path, name: &str) -> Result<()> {
+    let node = NodeId::new(name).context("--name")?;
+    if data.join(CA_KEY).exists() {
+        bail!(
+            "{} already holds a deployment (found {CA_KEY}); refusing to overwrite it",
+            data.display()
+        );
+    }
+    fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let ca = Ca::generate(name)?;
+    write_private(&data.join(CA_CERT), ca.cert_pem())?;
+    write_private(&data.join(CA_KEY), ca.key_pem())?;
+    let bundle = ca.issue(&node, Role::Hub, &[])?;
+    write_private(&data.join(BUNDLE), &bundle.to_pem())?;
+    println!(
+        "created a deployment in {}: CA {CA_CERT}, hub {node} with {BUNDLE}",
+        data.display()
+    );
+    Ok(())
+}
+
+fn load_ca(data: &Path) -> Result<Ca> {
+    let read = |f: &str| {
+        fs::read_to_string(data.join(f)).with_context(|| {
+            format!(
+                "cannot read {} (is {} a directory made by `tidesync-hub init`?)",
+                data.join(f).display(),
+                data.display()
+            )
+        })
+    };
+    Ok(Ca::from_pem(&read(CA_CERT)?, &read(CA_KEY)?)?)
+}
+
+fn enroll(data: &Path, name: &str, role: RoleArg, grants: &[String], out: &Path) -> Result<()> {
+    let node = NodeId::new(name).context("--name")?;
+    let grants: Vec<Grant> = grants
+        .iter()
+        .map(|g| g.parse().with_context(|| format!("--grant {g}")))
+        .collect::<Result<_>>()?;
+    let role = match role {
+        RoleArg::Edge => Role::Edge,
+        RoleArg::Hub => Role::Hub,
+    };
+    if role == Role::Hub && !grants.is_empty() {
+        bail!("hubs hold every grant; --grant is for edges");
+    }
+    let bundle = load_ca(data)?.issue(&node, role, &grants)?;
+    write_private(out, &bundle.to_pem())?;
+    println!("enrolled {node} ({}) into {}", role.as_str(), out.display());
+    Ok(())
+}
+
+fn revoke(data: &Path, name: &str) -> Result<()> {
+    let node = NodeId::new(name).context("--name")?;
+    let path = data.join(REVOKED);
+    let mut ids =
+        read_revocations(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if ids.contains(&node) {
+        println!("{node} is already revoked");
+        return Ok(());
+    }
+    ids.push(node.clone());
+    let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
+    // Write a new file and rename it, so a running hub never reads half a list.
+    let tmp = path.with_extension("tmp");
+    write_private(&tmp, &text)?;
+    fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    println!(
+        "revoked {node}; running hubs using {} cut it off",
+        data.display()
+    );
+    Ok(())
+}
+
+fn serve(cfg: DaemonConfig, data: &Path) -> Result<()> {
+    fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(Daemon::run_until_signal(cfg))?;
+    Ok(())
+}

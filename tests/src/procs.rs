@@ -1,0 +1,115 @@
+//! Real `tidesync-hub` and `tidesync-edge` processes for tests: built on first use, started
+//! with OS-picked ports, found through their readiness line, killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+static BUILD: Mutex<()> = Mutex::new(());
+
+/// The path of a workspace binary, built first if it is missing.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    // Tests run from target/<profile>/deps; the binaries live in target/<profile>.
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("unexpected test binary location")?;
+    let path = dir.join(name);
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bin", name]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build --bin {name} failed");
+        }
+    }
+    Ok(path)
+}
+
+/// Runs a binary to completion and returns its stdout; fails with its stderr.
+pub fn run(name: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(binary(name)?).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "{name} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A running node process.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    /// Its QUIC address.
+    pub quic: SocketAddr,
+    /// Its HTTP API address.
+    pub api: SocketAddr,
+}
+
+impl Proc {
+    /// Starts `name args` and waits (up to 20 s) for `tidesync listening quic=… api=…`.
+    pub fn start(name: &str, args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(binary(name)?)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("{name} printed no readiness line");
+            }
+        };
+        let field = |key: &str| -> Result<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .with_context(|| format!("no {key} in {line:?}"))?
+                .parse()
+                .with_context(|| format!("bad address in {line:?}"))
+        };
+        let (quic, api) = (field("quic=")?, field("api=")?);
+        Ok(Self { child, quic, api })
+    }
+
+    /// The API base URL.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// Kills the process at once (SIGKILL) and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
