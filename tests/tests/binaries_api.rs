@@ -1,0 +1,285 @@
+//! The HTTP API and the CLI of the real binaries: bad input gets its status and changes
+//! nothing; revocation through the CLI needs no restart; a kill -9 right after a write was
+//! answered loses nothing.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tidesync_tests::procs::{run, Proc};
+
+struct Deployment {
+    dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Self { dir };
+        run("tidesync-hub", &["init", "--data", &d.path("hub")]).unwrap();
+        d
+    }
+
+    fn path(&self, p: &str) -> String {
+        self.dir.path().join(p).to_string_lossy().into_owned()
+    }
+
+    fn enroll(&self, name: &str, grants: &[&str]) -> String {
+        let out = self.path(&format!("{name}.pem"));
+        let mut args = vec![
+            "enroll", "--data", "", "--name", name, "--role", "edge", "--out", &out,
+        ];
+        let hub = self.path("hub");
+        args[2] = &hub;
+        for g in grants {
+            args.push("--grant");
+            args.push(g);
+        }
+        run("tidesync-hub", &args).unwrap();
+        out
+    }
+
+    fn hub(&self, extra: &[&str]) -> Proc {
+        let hub = self.path("hub");
+        let mut args = vec![
+            "run",
+            "--data",
+            &hub,
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Proc::start("tidesync-hub", &args).unwrap()
+    }
+
+    fn edge(&self, name: &str, bundle: &str, hub: &Proc) -> Proc {
+        let data = self.path(name);
+        let quic = hub.quic.to_string();
+        Proc::start(
+            "tidesync-edge",
+            &[
+                "run",
+                "--data",
+                &data,
+                "--bundle",
+                bundle,
+                "--hub",
+                &quic,
+                "--api",
+                "127.0.0.1:0",
+            ],
+        )
+        .unwrap()
+    }
+}
+
+fn status_of(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    match r {
+        Ok(resp) => (resp.status(), resp.into_json().unwrap_or(Value::Null)),
+        Err(ureq::Error::Status(code, resp)) => (code, resp.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What a client can see of a node's documents: the listing and the whole change feed.
+fn snapshot(p: &Proc, token: Option<&str>) -> Value {
+    let get = |path: &str| {
+        let mut req = ureq::get(&p.url(path));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        req.call().unwrap().into_json::<Value>().unwrap()
+    };
+    json!({ "docs": get("/v1/docs/app"), "changes": get("/v1/changes?since=0") })
+}
+
+#[test]
+fn bad_requests_get_their_status_and_change_nothing() {
+    let d = Deployment::new();
+    let hub = d.hub(&["--token", "s3cret", "--max-body", "1024"]);
+    let auth = "Bearer s3cret";
+    let url = |p: &str| hub.url(p);
+    let (code, _) = status_of(
+        ureq::put(&url("/v1/docs/app/doc"))
+            .set("Authorization", auth)
+            .send_json(json!({"a": 1})),
+    );
+    assert_eq!(code, 200);
+    let before = snapshot(&hub, Some("s3cret"));
+    let etag = "\"0000000000000000000000000000000000000000000000000000000000000000\"";
+
+    let cases: Vec<(&str, u16, Result<ureq::Response, ureq::Error>)> = vec![
+        (
+            "malformed JSON",
+            400,
+            ureq::put(&url("/v1/docs/app/doc"))
+                .set("Authorization", auth)
+                .send_string("{\"a\": "),
+        ),
+        (
+            "non-object root",
+            400,
+            ureq::put(&url("/v1/docs/app/doc"))
+                .set("Authorization", auth)
+                .send_json(json!([1, 2])),
+        ),
+        (
+            "invalid namespace",
+            400,
+            ureq::put(&url("/v1/docs/App/doc"))
+                .set("Authorization", auth)
+                .send_json(json!({"a": 2})),
+        ),
+        (
+            "invalid id",
+            400,
+            ureq::put(&url("/v1/docs/app/bad%20id"))
+                .set("Authorization", auth)
+                .send_json(json!({"a": 2})),
+        ),
+        (
+            "body over the limit",
+            413,
+            ureq::put(&url("/v1/docs/app/doc"))
+                .set("Authorization", auth)
+                .send_json(json!({"a": "x".repeat(4096)})),
+        ),
+        (
+            "stale If-Match",
+            409,
+            ureq::put(&url("/v1/docs/app/doc"))
+                .set("Authorization", auth)
+                .set("If-Match", etag)
+                .send_json(json!({"a": 2})),
+        ),
+        (
+            "missing token",
+            401,
+            ureq::put(&url("/v1/docs/app/doc")).send_json(json!({"a": 2})),
+        ),
+        (
+            "wrong token",
+            401,
+            ureq::put(&url("/v1/docs/app/doc"))
+                .set("Authorization", "Bearer nope")
+                .send_json(json!({"a": 2})),
+        ),
+        (
+            "garbage Automerge bytes",
+            400,
+            ureq::post(&url("/v1/docs/app/doc/automerge"))
+                .set("Authorization", auth)
+                .send_bytes(b"garbage"),
+        ),
+        (
+            "absent document",
+            404,
+            ureq::get(&url("/v1/docs/app/absent"))
+                .set("Authorization", auth)
+                .call(),
+        ),
+    ];
+    for (what, want, result) in cases {
+        let (code, body) = status_of(result);
+        assert_eq!(code, want, "{what}: {body}");
+        assert!(body["error"].is_string(), "{what}: error body {body}");
+    }
+    assert_eq!(
+        snapshot(&hub, Some("s3cret")),
+        before,
+        "a refused request changed something"
+    );
+    let (code, _) = status_of(ureq::get(&url("/v1/health")).call());
+    assert_eq!(code, 200, "health needs no token");
+}
+
+#[test]
+fn an_edge_may_not_write_a_namespace_it_was_not_granted_rw() {
+    let d = Deployment::new();
+    let hub = d.hub(&[]);
+    let bundle = d.enroll("edge-1", &["app=ro", "notes=rw"]);
+    let edge = d.edge("edge-1", &bundle, &hub);
+    let before = snapshot(&edge, None);
+    for (method, path) in [
+        ("PUT", "/v1/docs/app/x"),
+        ("PATCH", "/v1/docs/app/x"),
+        ("PUT", "/v1/docs/other/x"),
+    ] {
+        let (code, body) =
+            status_of(ureq::request(method, &edge.url(path)).send_json(json!({"a": 1})));
+        assert_eq!(code, 403, "{method} {path}: {body}");
+    }
+    assert_eq!(snapshot(&edge, None), before);
+    let (code, _) = status_of(ureq::put(&edge.url("/v1/docs/notes/x")).send_json(json!({"a": 1})));
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn revoking_through_the_cli_cuts_the_edge_off_without_a_restart() {
+    let d = Deployment::new();
+    let hub = d.hub(&[]);
+    let bundle = d.enroll("edge-1", &["*=rw"]);
+    let edge = d.edge("edge-1", &bundle, &hub);
+    ureq::put(&edge.url("/v1/docs/app/before"))
+        .send_json(json!({"a": 1}))
+        .unwrap();
+    wait_for("the first write at the hub", Duration::from_secs(5), || {
+        ureq::get(&hub.url("/v1/docs/app/before")).call().is_ok()
+    });
+    run(
+        "tidesync-hub",
+        &["revoke", "--data", &d.path("hub"), "--name", "edge-1"],
+    )
+    .unwrap();
+    wait_for("the edge cut off", Duration::from_secs(3), || {
+        let s: Value = ureq::get(&hub.url("/v1/status"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        s["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["connected"] == false)
+    });
+    let (code, _) =
+        status_of(ureq::put(&edge.url("/v1/docs/app/after")).send_json(json!({"a": 2})));
+    assert_eq!(code, 200, "the edge keeps accepting writes locally");
+    std::thread::sleep(Duration::from_millis(800));
+    let (code, _) = status_of(ureq::get(&hub.url("/v1/docs/app/after")).call());
+    assert_eq!(code, 404, "a revoked edge's write reached the hub");
+}
+
+#[test]
+fn a_write_answered_before_kill_9_survives_and_reaches_the_hub() {
+    let d = Deployment::new();
+    let hub = d.hub(&[]);
+    let bundle = d.enroll("edge-1", &["*=rw"]);
+    let edge = d.edge("edge-1", &bundle, &hub);
+    let resp = ureq::put(&edge.url("/v1/docs/app/precious"))
+        .send_json(json!({"v": 42}))
+        .unwrap();
+    let etag = resp.header("etag").unwrap().to_owned();
+    edge.kill(); // SIGKILL right after the 200
+    let edge = d.edge("edge-1", &bundle, &hub);
+    let resp = ureq::get(&edge.url("/v1/docs/app/precious"))
+        .call()
+        .unwrap();
+    assert_eq!(resp.header("etag"), Some(etag.as_str()));
+    wait_for("the write at the hub", Duration::from_secs(5), || {
+        ureq::get(&hub.url("/v1/docs/app/precious"))
+            .call()
+            .is_ok_and(|r| r.header("etag") == Some(etag.as_str()))
+    });
+}
