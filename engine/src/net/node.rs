@@ -22,6 +22,9 @@ use crate::model::{NodeId, NsPattern};
 use crate::store::Store;
 use crate::sync::{PeerIdentity, Role, Session, SessionConfig};
 
+/// How long a dial waits for the handshake before moving to the next address.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Settings of a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -345,9 +348,16 @@ impl Node {
                         continue;
                     }
                 };
+                // A hub that does not answer within CONNECT_TIMEOUT is skipped for the next.
                 let conn = tokio::select! {
                     _ = self.inner.cancel.cancelled() => return,
-                    c = connecting => c,
+                    c = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => match c {
+                        Ok(c) => c,
+                        Err(_) => {
+                            tracing::info!(%addr, "no answer; trying the next address");
+                            continue;
+                        }
+                    },
                 };
                 match conn {
                     Ok(conn) => {

@@ -1,0 +1,263 @@
+//! Real processes in the shapes users run: edges offline with conflicting writes, two
+//! peered hubs, an edge failing over between hubs, and the SSE change stream.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tidesync_tests::procs::{run, Proc};
+
+fn path(dir: &tempfile::TempDir, p: &str) -> String {
+    dir.path().join(p).to_string_lossy().into_owned()
+}
+
+fn setup(edges: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    run("tidesync-hub", &["init", "--data", &path(&dir, "hub")]).unwrap();
+    for e in edges {
+        let out = path(&dir, &format!("{e}.pem"));
+        run(
+            "tidesync-hub",
+            &[
+                "enroll",
+                "--data",
+                &path(&dir, "hub"),
+                "--name",
+                e,
+                "--role",
+                "edge",
+                "--grant",
+                "*=rw",
+                "--out",
+                &out,
+            ],
+        )
+        .unwrap();
+    }
+    dir
+}
+
+fn hub_at(dir: &tempfile::TempDir, data: &str, listen: &str, extra: &[&str]) -> Proc {
+    let data = path(dir, data);
+    let mut args = vec![
+        "run",
+        "--data",
+        &data,
+        "--listen",
+        listen,
+        "--api",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start("tidesync-hub", &args).unwrap()
+}
+
+fn edge(dir: &tempfile::TempDir, name: &str, hubs: &[&Proc]) -> Proc {
+    let (data, bundle) = (path(dir, name), path(dir, &format!("{name}.pem")));
+    let addrs: Vec<String> = hubs.iter().map(|h| h.quic.to_string()).collect();
+    let mut args = vec![
+        "run",
+        "--data",
+        &data,
+        "--bundle",
+        &bundle,
+        "--api",
+        "127.0.0.1:0",
+    ];
+    for a in &addrs {
+        args.push("--hub");
+        args.push(a);
+    }
+    Proc::start("tidesync-edge", &args).unwrap()
+}
+
+fn get(p: &Proc, path: &str) -> Option<(Value, String)> {
+    let resp = ureq::get(&p.url(path)).call().ok()?;
+    let etag = resp.header("etag").unwrap_or_default().to_owned();
+    Some((resp.into_json().ok()?, etag))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn edges_work_offline_and_converge_with_conflicts_visible_everywhere() {
+    let dir = setup(&["edge-1", "edge-2"]);
+    let hub = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
+    let listen = hub.quic.to_string();
+    let (e1, e2) = (edge(&dir, "edge-1", &[&hub]), edge(&dir, "edge-2", &[&hub]));
+    ureq::put(&e1.url("/v1/docs/app/cfg"))
+        .send_json(json!({"mode": "a", "x": 0}))
+        .unwrap();
+    wait_for("first sync", Duration::from_secs(5), || {
+        get(&e2, "/v1/docs/app/cfg").is_some()
+    });
+
+    hub.kill();
+    ureq::patch(&e1.url("/v1/docs/app/cfg"))
+        .send_json(json!({"mode": "from-1"}))
+        .unwrap();
+    ureq::patch(&e2.url("/v1/docs/app/cfg"))
+        .send_json(json!({"mode": "from-2", "y": 2}))
+        .unwrap();
+    ureq::put(&e2.url("/v1/docs/app/new"))
+        .send_json(json!({"offline": true}))
+        .unwrap();
+
+    let hub = hub_at(&dir, "hub", &listen, &[]);
+    wait_for("all three converge", Duration::from_secs(15), || {
+        let docs: Vec<_> = [&hub, &e1, &e2]
+            .iter()
+            .map(|p| get(p, "/v1/docs/app/cfg"))
+            .collect();
+        docs.iter().all(|d| d.is_some() && d == &docs[0]) && get(&e1, "/v1/docs/app/new").is_some()
+    });
+    let (content, _) = get(&hub, "/v1/docs/app/cfg").unwrap();
+    assert_eq!(content["y"], 2);
+    for p in [&hub, &e1, &e2] {
+        let (c, _) = get(p, "/v1/docs/app/cfg/conflicts").unwrap();
+        let mode = c["conflicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["path"] == "/mode")
+            .unwrap();
+        let mut values: Vec<&str> = mode["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        values.sort();
+        assert_eq!(values, ["from-1", "from-2"]);
+    }
+}
+
+#[test]
+fn peered_hubs_carry_writes_between_their_edges() {
+    let dir = setup(&["edge-a", "edge-b", "hub-2"]);
+    // hub-2 is enrolled as a hub of the same deployment.
+    run(
+        "tidesync-hub",
+        &[
+            "enroll",
+            "--data",
+            &path(&dir, "hub"),
+            "--name",
+            "hub-two",
+            "--role",
+            "hub",
+            "--out",
+            &path(&dir, "hub2.pem"),
+        ],
+    )
+    .unwrap();
+    let h1 = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
+    let q1 = h1.quic.to_string();
+    let b2 = path(&dir, "hub2.pem");
+    let h2 = hub_at(
+        &dir,
+        "hub2",
+        "127.0.0.1:0",
+        &["--bundle", &b2, "--peer", &q1],
+    );
+    let (a, b) = (edge(&dir, "edge-a", &[&h1]), edge(&dir, "edge-b", &[&h2]));
+    ureq::put(&a.url("/v1/docs/app/from-a"))
+        .send_json(json!({"v": 1}))
+        .unwrap();
+    ureq::put(&b.url("/v1/docs/app/from-b"))
+        .send_json(json!({"v": 2}))
+        .unwrap();
+    let took = wait_for("writes across the mesh", Duration::from_secs(10), || {
+        get(&b, "/v1/docs/app/from-a").is_some() && get(&a, "/v1/docs/app/from-b").is_some()
+    });
+    println!("across two hubs both ways in {took:?}");
+}
+
+#[test]
+fn an_edge_fails_over_to_its_second_hub() {
+    let dir = setup(&["edge-1", "edge-2"]);
+    run(
+        "tidesync-hub",
+        &[
+            "enroll",
+            "--data",
+            &path(&dir, "hub"),
+            "--name",
+            "hub-two",
+            "--role",
+            "hub",
+            "--out",
+            &path(&dir, "hub2.pem"),
+        ],
+    )
+    .unwrap();
+    let h1 = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
+    let b2 = path(&dir, "hub2.pem");
+    let q1 = h1.quic.to_string();
+    let h2 = hub_at(
+        &dir,
+        "hub2",
+        "127.0.0.1:0",
+        &["--bundle", &b2, "--peer", &q1],
+    );
+    let e1 = edge(&dir, "edge-1", &[&h1, &h2]);
+    let e2 = edge(&dir, "edge-2", &[&h2]);
+    ureq::put(&e1.url("/v1/docs/app/one"))
+        .send_json(json!({"v": 1}))
+        .unwrap();
+    wait_for("first write via hub 1", Duration::from_secs(10), || {
+        get(&e2, "/v1/docs/app/one").is_some()
+    });
+    h1.kill();
+    ureq::put(&e1.url("/v1/docs/app/two"))
+        .send_json(json!({"v": 2}))
+        .unwrap();
+    let took = wait_for("the write via hub 2", Duration::from_secs(40), || {
+        get(&h2, "/v1/docs/app/two").is_some() && get(&e2, "/v1/docs/app/two").is_some()
+    });
+    println!("failed over and delivered in {took:?}");
+}
+
+#[test]
+fn the_change_stream_delivers_a_remote_change_within_a_second() {
+    let dir = setup(&["edge-1", "edge-2"]);
+    let hub = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
+    let (e1, e2) = (edge(&dir, "edge-1", &[&hub]), edge(&dir, "edge-2", &[&hub]));
+    let resp = ureq::get(&e2.url("/v1/changes?since=0"))
+        .set("Accept", "text/event-stream")
+        .call()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(resp.into_reader())
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(data) = line.strip_prefix("data:") {
+                let _ = tx.send((Instant::now(), data.trim().to_owned()));
+            }
+        }
+    });
+    let written = Instant::now();
+    ureq::put(&e1.url("/v1/docs/app/live"))
+        .send_json(json!({"v": 1}))
+        .unwrap();
+    let (at, data) = rx
+        .recv_timeout(Duration::from_secs(1))
+        .expect("no event within a second");
+    let event: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(event["ns"], "app");
+    assert_eq!(event["id"], "live");
+    println!(
+        "SSE event {:?} after the write at the other edge",
+        at - written
+    );
+}
