@@ -38,6 +38,7 @@
 pub mod api;
 pub mod daemon;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod store;

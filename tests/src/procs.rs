@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-static BUILD: Mutex<()> = Mutex::new(());
+static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// The path of a workspace binary, built first if it is missing.
+/// The path of a workspace binary, brought up to date once per test process: `cargo test`
+/// builds only the binaries of the packages it tests, and a stale binary would test old
+/// code.
 pub fn binary(name: &str) -> Result<PathBuf> {
     // Tests run from target/<profile>/deps; the binaries live in target/<profile>.
     let exe = std::env::current_exe()?;
@@ -21,11 +23,11 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         .and_then(Path::parent)
         .context("unexpected test binary location")?;
     let path = dir.join(name);
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--bin", name]);
+        cmd.args(["build", "--workspace", "--bin", name]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -33,6 +35,7 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         if !status.success() {
             bail!("cargo build --bin {name} failed");
         }
+        built.push(name.to_owned());
     }
     Ok(path)
 }

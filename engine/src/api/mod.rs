@@ -67,6 +67,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/v1/health", get(health))
@@ -411,4 +412,16 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "docs": state.store.doc_count()?,
         "peers": peers,
     })))
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let body = crate::metrics::render(&state.store, state.node.as_ref());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }

@@ -184,6 +184,7 @@ pub struct Store {
 }
 
 struct Inner {
+    commit_seconds: prometheus_client::metrics::histogram::Histogram,
     db: Arc<Database>,
     cache: Arc<DocCache>,
     requests: Option<mpsc::UnboundedSender<WriteRequest>>,
@@ -223,7 +224,12 @@ impl Store {
         let cache = Arc::new(DocCache::new(cfg.doc_cache_bytes));
         let (feed_tx, feed) = watch::channel(FeedSeq(next_seq - 1));
         let (requests, rx) = mpsc::unbounded_channel();
+        // 50 µs to about 1.6 s.
+        let commit_seconds = prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 16),
+        );
         let writer = Writer {
+            commit_seconds: commit_seconds.clone(),
             db: db.clone(),
             cache: cache.clone(),
             cfg,
@@ -240,6 +246,7 @@ impl Store {
             .map_err(|e| StoreError::WriteFailed(format!("cannot start the writer: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
+                commit_seconds,
                 db,
                 cache,
                 requests: Some(requests),
@@ -569,6 +576,11 @@ impl Store {
     pub fn doc_count(&self) -> Result<u64, StoreError> {
         let txn = self.inner.db.begin_read()?;
         Ok(txn.open_table(DOCS)?.len()?)
+    }
+
+    /// Durations of durable commits, in seconds.
+    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.commit_seconds.clone()
     }
 
     /// Documents in the cache and their estimated bytes.

@@ -103,6 +103,8 @@ pub(crate) struct Writer {
     pub next_seq: u64,
     pub next_doc_key: u64,
     pub feed_tx: watch::Sender<FeedSeq>,
+    /// Seconds per durable commit, for metrics.
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Writer {
@@ -299,7 +301,11 @@ impl Writer {
         } else {
             Durability::None
         })?;
+        let started = std::time::Instant::now();
         txn.commit()?;
+        if any_changed {
+            self.commit_seconds.observe(started.elapsed().as_secs_f64());
+        }
         Ok(seqs)
     }
 

@@ -1,0 +1,188 @@
+//! Prometheus metrics in the text exposition format, built from the live counters of the
+//! store and the node at each scrape.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::net::Node;
+use crate::store::Store;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+    role: String,
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+fn per_peer_counter(registry: &mut Registry, name: &str, help: &str, values: &[(PeerLabels, u64)]) {
+    let family = Family::<PeerLabels, Counter>::default();
+    for (labels, v) in values {
+        family.get_or_create(labels).inc_by(*v);
+    }
+    registry.register(name, help, family);
+}
+
+fn per_peer_gauge(registry: &mut Registry, name: &str, help: &str, values: &[(PeerLabels, i64)]) {
+    let family = Family::<PeerLabels, Gauge>::default();
+    for (labels, v) in values {
+        family.get_or_create(labels).set(*v);
+    }
+    registry.register(name, help, family);
+}
+
+/// The metrics of `store` and (if running) `node`, as Prometheus text.
+pub fn render(store: &Store, node: Option<&Node>) -> String {
+    let mut r = Registry::with_prefix("tidesync");
+    let docs = store.doc_count().unwrap_or(0);
+    gauge(
+        &mut r,
+        "documents",
+        "Documents in the store, deleted ones included",
+        docs as i64,
+    );
+    gauge(
+        &mut r,
+        "feed_last_seq",
+        "Position of the latest local commit in the change feed",
+        store.last_seq().0 as i64,
+    );
+    let (cached, cache_bytes) = store.cache_usage();
+    gauge(
+        &mut r,
+        "doc_cache_documents",
+        "Documents held in the document cache",
+        cached as i64,
+    );
+    gauge(
+        &mut r,
+        "doc_cache_bytes",
+        "Estimated bytes held by the document cache",
+        cache_bytes as i64,
+    );
+    r.register(
+        "commit_duration_seconds",
+        "Duration of durable store commits",
+        store.commit_seconds(),
+    );
+    if let Some(node) = node {
+        let peers = node.peers();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let label = |p: &crate::net::PeerStatus| PeerLabels {
+            peer: p.node_id.to_string(),
+            role: p.role.as_str().to_owned(),
+        };
+        let c = |f: fn(&crate::net::PeerStatus) -> u64| -> Vec<(PeerLabels, u64)> {
+            peers.iter().map(|p| (label(p), f(p))).collect()
+        };
+        gauge(
+            &mut r,
+            "connected_peers",
+            "Peers with a live connection",
+            peers.iter().filter(|p| p.connected).count() as i64,
+        );
+        per_peer_gauge(
+            &mut r,
+            "peer_connected",
+            "1 if the peer is connected",
+            &peers
+                .iter()
+                .map(|p| (label(p), i64::from(p.connected)))
+                .collect::<Vec<_>>(),
+        );
+        per_peer_counter(
+            &mut r,
+            "peer_sent_bytes",
+            "Frame bytes sent to the peer",
+            &c(|p| p.bytes_sent),
+        );
+        per_peer_counter(
+            &mut r,
+            "peer_received_bytes",
+            "Frame bytes received from the peer",
+            &c(|p| p.bytes_received),
+        );
+        per_peer_counter(
+            &mut r,
+            "peer_sent_messages",
+            "Frames sent to the peer",
+            &c(|p| p.messages_sent),
+        );
+        per_peer_counter(
+            &mut r,
+            "peer_received_messages",
+            "Frames received from the peer",
+            &c(|p| p.messages_received),
+        );
+        per_peer_counter(
+            &mut r,
+            "peer_changes_applied",
+            "Automerge changes received from the peer and stored",
+            &c(|p| p.changes_applied),
+        );
+        per_peer_counter(
+            &mut r,
+            "peer_docs_synced",
+            "Document syncs with the peer completed",
+            &c(|p| p.docs_synced),
+        );
+        per_peer_counter(
+            &mut r,
+            "peer_rejected",
+            "Changes or reads refused because of the peer's grants",
+            &c(|p| p.rejected),
+        );
+        per_peer_counter(
+            &mut r,
+            "peer_protocol_errors",
+            "Connections with the peer ended by a protocol error",
+            &c(|p| p.protocol_errors),
+        );
+        per_peer_gauge(
+            &mut r,
+            "peer_lag_feed_positions",
+            "Local feed positions the peer has not acknowledged",
+            &peers
+                .iter()
+                .map(|p| (label(p), p.lag as i64))
+                .collect::<Vec<_>>(),
+        );
+        per_peer_gauge(
+            &mut r,
+            "peer_seconds_since_last_sync",
+            "Seconds since a document sync with the peer last completed (-1: never)",
+            &peers
+                .iter()
+                .map(|p| {
+                    let s = if p.last_sync_ms == 0 {
+                        -1
+                    } else {
+                        (now_ms.saturating_sub(p.last_sync_ms) / 1000) as i64
+                    };
+                    (label(p), s)
+                })
+                .collect::<Vec<_>>(),
+        );
+        let failures = Counter::<u64>::default();
+        failures.inc_by(node.handshake_failures());
+        r.register(
+            "handshake_failures",
+            "Handshakes refused: bad, foreign or revoked certificates, wrong roles",
+            failures,
+        );
+    }
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    out
+}
