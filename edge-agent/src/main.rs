@@ -21,7 +21,11 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let default_api = std::net::SocketAddr::from(([127, 0, 0, 1], 7780));
     match cli.command {
+        Command::Status { opts } => Ok(tidesync::client::status(&opts, default_api)?),
+        Command::Doc { cmd, opts } => Ok(tidesync::client::doc(cmd, &opts, default_api)?),
+        Command::Watch { since, opts } => Ok(tidesync::client::watch(&opts, default_api, since)?),
         Command::Run {
             data,
             bundle,

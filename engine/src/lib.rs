@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod client;
 pub mod daemon;
 pub mod error;
 pub mod metrics;

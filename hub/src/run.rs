@@ -18,6 +18,9 @@ const CA_KEY: &str = "ca-key.pem";
 const BUNDLE: &str = "bundle.pem";
 const REVOKED: &str = "revoked";
 const DB: &str = "node.redb";
+/// Where client subcommands find a hub's API unless told.
+const DEFAULT_API: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7790);
 
 /// Runs one command.
 pub fn run(command: Command) -> Result<()> {
@@ -31,6 +34,9 @@ pub fn run(command: Command) -> Result<()> {
             out,
         } => enroll(&data, &name, role, &grants, &out),
         Command::Revoke { data, name } => revoke(&data, &name),
+        Command::Status { opts } => Ok(tidesync::client::status(&opts, DEFAULT_API)?),
+        Command::Doc { cmd, opts } => Ok(tidesync::client::doc(cmd, &opts, DEFAULT_API)?),
+        Command::Watch { since, opts } => Ok(tidesync::client::watch(&opts, DEFAULT_API, since)?),
         Command::Run {
             data,
             bundle,

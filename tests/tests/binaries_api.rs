@@ -346,3 +346,94 @@ fn metrics_parse_and_move_with_traffic() {
     assert!(commits(&after) > commits(&before));
     assert_eq!(metric(&after, "tidesync_peer_lag_feed_positions{"), 0.0);
 }
+
+#[test]
+fn the_cli_reads_writes_and_shows_status() {
+    let d = Deployment::new();
+    let hub = d.hub(&[]);
+    let bundle = d.enroll("edge-1", &["*=rw"]);
+    let edge = d.edge("edge-1", &bundle, &hub);
+    let (ea, ha) = (edge.api.to_string(), hub.api.to_string());
+    let out = run(
+        "tidesync-edge",
+        &[
+            "doc",
+            "put",
+            "app",
+            "cfg",
+            r#"{"mode":"fast"}"#,
+            "--api",
+            &ea,
+        ],
+    )
+    .unwrap();
+    assert!(out.starts_with("ok"), "{out}");
+    run(
+        "tidesync-edge",
+        &["doc", "patch", "app", "cfg", r#"{"level":2}"#, "--api", &ea],
+    )
+    .unwrap();
+    let got: Value = serde_json::from_str(
+        &run("tidesync-edge", &["doc", "get", "app", "cfg", "--api", &ea]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got, json!({"mode": "fast", "level": 2}));
+    wait_for("the doc at the hub", Duration::from_secs(5), || {
+        run("tidesync-hub", &["doc", "ls", "app", "--api", &ha]).is_ok_and(|o| o.contains("cfg"))
+    });
+    let table = run("tidesync-hub", &["status", "--api", &ha]).unwrap();
+    assert!(
+        table.contains("LAG") && table.contains("edge-1") && table.contains("up"),
+        "{table}"
+    );
+    let status: Value =
+        serde_json::from_str(&run("tidesync-hub", &["status", "--json", "--api", &ha]).unwrap())
+            .unwrap();
+    assert_eq!(status["peers"][0]["node_id"], "edge-1");
+    run("tidesync-edge", &["doc", "rm", "app", "cfg", "--api", &ea]).unwrap();
+    let err = run("tidesync-edge", &["doc", "get", "app", "cfg", "--api", &ea]).unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+    let err = run(
+        "tidesync-edge",
+        &["doc", "put", "app", "x", "not json", "--api", &ea],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not valid JSON"), "{err}");
+}
+
+#[test]
+fn every_flag_of_every_subcommand_is_explained() {
+    let commands: [(&str, &[&str]); 2] = [
+        (
+            "tidesync-hub",
+            &["init", "enroll", "revoke", "run", "status", "doc", "watch"],
+        ),
+        ("tidesync-edge", &["run", "status", "doc", "watch"]),
+    ];
+    for (bin, subs) in commands {
+        for sub in subs {
+            let help = run(bin, &[sub, "--help"]).unwrap();
+            let lines: Vec<&str> = help.lines().map(str::trim).collect();
+            for (i, line) in lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.starts_with("--"))
+            {
+                // The description follows on the same line, or (long help) on the next.
+                let same_line = line.split("  ").filter(|p| !p.trim().is_empty()).count() >= 2;
+                let next_line = lines
+                    .get(i + 1)
+                    .is_some_and(|n| !n.is_empty() && !n.starts_with('-'));
+                assert!(
+                    same_line || next_line,
+                    "{bin} {sub}: flag without a description: {line:?}\n{help}"
+                );
+            }
+        }
+        let run_help = run(bin, &["run", "--help"]).unwrap();
+        assert!(
+            run_help.contains("[default: 127.0.0.1:"),
+            "{bin} run: defaults not shown"
+        );
+    }
+}
