@@ -22,17 +22,17 @@ pub enum Command {
     Run {
         /// Directory of the agent's database (created if missing).
         #[arg(long, value_name = "DIR")]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// The certificate bundle `tidesync-hub enroll` wrote for this edge.
         #[arg(long, value_name = "FILE")]
-        bundle: PathBuf,
+        bundle: Option<PathBuf>,
         /// A hub's QUIC address. Repeat for failover: the first that answers is used, and
         /// the agent moves to the next when it fails.
-        #[arg(long = "hub", value_name = "ADDR", required = true)]
+        #[arg(long = "hub", value_name = "ADDR")]
         hubs: Vec<SocketAddr>,
-        /// HTTP API address; port 0 picks a free port.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7780")]
-        api: SocketAddr,
+        /// HTTP API address; port 0 picks a free port [default: 127.0.0.1:7780].
+        #[arg(long, value_name = "ADDR")]
+        api: Option<SocketAddr>,
         /// Namespace pattern to receive (e.g. models, flags.*). Repeat for several
         /// [default: everything the certificate grants].
         #[arg(long = "subscribe", value_name = "PATTERN")]
@@ -40,9 +40,13 @@ pub enum Command {
         /// Require `Authorization: Bearer TOKEN` on the API (except /v1/health).
         #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
         token: Option<String>,
-        /// Largest API request body, in bytes.
-        #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
-        max_body: usize,
+        /// Largest API request body, in bytes [default: 16777216].
+        #[arg(long, value_name = "BYTES")]
+        max_body: Option<usize>,
+        /// A TOML file with any of these settings (keys: data, bundle, hubs, api,
+        /// subscribe, token, max_body). Flags given here win over the file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Show the node and its peers: connection state, lag, bytes, last sync.
     Status {

@@ -4,6 +4,7 @@ mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use tidesync::config::{list_or, RunFile};
 use tidesync::daemon::{Daemon, DaemonConfig};
 use tidesync::model::NsPattern;
 use tidesync::net::Bundle;
@@ -34,8 +35,27 @@ fn main() -> Result<()> {
             subscribe,
             token,
             max_body,
+            config,
         } => {
+            let file = match &config {
+                Some(path) => RunFile::read(path)?,
+                None => RunFile::default(),
+            };
+            let data = data
+                .or(file.data)
+                .context("--data is required (or `data` in the config file)")?;
+            let bundle = bundle
+                .or(file.bundle)
+                .context("--bundle is required (or `bundle` in the config file)")?;
             let bundle = Bundle::read(&bundle)?;
+            let hubs = list_or(hubs, file.hubs);
+            if hubs.is_empty() {
+                anyhow::bail!("at least one --hub is required (or `hubs` in the config file)");
+            }
+            let subscribe = list_or(subscribe, file.subscribe);
+            let api = api.or(file.api).unwrap_or(default_api);
+            let token = token.or(file.token);
+            let max_body = max_body.or(file.max_body).unwrap_or(16 * 1024 * 1024);
             let subscriptions = if subscribe.is_empty() {
                 vec![NsPattern::all()]
             } else {

@@ -37,6 +37,7 @@
 
 pub mod api;
 pub mod client;
+pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod metrics;

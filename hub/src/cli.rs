@@ -60,26 +60,31 @@ pub enum Command {
     Run {
         /// Directory of the hub's database, and of `bundle.pem` and `revoked` by default.
         #[arg(long, value_name = "DIR")]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// The hub's certificate bundle [default: DIR/bundle.pem]. Give the file `enroll`
         /// wrote to run an additional hub of the deployment.
         #[arg(long, value_name = "FILE")]
         bundle: Option<PathBuf>,
-        /// QUIC address to accept nodes on; port 0 picks a free port.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7443")]
-        listen: SocketAddr,
-        /// HTTP API address; port 0 picks a free port.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7790")]
-        api: SocketAddr,
+        /// QUIC address to accept nodes on; port 0 picks a free port
+        /// [default: 127.0.0.1:7443].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// HTTP API address; port 0 picks a free port [default: 127.0.0.1:7790].
+        #[arg(long, value_name = "ADDR")]
+        api: Option<SocketAddr>,
         /// Another hub to sync with (QUIC address). Repeat for several.
         #[arg(long = "peer", value_name = "ADDR")]
         peers: Vec<SocketAddr>,
         /// Require `Authorization: Bearer TOKEN` on the API (except /v1/health).
         #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
         token: Option<String>,
-        /// Largest API request body, in bytes.
-        #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
-        max_body: usize,
+        /// Largest API request body, in bytes [default: 16777216].
+        #[arg(long, value_name = "BYTES")]
+        max_body: Option<usize>,
+        /// A TOML file with any of these settings (keys: data, bundle, listen, api, peers,
+        /// token, max_body). Flags given here win over the file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Show the node and its peers: connection state, lag, bytes, last sync.
     Status {

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use tidesync::config::{list_or, RunFile};
 use tidesync::daemon::{read_revocations, Daemon, DaemonConfig};
 use tidesync::model::{Grant, NodeId, NsPattern};
 use tidesync::net::{Bundle, Ca};
@@ -18,7 +19,12 @@ const CA_KEY: &str = "ca-key.pem";
 const BUNDLE: &str = "bundle.pem";
 const REVOKED: &str = "revoked";
 const DB: &str = "node.redb";
-/// Where client subcommands find a hub's API unless told.
+/// Where a hub accepts nodes unless told.
+const DEFAULT_QUIC: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7443);
+/// Largest API request body unless told.
+const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+/// Where a hub serves its API, and client subcommands find it, unless told.
 const DEFAULT_API: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7790);
 
@@ -45,20 +51,28 @@ pub fn run(command: Command) -> Result<()> {
             peers,
             token,
             max_body,
+            config,
         } => {
-            let bundle_path = bundle.unwrap_or_else(|| data.join(BUNDLE));
+            let file = match &config {
+                Some(path) => RunFile::read(path)?,
+                None => RunFile::default(),
+            };
+            let data = data
+                .or(file.data)
+                .context("--data is required (or `data` in the config file)")?;
+            let bundle_path = bundle.or(file.bundle).unwrap_or_else(|| data.join(BUNDLE));
             let bundle = Bundle::read(&bundle_path)?;
             let cfg = DaemonConfig {
                 db_path: data.join(DB),
                 bundle,
-                listen: Some(listen),
-                api,
-                dial: peers,
+                listen: Some(listen.or(file.listen).unwrap_or(DEFAULT_QUIC)),
+                api: api.or(file.api).unwrap_or(DEFAULT_API),
+                dial: list_or(peers, file.peers),
                 failover: false,
                 subscriptions: vec![NsPattern::all()],
-                token,
+                token: token.or(file.token),
                 revocation_file: Some(data.join(REVOKED)),
-                max_body,
+                max_body: max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY),
                 store: StoreConfig {
                     doc_cache_bytes: 256 * 1024 * 1024,
                     redb_cache_bytes: 128 * 1024 * 1024,

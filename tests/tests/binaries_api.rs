@@ -437,3 +437,51 @@ fn every_flag_of_every_subcommand_is_explained() {
         );
     }
 }
+
+#[test]
+fn nodes_run_from_toml_config_files() {
+    let d = Deployment::new();
+    let bundle = d.enroll("edge-1", &["*=rw"]);
+    let hub_toml = d.path("hub.toml");
+    std::fs::write(
+        &hub_toml,
+        format!(
+            "data = {:?}\nlisten = \"127.0.0.1:0\"\napi = \"127.0.0.1:0\"\ntoken = \"from-file\"\n",
+            d.path("hub")
+        ),
+    )
+    .unwrap();
+    let hub = Proc::start("tidesync-hub", &["run", "--config", &hub_toml]).unwrap();
+    let edge_toml = d.path("edge.toml");
+    std::fs::write(
+        &edge_toml,
+        format!(
+            "data = {:?}\nbundle = {:?}\nhubs = [\"{}\"]\napi = \"127.0.0.1:0\"\n",
+            d.path("edge-1"),
+            bundle,
+            hub.quic
+        ),
+    )
+    .unwrap();
+    // A flag wins over the file: this edge's API needs a token the file does not set.
+    let edge = Proc::start(
+        "tidesync-edge",
+        &["run", "--config", &edge_toml, "--token", "from-flag"],
+    )
+    .unwrap();
+    let (code, _) = status_of(ureq::put(&edge.url("/v1/docs/app/x")).send_json(json!({"a": 1})));
+    assert_eq!(code, 401);
+    ureq::put(&edge.url("/v1/docs/app/x"))
+        .set("Authorization", "Bearer from-flag")
+        .send_json(json!({"a": 1}))
+        .unwrap();
+    wait_for("the write at the hub", Duration::from_secs(5), || {
+        ureq::get(&hub.url("/v1/docs/app/x"))
+            .set("Authorization", "Bearer from-file")
+            .call()
+            .is_ok()
+    });
+    std::fs::write(&edge_toml, "dta = \"typo\"\n").unwrap();
+    let err = run("tidesync-edge", &["run", "--config", &edge_toml]).unwrap_err();
+    assert!(err.to_string().contains("dta"), "{err}");
+}

@@ -1,0 +1,92 @@
+//! The TOML form of the `run` flags: every flag has a key of the same name (`peer` and
+//! `hub` take lists, as `peers` and `hubs`). A flag given on the command line wins over
+//! the file; the file wins over the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Settings of `tidesync-hub run` and `tidesync-edge run` as read from a config file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    /// `--data`.
+    pub data: Option<PathBuf>,
+    /// `--bundle`.
+    pub bundle: Option<PathBuf>,
+    /// `--listen` (hub).
+    pub listen: Option<SocketAddr>,
+    /// `--api`.
+    pub api: Option<SocketAddr>,
+    /// `--peer`, repeated (hub).
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// `--hub`, repeated (edge).
+    #[serde(default)]
+    pub hubs: Vec<SocketAddr>,
+    /// `--subscribe`, repeated (edge).
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// `--token`.
+    pub token: Option<String>,
+    /// `--max-body`.
+    pub max_body: Option<usize>,
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("config file {path}: {reason}")]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl RunFile {
+    /// Reads `path`; unknown keys are errors, so a typo never silently falls back.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let err = |reason: String| ConfigError {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+}
+
+/// The command line's list if it has one, else the file's.
+pub fn list_or<T>(cli: Vec<T>, file: Vec<T>) -> Vec<T> {
+    if cli.is_empty() {
+        file
+    } else {
+        cli
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_key_and_refuses_unknown_ones() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("hub.toml");
+        std::fs::write(
+            &path,
+            "data = \"/var/lib/tidesync\"\nlisten = \"0.0.0.0:7443\"\napi = \"127.0.0.1:0\"\n\
+             peers = [\"10.0.0.2:7443\"]\ntoken = \"t\"\nmax_body = 1024\n",
+        )
+        .expect("write");
+        let f = RunFile::read(&path).expect("read");
+        assert_eq!(f.listen, Some("0.0.0.0:7443".parse().expect("addr")));
+        assert_eq!(f.peers.len(), 1);
+        assert_eq!(f.max_body, Some(1024));
+        std::fs::write(&path, "lisen = \"0.0.0.0:7443\"\n").expect("write");
+        let e = RunFile::read(&path).expect_err("typo");
+        assert!(e.reason.contains("lisen"), "{e}");
+        assert_eq!(list_or(vec![1], vec![2]), vec![1]);
+        assert_eq!(list_or(Vec::new(), vec![2]), vec![2]);
+    }
+}
