@@ -261,3 +261,57 @@ fn the_change_stream_delivers_a_remote_change_within_a_second() {
         at - written
     );
 }
+
+#[test]
+fn an_edge_receives_only_what_it_subscribed_to() {
+    let dir = setup(&["edge-1"]);
+    let hub = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
+    for ns in ["models", "flags", "logs"] {
+        ureq::put(&hub.url(&format!("/v1/docs/{ns}/d")))
+            .send_json(json!({ "ns": ns }))
+            .unwrap();
+    }
+    let (data, bundle, quic) = (
+        path(&dir, "edge-1"),
+        path(&dir, "edge-1.pem"),
+        hub.quic.to_string(),
+    );
+    let edge = Proc::start(
+        "tidesync-edge",
+        &[
+            "run",
+            "--data",
+            &data,
+            "--bundle",
+            &bundle,
+            "--hub",
+            &quic,
+            "--api",
+            "127.0.0.1:0",
+            "--subscribe",
+            "models",
+            "--subscribe",
+            "fl*",
+        ],
+    )
+    .unwrap();
+    wait_for("subscribed namespaces", Duration::from_secs(5), || {
+        get(&edge, "/v1/docs/models/d").is_some() && get(&edge, "/v1/docs/flags/d").is_some()
+    });
+    // Later writes too: subscribed ones arrive, the rest never does.
+    ureq::put(&hub.url("/v1/docs/logs/late"))
+        .send_json(json!({"x": 1}))
+        .unwrap();
+    ureq::put(&hub.url("/v1/docs/models/late"))
+        .send_json(json!({"x": 1}))
+        .unwrap();
+    wait_for("the late model", Duration::from_secs(5), || {
+        get(&edge, "/v1/docs/models/late").is_some()
+    });
+    let logs: Value = ureq::get(&edge.url("/v1/docs/logs"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(logs["docs"], json!([]));
+}

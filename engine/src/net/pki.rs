@@ -35,6 +35,9 @@ pub enum TlsError {
     /// rcgen could not make or sign a certificate.
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A certificate or key file could not be read.
+    #[error("{0}")]
+    Read(String),
     /// A PEM file is malformed or lacks a part.
     #[error("bad PEM: {0}")]
     Pem(String),
@@ -256,9 +259,9 @@ impl Bundle {
     /// Reads a bundle file.
     pub fn read(path: &std::path::Path) -> Result<Self, TlsError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| TlsError::Pem(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| TlsError::Read(format!("cannot read {}: {e}", path.display())))?;
         Self::from_pem(&text)
-            .map_err(|e| TlsError::Pem(format!("{} is not a valid bundle: {e}", path.display())))
+            .map_err(|e| TlsError::Pem(format!("{} is not a valid bundle ({e})", path.display())))
     }
 
     /// The identity in the node certificate.
