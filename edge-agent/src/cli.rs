@@ -48,24 +48,7 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Show the node and its peers: connection state, lag, bytes, last sync.
-    Status {
-        #[command(flatten)]
-        opts: tidesync::client::ClientOpts,
-    },
-    /// Read and write documents through the node's API.
-    Doc {
-        #[command(subcommand)]
-        cmd: tidesync::client::DocCommand,
-        #[command(flatten)]
-        opts: tidesync::client::ClientOpts,
-    },
-    /// Print changes as they arrive.
-    Watch {
-        /// Start after this feed position (0: everything).
-        #[arg(long, default_value_t = 0)]
-        since: u64,
-        #[command(flatten)]
-        opts: tidesync::client::ClientOpts,
-    },
+    /// Client commands: status, doc, watch.
+    #[command(flatten)]
+    Client(tidesync::client::ClientCommand),
 }

@@ -33,9 +33,7 @@ fn run(cli: Cli) -> Result<()> {
         .init();
     let default_api = std::net::SocketAddr::from(([127, 0, 0, 1], 7780));
     match cli.command {
-        Command::Status { opts } => Ok(tidesync::client::status(&opts, default_api)?),
-        Command::Doc { cmd, opts } => Ok(tidesync::client::doc(cmd, &opts, default_api)?),
-        Command::Watch { since, opts } => Ok(tidesync::client::watch(&opts, default_api, since)?),
+        Command::Client(cmd) => Ok(cmd.run(default_api)?),
         Command::Run {
             data,
             bundle,

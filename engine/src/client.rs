@@ -22,6 +22,44 @@ pub struct ClientOpts {
     pub json: bool,
 }
 
+/// The client subcommands, the same on both binaries (flattened into their commands).
+// clap would show field docs as help; the variants' own docs say everything.
+#[allow(missing_docs)]
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Show the node and its peers: connection state, lag, bytes, last sync.
+    Status {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Read and write documents through the node's API.
+    Doc {
+        #[command(subcommand)]
+        cmd: DocCommand,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Print changes as they arrive.
+    Watch {
+        /// Start after this feed position (0: everything).
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+impl ClientCommand {
+    /// Runs the command against the API at `--api`, or `default_api`.
+    pub fn run(self, default_api: SocketAddr) -> Result<(), ClientError> {
+        match self {
+            Self::Status { opts } => status(&opts, default_api),
+            Self::Doc { cmd, opts } => doc(cmd, &opts, default_api),
+            Self::Watch { since, opts } => watch(&opts, default_api, since),
+        }
+    }
+}
+
 /// Document commands.
 #[derive(Debug, Subcommand)]
 pub enum DocCommand {

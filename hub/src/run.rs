@@ -40,9 +40,7 @@ pub fn run(command: Command) -> Result<()> {
             out,
         } => enroll(&data, &name, role, &grants, &out),
         Command::Revoke { data, name } => revoke(&data, &name),
-        Command::Status { opts } => Ok(tidesync::client::status(&opts, DEFAULT_API)?),
-        Command::Doc { cmd, opts } => Ok(tidesync::client::doc(cmd, &opts, DEFAULT_API)?),
-        Command::Watch { since, opts } => Ok(tidesync::client::watch(&opts, DEFAULT_API, since)?),
+        Command::Client(cmd) => Ok(cmd.run(DEFAULT_API)?),
         Command::Run {
             data,
             bundle,
