@@ -43,8 +43,12 @@ pub enum Command {
         /// Largest API request body, in bytes [default: 16777216].
         #[arg(long, value_name = "BYTES")]
         max_body: Option<usize>,
+        /// Memory for caches of documents and storage pages, in MiB; more keeps more
+        /// documents loaded, less bounds the process tighter [default: 32].
+        #[arg(long, value_name = "MIB")]
+        cache_mb: Option<u64>,
         /// A TOML file with any of these settings (keys: data, bundle, hubs, api,
-        /// subscribe, token, max_body). Flags given here win over the file.
+        /// subscribe, token, max_body, cache_mb). Flags given here win over the file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },

@@ -12,6 +12,9 @@ use tidesync::store::StoreConfig;
 
 use cli::{Cli, Command};
 
+/// Cache memory in MiB: bounds the process whatever the number of documents.
+const DEFAULT_CACHE_MB: u64 = 32;
+
 fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -42,6 +45,7 @@ fn run(cli: Cli) -> Result<()> {
             subscribe,
             token,
             max_body,
+            cache_mb,
             config,
         } => {
             let file = match &config {
@@ -84,7 +88,9 @@ fn run(cli: Cli) -> Result<()> {
                 token,
                 revocation_file: None,
                 max_body,
-                store: StoreConfig::default(),
+                store: StoreConfig::with_cache_budget(
+                    cache_mb.or(file.cache_mb).unwrap_or(DEFAULT_CACHE_MB) << 20,
+                ),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -32,6 +32,8 @@ pub struct RunFile {
     pub token: Option<String>,
     /// `--max-body`.
     pub max_body: Option<usize>,
+    /// `--cache-mb`.
+    pub cache_mb: Option<u64>,
 }
 
 /// A config file that cannot be used.
@@ -76,13 +78,14 @@ mod tests {
         std::fs::write(
             &path,
             "data = \"/var/lib/tidesync\"\nlisten = \"0.0.0.0:7443\"\napi = \"127.0.0.1:0\"\n\
-             peers = [\"10.0.0.2:7443\"]\ntoken = \"t\"\nmax_body = 1024\n",
+             peers = [\"10.0.0.2:7443\"]\ntoken = \"t\"\nmax_body = 1024\ncache_mb = 64\n",
         )
         .expect("write");
         let f = RunFile::read(&path).expect("read");
         assert_eq!(f.listen, Some("0.0.0.0:7443".parse().expect("addr")));
         assert_eq!(f.peers.len(), 1);
         assert_eq!(f.max_body, Some(1024));
+        assert_eq!(f.cache_mb, Some(64));
         std::fs::write(&path, "lisen = \"0.0.0.0:7443\"\n").expect("write");
         let e = RunFile::read(&path).expect_err("typo");
         assert!(e.reason.contains("lisen"), "{e}");

@@ -24,6 +24,8 @@ const DEFAULT_QUIC: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7443);
 /// Largest API request body unless told.
 const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+/// Cache memory in MiB: bounds the process whatever the number of documents.
+const DEFAULT_CACHE_MB: u64 = 32;
 /// Where a hub serves its API, and client subcommands find it, unless told.
 const DEFAULT_API: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7790);
@@ -49,6 +51,7 @@ pub fn run(command: Command) -> Result<()> {
             peers,
             token,
             max_body,
+            cache_mb,
             config,
         } => {
             let file = match &config {
@@ -71,11 +74,9 @@ pub fn run(command: Command) -> Result<()> {
                 token: token.or(file.token),
                 revocation_file: Some(data.join(REVOKED)),
                 max_body: max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY),
-                store: StoreConfig {
-                    doc_cache_bytes: 256 * 1024 * 1024,
-                    redb_cache_bytes: 128 * 1024 * 1024,
-                    ..StoreConfig::default()
-                },
+                store: StoreConfig::with_cache_budget(
+                    cache_mb.or(file.cache_mb).unwrap_or(DEFAULT_CACHE_MB) << 20,
+                ),
             };
             serve(cfg, &data)
         }

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -16,12 +16,13 @@ static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// builds only the binaries of the packages it tests, and a stale binary would test old
 /// code.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    // Tests run from target/<profile>/deps; the binaries live in target/<profile>.
+    // Tests run from target/<profile>/deps, benchmarks from target/<profile>; the
+    // binaries live in target/<profile>.
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("unexpected test binary location")?;
+    let mut dir = exe.parent().context("unexpected binary location")?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().context("unexpected test binary location")?;
+    }
     let path = dir.join(name);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !built.iter().any(|b| b == name) {
@@ -96,6 +97,11 @@ impl Proc {
         };
         let (quic, api) = (field("quic=")?, field("api=")?);
         Ok(Self { child, quic, api })
+    }
+
+    /// The operating system's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The API base URL.

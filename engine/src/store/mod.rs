@@ -76,6 +76,19 @@ impl Default for StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// The defaults with both caches sized from one memory budget: three quarters for
+    /// loaded documents, one quarter for redb's pages. What the binaries' `--cache-mb`
+    /// sets.
+    pub fn with_cache_budget(bytes: u64) -> Self {
+        Self {
+            doc_cache_bytes: bytes / 4 * 3,
+            redb_cache_bytes: usize::try_from(bytes / 4).unwrap_or(usize::MAX),
+            ..Self::default()
+        }
+    }
+}
+
 /// The answer to a write, given once it is durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WriteOutcome {

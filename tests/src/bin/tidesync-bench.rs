@@ -1,17 +1,35 @@
 //! `tidesync-bench SCENARIO`: measures Tidesync against the raw limit of the same work,
 //! printing a readable table and, as the last line, one JSON object.
 
+use std::time::{Duration, Instant};
+
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
+use serde_json::{Map, Value};
+use tidesync_tests::bench::{live, scale, sync, write};
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     /// Durable small JSON patches with 1, 8 and 64 concurrent writers, and idle latency.
     Write,
+    /// Edge A → hub → edge B, one write at a time, against the raw path's limit.
+    Latency,
     /// An edge catching up 500 documents / 2,000 changes made while it was down.
     Catchup,
     /// Reconnecting with 1,000 and 10,000 documents already in sync.
     IdleReconnect,
+    /// An edge writing flat out (64 writers) while connected; does the hub keep up?
+    Throughput,
+    /// 100 edges subscribed to one namespace; writes at the hub until the last edge has them.
+    Fanout,
+    /// 1,000 idle edges on one hub process: its memory per edge and idle CPU.
+    Connections,
+    /// A hub process with 1,000 and 100,000 one-KB documents, each read once.
+    Memory,
+    /// The edge binary's stripped size and its memory with 10,000 documents idle.
+    Footprint,
+    /// Every scenario in turn; one JSON object with each under its name.
+    All,
 }
 
 /// Tidesync benchmarks. Each scenario prints a table, then its figures as one JSON line.
@@ -20,61 +38,200 @@ enum Scenario {
 struct Args {
     /// What to measure.
     scenario: Scenario,
-    /// Seconds each throughput point runs.
+    /// Seconds each `write` throughput point and the `throughput` scenario run.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Seconds the `connections` scenario stays idle while measuring.
+    #[arg(long, default_value_t = 60.0)]
+    idle_seconds: f64,
+    /// Edges in the `connections` scenario.
+    #[arg(long, default_value_t = 1000)]
+    edges: usize,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let figures = match args.scenario {
-        Scenario::Write => tidesync_tests::bench::write::run(args.seconds).await?,
-        Scenario::Catchup => {
-            let out = tidesync_tests::bench::sync::catchup(500, 2000).await?;
-            println!("catchup: 500 documents / 2,000 changes made while the edge was down");
-            println!(
-                "{:>10} {:>10} {:>12} {:>14} {:>10}",
-                "ms", "messages", "wire bytes", "change bytes", "ratio"
-            );
-            println!(
-                "{:>10} {:>10} {:>12} {:>14} {:>10}",
-                cell(&out["ms"]),
-                cell(&out["messages"]),
-                cell(&out["bytes"]),
-                cell(&out["raw_change_bytes"]),
-                cell(&out["bytes_ratio"])
-            );
-            out
-        }
-        Scenario::IdleReconnect => {
-            let mut all = serde_json::Map::new();
-            println!("idle-reconnect: documents in sync, the edge restarts");
-            println!(
-                "{:>8} {:>10} {:>10} {:>12} {:>12} {:>12}",
-                "docs", "ms", "messages", "frame bytes", "udp bytes", "docs loaded"
-            );
-            for n in [1000, 10000] {
-                let out = tidesync_tests::bench::sync::idle_reconnect(n).await?;
-                println!(
-                    "{:>8} {:>10} {:>10} {:>12} {:>12} {:>12}",
-                    n,
-                    cell(&out["ms"]),
-                    cell(&out["messages"]),
-                    cell(&out["bytes"]),
-                    cell(&out["udp_bytes"]),
-                    cell(&out["docs_loaded"])
-                );
-                all.insert(n.to_string(), out);
+    let figures = if args.scenario == Scenario::All {
+        let started = Instant::now();
+        let mut all = Map::new();
+        for s in Scenario::value_variants() {
+            if *s == Scenario::All {
+                continue;
             }
-            serde_json::Value::Object(all)
+            let name = s
+                .to_possible_value()
+                .map_or_else(|| format!("{s:?}"), |v| v.get_name().to_owned());
+            println!("== {name}");
+            let out = run(*s, &args).await?;
+            println!("{}", serde_json::to_string(&out)?);
+            println!();
+            all.insert(name, out);
         }
+        all.insert(
+            "all_seconds".into(),
+            Value::from(started.elapsed().as_secs()),
+        );
+        Value::Object(all)
+    } else {
+        run(args.scenario, &args).await?
     };
     println!("{}", serde_json::to_string(&figures)?);
     Ok(())
 }
 
-/// A JSON value as table text (serde_json's Display ignores widths).
-fn cell(v: &serde_json::Value) -> String {
-    v.to_string()
+async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
+    Ok(match scenario {
+        Scenario::Write => write::run(args.seconds).await?,
+        Scenario::Latency => {
+            let out = live::latency(1000).await?;
+            println!("latency: 1,000 single-field writes, one at a time, timed until stored");
+            table(
+                &out,
+                &[
+                    ("A→H→B p50 µs", "p50_us"),
+                    ("p99 µs", "p99_us"),
+                    ("limit µs", "limit_us"),
+                    ("ratio", "ratio_to_limit"),
+                    ("A→H p50 µs", "direct_p50_us"),
+                    ("p99 µs", "direct_p99_us"),
+                    ("limit µs", "direct_limit_us"),
+                ],
+            );
+            out
+        }
+        Scenario::Catchup => {
+            let out = sync::catchup(500, 2000).await?;
+            println!("catchup: 500 documents / 2,000 changes made while the edge was down");
+            table(
+                &out,
+                &[
+                    ("ms", "ms"),
+                    ("messages", "messages"),
+                    ("wire bytes", "bytes"),
+                    ("change bytes", "raw_change_bytes"),
+                    ("ratio", "bytes_ratio"),
+                ],
+            );
+            out
+        }
+        Scenario::IdleReconnect => {
+            let mut all = Map::new();
+            println!("idle-reconnect: documents in sync, the edge restarts");
+            for n in [1000, 10000] {
+                let out = sync::idle_reconnect(n).await?;
+                table(
+                    &out,
+                    &[
+                        ("docs", "docs"),
+                        ("ms", "ms"),
+                        ("messages", "messages"),
+                        ("frame bytes", "bytes"),
+                        ("udp bytes", "udp_bytes"),
+                        ("docs loaded", "docs_loaded"),
+                    ],
+                );
+                all.insert(n.to_string(), out);
+            }
+            Value::Object(all)
+        }
+        Scenario::Throughput => {
+            let out = live::throughput(args.seconds.max(10.0)).await?;
+            println!("throughput: edge A writes flat out with 64 writers, connected to the hub");
+            table(
+                &out,
+                &[
+                    ("edge writes/s", "edge_writes_per_s"),
+                    ("hub applied/s", "hub_applied_per_s"),
+                    ("ratio", "applied_ratio"),
+                    ("max lag ms", "max_lag_ms"),
+                ],
+            );
+            out
+        }
+        Scenario::Fanout => {
+            let out = live::fanout(100, 100).await?;
+            println!("fanout: 100 writes at the hub, each until the last of 100 edges has it");
+            table(
+                &out,
+                &[
+                    ("edges", "edges"),
+                    ("p50 ms", "p50_ms"),
+                    ("p99 ms", "p99_ms"),
+                    ("max ms", "max_ms"),
+                ],
+            );
+            out
+        }
+        Scenario::Connections => {
+            let idle = Duration::from_secs_f64(args.idle_seconds);
+            let out = scale::connections(args.edges, idle).await?;
+            println!("connections: idle edges on one hub process");
+            table(
+                &out,
+                &[
+                    ("edges", "edges"),
+                    ("still connected", "connected_after_idle"),
+                    ("rss KB/edge", "hub_rss_per_edge_kb"),
+                    ("idle cpu %", "hub_idle_cpu_pct"),
+                ],
+            );
+            out
+        }
+        Scenario::Memory => {
+            let small = scale::memory(1000).await?;
+            let large = scale::memory(100_000).await?;
+            println!("memory: hub process RSS after reading every document once");
+            for out in [&small, &large] {
+                table(
+                    out,
+                    &[
+                        ("docs", "docs"),
+                        ("rss MB at start", "rss_mb_start"),
+                        ("rss MB", "rss_mb"),
+                        ("reads/s", "read_per_s"),
+                    ],
+                );
+            }
+            let (a, b) = (
+                small["rss_mb"].as_f64().unwrap_or(0.0),
+                large["rss_mb"].as_f64().unwrap_or(0.0),
+            );
+            serde_json::json!({
+                "rss_mb_1k": a,
+                "rss_mb_100k": b,
+                "ratio": if a > 0.0 { tidesync_tests::bench::round2(b / a) } else { 0.0 },
+                "1000": small,
+                "100000": large,
+            })
+        }
+        Scenario::Footprint => {
+            let out = scale::footprint(10_000).await?;
+            println!("footprint: the edge agent");
+            table(
+                &out,
+                &[
+                    ("stripped MB", "edge_binary_mb"),
+                    ("rss MB, 10k docs idle", "edge_rss_mb_10k"),
+                ],
+            );
+            out
+        }
+        Scenario::All => unreachable!("handled by main"),
+    })
+}
+
+/// Prints the `cols` of `out` as a two-line table: headers, then values.
+fn table(out: &Value, cols: &[(&str, &str)]) {
+    let width = |h: &str| h.chars().count().max(10);
+    let head: Vec<String> = cols
+        .iter()
+        .map(|(h, _)| format!("{h:>w$}", w = width(h)))
+        .collect();
+    let vals: Vec<String> = cols
+        .iter()
+        .map(|(h, k)| format!("{:>w$}", out[*k].to_string(), w = width(h)))
+        .collect();
+    println!("{}", head.join("  "));
+    println!("{}", vals.join("  "));
 }
