@@ -112,7 +112,9 @@ fn edges_work_offline_and_converge_with_conflicts_visible_everywhere() {
         .unwrap();
 
     let hub = hub_at(&dir, "hub", &listen, &[]);
-    wait_for("all three converge", Duration::from_secs(15), || {
+    // Edges notice the restarted hub when a probe or keep-alive draws its stateless reset,
+    // at worst after the 15 s idle timeout.
+    wait_for("all three converge", Duration::from_secs(30), || {
         let docs: Vec<_> = [&hub, &e1, &e2]
             .iter()
             .map(|p| get(p, "/v1/docs/app/cfg"))

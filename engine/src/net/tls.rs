@@ -85,9 +85,9 @@ impl Revocations {
 
 /// How long a connection lives without hearing from the peer: how fast a dead peer (a
 /// crash, a cut cable) is noticed when nothing tells us.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(25);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often a quiet connection sends a keep-alive.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// The endpoint config, with a stateless-reset key derived from the node's private key.
 ///

@@ -1,0 +1,267 @@
+//! The README and the operator's guide stay true: their shell blocks run as written (with
+//! the fixed ports swapped for free ones), the quickstart is the two commands CI runs, and
+//! every flag and metric the code has is documented, and the other way round.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tidesync_tests::procs;
+
+fn repo_file(rel: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::read_to_string(root.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// The ```sh blocks of a markdown text.
+fn sh_blocks(md: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in md.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```sh") => current = Some(String::new()),
+            (Some(_), "```") => blocks.extend(current.take()),
+            (Some(b), l) => {
+                b.push_str(l);
+                b.push('\n');
+            }
+            _ => {}
+        }
+    }
+    blocks
+}
+
+fn free_port() -> u16 {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    udp.local_addr().expect("addr").port()
+}
+
+/// Background processes of a block, killed when it ends.
+struct Background(Vec<Child>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a block line by line in `dir`: `run` lines in the background (waiting for their
+/// readiness line), `watch` for a second, everything else to success. Returns each
+/// foreground line with its output.
+fn run_block(block: &str, dir: &Path, ports: &[(&str, u16)]) -> Result<Vec<(String, String)>> {
+    let bin_dir: PathBuf = procs::binary("tidesync-hub")?
+        .parent()
+        .context("bin dir")?
+        .to_owned();
+    procs::binary("tidesync-edge")?;
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut background = Background(Vec::new());
+    let mut outputs = Vec::new();
+    for line in block.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut cmd = line.to_owned();
+        // The hub's default ports, made explicit so they can be swapped.
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let client = ["run", "status", "doc", "watch"];
+        if words.first() == Some(&"tidesync-hub")
+            && words.get(1).is_some_and(|w| client.contains(w))
+        {
+            if !line.contains("--api") {
+                cmd.push_str(" --api 127.0.0.1:7790");
+            }
+            if words[1] == "run" && !line.contains("--listen") {
+                cmd.push_str(" --listen 127.0.0.1:7443");
+            }
+        }
+        for (fixed, port) in ports {
+            cmd = cmd.replace(fixed, &port.to_string());
+        }
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("exec {cmd}"))
+            .current_dir(dir)
+            .env("PATH", &path);
+        if words.get(1) == Some(&"run") {
+            let mut child = command
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let stdout = child.stdout.take().context("stdout")?;
+            background.0.push(child);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stdout).lines();
+                if let Some(Ok(l)) = lines.next() {
+                    let _ = tx.send(l);
+                }
+                for _ in lines {}
+            });
+            let ready = rx
+                .recv_timeout(Duration::from_secs(20))
+                .with_context(|| format!("no readiness line from `{line}`"))?;
+            if !ready.starts_with("tidesync listening") {
+                bail!("`{line}` printed {ready:?}");
+            }
+        } else if words.get(1) == Some(&"watch") {
+            let mut child = command
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            std::thread::sleep(Duration::from_millis(1500));
+            let _ = child.kill();
+            let mut out = String::new();
+            child
+                .stdout
+                .take()
+                .context("stdout")?
+                .read_to_string(&mut out)?;
+            let _ = child.wait();
+            outputs.push((line.to_owned(), out));
+        } else {
+            let out = command.output()?;
+            if !out.status.success() {
+                bail!(
+                    "`{line}` failed: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            outputs.push((
+                line.to_owned(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ));
+        }
+    }
+    Ok(outputs)
+}
+
+fn output_of<'a>(outputs: &'a [(String, String)], starts: &str) -> &'a str {
+    outputs
+        .iter()
+        .find(|(l, _)| l.contains(starts))
+        .map(|(_, o)| o.as_str())
+        .unwrap_or_else(|| panic!("no output for {starts}"))
+}
+
+#[test]
+fn quickstart_is_the_demo_and_the_ci_test_command() {
+    let readme = repo_file("README.md");
+    let quick = &readme[readme.find("## Quickstart").expect("quickstart")..];
+    let block = sh_blocks(quick).into_iter().next().expect("a block");
+    let lines: Vec<&str> = block.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "cargo run --release -p tidesync-examples --example demo",
+            "cargo test --workspace"
+        ]
+    );
+    let ci = repo_file(".ci/run");
+    assert_eq!(
+        ci.lines().last(),
+        Some(lines[1]),
+        ".ci/run runs the README's test command"
+    );
+}
+
+#[test]
+fn readme_walk_through_runs_as_written() {
+    let readme = repo_file("README.md");
+    let section = &readme[readme.find("## Running a deployment").expect("section")..];
+    let block = sh_blocks(section).into_iter().next().expect("a block");
+    let dir = tempfile::tempdir().expect("dir");
+    let ports = [
+        ("7443", free_port()),
+        ("7790", free_port()),
+        ("7781", free_port()),
+        ("7782", free_port()),
+    ];
+    let out = run_block(&block, dir.path(), &ports).expect("the README's commands");
+    assert!(output_of(&out, "localhost:7790/v1/docs/models/resnet").contains("canary"));
+    assert!(output_of(&out, "localhost:7781/v1/docs/models/resnet").contains("canary"));
+    assert_eq!(output_of(&out, "http_code").trim(), "403");
+    assert!(output_of(&out, "tidesync-edge doc get").contains("version"));
+    assert!(output_of(&out, "tidesync-hub status").contains("edge-2"));
+    assert!(output_of(&out, "tidesync-hub watch").contains("resnet"));
+}
+
+#[test]
+fn operations_guide_runs_and_names_every_flag_and_metric() {
+    let ops = repo_file("docs/OPERATIONS.md");
+    let block = sh_blocks(&ops)
+        .into_iter()
+        .find(|b| b.contains("tidesync-hub init"))
+        .expect("the deployment block");
+    let dir = tempfile::tempdir().expect("dir");
+    let ports = [
+        ("7443", free_port()),
+        ("7444", free_port()),
+        ("7790", free_port()),
+        ("7791", free_port()),
+        ("7780", free_port()),
+    ];
+    let out = run_block(&block, dir.path(), &ports).expect("the guide's commands");
+
+    // Every metric the hub exports is documented, and every documented one exists.
+    let metrics = output_of(&out, "curl -sf localhost:7791/metrics");
+    let exported: BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(exported.len() > 10, "{metrics}");
+    let documented: BTreeSet<&str> = ops
+        .split('`')
+        .filter(|w| w.starts_with("tidesync_") && !w.contains(' '))
+        .collect();
+    assert_eq!(exported, documented);
+
+    // Every flag of every subcommand is documented, and every documented one exists.
+    let mut flags = BTreeSet::new();
+    for (bin, subs) in [
+        (
+            "tidesync-hub",
+            &["init", "enroll", "revoke", "run", "status", "doc", "watch"][..],
+        ),
+        ("tidesync-edge", &["run", "status", "doc", "watch"][..]),
+    ] {
+        for sub in subs {
+            let help = procs::run(bin, &[sub, "--help"]).expect("help");
+            for word in help.split_whitespace() {
+                let flag = word.trim_end_matches(',');
+                if flag.starts_with("--") && flag != "--help" && flag != "--version" {
+                    flags.insert(flag.to_owned());
+                }
+            }
+        }
+    }
+    for f in &flags {
+        assert!(ops.contains(f.as_str()), "{f} is not in docs/OPERATIONS.md");
+    }
+    let tables = ops.lines().filter(|l| l.starts_with("| `"));
+    for word in tables.flat_map(|l| l.split(|c: char| c.is_whitespace() || c == '`' || c == '|')) {
+        if let Some(flag) = word.strip_prefix("--") {
+            let flag = format!(
+                "--{}",
+                flag.trim_end_matches(|c: char| !c.is_alphanumeric())
+            );
+            assert!(
+                flags.contains(&flag),
+                "{flag} in docs/OPERATIONS.md does not exist"
+            );
+        }
+    }
+}
