@@ -34,9 +34,20 @@ fn sh_blocks(md: &str) -> Vec<String> {
     blocks
 }
 
-fn free_port() -> u16 {
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-    udp.local_addr().expect("addr").port()
+/// The blocks bind fixed-looking ports; run one at a time so two never pick the same.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `n` distinct ports free for both TCP and UDP (QUIC and the API share the numbers).
+fn free_ports(n: usize) -> Vec<u16> {
+    let mut held = Vec::new();
+    while held.len() < n {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
+        let port = tcp.local_addr().expect("addr").port();
+        if let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            held.push((port, tcp, udp));
+        }
+    }
+    held.into_iter().map(|(p, _, _)| p).collect()
 }
 
 /// Background processes of a block, killed when it ends.
@@ -182,12 +193,14 @@ fn readme_walk_through_runs_as_written() {
     let readme = repo_file("README.md");
     let section = &readme[readme.find("## Running a deployment").expect("section")..];
     let block = sh_blocks(section).into_iter().next().expect("a block");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("dir");
+    let p = free_ports(4);
     let ports = [
-        ("7443", free_port()),
-        ("7790", free_port()),
-        ("7781", free_port()),
-        ("7782", free_port()),
+        ("7443", p[0]),
+        ("7790", p[1]),
+        ("7781", p[2]),
+        ("7782", p[3]),
     ];
     let out = run_block(&block, dir.path(), &ports).expect("the README's commands");
     assert!(output_of(&out, "localhost:7790/v1/docs/models/resnet").contains("canary"));
@@ -205,13 +218,15 @@ fn operations_guide_runs_and_names_every_flag_and_metric() {
         .into_iter()
         .find(|b| b.contains("tidesync-hub init"))
         .expect("the deployment block");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("dir");
+    let p = free_ports(5);
     let ports = [
-        ("7443", free_port()),
-        ("7444", free_port()),
-        ("7790", free_port()),
-        ("7791", free_port()),
-        ("7780", free_port()),
+        ("7443", p[0]),
+        ("7444", p[1]),
+        ("7790", p[2]),
+        ("7791", p[3]),
+        ("7780", p[4]),
     ];
     let out = run_block(&block, dir.path(), &ports).expect("the guide's commands");
 
