@@ -4,16 +4,13 @@ mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tidesync::config::{list_or, RunFile};
+use tidesync::config::{list_or, RunFile, DEFAULT_CACHE_MB, DEFAULT_MAX_BODY};
 use tidesync::daemon::{Daemon, DaemonConfig};
 use tidesync::model::NsPattern;
 use tidesync::net::Bundle;
 use tidesync::store::StoreConfig;
 
 use cli::{Cli, Command};
-
-/// Cache memory in MiB: bounds the process whatever the number of documents.
-const DEFAULT_CACHE_MB: u64 = 32;
 
 fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
@@ -66,7 +63,7 @@ fn run(cli: Cli) -> Result<()> {
             let subscribe = list_or(subscribe, file.subscribe);
             let api = api.or(file.api).unwrap_or(default_api);
             let token = token.or(file.token);
-            let max_body = max_body.or(file.max_body).unwrap_or(16 * 1024 * 1024);
+            let max_body = max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY);
             let subscriptions = if subscribe.is_empty() {
                 vec![NsPattern::all()]
             } else {

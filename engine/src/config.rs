@@ -7,6 +7,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// Largest API request body when neither `--max-body` nor the file says (16 MiB).
+pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// Cache memory in MiB when neither `--cache-mb` nor the file says: bounds the process
+/// whatever the number of documents.
+pub const DEFAULT_CACHE_MB: u64 = 32;
+
 /// Settings of `tidesync-hub run` and `tidesync-edge run` as read from a config file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

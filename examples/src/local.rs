@@ -122,42 +122,38 @@ pub async fn wait_for(
 
 /// One HTTP request to a node's API: the status and the JSON body (`null` if none).
 pub async fn http(method: &str, url: &str, body: Option<Value>) -> Result<(u16, Value)> {
-    let (method, url) = (method.to_owned(), url.to_owned());
-    tokio::task::spawn_blocking(move || {
-        let req = ureq::request(&method, &url);
-        let res = match body {
-            Some(b) if method == "PATCH" => req
-                .set("Content-Type", "application/merge-patch+json")
-                .send_string(&b.to_string()),
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        let res = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => return Err(e).with_context(|| format!("{method} {url}")),
-        };
-        let status = res.status();
-        let text = res.into_string()?;
-        let json = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Ok((status, json))
-    })
-    .await?
+    let content_type = if method == "PATCH" {
+        "application/merge-patch+json"
+    } else {
+        "application/json"
+    };
+    let body = body.map(|b| (content_type, b.to_string().into_bytes()));
+    let (status, bytes) = request(method, url, body).await?;
+    let json = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Ok((status, json))
 }
 
 /// Raw bytes to or from a node's API (the Automerge endpoints): the status and the body.
 pub async fn http_bytes(method: &str, url: &str, body: Option<Vec<u8>>) -> Result<(u16, Vec<u8>)> {
+    request(method, url, body.map(|b| ("application/octet-stream", b))).await
+}
+
+/// Sends one request off the async threads; an error status is an answer, not a failure.
+async fn request(
+    method: &str,
+    url: &str,
+    body: Option<(&'static str, Vec<u8>)>,
+) -> Result<(u16, Vec<u8>)> {
     let (method, url) = (method.to_owned(), url.to_owned());
     tokio::task::spawn_blocking(move || {
         let req = ureq::request(&method, &url);
         let res = match body {
-            Some(b) => req
-                .set("Content-Type", "application/octet-stream")
-                .send_bytes(&b),
+            Some((content_type, b)) => req.set("Content-Type", content_type).send_bytes(&b),
             None => req.call(),
         };
         let res = match res {

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tidesync::config::{list_or, RunFile};
+use tidesync::config::{list_or, RunFile, DEFAULT_CACHE_MB, DEFAULT_MAX_BODY};
 use tidesync::daemon::{read_revocations, Daemon, DaemonConfig};
 use tidesync::model::{Grant, NodeId, NsPattern};
 use tidesync::net::{Bundle, Ca};
@@ -22,10 +22,6 @@ const DB: &str = "node.redb";
 /// Where a hub accepts nodes unless told.
 const DEFAULT_QUIC: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7443);
-/// Largest API request body unless told.
-const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
-/// Cache memory in MiB: bounds the process whatever the number of documents.
-const DEFAULT_CACHE_MB: u64 = 32;
 /// Where a hub serves its API, and client subcommands find it, unless told.
 const DEFAULT_API: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7790);

@@ -66,11 +66,15 @@ pub struct Proc {
 impl Proc {
     /// Starts `name args` and waits (up to 20 s) for `tidesync listening quic=… api=…`.
     pub fn start(name: &str, args: &[&str]) -> Result<Self> {
-        let mut child = Command::new(binary(name)?)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
+        let mut cmd = Command::new(binary(name)?);
+        cmd.args(args);
+        Self::spawn(cmd, name)
+    }
+
+    /// Spawns `cmd`, which must print the readiness line first (a node binary, or a shell
+    /// that execs one), and waits up to 20 s for it. `what` names it in errors.
+    pub fn spawn(mut cmd: Command, what: &str) -> Result<Self> {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
         let stdout = child.stdout.take().context("stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -85,7 +89,8 @@ impl Proc {
             Ok(l) => l,
             Err(_) => {
                 let _ = child.kill();
-                bail!("{name} printed no readiness line");
+                let _ = child.wait();
+                bail!("{what} printed no readiness line");
             }
         };
         let field = |key: &str| -> Result<SocketAddr> {

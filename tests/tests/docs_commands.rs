@@ -3,13 +3,13 @@
 //! every flag and metric the code has is documented, and the other way round.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tidesync_tests::procs;
+use tidesync_tests::procs::{self, Proc};
 
 fn repo_file(rel: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -50,18 +50,6 @@ fn free_ports(n: usize) -> Vec<u16> {
     held.into_iter().map(|(p, _, _)| p).collect()
 }
 
-/// Background processes of a block, killed when it ends.
-struct Background(Vec<Child>);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Runs a block line by line in `dir`: `run` lines in the background (waiting for their
 /// readiness line), `watch` for a second, everything else to success. Returns each
 /// foreground line with its output.
@@ -76,7 +64,7 @@ fn run_block(block: &str, dir: &Path, ports: &[(&str, u16)]) -> Result<Vec<(Stri
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut background = Background(Vec::new());
+    let mut background = Vec::new();
     let mut outputs = Vec::new();
     for line in block.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
@@ -106,26 +94,7 @@ fn run_block(block: &str, dir: &Path, ports: &[(&str, u16)]) -> Result<Vec<(Stri
             .current_dir(dir)
             .env("PATH", &path);
         if words.get(1) == Some(&"run") {
-            let mut child = command
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let stdout = child.stdout.take().context("stdout")?;
-            background.0.push(child);
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut lines = BufReader::new(stdout).lines();
-                if let Some(Ok(l)) = lines.next() {
-                    let _ = tx.send(l);
-                }
-                for _ in lines {}
-            });
-            let ready = rx
-                .recv_timeout(Duration::from_secs(20))
-                .with_context(|| format!("no readiness line from `{line}`"))?;
-            if !ready.starts_with("tidesync listening") {
-                bail!("`{line}` printed {ready:?}");
-            }
+            background.push(Proc::spawn(command, &format!("`{line}`"))?);
         } else if words.get(1) == Some(&"watch") {
             let mut child = command
                 .stdout(Stdio::piped())

@@ -23,7 +23,7 @@ use tidesync::store::{FeedSeq, Store};
 use tokio::sync::watch;
 
 use super::raw_path;
-use super::{micros, percentile, round2};
+use super::{micros, percentile, round2, same_docs};
 use crate::cluster::{wait_until, Deployment, TestNode};
 
 /// Documents the latency writes rotate over.
@@ -42,16 +42,11 @@ fn connected(node: &TestNode, peers: usize) -> bool {
     node.node.peers().iter().filter(|p| p.connected).count() >= peers
 }
 
-/// Waits until every node in `nodes` holds the same heads as `source` for `ns`.
+/// Waits until every node in `nodes` holds the same documents and heads as `source`.
 async fn converged(source: &Store, nodes: &[&Store], ns: &Namespace, docs: usize) -> Result<()> {
     wait_until(Duration::from_secs(60), "convergence", || {
-        let want: Vec<_> = source.list(ns)?.into_iter().map(|d| d.heads).collect();
-        if want.len() != docs {
-            return Ok(false);
-        }
         for n in nodes {
-            let got: Vec<_> = n.list(ns)?.into_iter().map(|d| d.heads).collect();
-            if got != want {
+            if !same_docs(source, n, ns, docs)? {
                 return Ok(false);
             }
         }

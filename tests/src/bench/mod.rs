@@ -9,6 +9,9 @@ pub mod write;
 
 use std::time::Duration;
 
+use tidesync::model::Namespace;
+use tidesync::store::Store;
+
 /// The `p`-th percentile (0..=100) of `samples`, which it sorts. Zero when empty.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     if samples.is_empty() {
@@ -17,6 +20,16 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort_unstable();
     let rank = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
     samples[rank.min(samples.len() - 1)]
+}
+
+/// Whether `b` holds exactly `a`'s `expect` documents of `ns`, at the same heads.
+pub fn same_docs(a: &Store, b: &Store, ns: &Namespace, expect: usize) -> anyhow::Result<bool> {
+    let la: Vec<_> = a.list(ns)?.into_iter().map(|d| (d.id, d.heads)).collect();
+    if la.len() != expect {
+        return Ok(false);
+    }
+    let lb: Vec<_> = b.list(ns)?.into_iter().map(|d| (d.id, d.heads)).collect();
+    Ok(la == lb)
 }
 
 /// Microseconds as a float with one decimal, for tables and JSON.

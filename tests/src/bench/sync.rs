@@ -17,6 +17,7 @@ use tidesync::model::{DocId, Namespace};
 use tidesync::net::PeerStatus;
 use tidesync::store::Store;
 
+use super::same_docs;
 use crate::cluster::{start_at, wait_until, Deployment, TestNode};
 
 const WRITERS: usize = 32;
@@ -56,15 +57,6 @@ fn raw_change_bytes(store: &Store, ns: &Namespace) -> Result<u64> {
             .sum::<u64>();
     }
     Ok(total)
-}
-
-fn same_docs(a: &Store, b: &Store, ns: &Namespace, expect: usize) -> Result<bool> {
-    let la: Vec<_> = a.list(ns)?.into_iter().map(|d| (d.id, d.heads)).collect();
-    if la.len() != expect {
-        return Ok(false);
-    }
-    let lb: Vec<_> = b.list(ns)?.into_iter().map(|d| (d.id, d.heads)).collect();
-    Ok(la == lb)
 }
 
 fn link(node: &TestNode) -> Result<PeerStatus> {
