@@ -80,7 +80,38 @@ pub enum DaemonError {
     },
 }
 
-/// A running node process.
+/// A running node process: what `tidesync-hub run` and `tidesync-edge run` are.
+///
+/// ```
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tidesync::daemon::{Daemon, DaemonConfig};
+/// use tidesync::model::NodeId;
+/// use tidesync::net::Ca;
+/// use tidesync::store::StoreConfig;
+/// use tidesync::sync::Role;
+///
+/// let dir = tempfile::tempdir()?;
+/// let ca = Ca::generate("example")?;
+/// let hub = Daemon::start(DaemonConfig {
+///     db_path: dir.path().join("hub.redb"),
+///     bundle: ca.issue(&NodeId::new("hub-1")?, Role::Hub, &[])?,
+///     listen: Some(([127, 0, 0, 1], 0).into()),
+///     api: ([127, 0, 0, 1], 0).into(),
+///     dial: Vec::new(),
+///     failover: false,
+///     subscriptions: vec![tidesync::model::NsPattern::all()],
+///     token: None,
+///     revocation_file: None,
+///     max_body: tidesync::config::DEFAULT_MAX_BODY,
+///     store: StoreConfig::default(),
+/// })
+/// .await?;
+/// // The real addresses, also for port 0, as the binaries print them.
+/// assert!(hub.ready_line().starts_with("tidesync listening quic=127.0.0.1:"));
+/// hub.shutdown().await;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Daemon {
     /// The sync node.

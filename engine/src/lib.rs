@@ -7,11 +7,22 @@
 //! The crate is organised as the architecture is (see `docs/ARCHITECTURE.md`):
 //!
 //! ```text
-//!   model   names, JSON <-> Automerge, merge patch, conflicts      (pure)
-//!     ^
-//!   store   redb tables, single group-commit writer, change feed,  (disk)
-//!           compaction, byte-bounded document cache
+//!   daemon   a node process: store + node + API, revocation file, graceful stop
+//!     |
+//!   api      HTTP API (axum): documents, merge patch, Automerge bytes, feed, SSE, metrics
+//!   net      PKI (rcgen), mutual TLS (rustls, ring), quinn node, per-connection driver
+//!     |
+//!   sync     protocol messages and the per-peer session state machine  (sans-IO)
+//!     |
+//!   store    redb tables, single group-commit writer, change feed,        (disk)
+//!            compaction, byte-bounded document cache
+//!     |
+//!   model    names, JSON <-> Automerge, merge patch, conflicts            (pure)
 //! ```
+//!
+//! Entry points: [`store::Store`] to keep documents, [`net::Node`] to sync them with
+//! peers, [`daemon::Daemon`] for everything a node binary runs, and [`sync::Session`]
+//! for the protocol itself.
 //!
 //! # Example
 //!

@@ -286,16 +286,5 @@ async fn drain(
             .await
             .map_err(|e| DriverError::Stream(e.to_string()))?;
     }
-    let stats = session.stats();
-    let before = counters
-        .docs_synced
-        .swap(stats.docs_synced, Ordering::Relaxed);
-    if stats.docs_synced > before {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        counters.last_sync_ms.store(now, Ordering::Relaxed);
-    }
-    counters.lag.store(session.lag(), Ordering::Relaxed);
     Ok(())
 }

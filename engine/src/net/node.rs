@@ -148,6 +148,45 @@ struct Inner {
 }
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
+///
+/// A hub and an edge in one process, over real QUIC on loopback: a write at the edge is
+/// pushed to the hub as soon as it commits.
+///
+/// ```
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tidesync::model::{DocId, Namespace, NodeId};
+/// use tidesync::net::{Ca, Node, NodeConfig};
+/// use tidesync::store::{Store, StoreConfig};
+/// use tidesync::sync::Role;
+///
+/// let dir = tempfile::tempdir()?;
+/// let ca = Ca::generate("example")?;
+/// let mut hub_cfg = NodeConfig::new(ca.issue(&NodeId::new("hub-1")?, Role::Hub, &[])?);
+/// hub_cfg.listen = Some(([127, 0, 0, 1], 0).into());
+/// let hub_store = Store::open(dir.path().join("hub.redb"), StoreConfig::default())?;
+/// let hub = Node::start(hub_store.clone(), hub_cfg)?;
+///
+/// let grants = ["config=rw".parse()?];
+/// let mut edge_cfg = NodeConfig::new(ca.issue(&NodeId::new("edge-1")?, Role::Edge, &grants)?);
+/// edge_cfg.dial = vec![hub.local_addr()?];
+/// let edge_store = Store::open(dir.path().join("edge.redb"), StoreConfig::default())?;
+/// let edge = Node::start(edge_store.clone(), edge_cfg)?;
+///
+/// let (ns, id) = (Namespace::new("config")?, DocId::new("site")?);
+/// edge_store.put(&ns, &id, serde_json::json!({"mode": "eco"}), None).await?;
+/// let mut seen = hub_store.get(&ns, &id)?;
+/// for _ in 0..500 {
+///     if seen.is_some() { break; }
+///     tokio::time::sleep(Duration::from_millis(10)).await;
+///     seen = hub_store.get(&ns, &id)?;
+/// }
+/// assert_eq!(seen.ok_or("not synced")?.content["mode"], "eco");
+/// edge.shutdown().await;
+/// hub.shutdown().await;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<Inner>,
