@@ -24,7 +24,7 @@ fn topology(rng: &mut Rng, n: usize) -> Vec<(usize, usize)> {
     }
 }
 
-fn run_history(seed: u64) -> Result<u64> {
+fn run_history(seed: u64) -> Result<(u64, u64)> {
     let mut rng = Rng::new(seed);
     let n = rng.range(3, 6) as usize;
     let edges = topology(&mut rng, n);
@@ -39,7 +39,7 @@ fn run_history(seed: u64) -> Result<u64> {
     }
     net.heal()?;
     net.check_converged()?;
-    Ok(net.delivered)
+    Ok((net.delivered, net.early_sent))
 }
 
 #[test]
@@ -52,6 +52,7 @@ fn random_histories_converge() {
     let started = Instant::now();
     let next = AtomicU64::new(0);
     let frames = AtomicU64::new(0);
+    let early = AtomicU64::new(0);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     // Histories are independent and each is deterministic in its seed: share them out.
     std::thread::scope(|scope| {
@@ -63,8 +64,9 @@ fn random_histories_converge() {
                 }
                 let seed = base.wrapping_add(h);
                 match run_history(seed) {
-                    Ok(f) => {
+                    Ok((f, e)) => {
                         frames.fetch_add(f, Ordering::Relaxed);
+                        early.fetch_add(e, Ordering::Relaxed);
                     }
                     Err(e) => panic!(
                         "history {h} failed: {e:#}\nreplay: TIDESYNC_SEED={seed} \
@@ -74,9 +76,15 @@ fn random_histories_converge() {
             });
         }
     });
-    let frames = frames.load(Ordering::Relaxed);
+    let (frames, early) = (
+        frames.load(Ordering::Relaxed),
+        early.load(Ordering::Relaxed),
+    );
     println!(
-        "{histories} histories from seed {base}, {frames} frames, in {:?}",
+        "{histories} histories from seed {base}, {frames} frames ({early} sent ahead of \
+         their commit), in {:?}",
         started.elapsed()
     );
+    // The histories must exercise the early path, or they say nothing about it.
+    assert!(early > 0, "no change was sent ahead of its commit");
 }

@@ -14,12 +14,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use super::tls::Revocations;
 use crate::model::{DocId, Namespace};
-use crate::store::{Store, SyncApplied, SyncPeer};
+use crate::store::{EarlyDoc, Store, SyncApplied, SyncPeer};
 use crate::sync::{Event, Message, Output, ProtocolError, Session};
 use crate::StoreError;
 
@@ -119,6 +120,7 @@ pub async fn run(
     let mut reader = FramedRead::new(recv, codec(ctx.max_frame));
     let mut writer = FramedWrite::new(send, codec(ctx.max_frame));
     let mut feed = ctx.store.subscribe();
+    let mut early = Some(ctx.store.subscribe_early());
     let mut revoked = ctx.revocations.subscribe();
     let peer_id = session.peer().node_id.clone();
     let mut applies: JoinSet<(Namespace, DocId, Result<SyncApplied, StoreError>)> = JoinSet::new();
@@ -177,6 +179,19 @@ pub async fn run(
                 Some(saved) = saves.join_next() => {
                     saved.map_err(|e| DriverError::Stream(e.to_string()))??;
                 }
+                notice = recv_early(&mut early) => {
+                    if let Some(docs) = notice {
+                        let peer = SyncPeer {
+                            id: peer_id.clone(),
+                            epoch: session.peer_hello().map_or(0, |h| h.feed_epoch),
+                        };
+                        for d in docs.iter() {
+                            session.handle_early(d.ns.clone(), d.id.clone(), d.doc.clone(), || {
+                                ctx.store.sync_state(&peer, d.key)
+                            });
+                        }
+                    }
+                }
                 _ = revoked.changed() => {
                     if ctx.revocations.is_revoked(&peer_id) {
                         return Err(DriverError::Revoked);
@@ -206,6 +221,24 @@ pub async fn run(
     applies.detach_all();
     saves.detach_all();
     result
+}
+
+/// The next early notice of the store (see `Store::subscribe_early`); `None` after missed
+/// notices, which only cost the head start. Pends forever once the store is closing.
+async fn recv_early(
+    early: &mut Option<broadcast::Receiver<Arc<[EarlyDoc]>>>,
+) -> Option<Arc<[EarlyDoc]>> {
+    let Some(rx) = early else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Ok(docs) => Some(docs),
+        Err(broadcast::error::RecvError::Lagged(_)) => None,
+        Err(broadcast::error::RecvError::Closed) => {
+            *early = None;
+            None
+        }
+    }
 }
 
 /// Carries out every pending output of the session, then flushes the frames.

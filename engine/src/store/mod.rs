@@ -27,7 +27,7 @@ use automerge::{ActorId, Automerge, ChangeHash};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::error::{ModelError, StoreError};
 use crate::model::{self, json, Conflict, DocId, Namespace, NodeId};
@@ -99,6 +99,23 @@ pub struct WriteOutcome {
     /// False when the write changed nothing (no ops were emitted).
     pub changed: bool,
 }
+
+/// A document a batch changed, handed out just before the batch commits (see
+/// [`Store::subscribe_early`]).
+#[derive(Clone, Debug)]
+pub struct EarlyDoc {
+    /// Namespace.
+    pub ns: Namespace,
+    /// Document id.
+    pub id: DocId,
+    /// The document's internal key, for [`Store::sync_state`].
+    pub key: u64,
+    /// The document with the batch's changes, not yet durable.
+    pub doc: Arc<Automerge>,
+}
+
+/// How many batches an early subscriber may fall behind before it misses some.
+const EARLY_CAPACITY: usize = 64;
 
 /// The peer a sync operation is for: its node id and the feed epoch it announced.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -202,6 +219,7 @@ struct Inner {
     cache: Arc<DocCache>,
     requests: Option<mpsc::UnboundedSender<WriteRequest>>,
     feed: watch::Receiver<FeedSeq>,
+    early: broadcast::Sender<Arc<[EarlyDoc]>>,
     feed_epoch: u128,
     writer: Option<JoinHandle<()>>,
 }
@@ -237,6 +255,7 @@ impl Store {
         let cache = Arc::new(DocCache::new(cfg.doc_cache_bytes));
         let (feed_tx, feed) = watch::channel(FeedSeq(next_seq - 1));
         let (requests, rx) = mpsc::unbounded_channel();
+        let (early, _) = broadcast::channel(EARLY_CAPACITY);
         // 50 µs to about 1.6 s.
         let commit_seconds = prometheus_client::metrics::histogram::Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 16),
@@ -252,6 +271,7 @@ impl Store {
             next_seq,
             next_doc_key,
             feed_tx,
+            early_tx: early.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("tidesync-store-writer".into())
@@ -264,6 +284,7 @@ impl Store {
                 cache,
                 requests: Some(requests),
                 feed,
+                early,
                 feed_epoch,
                 writer: Some(handle),
             }),
@@ -419,11 +440,7 @@ impl Store {
         let (Some(doc), Some(key)) = (doc, found) else {
             return Ok(None);
         };
-        let txn = self.inner.db.begin_read()?;
-        let states = txn.open_table(SYNC_STATE)?;
-        let state = states
-            .get((peer.id.as_str(), key))?
-            .and_then(|v| sync_state::decode(v.value(), peer.epoch));
+        let state = self.sync_state(peer, key)?;
         Ok(Some(SyncDoc { doc, state }))
     }
 
@@ -583,6 +600,27 @@ impl Store {
     /// and watchers.
     pub fn subscribe(&self) -> watch::Receiver<FeedSeq> {
         self.inner.feed.clone()
+    }
+
+    /// The documents of each write batch, sent while the batch's fsync runs, before it is
+    /// durable and before [`Store::subscribe`] moves. Sync uses it to overlap sending a
+    /// change with committing it; the commit may still fail, so a receiver must treat it
+    /// as a hint and nothing more. A receiver that falls behind misses batches.
+    pub fn subscribe_early(&self) -> broadcast::Receiver<Arc<[EarlyDoc]>> {
+        self.inner.early.subscribe()
+    }
+
+    /// The persisted sync state with `peer` of the document with internal key `key`.
+    pub fn sync_state(
+        &self,
+        peer: &SyncPeer,
+        key: u64,
+    ) -> Result<Option<automerge::sync::State>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let states = txn.open_table(SYNC_STATE)?;
+        Ok(states
+            .get((peer.id.as_str(), key))?
+            .and_then(|v| sync_state::decode(v.value(), peer.epoch)))
     }
 
     /// How many documents the store holds, deleted ones included.

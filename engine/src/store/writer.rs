@@ -18,11 +18,11 @@ use automerge::sync::{State, SyncDoc};
 use automerge::{ActorId, Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 use redb::{Database, Durability, ReadableTable, Table};
 use serde_json::{Map, Value as Json};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::cache::{CachedDoc, DocCache};
 use super::tables::{encode_heads, DocMeta, PeerRecord, CHUNKS, DOCS, FEED, PEERS, SYNC_STATE};
-use super::{sync_state, FeedSeq, StoreConfig, SyncApplied, WriteOutcome};
+use super::{sync_state, EarlyDoc, FeedSeq, StoreConfig, SyncApplied, WriteOutcome};
 use crate::error::{ModelError, StoreError};
 use crate::model::{json, same_heads, DocId, Namespace, NodeId};
 
@@ -78,6 +78,8 @@ struct Working {
     meta: Option<DocMeta>,
     doc: Automerge,
     heads_before: Vec<ChangeHash>,
+    /// The document, frozen once persisted when it was published before the commit.
+    shared: Option<Arc<Automerge>>,
 }
 
 impl Working {
@@ -103,6 +105,8 @@ pub(crate) struct Writer {
     pub next_seq: u64,
     pub next_doc_key: u64,
     pub feed_tx: watch::Sender<FeedSeq>,
+    /// Changed documents of a batch, sent just before its commit.
+    pub early_tx: broadcast::Sender<Arc<[EarlyDoc]>>,
     /// Seconds per durable commit, for metrics.
     pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
@@ -145,7 +149,7 @@ impl Writer {
                     .into_iter()
                     .map(|w| {
                         let meta = w.meta?;
-                        let doc = Arc::new(w.doc);
+                        let doc = w.shared.unwrap_or_else(|| Arc::new(w.doc));
                         let weight = CachedDoc::estimate_weight(meta.stored_bytes());
                         self.cache.insert(
                             meta.key,
@@ -184,6 +188,10 @@ impl Writer {
                 tracing::error!(error = %e, "store write batch failed; nothing of it was stored");
                 self.next_seq = next_seq;
                 self.next_doc_key = next_doc_key;
+                // The batch's changes may have been sent to peers before the commit, and
+                // the same (actor, seq) must never name two different changes: continue
+                // under a new actor.
+                self.actor = ActorId::random();
                 for w in &working {
                     if let Some(meta) = &w.meta {
                         self.cache.remove(meta.key);
@@ -252,13 +260,29 @@ impl Writer {
                     ..p
                 }));
             }
+            let publish = self.early_tx.receiver_count() > 0;
+            let mut early = Vec::new();
             for w in working.iter_mut() {
                 let changed = w.changed();
                 if changed {
                     any_changed = true;
                     self.persist(w, &mut docs, &mut chunks, &mut feed)?;
+                    if let (true, Some(meta)) = (publish, &w.meta) {
+                        let doc = Arc::new(std::mem::take(&mut w.doc));
+                        w.shared = Some(doc.clone());
+                        early.push(EarlyDoc {
+                            ns: w.ns.clone(),
+                            id: w.id.clone(),
+                            key: meta.key,
+                            doc,
+                        });
+                    }
                 }
                 seqs.push((w.meta.as_ref().map_or(0, |m| m.seq), changed));
+            }
+            if !early.is_empty() {
+                // Peers may get the changes while the fsync runs (see `Store::subscribe_early`).
+                let _ = self.early_tx.send(early.into());
             }
             // Open the bookkeeping tables only when there is something to write: an opened
             // table costs pages at commit.
@@ -385,6 +409,7 @@ impl Writer {
             meta,
             doc,
             heads_before,
+            shared: None,
         })
     }
 

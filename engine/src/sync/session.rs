@@ -27,10 +27,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use automerge::sync::{State, SyncDoc};
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use super::message::{Cursor, ErrorCode, Hello, Message, Role, PROTOCOL_VERSION};
-use crate::model::{DocId, Grants, Namespace, NodeId, NsPattern};
+use crate::model::{same_heads, DocId, Grants, Namespace, NodeId, NsPattern};
 use crate::store::{FeedEntry, FeedSeq, PeerRecord, SyncApplied, SyncDoc as LoadedDoc};
 
 /// Settings of a session, the same for every peer of a node.
@@ -211,6 +211,10 @@ struct DocSync {
     offered: Option<FeedSeq>,
     /// Waiting in the queue for room in flight.
     queued: bool,
+    /// Sent ahead of its commit ([`Session::handle_early`]); kept until the peer answers.
+    early: bool,
+    /// The heads of the version being offered, from the feed.
+    offered_heads: Vec<ChangeHash>,
 }
 
 impl DocSync {
@@ -278,6 +282,8 @@ pub struct Session {
     /// Unfinished offers by feed position; the lowest bounds what `Synced` can say.
     unfinished: BTreeMap<FeedSeq, DocKey>,
     in_flight: usize,
+    /// Offered documents already current in memory, to continue without a load.
+    ready: VecDeque<DocKey>,
     synced_sent: FeedSeq,
     caught_up: bool,
     stats: SessionStats,
@@ -327,6 +333,7 @@ impl Session {
             docs: HashMap::new(),
             unfinished: BTreeMap::new(),
             in_flight: 0,
+            ready: VecDeque::new(),
             synced_sent: FeedSeq(0),
             caught_up: false,
             stats: SessionStats::default(),
@@ -337,6 +344,9 @@ impl Session {
 
     /// The next thing to do, if any. Call until `None` after every input.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if self.outputs.is_empty() {
+            self.run_ready();
+        }
         self.outputs.pop_front()
     }
 
@@ -559,6 +569,7 @@ impl Session {
                 let key = (e.ns, e.id);
                 let entry = self.docs.entry(key.clone()).or_default();
                 let in_flight = entry.offered.is_some() && !entry.queued;
+                entry.offered_heads = e.heads;
                 if let Some(old) = entry.offered.replace(e.seq) {
                     self.unfinished.remove(&old);
                 } else {
@@ -587,6 +598,72 @@ impl Session {
             self.caught_up = false;
             self.read_more();
         }
+    }
+
+    /// A local batch changed this document and is committing it now (the store's early
+    /// notice). When the peer is live on this document, its change goes out at once,
+    /// overlapping the local fsync instead of following it. It is only a hint: the feed
+    /// walk after the commit still offers the document and decides what the peer has, so
+    /// nothing here moves a cursor, and a commit that fails only means the peer got a
+    /// change this node will get back from it. `persisted` reads the stored sync state
+    /// when the session holds none. Returns whether a message was sent.
+    pub fn handle_early<E>(
+        &mut self,
+        ns: Namespace,
+        id: DocId,
+        doc: Arc<Automerge>,
+        persisted: impl FnOnce() -> Result<Option<State>, E>,
+    ) -> bool {
+        // During catch-up the feed walk is about to send it anyway.
+        let live = self.peer_hello.is_some()
+            && self.queue.is_empty()
+            && self.in_flight < self.cfg.max_docs_in_flight;
+        if !live || !self.wants(&ns) {
+            return false;
+        }
+        let read_only = !self.peer.grants.can_write(&ns);
+        let key = (ns, id);
+        let entry = self.docs.entry(key.clone()).or_default();
+        // Only move forward: an offer's doneness is judged against `entry.doc`, so it
+        // must never be replaced by an older version.
+        let newer = entry.doc.as_ref().is_none_or(|cur| {
+            cur.get_heads()
+                .iter()
+                .all(|h| doc.get_change_by_hash(h).is_some())
+        });
+        if entry.busy() || !newer {
+            return false;
+        }
+        if entry.state.is_none() {
+            match persisted() {
+                Ok(state) => {
+                    let mut state = state.unwrap_or_default();
+                    state.read_only = read_only;
+                    entry.state = Some(state);
+                }
+                Err(_) => {
+                    if entry.offered.is_none() && entry.inbox.is_empty() && !entry.early {
+                        self.docs.remove(&key);
+                    }
+                    return false;
+                }
+            }
+        }
+        entry.doc = Some(doc);
+        let (Some(doc), Some(state)) = (&entry.doc, &mut entry.state) else {
+            return false;
+        };
+        let Some(msg) = doc.generate_sync_message(state) else {
+            return false;
+        };
+        entry.early = true;
+        self.stats.sync_sent += 1;
+        self.outputs.push_back(Output::Send(Message::Sync {
+            ns: key.0.to_string(),
+            id: key.1.to_string(),
+            data: msg.encode(),
+        }));
+        true
     }
 
     /// The answer to [`Output::Load`]. `None` if the document does not exist.
@@ -658,10 +735,42 @@ impl Session {
             return;
         }
         entry.loading = true;
-        self.outputs.push_back(Output::Load {
-            ns: key.0.clone(),
-            id: key.1.clone(),
-        });
+        // Already in memory at the offered version (typically sent early): no store read.
+        let current = entry.state.is_some()
+            && entry
+                .doc
+                .as_ref()
+                .is_some_and(|d| same_heads(&d.get_heads(), &entry.offered_heads));
+        if current {
+            self.ready.push_back(key.clone());
+        } else {
+            self.outputs.push_back(Output::Load {
+                ns: key.0.clone(),
+                id: key.1.clone(),
+            });
+        }
+    }
+
+    /// Continues offers of documents found current in memory, as `handle_loaded` would.
+    /// Run from `poll_output`, so a long queue is a loop, not a recursion.
+    fn run_ready(&mut self) {
+        while self.outputs.is_empty() {
+            let Some(key) = self.ready.pop_front() else {
+                return;
+            };
+            let Some(entry) = self.docs.get_mut(&key) else {
+                continue;
+            };
+            entry.loading = false;
+            if entry.stale {
+                entry.stale = false;
+                self.load(&key);
+            } else if !entry.inbox.is_empty() {
+                self.apply_next(&key);
+            } else {
+                self.generate(&key);
+            }
+        }
     }
 
     /// Sends what the peer lacks of a document, then checks whether its offer is done.
@@ -698,7 +807,10 @@ impl Session {
                 self.stats.docs_synced += 1;
             }
         }
-        if entry.offered.is_none() && !entry.busy() && entry.inbox.is_empty() {
+        if done {
+            entry.early = false;
+        }
+        if entry.offered.is_none() && !entry.busy() && entry.inbox.is_empty() && !entry.early {
             // Forget it; the persisted state is enough to resume.
             self.docs.remove(key);
         }

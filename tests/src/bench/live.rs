@@ -260,12 +260,18 @@ pub async fn fanout(edges: usize, writes: usize) -> Result<Value> {
         n.stop().await;
     }
     hub.stop().await;
+    let (limit_p50, limit_p99) =
+        tokio::task::spawn_blocking(move || raw_path::fanout_commits(edges, writes)).await??;
     let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+    let p50 = ms(percentile(&mut samples, 50.0));
     Ok(json!({
         "edges": edges,
         "writes": writes,
-        "p50_ms": ms(percentile(&mut samples, 50.0)),
+        "p50_ms": p50,
         "p99_ms": ms(percentile(&mut samples, 99.0)),
         "max_ms": ms(percentile(&mut samples, 100.0)),
+        "limit_p50_ms": limit_p50,
+        "limit_p99_ms": limit_p99,
+        "ratio_to_limit": if limit_p50 > 0.0 { round2(p50 / limit_p50) } else { 0.0 },
     }))
 }

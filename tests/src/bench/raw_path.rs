@@ -135,3 +135,41 @@ async fn quic_one_way(messages: &[Vec<u8>]) -> Result<Vec<Duration>> {
     echo.abort();
     Ok(samples)
 }
+
+/// The raw limit of fanout: the hub's durable commit, then `edges` durable commits of the
+/// same bytes, one per redb file, all at once from one thread each (as `edges` nodes in
+/// one process commit). Returns the median and 99th percentile, in ms, of `rounds` rounds.
+pub fn fanout_commits(edges: usize, rounds: usize) -> Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let hub = Database::builder().create(dir.path().join("hub.redb"))?;
+    let dbs: Vec<Arc<Database>> = (0..edges)
+        .map(|i| {
+            Ok(Arc::new(
+                Database::builder().create(dir.path().join(format!("e{i}.redb")))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = vec![7u8; 120];
+    let mut samples = Vec::with_capacity(rounds);
+    for k in 0..rounds as u64 {
+        let started = Instant::now();
+        store(&hub, k, &bytes)?;
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = dbs
+                .iter()
+                .map(|db| s.spawn(|| store(db, k, &bytes)))
+                .collect();
+            for h in handles {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a commit thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        samples.push(started.elapsed());
+    }
+    let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+    Ok((
+        ms(percentile(&mut samples, 50.0)),
+        ms(percentile(&mut samples, 99.0)),
+    ))
+}

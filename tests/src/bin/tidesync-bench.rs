@@ -159,6 +159,9 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                     ("p50 ms", "p50_ms"),
                     ("p99 ms", "p99_ms"),
                     ("max ms", "max_ms"),
+                    ("limit p50 ms", "limit_p50_ms"),
+                    ("limit p99 ms", "limit_p99_ms"),
+                    ("ratio", "ratio_to_limit"),
                 ],
             );
             out

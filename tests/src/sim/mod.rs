@@ -3,19 +3,23 @@
 //! Nodes are [`Store`]s (on tmpfs when the machine has one); links are pairs of
 //! [`Session`]s with a frame queue each way. The harness delivers, drops, duplicates and
 //! reorders frames, cuts and restores links and restarts nodes from their stores, all from
-//! one seed, and carries out every session output itself (no sockets, no timers). After
+//! one seed, and carries out every session output itself (no sockets, no timers). The
+//! stores' early notices reach the sessions before the feed moves, as in the driver, and
+//! chaos replays stale ones. After
 //! [`Net::heal`] every link is fresh and every frame delivered, so a correct protocol
 //! converges.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use automerge::ReadDoc;
 use serde_json::json;
 use tidesync::model::{DocId, Grants, Namespace, NodeId};
-use tidesync::store::{Store, StoreConfig, SyncPeer};
+use tidesync::store::{EarlyDoc, Store, StoreConfig, SyncPeer};
 use tidesync::sync::{Apply, Message, Output, PeerIdentity, Role, Session, SessionConfig};
+use tokio::sync::broadcast;
 
 use crate::Rng;
 
@@ -27,6 +31,10 @@ pub struct SimNode {
     path: PathBuf,
     /// Open while the node runs.
     pub store: Option<Store>,
+    /// The store's early notices, while it runs.
+    early: Option<broadcast::Receiver<Arc<[EarlyDoc]>>>,
+    /// Notices already delivered, kept to replay late.
+    old_early: VecDeque<Arc<[EarlyDoc]>>,
     /// Change hashes of every write the store acknowledged, with the document.
     pub acked: Vec<(Namespace, DocId, automerge::ChangeHash)>,
 }
@@ -50,6 +58,8 @@ pub struct Net {
     _dir: tempfile::TempDir,
     /// Frames delivered so far.
     pub delivered: u64,
+    /// Sync messages sent from early notices, ahead of their commit.
+    pub early_sent: u64,
 }
 
 const NAMESPACES: [&str; 2] = ["alpha", "beta"];
@@ -73,6 +83,8 @@ impl Net {
             nodes.push(SimNode {
                 id: NodeId::new(format!("n{i}"))?,
                 path,
+                early: Some(store.subscribe_early()),
+                old_early: VecDeque::new(),
                 store: Some(store),
                 acked: Vec::new(),
             });
@@ -91,6 +103,7 @@ impl Net {
             rt,
             _dir: dir,
             delivered: 0,
+            early_sent: 0,
         };
         for l in 0..net.links.len() {
             net.connect(l)?;
@@ -150,6 +163,17 @@ impl Net {
                 Ok(())
             }
             97 => self.connect(l),
+            98 => {
+                let node = self.links[l].ends[dir];
+                let old = &self.nodes[node].old_early;
+                match old.get(rng.range(0, old.len().max(1) as u64) as usize) {
+                    Some(docs) => {
+                        let docs = docs.clone();
+                        self.deliver_early(node, &docs)
+                    }
+                    None => Ok(()),
+                }
+            }
             _ => self.restart(self.links[l].ends[dir]),
         }
     }
@@ -289,11 +313,15 @@ impl Net {
             }
         }
         self.nodes[node].store = None; // closes the database
+        self.nodes[node].early = None;
+        self.nodes[node].old_early.clear();
         self.start(node)
     }
 
     fn start(&mut self, node: usize) -> Result<()> {
-        self.nodes[node].store = Some(Store::open(&self.nodes[node].path, sim_store_config())?);
+        let store = Store::open(&self.nodes[node].path, sim_store_config())?;
+        self.nodes[node].early = Some(store.subscribe_early());
+        self.nodes[node].store = Some(store);
         for l in 0..self.links.len() {
             if self.links[l].ends.contains(&node) {
                 self.connect(l)?;
@@ -302,8 +330,53 @@ impl Net {
         Ok(())
     }
 
-    /// Tells every session at `node` that its store moved, and drives them.
+    /// Hands `docs`, an early notice of `node`'s store, to every session there.
+    fn deliver_early(&mut self, node: usize, docs: &[EarlyDoc]) -> Result<()> {
+        let Some(store) = self.nodes[node].store.clone() else {
+            return Ok(());
+        };
+        for l in 0..self.links.len() {
+            for side in 0..2 {
+                if self.links[l].ends[side] != node {
+                    continue;
+                }
+                let peer_id = self.nodes[self.links[l].ends[1 - side]].id.clone();
+                if let Some(s) = self.links[l].sessions[side].as_mut() {
+                    let peer = SyncPeer {
+                        id: peer_id,
+                        epoch: s.peer_hello().map_or(0, |h| h.feed_epoch),
+                    };
+                    for d in docs {
+                        let sent =
+                            s.handle_early(d.ns.clone(), d.id.clone(), d.doc.clone(), || {
+                                store.sync_state(&peer, d.key)
+                            });
+                        self.early_sent += u64::from(sent);
+                    }
+                }
+                self.drive(l, side)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells every session at `node` that its store moved, and drives them: the store's
+    /// early notices first, as the driver sees them, then the feed.
     fn notify(&mut self, node: usize) -> Result<()> {
+        let mut notices = Vec::new();
+        if let Some(rx) = self.nodes[node].early.as_mut() {
+            while let Ok(docs) = rx.try_recv() {
+                notices.push(docs);
+            }
+        }
+        for docs in notices {
+            self.deliver_early(node, &docs)?;
+            let old = &mut self.nodes[node].old_early;
+            old.push_back(docs);
+            if old.len() > 8 {
+                old.pop_front();
+            }
+        }
         let Some(last) = self.nodes[node].store.as_ref().map(Store::last_seq) else {
             return Ok(());
         };
