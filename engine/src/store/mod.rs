@@ -114,8 +114,9 @@ pub struct EarlyDoc {
     pub doc: Arc<Automerge>,
 }
 
-/// How many batches an early subscriber may fall behind before it misses some.
-const EARLY_CAPACITY: usize = 64;
+/// How many batches an early subscriber may fall behind before it misses some. Small:
+/// a notice is only worth something while it is fresh.
+const EARLY_CAPACITY: usize = 8;
 
 /// The peer a sync operation is for: its node id and the feed epoch it announced.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -605,7 +606,8 @@ impl Store {
     /// The documents of each write batch, sent while the batch's fsync runs, before it is
     /// durable and before [`Store::subscribe`] moves. Sync uses it to overlap sending a
     /// change with committing it; the commit may still fail, so a receiver must treat it
-    /// as a hint and nothing more. A receiver that falls behind misses batches.
+    /// as a hint and nothing more. Only small batches (live traffic) give notices, and a
+    /// receiver that falls behind misses some.
     pub fn subscribe_early(&self) -> broadcast::Receiver<Arc<[EarlyDoc]>> {
         self.inner.early.subscribe()
     }

@@ -97,6 +97,9 @@ struct Pending {
     new_changes: u64,
 }
 
+/// Most documents a batch may change and still give an early notice.
+const EARLY_MAX_DOCS: usize = 32;
+
 pub(crate) struct Writer {
     pub db: Arc<Database>,
     pub cache: Arc<DocCache>,
@@ -260,7 +263,11 @@ impl Writer {
                     ..p
                 }));
             }
-            let publish = self.early_tx.receiver_count() > 0;
+            // Early notices are for live traffic; a large batch is catch-up or a burst,
+            // which sessions walk from the feed anyway, and a notice a slow receiver holds
+            // keeps its documents in memory.
+            let publish = self.early_tx.receiver_count() > 0
+                && working.iter().filter(|w| w.changed()).count() <= EARLY_MAX_DOCS;
             let mut early = Vec::new();
             for w in working.iter_mut() {
                 let changed = w.changed();
