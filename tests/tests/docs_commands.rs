@@ -249,3 +249,86 @@ fn operations_guide_runs_and_names_every_flag_and_metric() {
         }
     }
 }
+
+/// The distinct matches of a backquoted-or-plain word pattern: the text after each
+/// `prefix` up to the first character not in a path.
+fn paths_after(text: &str, prefix: &str) -> BTreeSet<String> {
+    text.match_indices(prefix)
+        .map(|(i, _)| {
+            text[i..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || "/{}_.-".contains(*c))
+                .collect::<String>()
+                .trim_end_matches(['.', '-'])
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Whether a concrete path (`/v1/docs/config/sensor-7`) fits a route (`/v1/docs/{ns}/{id}`).
+fn fits(path: &str, route: &str) -> bool {
+    let (p, r): (Vec<&str>, Vec<&str>) = (path.split('/').collect(), route.split('/').collect());
+    p.len() == r.len()
+        && p.iter()
+            .zip(&r)
+            .all(|(a, b)| a == b || (b.starts_with('{') && !a.is_empty()))
+}
+
+#[test]
+fn docs_name_every_endpoint_and_toml_key_and_nothing_else() {
+    let api = repo_file("engine/src/api/mod.rs");
+    let routes: BTreeSet<String> = api
+        .match_indices(".route(")
+        .filter_map(|(i, _)| api[i..].split('"').nth(1).map(str::to_owned))
+        .collect();
+    assert!(routes.len() >= 8, "{routes:?}");
+    let readme = repo_file("README.md");
+    for r in &routes {
+        assert!(
+            readme.contains(r.as_str()),
+            "endpoint {r} is not in README.md"
+        );
+    }
+    for doc in [
+        "README.md",
+        "docs/OPERATIONS.md",
+        "docs/ARCHITECTURE.md",
+        "docs/SECURITY.md",
+    ] {
+        let text = repo_file(doc);
+        for path in paths_after(&text, "/v1/").into_iter().chain(
+            paths_after(&text, "/metrics")
+                .into_iter()
+                .filter(|p| p == "/metrics"),
+        ) {
+            assert!(
+                routes.iter().any(|r| fits(&path, r)),
+                "{path} in {doc} is no endpoint"
+            );
+        }
+    }
+
+    // TOML keys: the fields of the config file's struct, and the TOML column of the guide.
+    let config = repo_file("engine/src/config.rs");
+    let body = config
+        .split("pub struct RunFile {")
+        .nth(1)
+        .and_then(|s| s.split("\n}").next())
+        .expect("RunFile");
+    let keys: BTreeSet<&str> = body
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub "))
+        .filter_map(|l| l.split(':').next())
+        .collect();
+    let ops = repo_file("docs/OPERATIONS.md");
+    let documented: BTreeSet<&str> = ops
+        .lines()
+        .filter(|l| l.starts_with("| `run --"))
+        .filter_map(|l| l.split('|').nth(2))
+        .filter_map(|cell| cell.split('`').nth(1))
+        .collect();
+    assert_eq!(
+        keys, documented,
+        "TOML keys in the code vs docs/OPERATIONS.md"
+    );
+}
