@@ -250,8 +250,8 @@ fn operations_guide_runs_and_names_every_flag_and_metric() {
     }
 }
 
-/// The distinct matches of a backquoted-or-plain word pattern: the text after each
-/// `prefix` up to the first character not in a path.
+/// Every path in `text` that starts with `prefix`, up to the first character that cannot
+/// be part of a path.
 fn paths_after(text: &str, prefix: &str) -> BTreeSet<String> {
     text.match_indices(prefix)
         .map(|(i, _)| {

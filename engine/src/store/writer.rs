@@ -266,30 +266,35 @@ impl Writer {
             // Early notices are for live traffic; a large batch is catch-up or a burst,
             // which sessions walk from the feed anyway, and a notice a slow receiver holds
             // keeps its documents in memory.
-            let publish = self.early_tx.receiver_count() > 0
-                && working.iter().filter(|w| w.changed()).count() <= EARLY_MAX_DOCS;
-            let mut early = Vec::new();
-            for w in working.iter_mut() {
-                let changed = w.changed();
+            let changed: Vec<bool> = working.iter().map(Working::changed).collect();
+            let count = changed.iter().filter(|c| **c).count();
+            if count > 0 && count <= EARLY_MAX_DOCS && self.early_tx.receiver_count() > 0 {
+                // Sent before the redb writes and the fsync: peers get the changes while
+                // this node stores them (see `Store::subscribe_early`).
+                let early: Vec<EarlyDoc> = working
+                    .iter_mut()
+                    .zip(&changed)
+                    .filter(|(_, c)| **c)
+                    .map(|(w, _)| {
+                        let key = w.meta.get_or_insert_with(|| self.new_meta()).key;
+                        let doc = Arc::new(std::mem::take(&mut w.doc));
+                        w.shared = Some(doc.clone());
+                        EarlyDoc {
+                            ns: w.ns.clone(),
+                            id: w.id.clone(),
+                            key,
+                            doc,
+                        }
+                    })
+                    .collect();
+                let _ = self.early_tx.send(early.into());
+            }
+            for (w, changed) in working.iter_mut().zip(changed) {
                 if changed {
                     any_changed = true;
                     self.persist(w, &mut docs, &mut chunks, &mut feed)?;
-                    if let (true, Some(meta)) = (publish, &w.meta) {
-                        let doc = Arc::new(std::mem::take(&mut w.doc));
-                        w.shared = Some(doc.clone());
-                        early.push(EarlyDoc {
-                            ns: w.ns.clone(),
-                            id: w.id.clone(),
-                            key: meta.key,
-                            doc,
-                        });
-                    }
                 }
                 seqs.push((w.meta.as_ref().map_or(0, |m| m.seq), changed));
-            }
-            if !early.is_empty() {
-                // Peers may get the changes while the fsync runs (see `Store::subscribe_early`).
-                let _ = self.early_tx.send(early.into());
             }
             // Open the bookkeeping tables only when there is something to write: an opened
             // table costs pages at commit.
@@ -422,6 +427,22 @@ impl Writer {
 
     /// Appends the batch's changes of `w` (or a fresh snapshot, when the changes would
     /// outweigh the last one) and moves the document to the end of the feed.
+    /// The bookkeeping of a document this batch creates, under a fresh key.
+    fn new_meta(&mut self) -> DocMeta {
+        let key = self.next_doc_key;
+        self.next_doc_key += 1;
+        DocMeta {
+            key,
+            heads: Vec::new(),
+            deleted: false,
+            seq: 0,
+            first_chunk: 0,
+            next_chunk: 0,
+            snapshot_bytes: 0,
+            incremental_bytes: 0,
+        }
+    }
+
     fn persist(
         &mut self,
         w: &mut Working,
@@ -429,24 +450,12 @@ impl Writer {
         chunks: &mut Table<(u64, u64), &[u8]>,
         feed: &mut Table<u64, (&str, &str)>,
     ) -> Result<(), StoreError> {
-        let meta = w.meta.get_or_insert_with(|| {
-            let key = self.next_doc_key;
-            self.next_doc_key += 1;
-            DocMeta {
-                key,
-                heads: Vec::new(),
-                deleted: false,
-                seq: 0,
-                first_chunk: 0,
-                next_chunk: 0,
-                snapshot_bytes: 0,
-                incremental_bytes: 0,
-            }
-        });
-        let changes = w.doc.save_after(&w.heads_before);
+        let meta = w.meta.get_or_insert_with(|| self.new_meta());
+        let doc = w.shared.as_deref().unwrap_or(&w.doc);
+        let changes = doc.save_after(&w.heads_before);
         let incremental = meta.incremental_bytes + changes.len() as u64;
         if incremental > meta.snapshot_bytes.max(self.cfg.compact_min_bytes) {
-            super::compact::replace_with_snapshot(chunks, meta, &w.doc.save())?;
+            super::compact::replace_with_snapshot(chunks, meta, &doc.save())?;
         } else {
             chunks.insert((meta.key, meta.next_chunk), changes.as_slice())?;
             meta.next_chunk += 1;
@@ -458,8 +467,8 @@ impl Writer {
         meta.seq = self.next_seq;
         self.next_seq += 1;
         feed.insert(meta.seq, (w.ns.as_str(), w.id.as_str()))?;
-        meta.heads = encode_heads(&w.doc.get_heads());
-        meta.deleted = json::is_deleted(&w.doc);
+        meta.heads = encode_heads(&doc.get_heads());
+        meta.deleted = json::is_deleted(doc);
         docs.insert((w.ns.as_str(), w.id.as_str()), meta.encode().as_slice())?;
         Ok(())
     }
