@@ -1,10 +1,15 @@
 //! The client subcommands both binaries share: `status`, `doc …` and `watch`, talking to a
 //! node's HTTP API.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{header, Request, Response};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 /// Options every client subcommand takes.
@@ -129,55 +134,99 @@ pub enum ClientError {
     Input(String),
 }
 
+/// The node's HTTP API, over plain HTTP/1.1 (hyper, already there for the server).
 struct Api {
-    base: String,
+    addr: SocketAddr,
     token: Option<String>,
 }
 
 impl Api {
     fn new(opts: &ClientOpts, default_api: SocketAddr) -> Self {
         Self {
-            base: format!("http://{}", opts.api.unwrap_or(default_api)),
+            addr: opts.api.unwrap_or(default_api),
             token: opts.token.clone(),
         }
     }
 
-    fn call(
+    fn unreachable(&self, path: &str, reason: impl std::fmt::Display) -> ClientError {
+        ClientError::Unreachable {
+            url: format!("http://{}{path}", self.addr),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Runs one request to completion on a small runtime of its own: the subcommands are
+    /// one-shot and synchronous.
+    fn run<T>(
+        &self,
+        path: &str,
+        work: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| self.unreachable(path, e))?
+            .block_on(work)
+    }
+
+    /// Sends a request; an error status becomes [`ClientError::Api`] with the API's message.
+    async fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<&str>,
-    ) -> Result<ureq::Response, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let mut req = ureq::request(method, &url);
+        accept: &str,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| self.unreachable(path, e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.unreachable(path, e))?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, self.addr.to_string())
+            .header(header::ACCEPT, accept);
         if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let result = match body {
-            Some(b) => req.set("Content-Type", "application/json").send_string(b),
-            None => req.call(),
-        };
-        match result {
-            Ok(resp) => Ok(resp),
-            Err(ureq::Error::Status(status, resp)) => {
-                let message = resp
-                    .into_json::<Value>()
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "request failed".into());
-                Err(ClientError::Api { status, message })
-            }
-            Err(e) => Err(ClientError::Unreachable {
-                url,
-                reason: e.to_string(),
-            }),
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
         }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
+            .map_err(|e| ClientError::Input(format!("bad request: {e}")))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.unreachable(path, e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.map(|b| b.to_bytes());
+        let message = bytes
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "request failed".into());
+        Err(ClientError::Api { status, message })
     }
 
     fn json(&self, method: &str, path: &str, body: Option<&str>) -> Result<Value, ClientError> {
-        self.call(method, path, body)?
-            .into_json()
-            .map_err(|e| ClientError::Input(format!("the API sent invalid JSON: {e}")))
+        self.run(path, async {
+            let resp = self.send(method, path, body, "application/json").await?;
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.unreachable(path, e))?
+                .to_bytes();
+            serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Input(format!("the API sent invalid JSON: {e}")))
+        })
     }
 }
 
@@ -295,39 +344,47 @@ fn written(out: &Value, json: bool) {
 /// `watch`: prints each change as it arrives (one JSON object per line with `--json`).
 pub fn watch(opts: &ClientOpts, default_api: SocketAddr, since: u64) -> Result<(), ClientError> {
     let api = Api::new(opts, default_api);
-    let url = format!("{}/v1/changes?since={since}", api.base);
-    let mut req = ureq::get(&url).set("Accept", "text/event-stream");
-    if let Some(t) = &api.token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    let resp = req.call().map_err(|e| ClientError::Unreachable {
-        url: url.clone(),
-        reason: e.to_string(),
-    })?;
-    for line in BufReader::new(resp.into_reader()).lines() {
-        let line = line.map_err(|e| ClientError::Unreachable {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
-        let Some(data) = line.strip_prefix("data:") else {
-            continue;
-        };
-        let change: Value = serde_json::from_str(data.trim()).unwrap_or(Value::Null);
-        if opts.json {
-            println!("{change}");
-        } else {
-            let deleted = if change["deleted"] == true {
-                " (deleted)"
-            } else {
-                ""
+    let path = format!("/v1/changes?since={since}");
+    api.run(&path, async {
+        let mut body = api
+            .send("GET", &path, None, "text/event-stream")
+            .await?
+            .into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| api.unreachable(&path, e))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
             };
-            println!(
-                "{:>8}  {}/{}{deleted}",
-                change["seq"],
-                change["ns"].as_str().unwrap_or("?"),
-                change["id"].as_str().unwrap_or("?")
-            );
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                print_change(&String::from_utf8_lossy(&line), opts.json);
+            }
         }
+        Ok(())
+    })
+}
+
+/// Prints one line of the server-sent event stream, if it carries a change.
+fn print_change(line: &str, json: bool) {
+    let Some(data) = line.trim_end().strip_prefix("data:") else {
+        return;
+    };
+    let change: Value = serde_json::from_str(data.trim()).unwrap_or(Value::Null);
+    if json {
+        println!("{change}");
+    } else {
+        let deleted = if change["deleted"] == true {
+            " (deleted)"
+        } else {
+            ""
+        };
+        println!(
+            "{:>8}  {}/{}{deleted}",
+            change["seq"],
+            change["ns"].as_str().unwrap_or("?"),
+            change["id"].as_str().unwrap_or("?")
+        );
     }
-    Ok(())
 }
