@@ -12,7 +12,7 @@ use std::sync::Arc;
 use common::{id, ns, temp_store};
 use serde_json::json;
 use tidesync::model::{Grants, NodeId};
-use tidesync::store::{EarlyDoc, Store, StoreConfig, SyncPeer};
+use tidesync::store::{EarlyDoc, Store, StoreConfig};
 use tidesync::sync::{Apply, Message, Output, PeerIdentity, Role, Session, SessionConfig};
 use tokio::sync::broadcast;
 
@@ -45,18 +45,11 @@ impl End {
         }
     }
 
-    fn sync_peer(&self) -> SyncPeer {
-        SyncPeer {
-            id: NodeId::new(self.peer).unwrap(),
-            epoch: self.session.peer_hello().map_or(0, |h| h.feed_epoch),
-        }
-    }
-
     /// Carries out the session's outputs; returns the frames for the peer.
     async fn drive(&mut self) -> Vec<Message> {
         let mut out = Vec::new();
         while let Some(o) = self.session.poll_output() {
-            let peer = self.sync_peer();
+            let peer = self.session.sync_peer();
             match o {
                 Output::Send(m) => out.push(m),
                 Output::ReadFeed { after, limit } => {
@@ -103,7 +96,7 @@ impl End {
 
     /// Hands a notice to the session; returns how many documents went out early.
     fn push_early(&mut self, docs: &[EarlyDoc]) -> usize {
-        let peer = self.sync_peer();
+        let peer = self.session.sync_peer();
         let store = self.store.clone();
         docs.iter()
             .filter(|d| {

@@ -20,7 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use super::tls::Revocations;
 use crate::model::{DocId, Namespace};
-use crate::store::{EarlyDoc, Store, SyncApplied, SyncPeer};
+use crate::store::{EarlyDoc, Store, SyncApplied};
 use crate::sync::{Event, Message, Output, ProtocolError, Session};
 use crate::StoreError;
 
@@ -181,10 +181,7 @@ pub async fn run(
                 }
                 notice = recv_early(&mut early) => {
                     if let Some(docs) = notice {
-                        let peer = SyncPeer {
-                            id: peer_id.clone(),
-                            epoch: session.peer_hello().map_or(0, |h| h.feed_epoch),
-                        };
+                        let peer = session.sync_peer();
                         for d in docs.iter() {
                             session.handle_early(d.ns.clone(), d.id.clone(), d.doc.clone(), || {
                                 ctx.store.sync_state(&peer, d.key)
@@ -252,11 +249,9 @@ async fn drain(
 ) -> Result<(), DriverError> {
     let mut wrote = false;
     let started = Instant::now();
+    // Only a hello changes it, and hellos arrive between drains.
+    let peer = session.sync_peer();
     while let Some(out) = session.poll_output() {
-        let peer = SyncPeer {
-            id: session.peer().node_id.clone(),
-            epoch: session.peer_hello().map_or(0, |h| h.feed_epoch),
-        };
         match out {
             Output::Send(msg) => {
                 let bytes = msg.encode();
@@ -281,7 +276,7 @@ async fn drain(
                 session.handle_loaded(ns, id, loaded);
             }
             Output::Apply(apply) => {
-                let store = ctx.store.clone();
+                let (store, peer) = (ctx.store.clone(), peer.clone());
                 applies.spawn(async move {
                     let a = *apply;
                     let result = store
@@ -291,8 +286,8 @@ async fn drain(
                 });
             }
             Output::SaveCursor(record) => {
-                let store = ctx.store.clone();
-                saves.spawn(async move { store.set_peer_record(&peer.id, record).await });
+                let (store, id) = (ctx.store.clone(), peer.id.clone());
+                saves.spawn(async move { store.set_peer_record(&id, record).await });
             }
             Output::Event(event) => match event {
                 Event::Rejected { ns, id, reason } => {

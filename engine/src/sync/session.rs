@@ -31,7 +31,7 @@ use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use super::message::{Cursor, ErrorCode, Hello, Message, Role, PROTOCOL_VERSION};
 use crate::model::{same_heads, DocId, Grants, Namespace, NodeId, NsPattern};
-use crate::store::{FeedEntry, FeedSeq, PeerRecord, SyncApplied, SyncDoc as LoadedDoc};
+use crate::store::{FeedEntry, FeedSeq, PeerRecord, SyncApplied, SyncDoc as LoadedDoc, SyncPeer};
 
 /// Settings of a session, the same for every peer of a node.
 #[derive(Clone, Debug)]
@@ -355,6 +355,15 @@ impl Session {
         &self.peer
     }
 
+    /// The peer as the store keys its sync state: node id and feed epoch (0 before the
+    /// hello).
+    pub fn sync_peer(&self) -> SyncPeer {
+        SyncPeer {
+            id: self.peer.node_id.clone(),
+            epoch: self.peer_epoch(),
+        }
+    }
+
     /// The peer's hello, once received.
     pub fn peer_hello(&self) -> Option<&Hello> {
         self.peer_hello.as_ref()
@@ -545,15 +554,7 @@ impl Session {
         entry.applying = false;
         entry.doc = Some(applied.doc);
         entry.state = Some(applied.state);
-        if !entry.inbox.is_empty() {
-            self.apply_next(&key);
-            return Ok(());
-        }
-        if entry.stale {
-            self.load(&key);
-            return Ok(());
-        }
-        self.generate(&key);
+        self.resume(&key);
         Ok(())
     }
 
@@ -681,11 +682,7 @@ impl Session {
                 entry.state = Some(state);
             }
         }
-        if !entry.inbox.is_empty() {
-            self.apply_next(&key);
-        } else {
-            self.generate(&key);
-        }
+        self.resume(&key);
     }
 
     fn wants(&self, ns: &Namespace) -> bool {
@@ -762,14 +759,23 @@ impl Session {
                 continue;
             };
             entry.loading = false;
-            if entry.stale {
-                entry.stale = false;
-                self.load(&key);
-            } else if !entry.inbox.is_empty() {
-                self.apply_next(&key);
-            } else {
-                self.generate(&key);
-            }
+            self.resume(&key);
+        }
+    }
+
+    /// A document's next step once it is neither loading nor applying: the peer's queued
+    /// messages first, then a reload if a newer local version came meanwhile, else an offer.
+    fn resume(&mut self, key: &DocKey) {
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        if !entry.inbox.is_empty() {
+            self.apply_next(key);
+        } else if entry.stale {
+            entry.stale = false;
+            self.load(key);
+        } else {
+            self.generate(key);
         }
     }
 

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use automerge::ReadDoc;
 use serde_json::json;
 use tidesync::model::{DocId, Grants, Namespace, NodeId};
-use tidesync::store::{EarlyDoc, Store, StoreConfig, SyncPeer};
+use tidesync::store::{EarlyDoc, Store, StoreConfig};
 use tidesync::sync::{Apply, Message, Output, PeerIdentity, Role, Session, SessionConfig};
 use tokio::sync::broadcast;
 
@@ -340,12 +340,8 @@ impl Net {
                 if self.links[l].ends[side] != node {
                     continue;
                 }
-                let peer_id = self.nodes[self.links[l].ends[1 - side]].id.clone();
                 if let Some(s) = self.links[l].sessions[side].as_mut() {
-                    let peer = SyncPeer {
-                        id: peer_id,
-                        epoch: s.peer_hello().map_or(0, |h| h.feed_epoch),
-                    };
+                    let peer = s.sync_peer();
                     for d in docs {
                         let sent =
                             s.handle_early(d.ns.clone(), d.id.clone(), d.doc.clone(), || {
@@ -396,7 +392,6 @@ impl Net {
     /// Carries out the outputs of the session at `ends[side]` of link `l`.
     fn drive(&mut self, l: usize, side: usize) -> Result<()> {
         let node = self.links[l].ends[side];
-        let peer_node = self.links[l].ends[1 - side];
         let Some(store) = self.nodes[node].store.clone() else {
             return Ok(());
         };
@@ -405,10 +400,7 @@ impl Net {
             let Some(out) = session.poll_output() else {
                 break;
             };
-            let peer = SyncPeer {
-                id: self.nodes[peer_node].id.clone(),
-                epoch: session.peer_hello().map_or(0, |h| h.feed_epoch),
-            };
+            let peer = session.sync_peer();
             match out {
                 Output::Send(m) => self.links[l].queues[1 - side].push_back(m),
                 Output::ReadFeed { after, limit } => {
