@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use tidesync::config::CommonRunFlags;
 
 /// Tidesync edge agent: keeps the documents this device is granted, accepts writes online or
 /// offline, and syncs them with the deployment's hubs.
@@ -37,16 +38,9 @@ pub enum Command {
         /// [default: everything the certificate grants].
         #[arg(long = "subscribe", value_name = "PATTERN")]
         subscribe: Vec<String>,
-        /// Require `Authorization: Bearer TOKEN` on the API (except /v1/health).
-        #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
-        token: Option<String>,
-        /// Largest API request body, in bytes [default: 16777216].
-        #[arg(long, value_name = "BYTES")]
-        max_body: Option<usize>,
-        /// Memory for caches of documents and storage pages, in MiB; more keeps more
-        /// documents loaded, less bounds the process tighter [default: 32].
-        #[arg(long, value_name = "MIB")]
-        cache_mb: Option<u64>,
+        /// --token, --max-body and --cache-mb.
+        #[command(flatten)]
+        common: CommonRunFlags,
         /// A TOML file with any of these settings (keys: data, bundle, hubs, api,
         /// subscribe, token, max_body, cache_mb). Flags given here win over the file.
         #[arg(long, value_name = "FILE")]

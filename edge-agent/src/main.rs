@@ -4,11 +4,10 @@ mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tidesync::config::{list_or, RunFile, DEFAULT_CACHE_MB, DEFAULT_MAX_BODY};
+use tidesync::config::{list_or, RunFile};
 use tidesync::daemon::{Daemon, DaemonConfig};
 use tidesync::model::NsPattern;
 use tidesync::net::Bundle;
-use tidesync::store::StoreConfig;
 
 use cli::{Cli, Command};
 
@@ -23,14 +22,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TIDESYNC_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tidesync::daemon::init_logging();
     let default_api = std::net::SocketAddr::from(([127, 0, 0, 1], 7780));
     match cli.command {
         Command::Client(cmd) => Ok(cmd.run(default_api)?),
@@ -40,15 +32,11 @@ fn run(cli: Cli) -> Result<()> {
             hubs,
             api,
             subscribe,
-            token,
-            max_body,
-            cache_mb,
+            common,
             config,
         } => {
-            let file = match &config {
-                Some(path) => RunFile::read(path)?,
-                None => RunFile::default(),
-            };
+            let file = RunFile::load(config.as_deref())?;
+            let common = common.resolve(&file);
             let data = data
                 .or(file.data)
                 .context("--data is required (or `data` in the config file)")?;
@@ -62,8 +50,6 @@ fn run(cli: Cli) -> Result<()> {
             }
             let subscribe = list_or(subscribe, file.subscribe);
             let api = api.or(file.api).unwrap_or(default_api);
-            let token = token.or(file.token);
-            let max_body = max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY);
             let subscriptions = if subscribe.is_empty() {
                 vec![NsPattern::all()]
             } else {
@@ -82,12 +68,10 @@ fn run(cli: Cli) -> Result<()> {
                 dial: hubs,
                 failover: true,
                 subscriptions,
-                token,
+                token: common.token,
                 revocation_file: None,
-                max_body,
-                store: StoreConfig::with_cache_budget(
-                    cache_mb.or(file.cache_mb).unwrap_or(DEFAULT_CACHE_MB) << 20,
-                ),
+                max_body: common.max_body,
+                store: common.store,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

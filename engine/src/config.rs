@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::store::StoreConfig;
+
 /// Largest API request body when neither `--max-body` nor the file says (16 MiB).
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
 
@@ -54,6 +56,11 @@ pub struct ConfigError {
 }
 
 impl RunFile {
+    /// Reads the `--config` file if one was given; without one, every key is unset.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        path.map_or_else(|| Ok(Self::default()), Self::read)
+    }
+
     /// Reads `path`; unknown keys are errors, so a typo never silently falls back.
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let err = |reason: String| ConfigError {
@@ -62,6 +69,45 @@ impl RunFile {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+}
+
+/// The `run` flags that mean the same on both binaries, flattened into their `run`
+/// commands so the two cannot drift apart.
+#[derive(Debug, clap::Args)]
+pub struct CommonRunFlags {
+    /// Require `Authorization: Bearer TOKEN` on the API (except /v1/health).
+    #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Largest API request body, in bytes [default: 16777216].
+    #[arg(long, value_name = "BYTES")]
+    pub max_body: Option<usize>,
+    /// Memory for caches of documents and storage pages, in MiB; more keeps more
+    /// documents loaded, less bounds the process tighter [default: 32].
+    #[arg(long, value_name = "MIB")]
+    pub cache_mb: Option<u64>,
+}
+
+/// The common settings once flags, file and defaults are applied, in that order.
+#[derive(Debug)]
+pub struct CommonRun {
+    /// Bearer token the API requires, if any.
+    pub token: Option<String>,
+    /// Largest API request body.
+    pub max_body: usize,
+    /// Store settings, with the caches sized from `cache_mb`.
+    pub store: StoreConfig,
+}
+
+impl CommonRunFlags {
+    /// A flag given wins over the file's key, which wins over the default.
+    pub fn resolve(self, file: &RunFile) -> CommonRun {
+        let cache_mb = self.cache_mb.or(file.cache_mb).unwrap_or(DEFAULT_CACHE_MB);
+        CommonRun {
+            token: self.token.or_else(|| file.token.clone()),
+            max_body: self.max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY),
+            store: StoreConfig::with_cache_budget(cache_mb << 20),
+        }
     }
 }
 
@@ -96,6 +142,22 @@ mod tests {
         std::fs::write(&path, "lisen = \"0.0.0.0:7443\"\n").expect("write");
         let e = RunFile::read(&path).expect_err("typo");
         assert!(e.reason.contains("lisen"), "{e}");
+        let common = CommonRunFlags {
+            token: None,
+            max_body: Some(2048),
+            cache_mb: None,
+        }
+        .resolve(&f);
+        assert_eq!(
+            common.token.as_deref(),
+            Some("t"),
+            "the file fills what no flag gave"
+        );
+        assert_eq!(common.max_body, 2048, "a flag wins over the file");
+        assert_eq!(
+            common.store.doc_cache_bytes,
+            StoreConfig::with_cache_budget(64 << 20).doc_cache_bytes
+        );
         assert_eq!(list_or(vec![1], vec![2]), vec![1]);
         assert_eq!(list_or(Vec::new(), vec![2]), vec![2]);
     }

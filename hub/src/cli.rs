@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tidesync::config::CommonRunFlags;
 
 /// Tidesync hub: a data-center node of a Tidesync deployment, and the tool that creates the
 /// deployment's certificate authority and enrolls its nodes.
@@ -75,16 +76,9 @@ pub enum Command {
         /// Another hub to sync with (QUIC address). Repeat for several.
         #[arg(long = "peer", value_name = "ADDR")]
         peers: Vec<SocketAddr>,
-        /// Require `Authorization: Bearer TOKEN` on the API (except /v1/health).
-        #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
-        token: Option<String>,
-        /// Largest API request body, in bytes [default: 16777216].
-        #[arg(long, value_name = "BYTES")]
-        max_body: Option<usize>,
-        /// Memory for caches of documents and storage pages, in MiB; more keeps more
-        /// documents loaded, less bounds the process tighter [default: 32].
-        #[arg(long, value_name = "MIB")]
-        cache_mb: Option<u64>,
+        /// --token, --max-body and --cache-mb.
+        #[command(flatten)]
+        common: CommonRunFlags,
         /// A TOML file with any of these settings (keys: data, bundle, listen, api, peers,
         /// token, max_body, cache_mb). Flags given here win over the file.
         #[arg(long, value_name = "FILE")]

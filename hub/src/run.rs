@@ -5,11 +5,10 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tidesync::config::{list_or, RunFile, DEFAULT_CACHE_MB, DEFAULT_MAX_BODY};
+use tidesync::config::{list_or, RunFile};
 use tidesync::daemon::{read_revocations, Daemon, DaemonConfig};
 use tidesync::model::{Grant, NodeId, NsPattern};
 use tidesync::net::{Bundle, Ca};
-use tidesync::store::StoreConfig;
 use tidesync::sync::Role;
 
 use crate::cli::{Command, RoleArg};
@@ -45,15 +44,11 @@ pub fn run(command: Command) -> Result<()> {
             listen,
             api,
             peers,
-            token,
-            max_body,
-            cache_mb,
+            common,
             config,
         } => {
-            let file = match &config {
-                Some(path) => RunFile::read(path)?,
-                None => RunFile::default(),
-            };
+            let file = RunFile::load(config.as_deref())?;
+            let common = common.resolve(&file);
             let data = data
                 .or(file.data)
                 .context("--data is required (or `data` in the config file)")?;
@@ -67,12 +62,10 @@ pub fn run(command: Command) -> Result<()> {
                 dial: list_or(peers, file.peers),
                 failover: false,
                 subscriptions: vec![NsPattern::all()],
-                token: token.or(file.token),
+                token: common.token,
                 revocation_file: Some(data.join(REVOKED)),
-                max_body: max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY),
-                store: StoreConfig::with_cache_budget(
-                    cache_mb.or(file.cache_mb).unwrap_or(DEFAULT_CACHE_MB) << 20,
-                ),
+                max_body: common.max_body,
+                store: common.store,
             };
             serve(cfg, &data)
         }
