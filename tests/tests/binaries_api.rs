@@ -6,74 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tidesync_tests::procs::{run, Proc};
-
-struct Deployment {
-    dir: tempfile::TempDir,
-}
-
-impl Deployment {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let d = Self { dir };
-        run("tidesync-hub", &["init", "--data", &d.path("hub")]).unwrap();
-        d
-    }
-
-    fn path(&self, p: &str) -> String {
-        self.dir.path().join(p).to_string_lossy().into_owned()
-    }
-
-    fn enroll(&self, name: &str, grants: &[&str]) -> String {
-        let out = self.path(&format!("{name}.pem"));
-        let mut args = vec![
-            "enroll", "--data", "", "--name", name, "--role", "edge", "--out", &out,
-        ];
-        let hub = self.path("hub");
-        args[2] = &hub;
-        for g in grants {
-            args.push("--grant");
-            args.push(g);
-        }
-        run("tidesync-hub", &args).unwrap();
-        out
-    }
-
-    fn hub(&self, extra: &[&str]) -> Proc {
-        let hub = self.path("hub");
-        let mut args = vec![
-            "run",
-            "--data",
-            &hub,
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ];
-        args.extend_from_slice(extra);
-        Proc::start("tidesync-hub", &args).unwrap()
-    }
-
-    fn edge(&self, name: &str, bundle: &str, hub: &Proc) -> Proc {
-        let data = self.path(name);
-        let quic = hub.quic.to_string();
-        Proc::start(
-            "tidesync-edge",
-            &[
-                "run",
-                "--data",
-                &data,
-                "--bundle",
-                bundle,
-                "--hub",
-                &quic,
-                "--api",
-                "127.0.0.1:0",
-            ],
-        )
-        .unwrap()
-    }
-}
+use tidesync_tests::procs::{run, Binaries, Proc, SUBCOMMANDS};
 
 fn status_of(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
     match r {
@@ -105,8 +38,8 @@ fn snapshot(p: &Proc, token: Option<&str>) -> Value {
 
 #[test]
 fn bad_requests_get_their_status_and_change_nothing() {
-    let d = Deployment::new();
-    let hub = d.hub(&["--token", "s3cret", "--max-body", "1024"]);
+    let d = Binaries::init().unwrap();
+    let hub = d.hub(&["--token", "s3cret", "--max-body", "1024"]).unwrap();
     let auth = "Bearer s3cret";
     let url = |p: &str| hub.url(p);
     let (code, _) = status_of(
@@ -205,10 +138,10 @@ fn bad_requests_get_their_status_and_change_nothing() {
 
 #[test]
 fn an_edge_may_not_write_a_namespace_it_was_not_granted_rw() {
-    let d = Deployment::new();
-    let hub = d.hub(&[]);
-    let bundle = d.enroll("edge-1", &["app=ro", "notes=rw"]);
-    let edge = d.edge("edge-1", &bundle, &hub);
+    let d = Binaries::init().unwrap();
+    let hub = d.hub(&[]).unwrap();
+    d.enroll("edge-1", "edge", &["app=ro", "notes=rw"]).unwrap();
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
     let before = snapshot(&edge, None);
     for (method, path) in [
         ("PUT", "/v1/docs/app/x"),
@@ -226,10 +159,10 @@ fn an_edge_may_not_write_a_namespace_it_was_not_granted_rw() {
 
 #[test]
 fn revoking_through_the_cli_cuts_the_edge_off_without_a_restart() {
-    let d = Deployment::new();
-    let hub = d.hub(&[]);
-    let bundle = d.enroll("edge-1", &["*=rw"]);
-    let edge = d.edge("edge-1", &bundle, &hub);
+    let d = Binaries::init().unwrap();
+    let hub = d.hub(&[]).unwrap();
+    d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
     ureq::put(&edge.url("/v1/docs/app/before"))
         .send_json(json!({"a": 1}))
         .unwrap();
@@ -263,16 +196,16 @@ fn revoking_through_the_cli_cuts_the_edge_off_without_a_restart() {
 
 #[test]
 fn a_write_answered_before_kill_9_survives_and_reaches_the_hub() {
-    let d = Deployment::new();
-    let hub = d.hub(&[]);
-    let bundle = d.enroll("edge-1", &["*=rw"]);
-    let edge = d.edge("edge-1", &bundle, &hub);
+    let d = Binaries::init().unwrap();
+    let hub = d.hub(&[]).unwrap();
+    d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
     let resp = ureq::put(&edge.url("/v1/docs/app/precious"))
         .send_json(json!({"v": 42}))
         .unwrap();
     let etag = resp.header("etag").unwrap().to_owned();
     edge.kill(); // SIGKILL right after the 200
-    let edge = d.edge("edge-1", &bundle, &hub);
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
     let resp = ureq::get(&edge.url("/v1/docs/app/precious"))
         .call()
         .unwrap();
@@ -310,10 +243,10 @@ fn metric(samples: &[(String, f64)], prefix: &str) -> f64 {
 
 #[test]
 fn metrics_parse_and_move_with_traffic() {
-    let d = Deployment::new();
-    let hub = d.hub(&[]);
-    let bundle = d.enroll("edge-1", &["*=rw"]);
-    let edge = d.edge("edge-1", &bundle, &hub);
+    let d = Binaries::init().unwrap();
+    let hub = d.hub(&[]).unwrap();
+    d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
     let scrape = || {
         let text = ureq::get(&hub.url("/metrics"))
             .call()
@@ -349,10 +282,10 @@ fn metrics_parse_and_move_with_traffic() {
 
 #[test]
 fn the_cli_reads_writes_and_shows_status() {
-    let d = Deployment::new();
-    let hub = d.hub(&[]);
-    let bundle = d.enroll("edge-1", &["*=rw"]);
-    let edge = d.edge("edge-1", &bundle, &hub);
+    let d = Binaries::init().unwrap();
+    let hub = d.hub(&[]).unwrap();
+    d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
     let (ea, ha) = (edge.api.to_string(), hub.api.to_string());
     let out = run(
         "tidesync-edge",
@@ -403,14 +336,7 @@ fn the_cli_reads_writes_and_shows_status() {
 
 #[test]
 fn every_flag_of_every_subcommand_is_explained() {
-    let commands: [(&str, &[&str]); 2] = [
-        (
-            "tidesync-hub",
-            &["init", "enroll", "revoke", "run", "status", "doc", "watch"],
-        ),
-        ("tidesync-edge", &["run", "status", "doc", "watch"]),
-    ];
-    for (bin, subs) in commands {
+    for (bin, subs) in SUBCOMMANDS {
         for sub in subs {
             let help = run(bin, &[sub, "--help"]).unwrap();
             let lines: Vec<&str> = help.lines().map(str::trim).collect();
@@ -440,8 +366,8 @@ fn every_flag_of_every_subcommand_is_explained() {
 
 #[test]
 fn nodes_run_from_toml_config_files() {
-    let d = Deployment::new();
-    let bundle = d.enroll("edge-1", &["*=rw"]);
+    let d = Binaries::init().unwrap();
+    let bundle = d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
     let hub_toml = d.path("hub.toml");
     std::fs::write(
         &hub_toml,

@@ -5,67 +5,16 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tidesync_tests::procs::{run, Proc};
+use tidesync_tests::procs::Binaries;
 
 #[test]
 fn a_write_at_one_edge_is_read_at_the_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
-    run(
-        "tidesync-hub",
-        &["init", "--data", &d("hub"), "--name", "hub-1"],
-    )
-    .unwrap();
+    let d = Binaries::init().unwrap();
     for e in ["edge-1", "edge-2"] {
-        run(
-            "tidesync-hub",
-            &[
-                "enroll",
-                "--data",
-                &d("hub"),
-                "--name",
-                e,
-                "--role",
-                "edge",
-                "--grant",
-                "*=rw",
-                "--out",
-                &d(&format!("{e}.pem")),
-            ],
-        )
-        .unwrap();
+        d.enroll(e, "edge", &["*=rw"]).unwrap();
     }
-    let hub = Proc::start(
-        "tidesync-hub",
-        &[
-            "run",
-            "--data",
-            &d("hub"),
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ],
-    )
-    .unwrap();
-    let quic = hub.quic.to_string();
-    let edge = |name: &str| {
-        Proc::start(
-            "tidesync-edge",
-            &[
-                "run",
-                "--data",
-                &d(name),
-                "--bundle",
-                &d(&format!("{name}.pem")),
-                "--hub",
-                &quic,
-                "--api",
-                "127.0.0.1:0",
-            ],
-        )
-        .unwrap()
-    };
+    let hub = d.hub(&[]).unwrap();
+    let edge = |name: &str| d.edge(name, &[&hub], &[]).unwrap();
     let (e1, e2) = (edge("edge-1"), edge("edge-2"));
 
     let health: Value = ureq::get(&e2.url("/v1/health"))

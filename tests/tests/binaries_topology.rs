@@ -6,70 +6,15 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tidesync_tests::procs::{run, Proc};
+use tidesync_tests::procs::{Binaries, Proc};
 
-fn path(dir: &tempfile::TempDir, p: &str) -> String {
-    dir.path().join(p).to_string_lossy().into_owned()
-}
-
-fn setup(edges: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    run("tidesync-hub", &["init", "--data", &path(&dir, "hub")]).unwrap();
+/// A deployment with `edges` enrolled as edges granted everything.
+fn setup(edges: &[&str]) -> Binaries {
+    let d = Binaries::init().unwrap();
     for e in edges {
-        let out = path(&dir, &format!("{e}.pem"));
-        run(
-            "tidesync-hub",
-            &[
-                "enroll",
-                "--data",
-                &path(&dir, "hub"),
-                "--name",
-                e,
-                "--role",
-                "edge",
-                "--grant",
-                "*=rw",
-                "--out",
-                &out,
-            ],
-        )
-        .unwrap();
+        d.enroll(e, "edge", &["*=rw"]).unwrap();
     }
-    dir
-}
-
-fn hub_at(dir: &tempfile::TempDir, data: &str, listen: &str, extra: &[&str]) -> Proc {
-    let data = path(dir, data);
-    let mut args = vec![
-        "run",
-        "--data",
-        &data,
-        "--listen",
-        listen,
-        "--api",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(extra);
-    Proc::start("tidesync-hub", &args).unwrap()
-}
-
-fn edge(dir: &tempfile::TempDir, name: &str, hubs: &[&Proc]) -> Proc {
-    let (data, bundle) = (path(dir, name), path(dir, &format!("{name}.pem")));
-    let addrs: Vec<String> = hubs.iter().map(|h| h.quic.to_string()).collect();
-    let mut args = vec![
-        "run",
-        "--data",
-        &data,
-        "--bundle",
-        &bundle,
-        "--api",
-        "127.0.0.1:0",
-    ];
-    for a in &addrs {
-        args.push("--hub");
-        args.push(a);
-    }
-    Proc::start("tidesync-edge", &args).unwrap()
+    d
 }
 
 fn get(p: &Proc, path: &str) -> Option<(Value, String)> {
@@ -89,10 +34,13 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> D
 
 #[test]
 fn edges_work_offline_and_converge_with_conflicts_visible_everywhere() {
-    let dir = setup(&["edge-1", "edge-2"]);
-    let hub = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
+    let d = setup(&["edge-1", "edge-2"]);
+    let hub = d.hub(&[]).unwrap();
     let listen = hub.quic.to_string();
-    let (e1, e2) = (edge(&dir, "edge-1", &[&hub]), edge(&dir, "edge-2", &[&hub]));
+    let (e1, e2) = (
+        d.edge("edge-1", &[&hub], &[]).unwrap(),
+        d.edge("edge-2", &[&hub], &[]).unwrap(),
+    );
     ureq::put(&e1.url("/v1/docs/app/cfg"))
         .send_json(json!({"mode": "a", "x": 0}))
         .unwrap();
@@ -111,7 +59,7 @@ fn edges_work_offline_and_converge_with_conflicts_visible_everywhere() {
         .send_json(json!({"offline": true}))
         .unwrap();
 
-    let hub = hub_at(&dir, "hub", &listen, &[]);
+    let hub = d.hub_at("hub", &listen, &[]).unwrap();
     // Edges notice the restarted hub when a probe or keep-alive draws its stateless reset,
     // at worst after the 15 s idle timeout.
     wait_for("all three converge", Duration::from_secs(30), || {
@@ -144,33 +92,18 @@ fn edges_work_offline_and_converge_with_conflicts_visible_everywhere() {
 
 #[test]
 fn peered_hubs_carry_writes_between_their_edges() {
-    let dir = setup(&["edge-a", "edge-b", "hub-2"]);
+    let d = setup(&["edge-a", "edge-b"]);
     // hub-2 is enrolled as a hub of the same deployment.
-    run(
-        "tidesync-hub",
-        &[
-            "enroll",
-            "--data",
-            &path(&dir, "hub"),
-            "--name",
-            "hub-two",
-            "--role",
-            "hub",
-            "--out",
-            &path(&dir, "hub2.pem"),
-        ],
-    )
-    .unwrap();
-    let h1 = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
+    let b2 = d.enroll("hub-two", "hub", &[]).unwrap();
+    let h1 = d.hub(&[]).unwrap();
     let q1 = h1.quic.to_string();
-    let b2 = path(&dir, "hub2.pem");
-    let h2 = hub_at(
-        &dir,
-        "hub2",
-        "127.0.0.1:0",
-        &["--bundle", &b2, "--peer", &q1],
+    let h2 = d
+        .hub_at("hub2", "127.0.0.1:0", &["--bundle", &b2, "--peer", &q1])
+        .unwrap();
+    let (a, b) = (
+        d.edge("edge-a", &[&h1], &[]).unwrap(),
+        d.edge("edge-b", &[&h2], &[]).unwrap(),
     );
-    let (a, b) = (edge(&dir, "edge-a", &[&h1]), edge(&dir, "edge-b", &[&h2]));
     ureq::put(&a.url("/v1/docs/app/from-a"))
         .send_json(json!({"v": 1}))
         .unwrap();
@@ -185,33 +118,15 @@ fn peered_hubs_carry_writes_between_their_edges() {
 
 #[test]
 fn an_edge_fails_over_to_its_second_hub() {
-    let dir = setup(&["edge-1", "edge-2"]);
-    run(
-        "tidesync-hub",
-        &[
-            "enroll",
-            "--data",
-            &path(&dir, "hub"),
-            "--name",
-            "hub-two",
-            "--role",
-            "hub",
-            "--out",
-            &path(&dir, "hub2.pem"),
-        ],
-    )
-    .unwrap();
-    let h1 = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
-    let b2 = path(&dir, "hub2.pem");
+    let d = setup(&["edge-1", "edge-2"]);
+    let b2 = d.enroll("hub-two", "hub", &[]).unwrap();
+    let h1 = d.hub(&[]).unwrap();
     let q1 = h1.quic.to_string();
-    let h2 = hub_at(
-        &dir,
-        "hub2",
-        "127.0.0.1:0",
-        &["--bundle", &b2, "--peer", &q1],
-    );
-    let e1 = edge(&dir, "edge-1", &[&h1, &h2]);
-    let e2 = edge(&dir, "edge-2", &[&h2]);
+    let h2 = d
+        .hub_at("hub2", "127.0.0.1:0", &["--bundle", &b2, "--peer", &q1])
+        .unwrap();
+    let e1 = d.edge("edge-1", &[&h1, &h2], &[]).unwrap();
+    let e2 = d.edge("edge-2", &[&h2], &[]).unwrap();
     ureq::put(&e1.url("/v1/docs/app/one"))
         .send_json(json!({"v": 1}))
         .unwrap();
@@ -230,9 +145,12 @@ fn an_edge_fails_over_to_its_second_hub() {
 
 #[test]
 fn the_change_stream_delivers_a_remote_change_within_a_second() {
-    let dir = setup(&["edge-1", "edge-2"]);
-    let hub = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
-    let (e1, e2) = (edge(&dir, "edge-1", &[&hub]), edge(&dir, "edge-2", &[&hub]));
+    let d = setup(&["edge-1", "edge-2"]);
+    let hub = d.hub(&[]).unwrap();
+    let (e1, e2) = (
+        d.edge("edge-1", &[&hub], &[]).unwrap(),
+        d.edge("edge-2", &[&hub], &[]).unwrap(),
+    );
     let resp = ureq::get(&e2.url("/v1/changes?since=0"))
         .set("Accept", "text/event-stream")
         .call()
@@ -266,37 +184,20 @@ fn the_change_stream_delivers_a_remote_change_within_a_second() {
 
 #[test]
 fn an_edge_receives_only_what_it_subscribed_to() {
-    let dir = setup(&["edge-1"]);
-    let hub = hub_at(&dir, "hub", "127.0.0.1:0", &[]);
+    let d = setup(&["edge-1"]);
+    let hub = d.hub(&[]).unwrap();
     for ns in ["models", "flags", "logs"] {
         ureq::put(&hub.url(&format!("/v1/docs/{ns}/d")))
             .send_json(json!({ "ns": ns }))
             .unwrap();
     }
-    let (data, bundle, quic) = (
-        path(&dir, "edge-1"),
-        path(&dir, "edge-1.pem"),
-        hub.quic.to_string(),
-    );
-    let edge = Proc::start(
-        "tidesync-edge",
-        &[
-            "run",
-            "--data",
-            &data,
-            "--bundle",
-            &bundle,
-            "--hub",
-            &quic,
-            "--api",
-            "127.0.0.1:0",
-            "--subscribe",
-            "models",
-            "--subscribe",
-            "fl*",
-        ],
-    )
-    .unwrap();
+    let edge = d
+        .edge(
+            "edge-1",
+            &[&hub],
+            &["--subscribe", "models", "--subscribe", "fl*"],
+        )
+        .unwrap();
     wait_for("subscribed namespaces", Duration::from_secs(5), || {
         get(&edge, "/v1/docs/models/d").is_some() && get(&edge, "/v1/docs/flags/d").is_some()
     });

@@ -215,13 +215,7 @@ fn operations_guide_runs_and_names_every_flag_and_metric() {
 
     // Every flag of every subcommand is documented, and every documented one exists.
     let mut flags = BTreeSet::new();
-    for (bin, subs) in [
-        (
-            "tidesync-hub",
-            &["init", "enroll", "revoke", "run", "status", "doc", "watch"][..],
-        ),
-        ("tidesync-edge", &["run", "status", "doc", "watch"][..]),
-    ] {
+    for (bin, subs) in procs::SUBCOMMANDS {
         for sub in subs {
             let help = procs::run(bin, &[sub, "--help"]).expect("help");
             for word in help.split_whitespace() {
