@@ -136,3 +136,22 @@ async fn a_small_cache_still_serves_many_documents() {
     assert!(docs < 300, "the cache evicted documents ({docs} held)");
     assert_eq!(s.doc_count().unwrap(), 300);
 }
+
+#[tokio::test]
+async fn a_creation_cut_short_leaves_nothing_that_blocks_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    // What a process killed while redb was laying out a new file leaves: bytes that are
+    // not yet a database, under the temporary name creation uses.
+    std::fs::write(dir.path().join("node.redb.creating"), vec![0u8; 4096]).unwrap();
+    let s = Store::open(&path, StoreConfig::default()).unwrap();
+    s.put(&ns("n"), &id("d"), json!({"v": 1}), None)
+        .await
+        .unwrap();
+    let epoch = s.feed_epoch();
+    drop(s);
+    assert!(!dir.path().join("node.redb.creating").exists());
+    let s = Store::open(&path, StoreConfig::default()).unwrap();
+    assert_eq!(s.feed_epoch(), epoch);
+    assert_eq!(s.get(&ns("n"), &id("d")).unwrap().unwrap().content["v"], 1);
+}

@@ -248,6 +248,9 @@ impl Drop for Inner {
 impl Store {
     /// Opens the store at `path`, creating it (with a fresh random feed epoch) if absent.
     pub fn open(path: impl AsRef<Path>, cfg: StoreConfig) -> Result<Self, StoreError> {
+        if !path.as_ref().exists() {
+            create(path.as_ref())?;
+        }
         let db = redb::Builder::new()
             .set_cache_size(cfg.redb_cache_bytes)
             .create(path.as_ref())?;
@@ -663,6 +666,31 @@ fn stored_id(id: &str) -> Result<DocId, StoreError> {
 
 /// Creates the tables on first open; returns the feed epoch and the writer's counters
 /// (next feed seq, next doc key), derived from the feed and the chunks.
+/// Creates a new database at `path` all at once: it is made and initialised under a
+/// temporary name, and renamed into place only when complete. A process killed while
+/// creating leaves no half-written file at `path` (redb would refuse to open one), only a
+/// temporary file the next attempt replaces.
+fn create(path: &Path) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| StoreError::Storage(e.into());
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".creating");
+    let tmp = path.with_file_name(name);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    init_tables(&Database::create(&tmp)?)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    // Make the rename itself durable.
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
 fn init_tables(db: &Database) -> Result<(u128, u64, u64), StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
