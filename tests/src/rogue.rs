@@ -20,9 +20,19 @@ pub fn hello(node_id: &str, role: Role) -> Message {
         node_id: node_id.into(),
         role,
         feed_epoch: 7,
+        feed_last: 0,
         resume: None,
         subscriptions: vec![],
     })
+}
+
+/// A hello as protocol version 1 encoded it, before `Hello::feed_last`: postcard by hand
+/// (variant 0, version 1, node id, role, feed epoch 5, no resume, no subscriptions).
+pub fn hello_v1(node_id: &str, role: Role) -> Vec<u8> {
+    let mut out = vec![0, 1, node_id.len() as u8];
+    out.extend_from_slice(node_id.as_bytes());
+    out.extend_from_slice(&[role as u8, 5, 0, 0]);
+    out
 }
 
 /// A connected rogue peer.

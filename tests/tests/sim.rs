@@ -10,25 +10,43 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
+use tidesync::sync::Role;
 use tidesync_tests::sim::Net;
 use tidesync_tests::Rng;
 
-fn topology(rng: &mut Rng, n: usize) -> Vec<(usize, usize)> {
-    match rng.range(0, 4) {
+/// Links between `n` nodes, and each node's role: edges only where a node has one link,
+/// as an edge talks to one hub at a time.
+fn topology(rng: &mut Rng, n: usize) -> (Vec<Role>, Vec<(usize, usize)>) {
+    let links: Vec<(usize, usize)> = match rng.range(0, 5) {
         0 => (1..n).map(|i| (i - 1, i)).collect(),       // line
         1 => (1..n).map(|i| (0, i)).collect(),           // star
         2 => (0..n).map(|i| (i, (i + 1) % n)).collect(), // ring
-        _ => (0..n)
+        3 => (0..n)
             .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
             .collect(), // mesh
-    }
+        // two linked hubs, each node after them on one of the two
+        _ => std::iter::once((0, 1))
+            .chain((2..n).map(|i| (rng.range(0, 2) as usize, i)))
+            .collect(),
+    };
+    let roles = (0..n)
+        .map(|i| {
+            let degree = links.iter().filter(|(a, b)| *a == i || *b == i).count();
+            if degree == 1 && i > 0 && rng.range(0, 4) > 0 {
+                Role::Edge
+            } else {
+                Role::Hub
+            }
+        })
+        .collect();
+    (roles, links)
 }
 
 fn run_history(seed: u64) -> Result<(u64, u64)> {
     let mut rng = Rng::new(seed);
     let n = rng.range(3, 6) as usize;
-    let edges = topology(&mut rng, n);
-    let mut net = Net::new(n, &edges)?;
+    let (roles, links) = topology(&mut rng, n);
+    let mut net = Net::with_roles(&roles, &links)?;
     for _ in 0..rng.range(20, 120) {
         if rng.range(0, 3) == 0 {
             let node = rng.range(0, n as u64) as usize;

@@ -8,7 +8,7 @@ use serde_json::json;
 use tidesync::model::{DocId, Namespace};
 use tidesync::sync::{Message, Role};
 use tidesync_tests::cluster::{wait_until, Deployment, TestNode};
-use tidesync_tests::rogue::{hello, Rogue};
+use tidesync_tests::rogue::{hello, hello_v1, Rogue};
 use tidesync_tests::Rng;
 
 fn ns() -> Namespace {
@@ -139,6 +139,21 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
     assert!(
         r.closed_within(Duration::from_secs(2)).await,
         "lying hello: not dropped"
+    );
+
+    // 7. A hello of an older protocol version: told so as the connection closes.
+    let mut r = rogue(&d, &hub, false).await;
+    r.send_frame(&hello_v1("rogue", Role::Edge)).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(2), r.conn.closed())
+        .await
+        .expect("old version: not dropped");
+    assert!(
+        matches!(
+            &closed,
+            quinn::ConnectionError::ApplicationClosed(c)
+                if String::from_utf8_lossy(&c.reason).contains("protocol version 1 is not")
+        ),
+        "{closed:?}"
     );
 
     honest_write_arrives(&edge, &hub, 4).await;

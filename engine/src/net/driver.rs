@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -21,7 +21,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use super::tls::Revocations;
 use crate::model::{DocId, Namespace};
 use crate::store::{EarlyDoc, Store, SyncApplied};
-use crate::sync::{Event, Message, Output, ProtocolError, Session};
+use crate::sync::{Event, Message, Output, ProtocolError, Session, PROTOCOL_VERSION};
 use crate::StoreError;
 
 /// Application error code on QUIC close: a protocol error was sent first.
@@ -96,6 +96,18 @@ pub struct DriverContext {
 }
 
 type Writer = FramedWrite<quinn::SendStream, LengthDelimitedCodec>;
+type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
+type Applies = JoinSet<(Namespace, DocId, Result<SyncApplied, StoreError>)>;
+
+/// Frames already received that one sweep hands to the session at most.
+const SWEEP_FRAMES: usize = 256;
+
+/// Whether the peer's side of the stream is still open.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Open,
+    Closed,
+}
 
 fn codec(max_frame: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
@@ -123,16 +135,26 @@ pub async fn run(
     let mut early = Some(ctx.store.subscribe_early());
     let mut revoked = ctx.revocations.subscribe();
     let peer_id = session.peer().node_id.clone();
-    let mut applies: JoinSet<(Namespace, DocId, Result<SyncApplied, StoreError>)> = JoinSet::new();
+    let mut applies: Applies = JoinSet::new();
     let mut saves: JoinSet<Result<(), StoreError>> = JoinSet::new();
 
     let mut seen_synced = 0;
     let result: Result<(), DriverError> = async {
         loop {
-            drain(&mut session, &mut writer, &ctx, &counters, &mut applies, &mut saves).await?;
+            drain(
+                &mut session,
+                &mut writer,
+                &ctx,
+                &counters,
+                &mut applies,
+                &mut saves,
+            )
+            .await?;
             let synced = session.stats().docs_synced;
             if synced > seen_synced {
-                counters.docs_synced.fetch_add(synced - seen_synced, Ordering::Relaxed);
+                counters
+                    .docs_synced
+                    .fetch_add(synced - seen_synced, Ordering::Relaxed);
                 seen_synced = synced;
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -142,22 +164,12 @@ pub async fn run(
             counters.lag.store(session.lag(), Ordering::Relaxed);
             tokio::select! {
                 frame = reader.next() => {
-                    let frame = match frame {
-                        Some(Ok(f)) => f,
-                        // The codec reports bad frames as InvalidData; anything else is the
-                        // connection going away.
-                        Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                            return Err(ProtocolError::from_frame_error(&e).into());
-                        }
-                        Some(Err(e)) => return Err(DriverError::Stream(e.to_string())),
-                        None => return Ok(()),
-                    };
-                    counters.messages_received.fetch_add(1, Ordering::Relaxed);
-                    counters.bytes_received.fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
-                    let msg = Message::decode(&frame).map_err(|e| {
-                        ProtocolError::protocol(format!("undecodable frame of {} bytes: {e}", frame.len()))
-                    })?;
-                    session.handle_message(msg)?;
+                    if on_frame(&mut session, &counters, frame)? == Flow::Closed {
+                        return Ok(());
+                    }
+                    if sweep(&mut session, &mut reader, &mut applies, &counters)? == Flow::Closed {
+                        return Ok(());
+                    }
                 }
                 changed = feed.changed() => {
                     if changed.is_err() {
@@ -167,14 +179,10 @@ pub async fn run(
                     session.handle_feed_advanced(last);
                 }
                 Some(done) = applies.join_next() => {
-                    let (ns, id, result) = done.map_err(|e| DriverError::Stream(e.to_string()))?;
-                    if let Ok(applied) = &result {
-                        counters.syncs_applied.fetch_add(1, Ordering::Relaxed);
-                        counters
-                            .changes_applied
-                            .fetch_add(applied.changes_applied, Ordering::Relaxed);
+                    on_applied(&mut session, &counters, done)?;
+                    if sweep(&mut session, &mut reader, &mut applies, &counters)? == Flow::Closed {
+                        return Ok(());
                     }
-                    session.handle_applied(ns, id, result)?;
                 }
                 Some(saved) = saves.join_next() => {
                     saved.map_err(|e| DriverError::Stream(e.to_string()))??;
@@ -183,7 +191,7 @@ pub async fn run(
                     if let Some(docs) = notice {
                         let peer = session.sync_peer();
                         for d in docs.iter() {
-                            session.handle_early(d.ns.clone(), d.id.clone(), d.doc.clone(), || {
+                            session.handle_early(d, || {
                                 ctx.store.sync_state(&peer, d.key)
                             });
                         }
@@ -220,6 +228,74 @@ pub async fn run(
     result
 }
 
+/// Hands one frame (or the stream's end) to the session.
+fn on_frame(
+    session: &mut Session,
+    counters: &PeerCounters,
+    frame: Option<Result<bytes::BytesMut, std::io::Error>>,
+) -> Result<Flow, DriverError> {
+    let frame = match frame {
+        Some(Ok(f)) => f,
+        // The codec reports bad frames as InvalidData; anything else is the connection
+        // going away.
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(ProtocolError::from_frame_error(&e).into());
+        }
+        Some(Err(e)) => return Err(DriverError::Stream(e.to_string())),
+        None => return Ok(Flow::Closed),
+    };
+    counters.messages_received.fetch_add(1, Ordering::Relaxed);
+    counters
+        .bytes_received
+        .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
+    let msg = Message::decode(&frame).map_err(|e| match Message::hello_version(&frame) {
+        Some(v) if v != PROTOCOL_VERSION => ProtocolError::version(v),
+        _ => ProtocolError::protocol(format!("undecodable frame of {} bytes: {e}", frame.len())),
+    })?;
+    session.handle_message(msg)?;
+    Ok(Flow::Open)
+}
+
+/// Hands one finished apply to the session.
+fn on_applied(
+    session: &mut Session,
+    counters: &PeerCounters,
+    done: Result<(Namespace, DocId, Result<SyncApplied, StoreError>), tokio::task::JoinError>,
+) -> Result<(), DriverError> {
+    let (ns, id, result) = done.map_err(|e| DriverError::Stream(e.to_string()))?;
+    if let Ok(applied) = &result {
+        counters.syncs_applied.fetch_add(1, Ordering::Relaxed);
+        counters
+            .changes_applied
+            .fetch_add(applied.changes_applied, Ordering::Relaxed);
+    }
+    session.handle_applied(ns, id, result)?;
+    Ok(())
+}
+
+/// Hands the session every frame already received and every apply already finished,
+/// without waiting, so the replies to a burst go out in one flush (few packets) instead of
+/// one flush each.
+fn sweep(
+    session: &mut Session,
+    reader: &mut Reader,
+    applies: &mut Applies,
+    counters: &PeerCounters,
+) -> Result<Flow, DriverError> {
+    for _ in 0..SWEEP_FRAMES {
+        let Some(frame) = reader.next().now_or_never() else {
+            break;
+        };
+        if on_frame(session, counters, frame)? == Flow::Closed {
+            return Ok(Flow::Closed);
+        }
+    }
+    while let Some(done) = applies.try_join_next() {
+        on_applied(session, counters, done)?;
+    }
+    Ok(Flow::Open)
+}
+
 /// The next early notice of the store (see `Store::subscribe_early`); `None` after missed
 /// notices, which only cost the head start. Pends forever once the store is closing.
 async fn recv_early(
@@ -244,7 +320,7 @@ async fn drain(
     writer: &mut Writer,
     ctx: &DriverContext,
     counters: &PeerCounters,
-    applies: &mut JoinSet<(Namespace, DocId, Result<SyncApplied, StoreError>)>,
+    applies: &mut Applies,
     saves: &mut JoinSet<Result<(), StoreError>>,
 ) -> Result<(), DriverError> {
     let mut wrote = false;
@@ -277,13 +353,7 @@ async fn drain(
             }
             Output::Apply(apply) => {
                 let (store, peer) = (ctx.store.clone(), peer.clone());
-                applies.spawn(async move {
-                    let a = *apply;
-                    let result = store
-                        .apply_sync(&a.ns, &a.id, &peer, a.state, a.read_only, a.message)
-                        .await;
-                    (a.ns, a.id, result)
-                });
+                applies.spawn(async move { apply.run(&store, &peer).await });
             }
             Output::SaveCursor(record) => {
                 let (store, id) = (ctx.store.clone(), peer.id.clone());

@@ -123,6 +123,10 @@ pub struct PeerStatus {
     pub udp_bytes_sent: u64,
     /// UDP bytes received on the current connection.
     pub udp_bytes_received: u64,
+    /// UDP datagrams sent on the current connection.
+    pub udp_datagrams_sent: u64,
+    /// UDP datagrams received on the current connection.
+    pub udp_datagrams_received: u64,
 }
 
 struct PeerEntry {
@@ -310,6 +314,8 @@ impl Node {
                         .map_or(0, |r| r.cursor),
                     udp_bytes_sent: udp.as_ref().map_or(0, |s| s.udp_tx.bytes),
                     udp_bytes_received: udp.as_ref().map_or(0, |s| s.udp_rx.bytes),
+                    udp_datagrams_sent: udp.as_ref().map_or(0, |s| s.udp_tx.datagrams),
+                    udp_datagrams_received: udp.as_ref().map_or(0, |s| s.udp_rx.datagrams),
                 }
             })
             .collect();

@@ -112,6 +112,8 @@ pub struct EarlyDoc {
     pub key: u64,
     /// The document with the batch's changes, not yet durable.
     pub doc: Arc<Automerge>,
+    /// The document's size in the store before this batch, in bytes (0 for a new one).
+    pub stored_bytes: u64,
 }
 
 /// How many batches an early subscriber may fall behind before it misses some. Small:
@@ -134,6 +136,8 @@ pub struct SyncDoc {
     pub doc: Arc<Automerge>,
     /// The persisted sync state for the peer, warm-started; `None` if there is none.
     pub state: Option<automerge::sync::State>,
+    /// The document's size in the store (snapshot and appended changes), in bytes.
+    pub stored_bytes: u64,
 }
 
 /// The result of applying a peer's sync message, for generating the reply.
@@ -438,14 +442,18 @@ impl Store {
     ) -> Result<Option<SyncDoc>, StoreError> {
         let mut found = None;
         let doc = self.with_doc_arc(ns, id, |meta, doc| {
-            found = Some(meta.key);
+            found = Some((meta.key, meta.stored_bytes()));
             doc
         })?;
-        let (Some(doc), Some(key)) = (doc, found) else {
+        let (Some(doc), Some((key, stored_bytes))) = (doc, found) else {
             return Ok(None);
         };
         let state = self.sync_state(peer, key)?;
-        Ok(Some(SyncDoc { doc, state }))
+        Ok(Some(SyncDoc {
+            doc,
+            state,
+            stored_bytes,
+        }))
     }
 
     /// The document's content, or `None` if it is absent or deleted.

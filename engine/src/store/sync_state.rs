@@ -6,7 +6,7 @@
 //! message then carries every change made since, and a document both sides already share
 //! produces no message at all.
 
-use automerge::sync::{Have, State};
+use automerge::sync::{Capability, Have, State};
 
 /// `epoch` (16 bytes LE) followed by the encoded state.
 pub(crate) fn encode(peer_epoch: u128, state: &State) -> Vec<u8> {
@@ -25,7 +25,8 @@ pub(crate) fn decode(bytes: &[u8], peer_epoch: u128) -> Option<State> {
     State::decode(rest).ok().map(warm)
 }
 
-/// Treats the shared heads as what the peer last said it had (see the module doc).
+/// Treats the shared heads as what the peer last said it had (see the module doc); from
+/// an empty state, a peer that has nothing.
 pub fn warm(mut state: State) -> State {
     let shared = state.shared_heads.clone();
     state.their_heads = Some(shared.clone());
@@ -36,6 +37,11 @@ pub fn warm(mut state: State) -> State {
     }]);
     state.last_sent_heads = shared;
     state.have_responded = true;
+    // Every peer speaks this protocol version, hence this Automerge: it takes whole
+    // documents in one compressed message and understands sync resets. Automerge would
+    // otherwise learn it from the peer's first message, and until then send changes one by
+    // one, uncompressed.
+    state.their_capabilities = Some(vec![Capability::MessageV2, Capability::SyncReset]);
     state
 }
 

@@ -276,7 +276,8 @@ impl Writer {
                     .zip(&changed)
                     .filter(|(_, c)| **c)
                     .map(|(w, _)| {
-                        let key = w.meta.get_or_insert_with(|| self.new_meta()).key;
+                        let meta = w.meta.get_or_insert_with(|| self.new_meta());
+                        let (key, stored_bytes) = (meta.key, meta.stored_bytes());
                         let doc = Arc::new(std::mem::take(&mut w.doc));
                         w.shared = Some(doc.clone());
                         EarlyDoc {
@@ -284,6 +285,7 @@ impl Writer {
                             id: w.id.clone(),
                             key,
                             doc,
+                            stored_bytes,
                         }
                     })
                     .collect();

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::NsPattern;
 
-/// Version of this message set. A peer with another version is refused at hello.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of this message set. A peer with another version is refused at hello (see
+/// [`Message::hello_version`]). 2 added [`Hello::feed_last`].
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN protocol name negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"tidesync/1";
@@ -52,6 +53,9 @@ pub struct Hello {
     pub role: Role,
     /// The sender's feed epoch.
     pub feed_epoch: u128,
+    /// The last seq of the sender's feed. A receiver that holds all of it knows every
+    /// document the sender has.
+    pub feed_last: u64,
     /// How far the sender has durably received the receiver's feed.
     pub resume: Option<Cursor>,
     /// Namespaces the sender wants; the receiver intersects them with the sender's grants.
@@ -114,11 +118,46 @@ impl Message {
             _ => Err(postcard::Error::DeserializeBadEncoding),
         }
     }
+
+    /// The version a frame that starts like a hello claims, whatever follows it, so that a
+    /// peer of another protocol version is told so instead of "undecodable".
+    pub fn hello_version(bytes: &[u8]) -> Option<u16> {
+        // A postcard enum is its variant index, then its fields; `Hello` is variant 0 and
+        // `version` its first field.
+        match postcard::take_from_bytes::<(u32, u16)>(bytes) {
+            Ok(((0, version), _)) => Some(version),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hello as protocol version 1 encoded it (no `feed_last`).
+    fn msgs_hello_v1() -> Vec<u8> {
+        #[derive(Serialize)]
+        enum OldMessage {
+            Hello {
+                version: u16,
+                node_id: String,
+                role: Role,
+                feed_epoch: u128,
+                resume: Option<Cursor>,
+                subscriptions: Vec<NsPattern>,
+            },
+        }
+        postcard::to_stdvec(&OldMessage::Hello {
+            version: 1,
+            node_id: "edge-1".into(),
+            role: Role::Edge,
+            feed_epoch: 5,
+            resume: None,
+            subscriptions: vec![NsPattern::all()],
+        })
+        .expect("encodes")
+    }
 
     #[test]
     fn messages_round_trip_and_garbage_is_refused() {
@@ -128,6 +167,7 @@ mod tests {
                 node_id: "edge-1".into(),
                 role: Role::Edge,
                 feed_epoch: u128::MAX - 3,
+                feed_last: 12,
                 resume: Some(Cursor { epoch: 5, seq: 9 }),
                 subscriptions: vec![NsPattern::all()],
             }),
@@ -146,6 +186,15 @@ mod tests {
             assert_eq!(Message::decode(&m.encode()).expect("decodes"), m);
         }
         assert!(Message::decode(&[0xff, 0xff, 0xff]).is_err());
+        assert_eq!(
+            Message::hello_version(&msgs_hello_v1()),
+            Some(1),
+            "an older hello that no longer decodes still tells its version"
+        );
+        assert_eq!(
+            Message::hello_version(&Message::Synced { seq: 1 }.encode()),
+            None
+        );
         assert!(Message::decode(&[]).is_err());
         let mut trailing = Message::Synced { seq: 1 }.encode();
         trailing.push(0);

@@ -31,7 +31,10 @@ use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use super::message::{Cursor, ErrorCode, Hello, Message, Role, PROTOCOL_VERSION};
 use crate::model::{same_heads, DocId, Grants, Namespace, NodeId, NsPattern};
-use crate::store::{FeedEntry, FeedSeq, PeerRecord, SyncApplied, SyncDoc as LoadedDoc, SyncPeer};
+use crate::store::{
+    warm_sync_state, EarlyDoc, FeedEntry, FeedSeq, PeerRecord, SyncApplied, SyncDoc as LoadedDoc,
+    SyncPeer,
+};
 
 /// Settings of a session, the same for every peer of a node.
 #[derive(Clone, Debug)]
@@ -48,6 +51,9 @@ pub struct SessionConfig {
     pub max_docs_in_flight: usize,
     /// Feed entries asked for at a time.
     pub feed_batch: usize,
+    /// Largest document (as stored) sent whole in the first message to a peer presumed to
+    /// lack it; larger ones start with Automerge's announcement of heads.
+    pub whole_doc_max_bytes: u64,
 }
 
 impl SessionConfig {
@@ -60,6 +66,7 @@ impl SessionConfig {
             subscriptions: vec![NsPattern::all()],
             max_docs_in_flight: 512,
             feed_batch: 1024,
+            whole_doc_max_bytes: 4096,
         }
     }
 }
@@ -97,6 +104,14 @@ impl ProtocolError {
     /// A malformed frame or unexpected message.
     pub fn protocol(reason: impl Into<String>) -> Self {
         Self::new(ErrorCode::Protocol, reason)
+    }
+
+    /// A peer speaking another protocol version.
+    pub fn version(theirs: u16) -> Self {
+        Self::new(
+            ErrorCode::Version,
+            format!("protocol version {theirs} is not {PROTOCOL_VERSION}"),
+        )
     }
 
     /// A frame the codec refused (over the size limit, or a broken length prefix).
@@ -153,6 +168,28 @@ pub struct Apply {
     pub read_only: bool,
     /// The peer's message.
     pub message: automerge::sync::Message,
+}
+
+impl Apply {
+    /// Carries it out in `store` for `peer`, as a driver does; the result goes to
+    /// [`Session::handle_applied`].
+    pub async fn run(
+        self,
+        store: &crate::store::Store,
+        peer: &SyncPeer,
+    ) -> (Namespace, DocId, Result<SyncApplied, crate::StoreError>) {
+        let result = store
+            .apply_sync(
+                &self.ns,
+                &self.id,
+                peer,
+                self.state,
+                self.read_only,
+                self.message,
+            )
+            .await;
+        (self.ns, self.id, result)
+    }
 }
 
 /// Notable things that happened in a session.
@@ -270,6 +307,9 @@ pub struct Session {
     /// How far this node has durably received the peer's feed.
     record: Option<PeerRecord>,
     peer_hello: Option<Hello>,
+    /// Every document the peer has, it got from or gave to this node: a document with no
+    /// sync state stored for the peer is one it lacks (see [`Session::cold_state`]).
+    peer_lacks_unshared: bool,
     outputs: VecDeque<Output>,
     /// The local feed has been read up to here.
     walked: FeedSeq,
@@ -314,6 +354,7 @@ impl Session {
             node_id: cfg.node_id.to_string(),
             role: cfg.role,
             feed_epoch: cfg.feed_epoch,
+            feed_last: local_last.0,
             resume: record.map(|r| Cursor {
                 epoch: r.epoch,
                 seq: r.cursor,
@@ -325,6 +366,7 @@ impl Session {
             peer,
             record,
             peer_hello: None,
+            peer_lacks_unshared: false,
             outputs: VecDeque::new(),
             walked: FeedSeq(0),
             local_last,
@@ -423,13 +465,7 @@ impl Session {
             return Err(ProtocolError::new(ErrorCode::Protocol, "a second hello"));
         }
         if hello.version != PROTOCOL_VERSION {
-            return Err(ProtocolError::new(
-                ErrorCode::Version,
-                format!(
-                    "protocol version {} is not {PROTOCOL_VERSION}",
-                    hello.version
-                ),
-            ));
+            return Err(ProtocolError::version(hello.version));
         }
         if hello.node_id != self.peer.node_id.as_str() || hello.role != self.peer.role {
             return Err(ProtocolError::new(
@@ -445,12 +481,11 @@ impl Session {
         }
         // Where the peer has everything of our feed; a cursor from another epoch of this
         // database, or beyond its end (a restored backup), means start over.
-        let start = match hello.resume {
-            Some(c) if c.epoch == self.cfg.feed_epoch && c.seq <= self.local_last.0 => {
-                FeedSeq(c.seq)
-            }
-            _ => FeedSeq(0),
-        };
+        let start = hello
+            .resume
+            .filter(|c| c.epoch == self.cfg.feed_epoch && c.seq <= self.local_last.0)
+            .map_or(FeedSeq(0), |c| FeedSeq(c.seq));
+        self.peer_lacks_unshared = self.knows_everything_of(&hello);
         self.walked = start;
         self.synced_sent = start;
         if self.record.is_some_and(|r| r.epoch != hello.feed_epoch) {
@@ -610,20 +645,20 @@ impl Session {
     /// when the session holds none. Returns whether a message was sent.
     pub fn handle_early<E>(
         &mut self,
-        ns: Namespace,
-        id: DocId,
-        doc: Arc<Automerge>,
+        early: &EarlyDoc,
         persisted: impl FnOnce() -> Result<Option<State>, E>,
     ) -> bool {
+        let (ns, doc) = (&early.ns, &early.doc);
         // During catch-up the feed walk is about to send it anyway.
         let live = self.peer_hello.is_some()
             && self.queue.is_empty()
             && self.in_flight < self.cfg.max_docs_in_flight;
-        if !live || !self.wants(&ns) {
+        if !live || !self.wants(ns) {
             return false;
         }
-        let read_only = !self.peer.grants.can_write(&ns);
-        let key = (ns, id);
+        let read_only = !self.peer.grants.can_write(ns);
+        let cold = self.cold_state(early.stored_bytes);
+        let key = (early.ns.clone(), early.id.clone());
         let entry = self.docs.entry(key.clone()).or_default();
         // Only move forward: an offer's doneness is judged against `entry.doc`, so it
         // must never be replaced by an older version.
@@ -638,7 +673,7 @@ impl Session {
         if entry.state.is_none() {
             match persisted() {
                 Ok(state) => {
-                    let mut state = state.unwrap_or_default();
+                    let mut state = state.unwrap_or(cold);
                     state.read_only = read_only;
                     entry.state = Some(state);
                 }
@@ -650,7 +685,7 @@ impl Session {
                 }
             }
         }
-        entry.doc = Some(doc);
+        entry.doc = Some(doc.clone());
         let (Some(doc), Some(state)) = (&entry.doc, &mut entry.state) else {
             return false;
         };
@@ -669,6 +704,7 @@ impl Session {
 
     /// The answer to [`Output::Load`]. `None` if the document does not exist.
     pub fn handle_loaded(&mut self, ns: Namespace, id: DocId, loaded: Option<LoadedDoc>) {
+        let cold = loaded.as_ref().map(|l| self.cold_state(l.stored_bytes));
         let key = (ns, id);
         let entry = self.docs.entry(key.clone()).or_default();
         entry.loading = false;
@@ -676,13 +712,39 @@ impl Session {
         if let Some(l) = loaded {
             entry.doc = Some(l.doc);
             if entry.state.is_none() {
-                let mut state = l.state.unwrap_or_default();
+                let mut state = l.state.or(cold).unwrap_or_default();
                 // Read-only: we neither apply nor ask for the peer's changes, and tell it so.
                 state.read_only = !self.peer.grants.can_write(&key.0);
                 entry.state = Some(state);
             }
         }
         self.resume(&key);
+    }
+
+    /// Whether, at the hello, every document the peer has is known here: its feed lists
+    /// each of its documents, and this node has durably received all of it (or it is
+    /// empty), having stored a sync state for each document it received. Only on an edge's
+    /// link to a hub: an edge talks to one hub at a time, so during the session it gets
+    /// documents from this node only, while a hub also hears from other hubs.
+    fn knows_everything_of(&self, hello: &Hello) -> bool {
+        let edge_link = self.cfg.role == Role::Edge || self.peer.role == Role::Edge;
+        let all_received = hello.feed_last == 0
+            || self
+                .record
+                .is_some_and(|r| r.epoch == hello.feed_epoch && r.cursor >= hello.feed_last);
+        edge_link && all_received
+    }
+
+    /// The state to start from for a document with no state stored for this peer. When the
+    /// peer lacks such documents (see [`Session::knows_everything_of`]), a small one goes
+    /// out whole in the first message, saving a round trip and two messages per document;
+    /// otherwise Automerge's first message announces our heads and asks what the peer has.
+    fn cold_state(&self, stored_bytes: u64) -> State {
+        if self.peer_lacks_unshared && stored_bytes <= self.cfg.whole_doc_max_bytes {
+            warm_sync_state(State::new())
+        } else {
+            State::new()
+        }
     }
 
     fn wants(&self, ns: &Namespace) -> bool {

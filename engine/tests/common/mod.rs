@@ -1,6 +1,8 @@
 //! Helpers shared by the store tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod link;
+
 use tempfile::TempDir;
 use tidesync::model::{DocId, Namespace};
 use tidesync::store::{FeedSeq, Store, StoreConfig};

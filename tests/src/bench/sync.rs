@@ -97,6 +97,10 @@ pub async fn catchup(docs: usize, changes: usize) -> Result<Value> {
     })
     .await?;
     let ms = started.elapsed().as_secs_f64() * 1e3;
+    // The bytes include the acknowledgements that follow convergence: wait for the hub to
+    // hear all of them, and for its last `Synced` to arrive.
+    both_caught_up(&a, &b).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let p = link(&b)?;
     let wire = p.udp_bytes_sent + p.udp_bytes_received;
     let frames = p.bytes_sent + p.bytes_received;
@@ -108,6 +112,7 @@ pub async fn catchup(docs: usize, changes: usize) -> Result<Value> {
         "bytes": wire,
         "frame_bytes": frames,
         "bytes_received": p.udp_bytes_received,
+        "datagrams": p.udp_datagrams_sent + p.udp_datagrams_received,
         "raw_change_bytes": raw,
         "bytes_ratio": ratio(wire, raw),
         "frame_bytes_ratio": ratio(frames, raw),

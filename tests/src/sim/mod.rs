@@ -18,7 +18,7 @@ use automerge::ReadDoc;
 use serde_json::json;
 use tidesync::model::{DocId, Grants, Namespace, NodeId};
 use tidesync::store::{EarlyDoc, Store, StoreConfig};
-use tidesync::sync::{Apply, Message, Output, PeerIdentity, Role, Session, SessionConfig};
+use tidesync::sync::{Message, Output, PeerIdentity, Role, Session, SessionConfig};
 use tokio::sync::broadcast;
 
 use crate::Rng;
@@ -28,6 +28,8 @@ use crate::Rng;
 pub struct SimNode {
     /// The node's id.
     pub id: NodeId,
+    /// Edge or hub (an edge must have one link only: it talks to one hub at a time).
+    pub role: Role,
     path: PathBuf,
     /// Open while the node runs.
     pub store: Option<Store>,
@@ -68,6 +70,11 @@ const DOCS: usize = 4;
 impl Net {
     /// `n` nodes (all hubs) with links `edges`.
     pub fn new(n: usize, edges: &[(usize, usize)]) -> Result<Self> {
+        Self::with_roles(&vec![Role::Hub; n], edges)
+    }
+
+    /// A node of each role in `roles`, with links `edges`.
+    pub fn with_roles(roles: &[Role], edges: &[(usize, usize)]) -> Result<Self> {
         let dir = match tempfile::Builder::new()
             .prefix("tidesync-sim")
             .tempdir_in("/dev/shm")
@@ -77,11 +84,12 @@ impl Net {
         };
         let rt = tokio::runtime::Builder::new_current_thread().build()?;
         let mut nodes = Vec::new();
-        for i in 0..n {
+        for (i, &role) in roles.iter().enumerate() {
             let path = dir.path().join(format!("n{i}.redb"));
             let store = Store::open(&path, sim_store_config())?;
             nodes.push(SimNode {
                 id: NodeId::new(format!("n{i}"))?,
+                role,
                 path,
                 early: Some(store.subscribe_early()),
                 old_early: VecDeque::new(),
@@ -287,10 +295,14 @@ impl Net {
         for side in 0..2 {
             let (me, peer) = (ends[side], ends[1 - side]);
             let store = self.nodes[me].store.as_ref().context("running")?;
-            let cfg = SessionConfig::new(self.nodes[me].id.clone(), Role::Hub, store.feed_epoch());
+            let cfg = SessionConfig::new(
+                self.nodes[me].id.clone(),
+                self.nodes[me].role,
+                store.feed_epoch(),
+            );
             let identity = PeerIdentity {
                 node_id: self.nodes[peer].id.clone(),
-                role: Role::Hub,
+                role: self.nodes[peer].role,
                 grants: Grants::everything(),
             };
             let record = store.peer_record(&self.nodes[peer].id)?;
@@ -343,10 +355,7 @@ impl Net {
                 if let Some(s) = self.links[l].sessions[side].as_mut() {
                     let peer = s.sync_peer();
                     for d in docs {
-                        let sent =
-                            s.handle_early(d.ns.clone(), d.id.clone(), d.doc.clone(), || {
-                                store.sync_state(&peer, d.key)
-                            });
+                        let sent = s.handle_early(d, || store.sync_state(&peer, d.key));
                         self.early_sent += u64::from(sent);
                     }
                 }
@@ -413,16 +422,7 @@ impl Net {
                     session.handle_loaded(ns, id, loaded);
                 }
                 Output::Apply(apply) => {
-                    let Apply {
-                        ns,
-                        id,
-                        state,
-                        read_only,
-                        message,
-                    } = *apply;
-                    let result = self
-                        .rt
-                        .block_on(store.apply_sync(&ns, &id, &peer, state, read_only, message));
+                    let (ns, id, result) = self.rt.block_on(apply.run(&store, &peer));
                     wrote |= result.is_ok();
                     if session.handle_applied(ns, id, result).is_err() {
                         self.disconnect(l);
