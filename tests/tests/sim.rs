@@ -46,7 +46,7 @@ fn run_history(seed: u64) -> Result<(u64, u64)> {
     let mut rng = Rng::new(seed);
     let n = rng.range(3, 6) as usize;
     let (roles, links) = topology(&mut rng, n);
-    let mut net = Net::with_roles(&roles, &links)?;
+    let mut net = Net::new(&roles, &links)?;
     for _ in 0..rng.range(20, 120) {
         if rng.range(0, 3) == 0 {
             let node = rng.range(0, n as u64) as usize;

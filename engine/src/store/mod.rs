@@ -672,8 +672,6 @@ fn stored_id(id: &str) -> Result<DocId, StoreError> {
     DocId::new(id).map_err(corrupt_name)
 }
 
-/// Creates the tables on first open; returns the feed epoch and the writer's counters
-/// (next feed seq, next doc key), derived from the feed and the chunks.
 /// Creates a new database at `path` all at once: it is made and initialised under a
 /// temporary name, and renamed into place only when complete. A process killed while
 /// creating leaves no half-written file at `path` (redb would refuse to open one), only a
@@ -699,6 +697,8 @@ fn create(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Creates the tables on first open; returns the feed epoch and the writer's counters
+/// (next feed seq, next doc key), derived from the feed and the chunks.
 fn init_tables(db: &Database) -> Result<(u128, u64, u64), StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;

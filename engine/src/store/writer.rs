@@ -427,8 +427,6 @@ impl Writer {
         })
     }
 
-    /// Appends the batch's changes of `w` (or a fresh snapshot, when the changes would
-    /// outweigh the last one) and moves the document to the end of the feed.
     /// The bookkeeping of a document this batch creates, under a fresh key.
     fn new_meta(&mut self) -> DocMeta {
         let key = self.next_doc_key;
@@ -445,6 +443,8 @@ impl Writer {
         }
     }
 
+    /// Appends the batch's changes of `w` (or a fresh snapshot, when the changes would
+    /// outweigh the last one) and moves the document to the end of the feed.
     fn persist(
         &mut self,
         w: &mut Working,

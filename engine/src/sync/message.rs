@@ -136,7 +136,7 @@ mod tests {
     use super::*;
 
     /// A hello as protocol version 1 encoded it (no `feed_last`).
-    fn msgs_hello_v1() -> Vec<u8> {
+    fn hello_v1() -> Vec<u8> {
         #[derive(Serialize)]
         enum OldMessage {
             Hello {
@@ -187,9 +187,9 @@ mod tests {
         }
         assert!(Message::decode(&[0xff, 0xff, 0xff]).is_err());
         assert_eq!(
-            Message::hello_version(&msgs_hello_v1()),
+            Message::hello_version(&hello_v1()),
             Some(1),
-            "an older hello that no longer decodes still tells its version"
+            "an older hello tells its version, whether or not the rest decodes"
         );
         assert_eq!(
             Message::hello_version(&Message::Synced { seq: 1 }.encode()),

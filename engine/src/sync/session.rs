@@ -308,7 +308,7 @@ pub struct Session {
     record: Option<PeerRecord>,
     peer_hello: Option<Hello>,
     /// Every document the peer has, it got from or gave to this node: a document with no
-    /// sync state stored for the peer is one it lacks (see [`Session::cold_state`]).
+    /// sync state stored for the peer is one it lacks (see [`Session::peer_lacks`]).
     peer_lacks_unshared: bool,
     outputs: VecDeque<Output>,
     /// The local feed has been read up to here.
@@ -657,7 +657,7 @@ impl Session {
             return false;
         }
         let read_only = !self.peer.grants.can_write(ns);
-        let cold = self.cold_state(early.stored_bytes);
+        let lacks = self.peer_lacks(early.stored_bytes);
         let key = (early.ns.clone(), early.id.clone());
         let entry = self.docs.entry(key.clone()).or_default();
         // Only move forward: an offer's doneness is judged against `entry.doc`, so it
@@ -672,11 +672,7 @@ impl Session {
         }
         if entry.state.is_none() {
             match persisted() {
-                Ok(state) => {
-                    let mut state = state.unwrap_or(cold);
-                    state.read_only = read_only;
-                    entry.state = Some(state);
-                }
+                Ok(state) => entry.state = Some(start_state(state, lacks, read_only)),
                 Err(_) => {
                     if entry.offered.is_none() && entry.inbox.is_empty() && !entry.early {
                         self.docs.remove(&key);
@@ -704,7 +700,10 @@ impl Session {
 
     /// The answer to [`Output::Load`]. `None` if the document does not exist.
     pub fn handle_loaded(&mut self, ns: Namespace, id: DocId, loaded: Option<LoadedDoc>) {
-        let cold = loaded.as_ref().map(|l| self.cold_state(l.stored_bytes));
+        let read_only = !self.peer.grants.can_write(&ns);
+        let lacks = loaded
+            .as_ref()
+            .is_some_and(|l| self.peer_lacks(l.stored_bytes));
         let key = (ns, id);
         let entry = self.docs.entry(key.clone()).or_default();
         entry.loading = false;
@@ -712,10 +711,7 @@ impl Session {
         if let Some(l) = loaded {
             entry.doc = Some(l.doc);
             if entry.state.is_none() {
-                let mut state = l.state.or(cold).unwrap_or_default();
-                // Read-only: we neither apply nor ask for the peer's changes, and tell it so.
-                state.read_only = !self.peer.grants.can_write(&key.0);
-                entry.state = Some(state);
+                entry.state = Some(start_state(l.state, lacks, read_only));
             }
         }
         self.resume(&key);
@@ -735,16 +731,11 @@ impl Session {
         edge_link && all_received
     }
 
-    /// The state to start from for a document with no state stored for this peer. When the
-    /// peer lacks such documents (see [`Session::knows_everything_of`]), a small one goes
-    /// out whole in the first message, saving a round trip and two messages per document;
-    /// otherwise Automerge's first message announces our heads and asks what the peer has.
-    fn cold_state(&self, stored_bytes: u64) -> State {
-        if self.peer_lacks_unshared && stored_bytes <= self.cfg.whole_doc_max_bytes {
-            warm_sync_state(State::new())
-        } else {
-            State::new()
-        }
+    /// Whether a document of this size with no state stored for the peer should go out
+    /// whole in the first message: the peer lacks such documents (see
+    /// [`Session::knows_everything_of`]) and it is small.
+    fn peer_lacks(&self, stored_bytes: u64) -> bool {
+        self.peer_lacks_unshared && stored_bytes <= self.cfg.whole_doc_max_bytes
     }
 
     fn wants(&self, ns: &Namespace) -> bool {
@@ -914,6 +905,23 @@ impl Session {
     fn event(&mut self, e: Event) {
         self.outputs.push_back(Output::Event(e));
     }
+}
+
+/// The state a document's sync with the peer starts from: the persisted one; else, when
+/// the peer lacks the document, "the peer has nothing", so that Automerge's first message
+/// carries the whole document (a round trip and two messages saved), or else a fresh state,
+/// whose first message announces our heads and asks what the peer has. Read-only where the
+/// peer may not write: we neither apply nor ask for its changes, and tell it so.
+fn start_state(persisted: Option<State>, peer_lacks: bool, read_only: bool) -> State {
+    let mut state = persisted.unwrap_or_else(|| {
+        if peer_lacks {
+            warm_sync_state(State::new())
+        } else {
+            State::new()
+        }
+    });
+    state.read_only = read_only;
+    state
 }
 
 /// Whether every one of `ours` is among the heads the peer last acknowledged.

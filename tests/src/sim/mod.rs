@@ -68,13 +68,8 @@ const NAMESPACES: [&str; 2] = ["alpha", "beta"];
 const DOCS: usize = 4;
 
 impl Net {
-    /// `n` nodes (all hubs) with links `edges`.
-    pub fn new(n: usize, edges: &[(usize, usize)]) -> Result<Self> {
-        Self::with_roles(&vec![Role::Hub; n], edges)
-    }
-
     /// A node of each role in `roles`, with links `edges`.
-    pub fn with_roles(roles: &[Role], edges: &[(usize, usize)]) -> Result<Self> {
+    pub fn new(roles: &[Role], edges: &[(usize, usize)]) -> Result<Self> {
         let dir = match tempfile::Builder::new()
             .prefix("tidesync-sim")
             .tempdir_in("/dev/shm")
