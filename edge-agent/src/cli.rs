@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use tidesync::config::CommonRunFlags;
+use tidesync_cli::config::CommonRunFlags;
 
 /// Tidesync edge agent: keeps the documents this device is granted, accepts writes online or
 /// offline, and syncs them with the deployment's hubs.
@@ -48,5 +48,5 @@ pub enum Command {
     },
     /// Client commands: status, doc, watch.
     #[command(flatten)]
-    Client(tidesync::client::ClientCommand),
+    Client(tidesync_cli::client::ClientCommand),
 }

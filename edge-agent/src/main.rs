@@ -4,10 +4,10 @@ mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tidesync::config::{list_or, RunFile};
-use tidesync::daemon::{Daemon, DaemonConfig};
+use tidesync::daemon::DaemonConfig;
 use tidesync::model::NsPattern;
-use tidesync::net::Bundle;
+use tidesync_cli::config::list_or;
+use tidesync_cli::run::{serve, RunBase};
 
 use cli::{Cli, Command};
 
@@ -30,7 +30,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    tidesync::daemon::init_logging();
+    tidesync_cli::init_logging();
     let default_api = std::net::SocketAddr::from(([127, 0, 0, 1], 7780));
     match cli.command {
         Command::Client(cmd) => Ok(cmd.run(default_api)?),
@@ -43,21 +43,13 @@ fn run(cli: Cli) -> Result<()> {
             common,
             config,
         } => {
-            let file = RunFile::load(config.as_deref())?;
-            let common = common.resolve(&file);
-            let data = data
-                .or(file.data)
-                .context("--data is required (or `data` in the config file)")?;
-            let bundle = bundle
-                .or(file.bundle)
-                .context("--bundle is required (or `bundle` in the config file)")?;
-            let bundle = Bundle::read(&bundle)?;
-            let hubs = list_or(hubs, file.hubs);
+            let base = RunBase::resolve(config.as_deref(), data, common)?;
+            let bundle = base.bundle(bundle, None)?;
+            let hubs = list_or(hubs, base.file.hubs.clone());
             if hubs.is_empty() {
                 anyhow::bail!("at least one --hub is required (or `hubs` in the config file)");
             }
-            let subscribe = list_or(subscribe, file.subscribe);
-            let api = api.or(file.api).unwrap_or(default_api);
+            let subscribe = list_or(subscribe, base.file.subscribe.clone());
             let subscriptions = if subscribe.is_empty() {
                 vec![NsPattern::all()]
             } else {
@@ -66,28 +58,20 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|p| p.parse().with_context(|| format!("--subscribe {p}")))
                     .collect::<Result<_>>()?
             };
-            std::fs::create_dir_all(&data)
-                .with_context(|| format!("cannot create {}", data.display()))?;
             let cfg = DaemonConfig {
-                db_path: data.join("node.redb"),
+                db_path: base.data.join("node.redb"),
                 bundle,
                 listen: None,
-                api,
+                api: api.or(base.file.api).unwrap_or(default_api),
                 dial: hubs,
                 failover: true,
                 subscriptions,
-                token: common.token,
+                token: base.common.token,
                 revocation_file: None,
-                max_body: common.max_body,
-                store: common.store,
+                max_body: base.common.max_body,
+                store: base.common.store,
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?;
-            rt.block_on(Daemon::run_until_signal(cfg))?;
-            Ok(())
+            serve(cfg, &base.data, Some(2))
         }
     }
 }

@@ -14,17 +14,8 @@ use crate::net::{Bundle, NetError, Node, NodeConfig, Revocations};
 use crate::store::{Store, StoreConfig};
 use crate::StoreError;
 
-/// The logging both binaries set up: `TIDESYNC_LOG` as a filter (`warn` unless set), on
-/// standard error, in colour only on a terminal.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDESYNC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
+/// Largest API request body unless configured otherwise (16 MiB).
+pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// How often the revocation file is re-read.
 pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
@@ -101,7 +92,7 @@ pub enum DaemonError {
 /// use tidesync::model::NodeId;
 /// use tidesync::net::Ca;
 /// use tidesync::store::StoreConfig;
-/// use tidesync::sync::Role;
+/// use tidesync::model::Role;
 ///
 /// let dir = tempfile::tempdir()?;
 /// let ca = Ca::generate("example")?;
@@ -115,7 +106,7 @@ pub enum DaemonError {
 ///     subscriptions: vec![tidesync::model::NsPattern::all()],
 ///     token: None,
 ///     revocation_file: None,
-///     max_body: tidesync::config::DEFAULT_MAX_BODY,
+///     max_body: tidesync::daemon::DEFAULT_MAX_BODY,
 ///     store: StoreConfig::default(),
 /// })
 /// .await?;
@@ -198,8 +189,8 @@ impl Daemon {
             source,
         })?;
         let write_grants = match identity.role {
-            crate::sync::Role::Hub => Grants::everything(),
-            crate::sync::Role::Edge => identity.grants.clone(),
+            crate::model::Role::Hub => Grants::everything(),
+            crate::model::Role::Edge => identity.grants.clone(),
         };
         let app = api::router(ApiState {
             store: store.clone(),

@@ -4,21 +4,28 @@
 //! in an embedded redb database and accepts writes online or offline; concurrent writes
 //! converge without a coordinator.
 //!
-//! The crate is organised as the architecture is (see `docs/ARCHITECTURE.md`):
+//! This crate is the node. The data model and the sync protocol live, with no I/O, in the
+//! core crate `tidesync-core`, re-exported here as [`model`] and [`sync`]. The layers, as
+//! the repository's `docs/ARCHITECTURE.md` describes them:
 //!
 //! ```text
 //!   daemon   a node process: store + node + API, revocation file, graceful stop
 //!     |
-//!   api      HTTP API (axum): documents, merge patch, Automerge bytes, feed, SSE, metrics
-//!   net      PKI (rcgen), mutual TLS (rustls, ring), quinn node, per-connection driver
+//!   api      HTTP API (axum): documents, merge patch, Automerge bytes, feed, SSE, status
+//!   metrics  Prometheus text from the store's and the peers' counters
 //!     |
-//!   sync     protocol messages and the per-peer session state machine  (sans-IO)
-//!     |
-//!   store    redb tables, single group-commit writer, change feed,        (disk)
-//!            compaction, byte-bounded document cache
-//!     |
-//!   model    names, JSON <-> Automerge, merge patch, conflicts            (pure)
+//!   net      PKI (rcgen), mutual TLS (rustls, ring), quinn node, per-connection driver;
+//!            exec: the one place a session's outputs are carried out against the store
+//!     |                                   \
+//!   store    redb tables, group-commit     sync (core)  messages, per-peer Session
+//!            writer, change feed, cache,     |          (sans-IO)
+//!            compaction            (disk)    |
+//!     \______________________________________/
+//!   model (core)  names, grants, JSON <-> Automerge, merge patch, conflicts    (pure)
 //! ```
+//!
+//! `store` and `sync` stand side by side on `model`: neither knows the other, and `net` is
+//! the only bridge between a session and the store.
 //!
 //! Entry points: [`store::Store`] to keep documents, [`net::Node`] to sync them with
 //! peers, [`daemon::Daemon`] for everything a node binary runs, and [`sync::Session`]
@@ -47,14 +54,11 @@
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod client;
-pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod metrics;
-pub mod model;
 pub mod net;
 pub mod store;
-pub mod sync;
 
-pub use error::{Error, ModelError, StoreError};
+pub use error::{ModelError, StoreError};
+pub use tidesync_core::{model, sync};

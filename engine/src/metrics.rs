@@ -1,14 +1,16 @@
 //! Prometheus metrics in the text exposition format, built from the live counters of the
 //! store and the node at each scrape.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::net::Node;
-use crate::store::Store;
+use crate::net::counters::MetricKind;
+use crate::net::{Node, PeerCounts, PeerStatus};
+use crate::store::{CommitTimesSnapshot, Store};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
@@ -36,6 +38,27 @@ fn per_peer_gauge(registry: &mut Registry, name: &str, help: &str, values: &[(Pe
         family.get_or_create(labels).set(*v);
     }
     registry.register(name, help, family);
+}
+
+/// The store's commit times as a Prometheus histogram.
+#[derive(Debug)]
+struct CommitHistogram(CommitTimesSnapshot);
+
+impl EncodeMetric for CommitHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        // The text encoder writes `+Inf` for f64::MAX.
+        let buckets: Vec<(f64, u64)> = s
+            .buckets
+            .iter()
+            .map(|&(le, n)| (if le.is_finite() { le } else { f64::MAX }, n))
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(s.sum_seconds, s.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 /// The metrics of `store` and (if running) `node`, as Prometheus text.
@@ -70,19 +93,16 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
     r.register(
         "commit_duration_seconds",
         "Duration of durable store commits",
-        store.commit_seconds(),
+        CommitHistogram(store.commit_times().snapshot()),
     );
     if let Some(node) = node {
         let peers = node.peers();
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let label = |p: &crate::net::PeerStatus| PeerLabels {
+        let label = |p: &PeerStatus| PeerLabels {
             peer: p.node_id.to_string(),
             role: p.role.as_str().to_owned(),
-        };
-        let c = |f: fn(&crate::net::PeerStatus) -> u64| -> Vec<(PeerLabels, u64)> {
-            peers.iter().map(|p| (label(p), f(p))).collect()
         };
         gauge(
             &mut r,
@@ -99,63 +119,27 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
                 .map(|p| (label(p), i64::from(p.connected)))
                 .collect::<Vec<_>>(),
         );
-        per_peer_counter(
-            &mut r,
-            "peer_sent_bytes",
-            "Frame bytes sent to the peer",
-            &c(|p| p.bytes_sent),
-        );
-        per_peer_counter(
-            &mut r,
-            "peer_received_bytes",
-            "Frame bytes received from the peer",
-            &c(|p| p.bytes_received),
-        );
-        per_peer_counter(
-            &mut r,
-            "peer_sent_messages",
-            "Frames sent to the peer",
-            &c(|p| p.messages_sent),
-        );
-        per_peer_counter(
-            &mut r,
-            "peer_received_messages",
-            "Frames received from the peer",
-            &c(|p| p.messages_received),
-        );
-        per_peer_counter(
-            &mut r,
-            "peer_changes_applied",
-            "Automerge changes received from the peer and stored",
-            &c(|p| p.changes_applied),
-        );
-        per_peer_counter(
-            &mut r,
-            "peer_docs_synced",
-            "Document syncs with the peer completed",
-            &c(|p| p.docs_synced),
-        );
-        per_peer_counter(
-            &mut r,
-            "peer_rejected",
-            "Changes or reads refused because of the peer's grants",
-            &c(|p| p.rejected),
-        );
-        per_peer_counter(
-            &mut r,
-            "peer_protocol_errors",
-            "Connections with the peer ended by a protocol error",
-            &c(|p| p.protocol_errors),
-        );
-        per_peer_gauge(
-            &mut r,
-            "peer_lag_feed_positions",
-            "Local feed positions the peer has not acknowledged",
-            &peers
-                .iter()
-                .map(|p| (label(p), p.lag as i64))
-                .collect::<Vec<_>>(),
-        );
+        // Every exported counter of every peer, one family per name.
+        let per_peer: Vec<(PeerLabels, Vec<_>)> = peers
+            .iter()
+            .map(|p| (label(p), p.counts.metrics()))
+            .collect();
+        for (i, m) in PeerCounts::default().metrics().iter().enumerate() {
+            let values = per_peer.iter().map(|(l, ms)| (l.clone(), ms[i].value));
+            match m.kind {
+                MetricKind::Counter => {
+                    per_peer_counter(&mut r, m.name, m.help, &values.collect::<Vec<_>>())
+                }
+                MetricKind::Gauge => per_peer_gauge(
+                    &mut r,
+                    m.name,
+                    m.help,
+                    &values
+                        .map(|(l, v)| (l, i64::try_from(v).unwrap_or(i64::MAX)))
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
         per_peer_gauge(
             &mut r,
             "peer_seconds_since_last_sync",
@@ -163,10 +147,11 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
             &peers
                 .iter()
                 .map(|p| {
-                    let s = if p.last_sync_ms == 0 {
+                    let last = p.counts.last_sync_ms;
+                    let s = if last == 0 {
                         -1
                     } else {
-                        (now_ms.saturating_sub(p.last_sync_ms) / 1000) as i64
+                        (now_ms.saturating_sub(last) / 1000) as i64
                     };
                     (label(p), s)
                 })

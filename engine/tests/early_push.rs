@@ -28,7 +28,7 @@ async fn an_early_push_arrives_once_and_the_feed_walk_adds_no_bytes() {
     let notices = a.early_notices();
     assert_eq!(notices.len(), 1);
     assert_eq!(
-        a.push_early(&notices[0]),
+        a.push_early(&notices[0]).await,
         1,
         "the live document goes out early"
     );
@@ -62,7 +62,7 @@ async fn a_stale_early_notice_never_marks_a_newer_version_as_delivered() {
     assert!(!a.session.is_caught_up());
 
     // A late notice of v1 must not replace v2 as what the peer has to acknowledge.
-    assert_eq!(a.push_early(&v1[0]), 0);
+    assert_eq!(a.push_early(&v1[0]).await, 0);
     let (_, _) = exchange(&mut a, &mut b, VecDeque::new()).await;
     assert!(
         !a.session.is_caught_up(),

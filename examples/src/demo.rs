@@ -189,11 +189,11 @@ pub async fn run(out: &mut dyn Write) -> Result<DemoReport> {
             "   {:<8} {:<10} {:>4} {:>12} {:>12} {:>8} {:>8}",
             p.node_id.as_str(),
             if p.connected { "connected" } else { "down" },
-            p.lag,
-            p.messages_sent,
-            p.messages_received,
-            p.bytes_sent + p.bytes_received,
-            p.udp_bytes_sent + p.udp_bytes_received,
+            p.counts.lag,
+            p.counts.messages_sent,
+            p.counts.messages_received,
+            p.counts.bytes_sent + p.counts.bytes_received,
+            p.udp.bytes_sent + p.udp.bytes_received,
         )?;
     }
     writeln!(

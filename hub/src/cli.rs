@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tidesync::config::CommonRunFlags;
+use tidesync_cli::config::CommonRunFlags;
 
 /// Tidesync hub: a data-center node of a Tidesync deployment, and the tool that creates the
 /// deployment's certificate authority and enrolls its nodes.
@@ -86,7 +86,7 @@ pub enum Command {
     },
     /// Client commands: status, doc, watch.
     #[command(flatten)]
-    Client(tidesync::client::ClientCommand),
+    Client(tidesync_cli::client::ClientCommand),
 }
 
 /// A node's role, as written in its certificate.

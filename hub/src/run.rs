@@ -5,11 +5,11 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tidesync::config::{list_or, RunFile};
-use tidesync::daemon::{read_revocations, Daemon, DaemonConfig};
-use tidesync::model::{Grant, NodeId, NsPattern};
-use tidesync::net::{Bundle, Ca};
-use tidesync::sync::Role;
+use tidesync::daemon::{read_revocations, DaemonConfig};
+use tidesync::model::{Grant, NodeId, NsPattern, Role};
+use tidesync::net::Ca;
+use tidesync_cli::config::list_or;
+use tidesync_cli::run::{serve, RunBase};
 
 use crate::cli::{Command, RoleArg};
 
@@ -47,27 +47,22 @@ pub fn run(command: Command) -> Result<()> {
             common,
             config,
         } => {
-            let file = RunFile::load(config.as_deref())?;
-            let common = common.resolve(&file);
-            let data = data
-                .or(file.data)
-                .context("--data is required (or `data` in the config file)")?;
-            let bundle_path = bundle.or(file.bundle).unwrap_or_else(|| data.join(BUNDLE));
-            let bundle = Bundle::read(&bundle_path)?;
+            let base = RunBase::resolve(config.as_deref(), data, common)?;
+            let bundle = base.bundle(bundle, Some(base.data.join(BUNDLE)))?;
             let cfg = DaemonConfig {
-                db_path: data.join(DB),
+                db_path: base.data.join(DB),
                 bundle,
-                listen: Some(listen.or(file.listen).unwrap_or(DEFAULT_QUIC)),
-                api: api.or(file.api).unwrap_or(DEFAULT_API),
-                dial: list_or(peers, file.peers),
+                listen: Some(listen.or(base.file.listen).unwrap_or(DEFAULT_QUIC)),
+                api: api.or(base.file.api).unwrap_or(DEFAULT_API),
+                dial: list_or(peers, base.file.peers.clone()),
                 failover: false,
                 subscriptions: vec![NsPattern::all()],
-                token: common.token,
-                revocation_file: Some(data.join(REVOKED)),
-                max_body: common.max_body,
-                store: common.store,
+                token: base.common.token,
+                revocation_file: Some(base.data.join(REVOKED)),
+                max_body: base.common.max_body,
+                store: base.common.store,
             };
-            serve(cfg, &data)
+            serve(cfg, &base.data, None)
         }
     }
 }
@@ -161,15 +156,5 @@ fn revoke(data: &Path, name: &str) -> Result<()> {
         "revoked {node}; running hubs using {} cut it off",
         data.display()
     );
-    Ok(())
-}
-
-fn serve(cfg: DaemonConfig, data: &Path) -> Result<()> {
-    fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    rt.block_on(Daemon::run_until_signal(cfg))?;
     Ok(())
 }

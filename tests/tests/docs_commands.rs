@@ -303,7 +303,7 @@ fn docs_name_every_endpoint_and_toml_key_and_nothing_else() {
     }
 
     // TOML keys: the fields of the config file's struct, and the TOML column of the guide.
-    let config = repo_file("engine/src/config.rs");
+    let config = repo_file("engine/cli/src/config.rs");
     let body = config
         .split("pub struct RunFile {")
         .nth(1)

@@ -16,7 +16,7 @@ fn frames_received(node: &tidesync::net::Node) -> u64 {
     node.peers()
         .iter()
         .filter(|p| p.connected)
-        .map(|p| p.messages_received)
+        .map(|p| p.counts.messages_received)
         .sum()
 }
 

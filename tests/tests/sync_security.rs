@@ -10,7 +10,7 @@ use automerge::transaction::Transactable;
 use serde_json::json;
 use tidesync::model::{DocId, Namespace, NodeId};
 use tidesync::net::pki::SERVER_NAME;
-use tidesync::store::warm_sync_state;
+use tidesync::sync::warm_sync_state;
 use tidesync::sync::{ErrorCode, Message, Role};
 use tidesync_tests::cluster::{wait_until, Deployment};
 use tidesync_tests::rogue::{hello, Rogue};
@@ -280,7 +280,7 @@ async fn read_only_and_ungranted_namespaces_refuse_writes() {
         .is_none());
     assert!(hub.store.get(&ns("secrets"), &id("key")).unwrap().is_none());
     assert!(!r.closed_within(Duration::from_millis(200)).await);
-    let rejected: u64 = hub.node.peers().iter().map(|p| p.rejected).sum();
+    let rejected: u64 = hub.node.peers().iter().map(|p| p.counts.rejected).sum();
     assert!(rejected >= 3, "rejections counted: {rejected}");
     hub.stop().await;
 }
@@ -303,7 +303,11 @@ async fn edges_receive_only_granted_namespaces() {
     wait_until(Duration::from_secs(10), "the edge caught up", || {
         Ok(edge.store.list(&ns("models"))?.len() == 5
             && edge.store.list(&ns("health.eu"))?.len() == 5
-            && hub.node.peers().iter().any(|p| p.connected && p.lag == 0))
+            && hub
+                .node
+                .peers()
+                .iter()
+                .any(|p| p.connected && p.counts.lag == 0))
     })
     .await
     .unwrap();

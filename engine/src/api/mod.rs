@@ -1,4 +1,4 @@
-//! The local HTTP API (DESIGN §7), the same on edges and hubs.
+//! The local HTTP API, the same on edges and hubs.
 //!
 //! Handlers validate names and bodies, call the store, and map every failure to a status
 //! and `{"error": …}` through `error`. Writes answer after the durable commit. This module
@@ -23,10 +23,10 @@ use futures_util::stream::{self, Stream};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::model::Role;
 use crate::model::{format_heads, parse_heads, DocId, Grants, Namespace, NodeId};
-use crate::net::Node;
+use crate::net::{Node, PeerStatus};
 use crate::store::{FeedSeq, Store, WriteOutcome};
-use crate::sync::Role;
 use error::ApiError;
 
 /// What the API serves.
@@ -383,26 +383,8 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         .as_ref()
         .map(|n| n.peers())
         .unwrap_or_default()
-        .into_iter()
-        .map(|p| {
-            json!({
-                "node_id": p.node_id.as_str(),
-                "role": p.role.as_str(),
-                "addr": p.addr.to_string(),
-                "connected": p.connected,
-                "bytes_sent": p.bytes_sent,
-                "bytes_received": p.bytes_received,
-                "messages_sent": p.messages_sent,
-                "messages_received": p.messages_received,
-                "lag": p.lag,
-                "last_sync_ms": p.last_sync_ms,
-                "docs_synced": p.docs_synced,
-                "changes_applied": p.changes_applied,
-                "rejected": p.rejected,
-                "protocol_errors": p.protocol_errors,
-                "cursor": p.cursor,
-            })
-        })
+        .iter()
+        .map(PeerStatus::to_json)
         .collect();
     Ok(Json(json!({
         "node_id": state.node_id.as_str(),

@@ -1,14 +1,16 @@
-//! The connection driver: runs one [`Session`] over one QUIC connection.
+//! The connection driver: runs one [`Session`] over one QUIC connection, as quinn's
+//! `ConnectionDriver` runs a quinn-proto connection.
 //!
 //! One task per connection owns the bidirectional stream, the framed reader and writer,
-//! and the session. It feeds the session frames, store results and feed movements, and
-//! carries out the session's outputs: frames out, feed reads and document loads (from the
-//! store's cache or snapshot), sync messages applied through the store's writer (in
-//! parallel across documents, never two for one document), cursors saved. A frame that
-//! does not decode, one over the size limit, or any protocol error ends the connection
-//! with an error sent to the peer; nothing invalid reaches the store.
+//! and the session. It feeds the session frames, the store's feed movements and early
+//! notices, and has [`Exec`] carry out the session's outputs: frames out, feed reads and
+//! document loads (from the store's cache or snapshot), sync messages applied through the
+//! store's writer (spawned, so in parallel across documents; the session never has two
+//! out for one document), cursors saved. A frame that does not decode, one over the size
+//! limit, or any protocol error ends the connection with an error sent to the peer;
+//! nothing invalid reaches the store.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,10 +20,12 @@ use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
+use super::counters::PeerCounters;
+use super::exec::{Exec, ExecError, Outbox, WriteDone, Writes};
 use super::tls::Revocations;
-use crate::model::{DocId, Namespace};
-use crate::store::{EarlyDoc, Store, SyncApplied};
-use crate::sync::{Event, Message, Output, ProtocolError, Session, PROTOCOL_VERSION};
+use crate::model::NodeId;
+use crate::store::Store;
+use crate::sync::{EarlyDoc, Event, Message, ProtocolError, Session, PROTOCOL_VERSION};
 use crate::StoreError;
 
 /// Application error code on QUIC close: a protocol error was sent first.
@@ -32,36 +36,6 @@ pub const CLOSE_REVOKED: u32 = 2;
 pub const CLOSE_SHUTDOWN: u32 = 3;
 /// Application error code on QUIC close: a newer connection to the same peer replaced it.
 pub const CLOSE_REPLACED: u32 = 4;
-
-/// Live counters of one peer, across its connections (monotonic except `lag`), shared
-/// with status and metrics.
-#[derive(Debug, Default)]
-pub struct PeerCounters {
-    /// Frame bytes sent, length prefixes included.
-    pub bytes_sent: AtomicU64,
-    /// Frame bytes received, length prefixes included.
-    pub bytes_received: AtomicU64,
-    /// Frames sent.
-    pub messages_sent: AtomicU64,
-    /// Frames received.
-    pub messages_received: AtomicU64,
-    /// Automerge sync messages received and applied.
-    pub syncs_applied: AtomicU64,
-    /// Documents whose sync with the peer completed.
-    pub docs_synced: AtomicU64,
-    /// Messages or changes refused because of the peer's grants.
-    pub rejected: AtomicU64,
-    /// Local feed positions the peer has not acknowledged yet.
-    pub lag: AtomicU64,
-    /// Unix milliseconds of the last completed document sync (0: never).
-    pub last_sync_ms: AtomicU64,
-    /// Documents loaded from the store for this peer.
-    pub docs_loaded: AtomicU64,
-    /// Automerge changes received from the peer and stored.
-    pub changes_applied: AtomicU64,
-    /// Protocol errors that ended a connection with this peer.
-    pub protocol_errors: AtomicU64,
-}
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +58,16 @@ pub enum DriverError {
     Revoked,
 }
 
+impl From<ExecError> for DriverError {
+    fn from(e: ExecError) -> Self {
+        match e {
+            ExecError::Protocol(e) => Self::Protocol(e),
+            ExecError::Store(e) => Self::Store(e),
+            ExecError::Stream(e) => Self::Stream(e),
+        }
+    }
+}
+
 /// What a driver needs besides the connection.
 #[derive(Clone, Debug)]
 pub struct DriverContext {
@@ -97,7 +81,7 @@ pub struct DriverContext {
 
 type Writer = FramedWrite<quinn::SendStream, LengthDelimitedCodec>;
 type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
-type Applies = JoinSet<(Namespace, DocId, Result<SyncApplied, StoreError>)>;
+type Writing = JoinSet<WriteDone>;
 
 /// Frames already received that one sweep hands to the session at most.
 const SWEEP_FRAMES: usize = 256;
@@ -135,21 +119,23 @@ pub async fn run(
     let mut early = Some(ctx.store.subscribe_early());
     let mut revoked = ctx.revocations.subscribe();
     let peer_id = session.peer().node_id.clone();
-    let mut applies: Applies = JoinSet::new();
-    let mut saves: JoinSet<Result<(), StoreError>> = JoinSet::new();
+    let exec = Exec {
+        store: &ctx.store,
+        counters: &counters,
+    };
+    let mut writing: Writing = JoinSet::new();
 
     let mut seen_synced = 0;
     let result: Result<(), DriverError> = async {
         loop {
-            drain(
+            let mut outbox = Frames::new(&mut writer, &counters, &peer_id);
+            exec.drain(
                 &mut session,
-                &mut writer,
-                &ctx,
-                &counters,
-                &mut applies,
-                &mut saves,
+                &mut outbox,
+                &mut Writes::Spawned(&mut writing),
             )
             .await?;
+            outbox.flush().await?;
             let synced = session.stats().docs_synced;
             if synced > seen_synced {
                 counters
@@ -167,7 +153,7 @@ pub async fn run(
                     if on_frame(&mut session, &counters, frame)? == Flow::Closed {
                         return Ok(());
                     }
-                    if sweep(&mut session, &mut reader, &mut applies, &counters)? == Flow::Closed {
+                    if sweep(&exec, &mut session, &mut reader, &mut writing)? == Flow::Closed {
                         return Ok(());
                     }
                 }
@@ -178,23 +164,16 @@ pub async fn run(
                     let last = *feed.borrow_and_update();
                     session.handle_feed_advanced(last);
                 }
-                Some(done) = applies.join_next() => {
-                    on_applied(&mut session, &counters, done)?;
-                    if sweep(&mut session, &mut reader, &mut applies, &counters)? == Flow::Closed {
+                Some(done) = writing.join_next() => {
+                    let done = done.map_err(|e| DriverError::Stream(e.to_string()))?;
+                    exec.finish(&mut session, done)?;
+                    if sweep(&exec, &mut session, &mut reader, &mut writing)? == Flow::Closed {
                         return Ok(());
                     }
                 }
-                Some(saved) = saves.join_next() => {
-                    saved.map_err(|e| DriverError::Stream(e.to_string()))??;
-                }
                 notice = recv_early(&mut early) => {
-                    if let Some(docs) = notice {
-                        let peer = session.sync_peer();
-                        for d in docs.iter() {
-                            session.handle_early(d, || {
-                                ctx.store.sync_state(&peer, d.key)
-                            });
-                        }
+                    for d in notice.iter().flat_map(|docs| docs.iter()) {
+                        session.handle_early(d);
                     }
                 }
                 _ = revoked.changed() => {
@@ -223,8 +202,7 @@ pub async fn run(
         Ok(()) => tracing::info!(peer = %peer_id, "connection closed"),
     }
     // Writes already handed to the store finish there; their results no longer matter.
-    applies.detach_all();
-    saves.detach_all();
+    writing.detach_all();
     result
 }
 
@@ -256,42 +234,26 @@ fn on_frame(
     Ok(Flow::Open)
 }
 
-/// Hands one finished apply to the session.
-fn on_applied(
-    session: &mut Session,
-    counters: &PeerCounters,
-    done: Result<(Namespace, DocId, Result<SyncApplied, StoreError>), tokio::task::JoinError>,
-) -> Result<(), DriverError> {
-    let (ns, id, result) = done.map_err(|e| DriverError::Stream(e.to_string()))?;
-    if let Ok(applied) = &result {
-        counters.syncs_applied.fetch_add(1, Ordering::Relaxed);
-        counters
-            .changes_applied
-            .fetch_add(applied.changes_applied, Ordering::Relaxed);
-    }
-    session.handle_applied(ns, id, result)?;
-    Ok(())
-}
-
 /// Hands the session every frame already received and every apply already finished,
 /// without waiting, so the replies to a burst go out in one flush (few packets) instead of
 /// one flush each.
 fn sweep(
+    exec: &Exec<'_>,
     session: &mut Session,
     reader: &mut Reader,
-    applies: &mut Applies,
-    counters: &PeerCounters,
+    writing: &mut Writing,
 ) -> Result<Flow, DriverError> {
     for _ in 0..SWEEP_FRAMES {
         let Some(frame) = reader.next().now_or_never() else {
             break;
         };
-        if on_frame(session, counters, frame)? == Flow::Closed {
+        if on_frame(session, exec.counters, frame)? == Flow::Closed {
             return Ok(Flow::Closed);
         }
     }
-    while let Some(done) = applies.try_join_next() {
-        on_applied(session, counters, done)?;
+    while let Some(done) = writing.try_join_next() {
+        let done = done.map_err(|e| DriverError::Stream(e.to_string()))?;
+        exec.finish(session, done)?;
     }
     Ok(Flow::Open)
 }
@@ -314,75 +276,67 @@ async fn recv_early(
     }
 }
 
-/// Carries out every pending output of the session, then flushes the frames.
-async fn drain(
-    session: &mut Session,
-    writer: &mut Writer,
-    ctx: &DriverContext,
-    counters: &PeerCounters,
-    applies: &mut Applies,
-    saves: &mut JoinSet<Result<(), StoreError>>,
-) -> Result<(), DriverError> {
-    let mut wrote = false;
-    let started = Instant::now();
-    // Only a hello changes it, and hellos arrive between drains.
-    let peer = session.sync_peer();
-    while let Some(out) = session.poll_output() {
-        match out {
-            Output::Send(msg) => {
-                let bytes = msg.encode();
-                counters.messages_sent.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .bytes_sent
-                    .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
-                writer
-                    .feed(Bytes::from(bytes))
-                    .await
-                    .map_err(|e| DriverError::Stream(e.to_string()))?;
-                wrote = true;
-            }
-            Output::ReadFeed { after, limit } => {
-                let last = ctx.store.last_seq();
-                let entries = ctx.store.changes_since(after, limit)?;
-                session.handle_feed(entries, last);
-            }
-            Output::Load { ns, id } => {
-                counters.docs_loaded.fetch_add(1, Ordering::Relaxed);
-                let loaded = ctx.store.load_for_sync(&ns, &id, &peer)?;
-                session.handle_loaded(ns, id, loaded);
-            }
-            Output::Apply(apply) => {
-                let (store, peer) = (ctx.store.clone(), peer.clone());
-                applies.spawn(async move { apply.run(&store, &peer).await });
-            }
-            Output::SaveCursor(record) => {
-                let (store, id) = (ctx.store.clone(), peer.id.clone());
-                saves.spawn(async move { store.set_peer_record(&id, record).await });
-            }
-            Output::Event(event) => match event {
-                Event::Rejected { ns, id, reason } => {
-                    counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(peer = %peer.id, %ns, %id, %reason, "refused peer changes");
-                }
-                Event::PeerError { code, reason } => {
-                    tracing::warn!(peer = %peer.id, ?code, %reason, "peer reported an error");
-                }
-                Event::Connected { .. } => tracing::info!(peer = %peer.id, "session started"),
-                Event::CaughtUp => tracing::debug!(peer = %peer.id, "peer caught up"),
-            },
+/// The driver's outbox: frames into the QUIC stream, flushed every 20 ms during a long
+/// drain (so catch-up bursts keep moving) and once at its end; events into the log.
+struct Frames<'a> {
+    writer: &'a mut Writer,
+    counters: &'a PeerCounters,
+    peer: &'a NodeId,
+    started: Instant,
+    unflushed: bool,
+}
+
+impl<'a> Frames<'a> {
+    fn new(writer: &'a mut Writer, counters: &'a PeerCounters, peer: &'a NodeId) -> Self {
+        Self {
+            writer,
+            counters,
+            peer,
+            started: Instant::now(),
+            unflushed: false,
         }
-        // Keep frames moving during long catch-up bursts.
-        if wrote && started.elapsed().as_millis() > 20 {
-            SinkExt::<Bytes>::flush(writer)
+    }
+
+    async fn flush(&mut self) -> Result<(), ExecError> {
+        if self.unflushed {
+            SinkExt::<Bytes>::flush(self.writer)
                 .await
-                .map_err(|e| DriverError::Stream(e.to_string()))?;
-            wrote = false;
+                .map_err(|e| ExecError::Stream(e.to_string()))?;
+            self.unflushed = false;
+        }
+        Ok(())
+    }
+}
+
+impl Outbox for Frames<'_> {
+    async fn send(&mut self, msg: Message) -> Result<(), ExecError> {
+        let bytes = msg.encode();
+        self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_sent
+            .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
+        self.writer
+            .feed(Bytes::from(bytes))
+            .await
+            .map_err(|e| ExecError::Stream(e.to_string()))?;
+        self.unflushed = true;
+        if self.started.elapsed().as_millis() > 20 {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, event: Event) {
+        let peer = self.peer;
+        match event {
+            Event::Rejected { ns, id, reason } => {
+                tracing::warn!(%peer, %ns, %id, %reason, "refused peer changes");
+            }
+            Event::PeerError { code, reason } => {
+                tracing::warn!(%peer, ?code, %reason, "peer reported an error");
+            }
+            Event::Connected { .. } => tracing::info!(%peer, "session started"),
+            Event::CaughtUp => tracing::debug!(%peer, "peer caught up"),
         }
     }
-    if wrote {
-        SinkExt::<Bytes>::flush(writer)
-            .await
-            .map_err(|e| DriverError::Stream(e.to_string()))?;
-    }
-    Ok(())
 }

@@ -1,13 +1,19 @@
-//! Transport and security: the deployment PKI, TLS, the quinn endpoint, and the drivers
-//! that run sync sessions over connections.
+//! Transport and security: the deployment PKI, TLS, the quinn endpoint, the drivers that
+//! run sync sessions over connections, and the executor that carries out a session's
+//! outputs against the store.
 //!
-//! Everything here is I/O; protocol decisions stay in `sync`.
+//! Everything here is I/O; protocol decisions stay in `sync`. This is the only module that
+//! knows both a session and the store: `store` never sees the protocol, and `sync` never
+//! sees the disk.
 
+pub mod counters;
 pub mod driver;
+pub mod exec;
 pub mod node;
 pub mod pki;
 pub mod tls;
 
-pub use node::{NetError, Node, NodeConfig, PeerStatus};
-pub use pki::{Bundle, Ca, Identity, TlsError};
+pub use counters::{PeerCounters, PeerCounts};
+pub use node::{NetError, Node, NodeConfig, PeerStatus, UdpStats};
+pub use pki::{Bundle, Ca, TlsError};
 pub use tls::Revocations;

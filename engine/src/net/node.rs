@@ -15,12 +15,15 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::driver::{self, DriverContext, PeerCounters, CLOSE_REPLACED, CLOSE_SHUTDOWN};
-use super::pki::{Bundle, Identity, TlsError, SERVER_NAME};
+use serde_json::{json, Value};
+
+use super::counters::{PeerCounters, PeerCounts};
+use super::driver::{self, DriverContext, CLOSE_REPLACED, CLOSE_SHUTDOWN};
+use super::pki::{Bundle, TlsError, SERVER_NAME};
 use super::tls::{self, Revocations};
-use crate::model::{NodeId, NsPattern};
+use crate::model::{Identity, NodeId, NsPattern, Role};
 use crate::store::Store;
-use crate::sync::{PeerIdentity, Role, Session, SessionConfig};
+use crate::sync::{Session, SessionConfig};
 
 /// How long a dial waits for the handshake before moving to the next address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -83,7 +86,7 @@ pub enum NetError {
     },
 }
 
-/// A peer as status shows it.
+/// A peer as `/v1/status`, `/metrics` and the `status` command show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerStatus {
     /// The peer's node id.
@@ -94,39 +97,52 @@ pub struct PeerStatus {
     pub addr: SocketAddr,
     /// Whether a connection is up.
     pub connected: bool,
-    /// Frame bytes sent.
-    pub bytes_sent: u64,
-    /// Frame bytes received.
-    pub bytes_received: u64,
-    /// Frames sent.
-    pub messages_sent: u64,
-    /// Frames received.
-    pub messages_received: u64,
-    /// Local feed positions the peer has not acknowledged.
-    pub lag: u64,
-    /// Unix milliseconds of the last completed document sync (0: never).
-    pub last_sync_ms: u64,
-    /// Documents synced with the peer.
-    pub docs_synced: u64,
-    /// Refusals because of the peer's grants.
-    pub rejected: u64,
-    /// Documents loaded from the store for this peer.
-    pub docs_loaded: u64,
-    /// Automerge changes received from the peer and stored.
-    pub changes_applied: u64,
-    /// Protocol errors that ended a connection with the peer.
-    pub protocol_errors: u64,
     /// How far this node has durably received the peer's feed.
     pub cursor: u64,
-    /// UDP bytes sent on the current connection, QUIC and TLS overhead included (the
-    /// counters above add up over all connections).
-    pub udp_bytes_sent: u64,
-    /// UDP bytes received on the current connection.
-    pub udp_bytes_received: u64,
-    /// UDP datagrams sent on the current connection.
-    pub udp_datagrams_sent: u64,
-    /// UDP datagrams received on the current connection.
-    pub udp_datagrams_received: u64,
+    /// The peer's counters, added up over all its connections.
+    pub counts: PeerCounts,
+    /// UDP traffic of the current connection, QUIC and TLS overhead included.
+    pub udp: UdpStats,
+}
+
+/// UDP traffic of one connection (zero when none is up); its JSON keys start `udp_`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UdpStats {
+    /// Bytes sent.
+    #[serde(rename = "udp_bytes_sent")]
+    pub bytes_sent: u64,
+    /// Bytes received.
+    #[serde(rename = "udp_bytes_received")]
+    pub bytes_received: u64,
+    /// Datagrams sent.
+    #[serde(rename = "udp_datagrams_sent")]
+    pub datagrams_sent: u64,
+    /// Datagrams received.
+    #[serde(rename = "udp_datagrams_received")]
+    pub datagrams_received: u64,
+}
+
+impl PeerStatus {
+    /// The peer as one JSON object of `/v1/status`: identity and connection, then every
+    /// counter under its own name.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "node_id": self.node_id.as_str(),
+            "role": self.role.as_str(),
+            "addr": self.addr.to_string(),
+            "connected": self.connected,
+            "cursor": self.cursor,
+        });
+        for part in [
+            serde_json::to_value(&self.counts),
+            serde_json::to_value(self.udp),
+        ] {
+            if let (Some(obj), Ok(Value::Object(more))) = (v.as_object_mut(), part) {
+                obj.extend(more);
+            }
+        }
+        v
+    }
 }
 
 struct PeerEntry {
@@ -285,38 +301,28 @@ impl Node {
         };
         let mut out: Vec<PeerStatus> = peers
             .iter()
-            .map(|(id, e)| {
-                let c = &e.counters;
-                let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-                let udp = e.conn.as_ref().map(|c| c.stats());
-                PeerStatus {
-                    node_id: id.clone(),
-                    role: e.role,
-                    addr: e.addr,
-                    connected: e.conn.is_some(),
-                    bytes_sent: get(&c.bytes_sent),
-                    bytes_received: get(&c.bytes_received),
-                    messages_sent: get(&c.messages_sent),
-                    messages_received: get(&c.messages_received),
-                    lag: get(&c.lag),
-                    last_sync_ms: get(&c.last_sync_ms),
-                    docs_synced: get(&c.docs_synced),
-                    rejected: get(&c.rejected),
-                    docs_loaded: get(&c.docs_loaded),
-                    changes_applied: get(&c.changes_applied),
-                    protocol_errors: get(&c.protocol_errors),
-                    cursor: self
-                        .inner
-                        .store
-                        .peer_record(id)
-                        .ok()
-                        .flatten()
-                        .map_or(0, |r| r.cursor),
-                    udp_bytes_sent: udp.as_ref().map_or(0, |s| s.udp_tx.bytes),
-                    udp_bytes_received: udp.as_ref().map_or(0, |s| s.udp_rx.bytes),
-                    udp_datagrams_sent: udp.as_ref().map_or(0, |s| s.udp_tx.datagrams),
-                    udp_datagrams_received: udp.as_ref().map_or(0, |s| s.udp_rx.datagrams),
-                }
+            .map(|(id, e)| PeerStatus {
+                node_id: id.clone(),
+                role: e.role,
+                addr: e.addr,
+                connected: e.conn.is_some(),
+                cursor: self
+                    .inner
+                    .store
+                    .peer_cursor(id)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |c| c.seq),
+                counts: e.counters.read(),
+                udp: e.conn.as_ref().map_or_else(UdpStats::default, |c| {
+                    let s = c.stats();
+                    UdpStats {
+                        bytes_sent: s.udp_tx.bytes,
+                        bytes_received: s.udp_rx.bytes,
+                        datagrams_sent: s.udp_tx.datagrams,
+                        datagrams_received: s.udp_rx.datagrams,
+                    }
+                }),
             })
             .collect();
         out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -453,7 +459,7 @@ impl Node {
             return false;
         }
         let me = &self.inner.identity.node_id;
-        let peer = identity.node_id.clone();
+        let (peer, role) = (identity.node_id.clone(), identity.role);
         let dialed_by = if dialer { me.clone() } else { peer.clone() };
         let conn_id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let counters = {
@@ -482,7 +488,7 @@ impl Node {
                     conn_id,
                     conn: Some(conn.clone()),
                     dialed_by,
-                    role: identity.role,
+                    role,
                     addr: conn.remote_address(),
                     counters: counters.clone(),
                 },
@@ -490,19 +496,10 @@ impl Node {
             counters
         };
         let store = &self.inner.store;
-        let record = store.peer_record(&peer).ok().flatten();
+        let record = store.peer_cursor(&peer).ok().flatten();
         let mut scfg = SessionConfig::new(me.clone(), self.inner.identity.role, store.feed_epoch());
         scfg.subscriptions = self.inner.cfg.subscriptions.clone();
-        let session = Session::new(
-            scfg,
-            PeerIdentity {
-                node_id: peer.clone(),
-                role: identity.role,
-                grants: identity.grants.clone(),
-            },
-            record,
-            store.last_seq(),
-        );
+        let session = Session::new(scfg, identity, record, store.last_seq());
         let ctx = DriverContext {
             store: store.clone(),
             revocations: self.inner.cfg.revocations.clone(),

@@ -18,8 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
-use crate::model::{Grant, Grants, NodeId};
-use crate::sync::Role;
+use crate::model::{Grant, Grants, Identity, NodeId, Role};
 
 /// The DNS name in every node certificate; dialers verify it.
 pub const SERVER_NAME: &str = "tidesync.node";
@@ -49,58 +48,45 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-/// Who a certificate says its holder is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
-    /// The node id.
-    pub node_id: NodeId,
-    /// Edge or hub.
-    pub role: Role,
-    /// For edges, what they may read and write. Hubs hold everything.
-    pub grants: Grants,
-}
-
-impl Identity {
-    /// Reads the identity from a DER certificate (not verifying it: the TLS layer does).
-    pub fn from_cert(der: &[u8]) -> Result<Self, TlsError> {
-        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-            .map_err(|e| TlsError::Identity(format!("unparsable certificate: {e}")))?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|e| TlsError::Identity(e.to_string()))?
-            .ok_or_else(|| TlsError::Identity("no subject alternative names".into()))?;
-        let (mut node, mut role, mut grants) = (None, None, Vec::new());
-        for name in &san.value.general_names {
-            let GeneralName::URI(uri) = name else {
-                continue;
-            };
-            if let Some(id) = uri.strip_prefix(URI_NODE) {
-                node = Some(NodeId::new(id).map_err(|e| TlsError::Identity(e.to_string()))?);
-            } else if let Some(r) = uri.strip_prefix(URI_ROLE) {
-                role = Some(match r {
-                    "edge" => Role::Edge,
-                    "hub" => Role::Hub,
-                    other => return Err(TlsError::Identity(format!("unknown role {other:?}"))),
-                });
-            } else if let Some(g) = uri.strip_prefix(URI_GRANT) {
-                grants.push(
-                    g.parse::<Grant>()
-                        .map_err(|e| TlsError::Identity(e.to_string()))?,
-                );
-            }
-        }
-        let node_id = node.ok_or_else(|| TlsError::Identity("no node id".into()))?;
-        let role = role.ok_or_else(|| TlsError::Identity("no role".into()))?;
-        let grants = match role {
-            Role::Hub => Grants::everything(),
-            Role::Edge => Grants::new(grants),
+/// Reads the identity a DER certificate states (not verifying it: the TLS layer does).
+pub fn identity_from_cert(der: &[u8]) -> Result<Identity, TlsError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| TlsError::Identity(format!("unparsable certificate: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::Identity(e.to_string()))?
+        .ok_or_else(|| TlsError::Identity("no subject alternative names".into()))?;
+    let (mut node, mut role, mut grants) = (None, None, Vec::new());
+    for name in &san.value.general_names {
+        let GeneralName::URI(uri) = name else {
+            continue;
         };
-        Ok(Self {
-            node_id,
-            role,
-            grants,
-        })
+        if let Some(id) = uri.strip_prefix(URI_NODE) {
+            node = Some(NodeId::new(id).map_err(|e| TlsError::Identity(e.to_string()))?);
+        } else if let Some(r) = uri.strip_prefix(URI_ROLE) {
+            role = Some(match r {
+                "edge" => Role::Edge,
+                "hub" => Role::Hub,
+                other => return Err(TlsError::Identity(format!("unknown role {other:?}"))),
+            });
+        } else if let Some(g) = uri.strip_prefix(URI_GRANT) {
+            grants.push(
+                g.parse::<Grant>()
+                    .map_err(|e| TlsError::Identity(e.to_string()))?,
+            );
+        }
     }
+    let node_id = node.ok_or_else(|| TlsError::Identity("no node id".into()))?;
+    let role = role.ok_or_else(|| TlsError::Identity("no role".into()))?;
+    let grants = match role {
+        Role::Hub => Grants::everything(),
+        Role::Edge => Grants::new(grants),
+    };
+    Ok(Identity {
+        node_id,
+        role,
+        grants,
+    })
 }
 
 /// A deployment's certificate authority.
@@ -266,7 +252,7 @@ impl Bundle {
 
     /// The identity in the node certificate.
     pub fn identity(&self) -> Result<Identity, TlsError> {
-        Identity::from_cert(&self.cert)
+        identity_from_cert(&self.cert)
     }
 
     pub(crate) fn ca_der(&self) -> &CertificateDer<'static> {

@@ -21,9 +21,9 @@ use rustls::{
 };
 use tokio::sync::watch;
 
-use super::pki::{Bundle, Identity, TlsError};
-use crate::model::NodeId;
-use crate::sync::{Role, ALPN};
+use super::pki::{identity_from_cert, Bundle, TlsError};
+use crate::model::{Identity, NodeId, Role};
+use crate::sync::ALPN;
 
 /// Node ids whose certificates are refused, shared by a node's verifiers and connections.
 /// Changing it takes effect at once: new handshakes fail and live connections close.
@@ -118,7 +118,7 @@ fn check_identity(
     revocations: &Revocations,
     required_role: Option<Role>,
 ) -> Result<Identity, rustls::Error> {
-    let identity = Identity::from_cert(cert)
+    let identity = identity_from_cert(cert)
         .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
     if revocations.is_revoked(&identity.node_id) {
         return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
@@ -211,7 +211,7 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
     let first = certs
         .first()
         .ok_or_else(|| TlsError::Identity("the peer presented no certificate".into()))?;
-    Identity::from_cert(first)
+    identity_from_cert(first)
 }
 
 /// Handshake signatures are checked by the wrapped webpki verifier, unchanged.

@@ -8,7 +8,7 @@
 
 use redb::Table;
 
-use super::tables::DocMeta;
+use super::schema::DocMeta;
 use crate::error::StoreError;
 
 /// Drops every chunk of the document and stores `snapshot` (a full `save()`) as its only one.

@@ -10,13 +10,14 @@
 //! that was acknowledged.
 
 mod cache;
+mod commit_times;
 mod compact;
+mod schema;
 mod sync_state;
-mod tables;
 mod writer;
 
-pub use sync_state::warm as warm_sync_state;
-pub use tables::PeerRecord;
+pub use crate::model::{FeedEntry, FeedSeq};
+pub use commit_times::{CommitTimes, CommitTimesSnapshot};
 
 use std::fmt;
 use std::path::Path;
@@ -24,30 +25,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use automerge::{ActorId, Automerge, ChangeHash};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
-use serde::{Deserialize, Serialize};
+use redb::{Database, ReadableDatabase, ReadableTableMetadata};
 use serde_json::{Map, Value as Json};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::error::{ModelError, StoreError};
-use crate::model::{self, json, Conflict, DocId, Namespace, NodeId};
+use crate::model::{self, json, Conflict, Cursor, DocId, Namespace, NodeId, SyncPeer};
+use crate::sync::{Applied, Apply, EarlyDoc, LoadedDoc};
 use cache::{CachedDoc, DocCache};
-use tables::{
-    DocMeta, CHUNKS, DOCS, FEED, KEY_EPOCH, KEY_SCHEMA, META, PEERS, SCHEMA_VERSION, SYNC_STATE,
-};
-use writer::{load_chunks, Applied, ApplySync, WriteOp, WriteRequest, Writer};
-
-/// A position in a store's local change feed. Starts at 1; 0 means "before everything".
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub struct FeedSeq(pub u64);
-
-impl fmt::Display for FeedSeq {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+use schema::{DocMeta, CHUNKS, DOCS, FEED, PEERS, SYNC_STATE};
+use writer::{load_chunks, Answer, WriteOp, WriteRequest, Writer};
 
 /// Settings of a [`Store`]. The defaults suit an edge device; hubs raise the caches.
 #[derive(Clone, Debug)]
@@ -100,56 +87,9 @@ pub struct WriteOutcome {
     pub changed: bool,
 }
 
-/// A document a batch changed, handed out just before the batch commits (see
-/// [`Store::subscribe_early`]).
-#[derive(Clone, Debug)]
-pub struct EarlyDoc {
-    /// Namespace.
-    pub ns: Namespace,
-    /// Document id.
-    pub id: DocId,
-    /// The document's internal key, for [`Store::sync_state`].
-    pub key: u64,
-    /// The document with the batch's changes, not yet durable.
-    pub doc: Arc<Automerge>,
-    /// The document's size in the store before this batch, in bytes (0 for a new one).
-    pub stored_bytes: u64,
-}
-
 /// How many batches an early subscriber may fall behind before it misses some. Small:
 /// a notice is only worth something while it is fresh.
 const EARLY_CAPACITY: usize = 8;
-
-/// The peer a sync operation is for: its node id and the feed epoch it announced.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct SyncPeer {
-    /// The peer's node id.
-    pub id: NodeId,
-    /// The peer's feed epoch; sync state kept for another epoch is ignored.
-    pub epoch: u128,
-}
-
-/// A document loaded for sync with one peer.
-#[derive(Debug)]
-pub struct SyncDoc {
-    /// The document as committed.
-    pub doc: Arc<Automerge>,
-    /// The persisted sync state for the peer, warm-started; `None` if there is none.
-    pub state: Option<automerge::sync::State>,
-    /// The document's size in the store (snapshot and appended changes), in bytes.
-    pub stored_bytes: u64,
-}
-
-/// The result of applying a peer's sync message, for generating the reply.
-#[derive(Debug)]
-pub struct SyncApplied {
-    /// The sync state after the message, as persisted.
-    pub state: automerge::sync::State,
-    /// The document as committed.
-    pub doc: Arc<Automerge>,
-    /// How many of the message's changes were new to this node and stored.
-    pub changes_applied: u64,
-}
 
 /// A document's content as of one commit.
 #[derive(Clone, Debug, PartialEq)]
@@ -186,21 +126,6 @@ pub struct DocSummary {
     pub seq: FeedSeq,
 }
 
-/// One entry of the change feed: a document at its latest position.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FeedEntry {
-    /// The feed position.
-    pub seq: FeedSeq,
-    /// The document's namespace.
-    pub ns: Namespace,
-    /// The document's id.
-    pub id: DocId,
-    /// Its heads at that position.
-    pub heads: Vec<ChangeHash>,
-    /// Whether it carries a tombstone.
-    pub deleted: bool,
-}
-
 /// How a document is laid out on disk, for operators and compaction checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DocStorage {
@@ -219,7 +144,7 @@ pub struct Store {
 }
 
 struct Inner {
-    commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    commit_times: Arc<CommitTimes>,
     db: Arc<Database>,
     cache: Arc<DocCache>,
     requests: Option<mpsc::UnboundedSender<WriteRequest>>,
@@ -253,23 +178,20 @@ impl Store {
     /// Opens the store at `path`, creating it (with a fresh random feed epoch) if absent.
     pub fn open(path: impl AsRef<Path>, cfg: StoreConfig) -> Result<Self, StoreError> {
         if !path.as_ref().exists() {
-            create(path.as_ref())?;
+            schema::create(path.as_ref())?;
         }
         let db = redb::Builder::new()
             .set_cache_size(cfg.redb_cache_bytes)
             .create(path.as_ref())?;
-        let (feed_epoch, next_seq, next_doc_key) = init_tables(&db)?;
+        let (feed_epoch, next_seq, next_doc_key) = schema::init_tables(&db)?;
         let db = Arc::new(db);
         let cache = Arc::new(DocCache::new(cfg.doc_cache_bytes));
         let (feed_tx, feed) = watch::channel(FeedSeq(next_seq - 1));
         let (requests, rx) = mpsc::unbounded_channel();
         let (early, _) = broadcast::channel(EARLY_CAPACITY);
-        // 50 µs to about 1.6 s.
-        let commit_seconds = prometheus_client::metrics::histogram::Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 16),
-        );
+        let commit_times = Arc::new(CommitTimes::new());
         let writer = Writer {
-            commit_seconds: commit_seconds.clone(),
+            commit_times: commit_times.clone(),
             db: db.clone(),
             cache: cache.clone(),
             cfg,
@@ -287,7 +209,7 @@ impl Store {
             .map_err(|e| StoreError::WriteFailed(format!("cannot start the writer: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                commit_seconds,
+                commit_times,
                 db,
                 cache,
                 requests: Some(requests),
@@ -369,7 +291,7 @@ impl Store {
         doc: Option<(Namespace, DocId)>,
         op: WriteOp,
         if_match: Option<Vec<ChangeHash>>,
-    ) -> Result<Applied, StoreError> {
+    ) -> Result<Answer, StoreError> {
         let (reply, answer) = oneshot::channel();
         let req = WriteRequest {
             doc,
@@ -384,51 +306,38 @@ impl Store {
 
     /// Receives `peer`'s Automerge sync message for a document and persists the document and
     /// the sync state in one commit; the reply is generated from what this returns, so a
-    /// peer's changes are acknowledged only once durable. `state` is the session's in-memory
-    /// state (`None` loads the persisted one). With `read_only`, changes in the message are
-    /// ignored. Invalid changes are refused and change nothing.
-    pub async fn apply_sync(
-        &self,
-        ns: &Namespace,
-        id: &DocId,
-        peer: &SyncPeer,
-        state: Option<automerge::sync::State>,
-        read_only: bool,
-        message: automerge::sync::Message,
-    ) -> Result<SyncApplied, StoreError> {
-        let op = WriteOp::ApplySync(Box::new(ApplySync {
-            peer: peer.id.clone(),
-            peer_epoch: peer.epoch,
-            state,
-            read_only,
-            message,
-        }));
-        self.submit(Some((ns.clone(), id.clone())), op, None)
+    /// peer's changes are acknowledged only once durable. `apply.state` is the session's
+    /// in-memory state (`None` loads the persisted one). With `apply.read_only`, changes in
+    /// the message are ignored. Invalid changes are refused and change nothing.
+    pub async fn apply_sync(&self, peer: &SyncPeer, apply: Apply) -> Result<Applied, StoreError> {
+        let doc = Some((apply.ns.clone(), apply.id.clone()));
+        let op = WriteOp::ApplySync {
+            peer: peer.clone(),
+            apply: Box::new(apply),
+        };
+        self.submit(doc, op, None)
             .await?
             .sync
             .ok_or_else(|| StoreError::WriteFailed("sync message was not applied".into()))
     }
 
-    /// Records that every document of `peer`'s feed up to `record.cursor` is here.
-    pub async fn set_peer_record(
-        &self,
-        peer: &NodeId,
-        record: PeerRecord,
-    ) -> Result<(), StoreError> {
+    /// Records that every document of `peer`'s feed up to `cursor.seq` is here. Within one
+    /// epoch a cursor only moves forward: an older one saved late changes nothing.
+    pub async fn set_peer_cursor(&self, peer: &NodeId, cursor: Cursor) -> Result<(), StoreError> {
         let op = WriteOp::SetCursor {
             peer: peer.clone(),
-            record,
+            cursor,
         };
         self.submit(None, op, None).await.map(|_| ())
     }
 
-    /// What this node durably knows of `peer`'s feed.
-    pub fn peer_record(&self, peer: &NodeId) -> Result<Option<PeerRecord>, StoreError> {
+    /// How far this node has durably received `peer`'s feed.
+    pub fn peer_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError> {
         let txn = self.inner.db.begin_read()?;
         let peers = txn.open_table(PEERS)?;
         peers
             .get(peer.as_str())?
-            .map(|v| PeerRecord::decode(v.value()))
+            .map(|v| schema::decode_cursor(v.value()))
             .transpose()
     }
 
@@ -439,7 +348,7 @@ impl Store {
         ns: &Namespace,
         id: &DocId,
         peer: &SyncPeer,
-    ) -> Result<Option<SyncDoc>, StoreError> {
+    ) -> Result<Option<LoadedDoc>, StoreError> {
         let mut found = None;
         let doc = self.with_doc_arc(ns, id, |meta, doc| {
             found = Some((meta.key, meta.stored_bytes()));
@@ -448,8 +357,8 @@ impl Store {
         let (Some(doc), Some((key, stored_bytes))) = (doc, found) else {
             return Ok(None);
         };
-        let state = self.sync_state(peer, key)?;
-        Ok(Some(SyncDoc {
+        let state = read_sync_state(&self.inner.db.begin_read()?, peer, key)?;
+        Ok(Some(LoadedDoc {
             doc,
             state,
             stored_bytes,
@@ -623,17 +532,20 @@ impl Store {
         self.inner.early.subscribe()
     }
 
-    /// The persisted sync state with `peer` of the document with internal key `key`.
+    /// The persisted sync state with `peer` of a document, warm-started; `None` if there is
+    /// none (a document not committed yet has none).
     pub fn sync_state(
         &self,
         peer: &SyncPeer,
-        key: u64,
+        ns: &Namespace,
+        id: &DocId,
     ) -> Result<Option<automerge::sync::State>, StoreError> {
         let txn = self.inner.db.begin_read()?;
-        let states = txn.open_table(SYNC_STATE)?;
-        Ok(states
-            .get((peer.id.as_str(), key))?
-            .and_then(|v| sync_state::decode(v.value(), peer.epoch)))
+        let docs = txn.open_table(DOCS)?;
+        let Some(raw) = docs.get((ns.as_str(), id.as_str()))? else {
+            return Ok(None);
+        };
+        read_sync_state(&txn, peer, DocMeta::decode(raw.value())?.key)
     }
 
     /// How many documents the store holds, deleted ones included.
@@ -642,9 +554,9 @@ impl Store {
         Ok(txn.open_table(DOCS)?.len()?)
     }
 
-    /// Durations of durable commits, in seconds.
-    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
-        self.inner.commit_seconds.clone()
+    /// How long durable commits took so far.
+    pub fn commit_times(&self) -> &CommitTimes {
+        &self.inner.commit_times
     }
 
     /// Documents in the cache and their estimated bytes.
@@ -664,78 +576,22 @@ fn into_object(v: Json) -> Result<Map<String, Json>, ModelError> {
     }
 }
 
+/// The sync state with `peer` of the document with internal key `key`, warm-started.
+fn read_sync_state(
+    txn: &redb::ReadTransaction,
+    peer: &SyncPeer,
+    key: u64,
+) -> Result<Option<automerge::sync::State>, StoreError> {
+    let states = txn.open_table(SYNC_STATE)?;
+    Ok(states
+        .get((peer.id.as_str(), key))?
+        .and_then(|v| sync_state::decode(v.value(), peer.epoch)))
+}
+
 fn corrupt_name(e: ModelError) -> StoreError {
     StoreError::Corrupt(format!("stored name is invalid: {e}"))
 }
 
 fn stored_id(id: &str) -> Result<DocId, StoreError> {
     DocId::new(id).map_err(corrupt_name)
-}
-
-/// Creates a new database at `path` all at once: it is made and initialised under a
-/// temporary name, and renamed into place only when complete. A process killed while
-/// creating leaves no half-written file at `path` (redb would refuse to open one), only a
-/// temporary file the next attempt replaces.
-fn create(path: &Path) -> Result<(), StoreError> {
-    let io = |e: std::io::Error| StoreError::Storage(e.into());
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".creating");
-    let tmp = path.with_file_name(name);
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
-    }
-    init_tables(&Database::create(&tmp)?)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    // Make the rename itself durable.
-    #[cfg(unix)]
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    Ok(())
-}
-
-/// Creates the tables on first open; returns the feed epoch and the writer's counters
-/// (next feed seq, next doc key), derived from the feed and the chunks.
-fn init_tables(db: &Database) -> Result<(u128, u64, u64), StoreError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
-    let counters = {
-        let mut meta = txn.open_table(META)?;
-        let chunks = txn.open_table(CHUNKS)?;
-        let feed = txn.open_table(FEED)?;
-        txn.open_table(DOCS)?;
-        txn.open_table(PEERS)?;
-        txn.open_table(SYNC_STATE)?;
-        let schema = meta.get(KEY_SCHEMA)?.map(|v| v.value().to_vec());
-        let epoch: [u8; 16] = match schema {
-            None => {
-                let mut epoch = [0u8; 16];
-                getrandom::fill(&mut epoch).map_err(|e| {
-                    StoreError::WriteFailed(format!("no randomness for the feed epoch: {e}"))
-                })?;
-                meta.insert(KEY_SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())?;
-                meta.insert(KEY_EPOCH, epoch.as_slice())?;
-                epoch
-            }
-            Some(v) if v == SCHEMA_VERSION.to_le_bytes() => meta
-                .get(KEY_EPOCH)?
-                .ok_or_else(|| StoreError::Corrupt("feed epoch missing".into()))?
-                .value()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("feed epoch: expected 16 bytes".into()))?,
-            Some(v) => {
-                return Err(StoreError::Corrupt(format!(
-                    "unsupported schema version {v:?} (this build reads {SCHEMA_VERSION})"
-                )))
-            }
-        };
-        let next_seq = feed.last()?.map_or(1, |(k, _)| k.value() + 1);
-        let next_doc = chunks.last()?.map_or(1, |(k, _)| k.value().0 + 1);
-        (u128::from_le_bytes(epoch), next_seq, next_doc)
-    };
-    txn.commit()?;
-    Ok(counters)
 }

@@ -15,16 +15,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use automerge::sync::{State, SyncDoc};
-use automerge::{ActorId, Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
+use automerge::{ActorId, Automerge, ChangeHash};
 use redb::{Database, Durability, ReadableTable, Table};
 use serde_json::{Map, Value as Json};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::cache::{CachedDoc, DocCache};
-use super::tables::{encode_heads, DocMeta, PeerRecord, CHUNKS, DOCS, FEED, PEERS, SYNC_STATE};
-use super::{sync_state, EarlyDoc, FeedSeq, StoreConfig, SyncApplied, WriteOutcome};
+use super::commit_times::CommitTimes;
+use super::schema::{
+    decode_cursor, encode_cursor, encode_heads, DocMeta, CHUNKS, DOCS, FEED, PEERS, SYNC_STATE,
+};
+use super::{sync_state, FeedSeq, StoreConfig, WriteOutcome};
 use crate::error::{ModelError, StoreError};
-use crate::model::{json, same_heads, DocId, Namespace, NodeId};
+use crate::model::automerge_bytes::{import, validate_chunk};
+use crate::model::{json, same_heads, Cursor, DocId, Namespace, NodeId, SyncPeer};
+use crate::sync::{Applied, Apply, EarlyDoc};
 
 /// What a write request does.
 #[derive(Debug)]
@@ -38,20 +43,9 @@ pub(crate) enum WriteOp {
     /// Merge Automerge bytes (a saved document and/or changes).
     Import(Vec<u8>),
     /// Receive a peer's Automerge sync message and persist the resulting sync state.
-    ApplySync(Box<ApplySync>),
+    ApplySync { peer: SyncPeer, apply: Box<Apply> },
     /// Record how far this node has durably received a peer's feed. Targets no document.
-    SetCursor { peer: NodeId, record: PeerRecord },
-}
-
-#[derive(Debug)]
-pub(crate) struct ApplySync {
-    pub peer: NodeId,
-    pub peer_epoch: u128,
-    /// The session's in-memory state; `None` loads the persisted one.
-    pub state: Option<State>,
-    /// Ignore any changes in the message (the peer may only read this namespace).
-    pub read_only: bool,
-    pub message: automerge::sync::Message,
+    SetCursor { peer: NodeId, cursor: Cursor },
 }
 
 #[derive(Debug)]
@@ -60,14 +54,15 @@ pub(crate) struct WriteRequest {
     pub doc: Option<(Namespace, DocId)>,
     pub op: WriteOp,
     pub if_match: Option<Vec<ChangeHash>>,
-    pub reply: oneshot::Sender<Result<Applied, StoreError>>,
+    pub reply: oneshot::Sender<Result<Answer, StoreError>>,
 }
 
 /// The answer to one request.
 #[derive(Debug)]
-pub(crate) struct Applied {
+pub(crate) struct Answer {
     pub outcome: WriteOutcome,
-    pub sync: Option<SyncApplied>,
+    /// For a sync message: what the session replies from.
+    pub sync: Option<Applied>,
 }
 
 /// A document being changed by the current batch.
@@ -92,7 +87,7 @@ impl Working {
 struct Pending {
     slot: Option<usize>,
     heads: Vec<ChangeHash>,
-    sync_state: Option<(NodeId, u128, State)>,
+    sync_state: Option<(SyncPeer, State)>,
     /// Changes a sync message added to the document.
     new_changes: u64,
 }
@@ -110,8 +105,8 @@ pub(crate) struct Writer {
     pub feed_tx: watch::Sender<FeedSeq>,
     /// Changed documents of a batch, sent just before its commit.
     pub early_tx: broadcast::Sender<Arc<[EarlyDoc]>>,
-    /// Seconds per durable commit, for metrics.
-    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Durations of durable commits, for metrics.
+    pub commit_times: Arc<CommitTimes>,
 }
 
 impl Writer {
@@ -172,13 +167,13 @@ impl Writer {
                     let _ = reply.send(p.map(|p| {
                         let (seq, changed) = p.slot.map_or((0, false), |s| seqs[s]);
                         let doc = p.slot.and_then(|s| docs[s].clone());
-                        Applied {
+                        Answer {
                             outcome: WriteOutcome {
                                 heads: p.heads,
                                 seq: FeedSeq(seq),
                                 changed,
                             },
-                            sync: p.sync_state.map(|(_, _, state)| SyncApplied {
+                            sync: p.sync_state.map(|(_, state)| Applied {
                                 state,
                                 doc: doc.unwrap_or_default(),
                                 changes_applied: p.new_changes,
@@ -224,12 +219,12 @@ impl Writer {
             let mut chunks = txn.open_table(CHUNKS)?;
             let mut feed = txn.open_table(FEED)?;
             let mut index: HashMap<(Namespace, DocId), usize> = HashMap::new();
-            let mut cursors: Vec<(NodeId, PeerRecord)> = Vec::new();
+            let mut cursors: Vec<(NodeId, Cursor)> = Vec::new();
             for req in batch.iter_mut() {
                 let op = std::mem::replace(&mut req.op, WriteOp::Delete);
                 let Some(key) = req.doc.clone() else {
-                    if let WriteOp::SetCursor { peer, record } = op {
-                        cursors.push((peer, record));
+                    if let WriteOp::SetCursor { peer, cursor } = op {
+                        cursors.push((peer, cursor));
                     }
                     pending.push(Ok(Pending {
                         slot: None,
@@ -250,7 +245,7 @@ impl Writer {
                 };
                 let w = &mut working[slot];
                 let result = match op {
-                    WriteOp::ApplySync(apply) => self.apply_sync(&txn, w, *apply),
+                    WriteOp::ApplySync { peer, apply } => self.apply_sync(&txn, w, peer, *apply),
                     op => apply_op(w, op, req.if_match.take(), &self.cfg).map(|heads| Pending {
                         slot: None,
                         heads,
@@ -277,13 +272,12 @@ impl Writer {
                     .filter(|(_, c)| **c)
                     .map(|(w, _)| {
                         let meta = w.meta.get_or_insert_with(|| self.new_meta());
-                        let (key, stored_bytes) = (meta.key, meta.stored_bytes());
+                        let stored_bytes = meta.stored_bytes();
                         let doc = Arc::new(std::mem::take(&mut w.doc));
                         w.shared = Some(doc.clone());
                         EarlyDoc {
                             ns: w.ns.clone(),
                             id: w.id.clone(),
-                            key,
                             doc,
                             stored_bytes,
                         }
@@ -300,36 +294,36 @@ impl Writer {
             }
             // Open the bookkeeping tables only when there is something to write: an opened
             // table costs pages at commit.
-            let states_to_write: Vec<(&NodeId, u128, &State, u64)> = pending
+            let states_to_write: Vec<(&SyncPeer, &State, u64)> = pending
                 .iter()
                 .flatten()
                 .filter_map(|p| {
-                    let (peer, epoch, state) = p.sync_state.as_ref()?;
+                    let (peer, state) = p.sync_state.as_ref()?;
                     let meta = working[p.slot?].meta.as_ref()?;
-                    Some((peer, *epoch, state, meta.key))
+                    Some((peer, state, meta.key))
                 })
                 .collect();
             if !states_to_write.is_empty() {
                 let mut states = txn.open_table(SYNC_STATE)?;
-                for (peer, epoch, state, key) in states_to_write {
-                    let bytes = sync_state::encode(epoch, state);
-                    states.insert((peer.as_str(), key), bytes.as_slice())?;
+                for (peer, state, key) in states_to_write {
+                    let bytes = sync_state::encode(peer.epoch, state);
+                    states.insert((peer.id.as_str(), key), bytes.as_slice())?;
                 }
             }
             if !cursors.is_empty() {
                 let mut peers = txn.open_table(PEERS)?;
-                for (peer, record) in cursors {
+                for (peer, cursor) in cursors {
                     // Saves may arrive out of order; within one epoch a cursor only moves
                     // forward.
                     let stale = match peers.get(peer.as_str())? {
                         Some(v) => {
-                            let old = PeerRecord::decode(v.value())?;
-                            old.epoch == record.epoch && old.cursor >= record.cursor
+                            let old = decode_cursor(v.value())?;
+                            old.epoch == cursor.epoch && old.seq >= cursor.seq
                         }
                         None => false,
                     };
                     if !stale {
-                        peers.insert(peer.as_str(), record.encode().as_slice())?;
+                        peers.insert(peer.as_str(), encode_cursor(&cursor).as_slice())?;
                     }
                 }
             }
@@ -342,7 +336,7 @@ impl Writer {
         let started = std::time::Instant::now();
         txn.commit()?;
         if any_changed {
-            self.commit_seconds.observe(started.elapsed().as_secs_f64());
+            self.commit_times.observe(started.elapsed());
         }
         Ok(seqs)
     }
@@ -353,16 +347,17 @@ impl Writer {
         &self,
         txn: &redb::WriteTransaction,
         w: &mut Working,
-        apply: ApplySync,
+        peer: SyncPeer,
+        apply: Apply,
     ) -> Result<Pending, StoreError> {
         let mut state = match apply.state {
             Some(state) => state,
             None => match &w.meta {
                 Some(meta) => {
                     let states = txn.open_table(SYNC_STATE)?;
-                    let stored = states.get((apply.peer.as_str(), meta.key))?;
+                    let stored = states.get((peer.id.as_str(), meta.key))?;
                     stored
-                        .and_then(|v| sync_state::decode(v.value(), apply.peer_epoch))
+                        .and_then(|v| sync_state::decode(v.value(), peer.epoch))
                         .unwrap_or_default()
                 }
                 None => State::new(),
@@ -392,7 +387,7 @@ impl Writer {
         Ok(Pending {
             slot: None,
             heads: w.doc.get_heads(),
-            sync_state: Some((apply.peer, apply.peer_epoch, state)),
+            sync_state: Some((peer, state)),
             new_changes,
         })
     }
@@ -476,28 +471,6 @@ impl Writer {
     }
 }
 
-/// Checks that a sync message's chunk is valid Automerge data: a change, a bundle of
-/// changes, or a saved document (version 2 messages send one when most is missing).
-fn validate_chunk(chunk: &[u8]) -> Result<(), ModelError> {
-    if automerge::Change::try_from(chunk).is_ok() {
-        return Ok(());
-    }
-    check_parses(chunk)
-}
-
-/// Checks that `bytes` parse completely as Automerge data, whether or not the changes they
-/// depend on are among them (they may be in the document the bytes are merged into).
-fn check_parses(bytes: &[u8]) -> Result<(), ModelError> {
-    match Automerge::load_with_options(
-        bytes,
-        LoadOptions::new().on_partial_load(OnPartialLoad::Error),
-    ) {
-        // MissingDeps is raised only after every chunk parsed.
-        Ok(_) | Err(automerge::AutomergeError::MissingDeps) => Ok(()),
-        Err(e) => Err(ModelError::InvalidAutomerge(e.to_string())),
-    }
-}
-
 /// Loads a document from its chunks (a snapshot, then changes, in order).
 pub(crate) fn load_chunks(
     chunks: &impl ReadableTable<(u64, u64), &'static [u8]>,
@@ -551,9 +524,9 @@ fn apply_op(
                 }
                 .into());
             }
-            w.doc = import_bytes(&w.doc, &bytes)?;
+            w.doc = import(&w.doc, &bytes)?;
         }
-        WriteOp::ApplySync(_) | WriteOp::SetCursor { .. } => {}
+        WriteOp::ApplySync { .. } | WriteOp::SetCursor { .. } => {}
     }
     Ok(w.doc.get_heads())
 }
@@ -588,54 +561,5 @@ fn transact(
                 "applying a write to the document: {e}"
             )))
         }
-    }
-}
-
-/// Merges Automerge bytes into a copy of `doc`, refusing anything that does not parse
-/// completely or depends on changes neither side has.
-fn import_bytes(doc: &Automerge, bytes: &[u8]) -> Result<Automerge, ModelError> {
-    let invalid = |e: automerge::AutomergeError| ModelError::InvalidAutomerge(e.to_string());
-    if bytes.is_empty() {
-        return Err(ModelError::InvalidAutomerge("no data".into()));
-    }
-    // Changes that build on this document's history are settled by the merge below.
-    check_parses(bytes)?;
-    let mut merged = doc.clone();
-    merged.load_incremental(bytes).map_err(invalid)?;
-    let missing = merged.get_missing_deps(&[]);
-    if !missing.is_empty() {
-        return Err(ModelError::MissingDependencies(missing.len()));
-    }
-    Ok(merged)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use automerge::transaction::Transactable;
-    use automerge::ROOT;
-
-    /// Regression: sync messages carry changes whose dependencies are in the receiving
-    /// document, not in the message; the simulation found them refused as invalid, which
-    /// stalled convergence. Only bytes that do not parse are invalid.
-    #[test]
-    fn chunks_with_outside_dependencies_are_valid_and_garbage_is_not() {
-        let mut doc = Automerge::new();
-        for i in 0..3 {
-            let mut tx = doc.transaction();
-            tx.put(ROOT, "x", i).expect("put");
-            tx.commit();
-        }
-        let first = doc.get_changes(&[])[0].hash();
-        let later = doc.save_after(&[first]);
-        assert!(check_parses(&later).is_ok(), "changes with outside deps");
-        for c in doc.get_changes(&[first]) {
-            assert!(validate_chunk(c.raw_bytes()).is_ok());
-        }
-        assert!(validate_chunk(&doc.save()).is_ok(), "a whole document");
-        assert!(validate_chunk(b"definitely not a change").is_err());
-        let mut truncated = later.clone();
-        truncated.truncate(later.len() - 3);
-        assert!(check_parses(&truncated).is_err());
     }
 }

@@ -1,13 +1,16 @@
 //! Two sessions linked by hand over real stores: the driver's job done step by step, so a
-//! test can count, drop, delay or replay frames.
+//! test can count, drop, delay or replay frames. Outputs are carried out by the node's own
+//! executor (`tidesync::net::exec`), with writes awaited in turn.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tidesync::model::{Grants, NodeId};
-use tidesync::store::{EarlyDoc, Store, StoreConfig};
-use tidesync::sync::{Message, Output, PeerIdentity, Role, Session, SessionConfig};
+use tidesync::model::{Grants, Identity, NodeId, Role};
+use tidesync::net::exec::{Exec, ExecError, Outbox, Writes};
+use tidesync::net::PeerCounters;
+use tidesync::store::{Store, StoreConfig};
+use tidesync::sync::{EarlyDoc, Message, Session, SessionConfig};
 use tokio::sync::broadcast;
 
 use super::temp_store;
@@ -19,12 +22,15 @@ pub struct End {
     pub store: Store,
     pub session: Session,
     pub early: broadcast::Receiver<Arc<[EarlyDoc]>>,
+    /// Frames the session produced and the test has not taken yet.
+    outbox: Vec<Message>,
+    counters: PeerCounters,
     cfg: SessionConfig,
     _dir: tempfile::TempDir,
 }
 
-fn identity((peer, role): (&'static str, Role)) -> PeerIdentity {
-    PeerIdentity {
+fn identity((peer, role): (&'static str, Role)) -> Identity {
+    Identity {
         node_id: NodeId::new(peer).unwrap(),
         role,
         grants: Grants::everything(),
@@ -47,6 +53,8 @@ impl End {
             session: Session::new(cfg.clone(), identity(peer), None, store.last_seq()),
             early: store.subscribe_early(),
             store,
+            outbox: Vec::new(),
+            counters: PeerCounters::default(),
             cfg,
             _dir: dir,
         }
@@ -58,7 +66,7 @@ impl End {
         let mut cfg = self.cfg.clone();
         tune(&mut cfg);
         let peer = NodeId::new(self.peer).unwrap();
-        let record = self.store.peer_record(&peer).unwrap();
+        let record = self.store.peer_cursor(&peer).unwrap();
         self.session = Session::new(
             cfg,
             identity((self.peer, self.peer_role)),
@@ -69,32 +77,20 @@ impl End {
 
     /// Carries out the session's outputs; returns the frames for the peer.
     pub async fn drive(&mut self) -> Vec<Message> {
-        let mut out = Vec::new();
-        while let Some(o) = self.session.poll_output() {
-            let peer = self.session.sync_peer();
-            match o {
-                Output::Send(m) => out.push(m),
-                Output::ReadFeed { after, limit } => {
-                    let last = self.store.last_seq();
-                    let entries = self.store.changes_since(after, limit).unwrap();
-                    self.session.handle_feed(entries, last);
-                }
-                Output::Load { ns, id } => {
-                    let loaded = self.store.load_for_sync(&ns, &id, &peer).unwrap();
-                    self.session.handle_loaded(ns, id, loaded);
-                }
-                Output::Apply(apply) => {
-                    let (ns, id, r) = apply.run(&self.store, &peer).await;
-                    self.session.handle_applied(ns, id, r).unwrap();
-                }
-                Output::SaveCursor(record) => {
-                    let peer = NodeId::new(self.peer).unwrap();
-                    self.store.set_peer_record(&peer, record).await.unwrap();
-                }
-                Output::Event(_) => {}
-            }
-        }
-        out
+        self.execute().await;
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Carries out the session's outputs, keeping the frames for [`End::drive`].
+    async fn execute(&mut self) {
+        let exec = Exec {
+            store: &self.store,
+            counters: &self.counters,
+        };
+        let mut frames = Frames(&mut self.outbox);
+        exec.drain(&mut self.session, &mut frames, &mut Writes::Inline)
+            .await
+            .unwrap();
     }
 
     /// Every early notice received so far.
@@ -106,16 +102,16 @@ impl End {
         all
     }
 
-    /// Hands a notice to the session; returns how many documents went out early.
-    pub fn push_early(&mut self, docs: &[EarlyDoc]) -> usize {
-        let peer = self.session.sync_peer();
-        let store = self.store.clone();
-        docs.iter()
-            .filter(|d| {
-                self.session
-                    .handle_early(d, || store.sync_state(&peer, d.key))
-            })
-            .count()
+    /// Hands a notice to the session, as the driver does, and carries out what it asks
+    /// (the peers' sync states); returns how many documents went out early. Their frames
+    /// wait for [`End::drive`].
+    pub async fn push_early(&mut self, docs: &[EarlyDoc]) -> usize {
+        let before = self.session.stats().early_sent;
+        for d in docs {
+            self.session.handle_early(d);
+        }
+        self.execute().await;
+        (self.session.stats().early_sent - before) as usize
     }
 
     /// Takes a frame from the peer, as the driver does; returns the frames in reply.
@@ -130,6 +126,16 @@ impl End {
     pub fn feed_moved(&mut self) {
         let last = self.store.last_seq();
         self.session.handle_feed_advanced(last);
+    }
+}
+
+/// The test's outbox: frames kept in order.
+struct Frames<'a>(&'a mut Vec<Message>);
+
+impl Outbox for Frames<'_> {
+    async fn send(&mut self, msg: Message) -> Result<(), ExecError> {
+        self.0.push(msg);
+        Ok(())
     }
 }
 

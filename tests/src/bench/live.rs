@@ -141,7 +141,7 @@ pub async fn throughput(seconds: f64) -> Result<Value> {
         hub.node
             .peers()
             .iter()
-            .map(|p| p.changes_applied)
+            .map(|p| p.counts.changes_applied)
             .sum::<u64>()
     };
     let base_applied = hub_applied();

@@ -69,7 +69,7 @@ fn link(node: &TestNode) -> Result<PeerStatus> {
 
 async fn both_caught_up(a: &TestNode, b: &TestNode) -> Result<()> {
     wait_until(Duration::from_secs(120), "both sides caught up", || {
-        Ok(matches!((link(a), link(b)), (Ok(pa), Ok(pb)) if pa.lag == 0 && pb.lag == 0))
+        Ok(matches!((link(a), link(b)), (Ok(pa), Ok(pb)) if pa.counts.lag == 0 && pb.counts.lag == 0))
     })
     .await?;
     Ok(())
@@ -102,21 +102,21 @@ pub async fn catchup(docs: usize, changes: usize) -> Result<Value> {
     both_caught_up(&a, &b).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let p = link(&b)?;
-    let wire = p.udp_bytes_sent + p.udp_bytes_received;
-    let frames = p.bytes_sent + p.bytes_received;
+    let wire = p.udp.bytes_sent + p.udp.bytes_received;
+    let frames = p.counts.bytes_sent + p.counts.bytes_received;
     let out = json!({
         "docs": docs,
         "changes": changes,
         "ms": (ms * 10.0).round() / 10.0,
-        "messages": p.messages_sent + p.messages_received,
+        "messages": p.counts.messages_sent + p.counts.messages_received,
         "bytes": wire,
         "frame_bytes": frames,
-        "bytes_received": p.udp_bytes_received,
-        "datagrams": p.udp_datagrams_sent + p.udp_datagrams_received,
+        "bytes_received": p.udp.bytes_received,
+        "datagrams": p.udp.datagrams_sent + p.udp.datagrams_received,
         "raw_change_bytes": raw,
         "bytes_ratio": ratio(wire, raw),
         "frame_bytes_ratio": ratio(frames, raw),
-        "received_ratio": ratio(p.udp_bytes_received, raw),
+        "received_ratio": ratio(p.udp.bytes_received, raw),
     });
     b.stop().await;
     a.stop().await;
@@ -143,7 +143,7 @@ pub async fn idle_reconnect(n: usize) -> Result<Value> {
     })
     .await?;
     // A's counters for B add up over connections; B's start from zero with B.
-    let a_loaded_before: u64 = a.node.peers().iter().map(|p| p.docs_loaded).sum();
+    let a_loaded_before: u64 = a.node.peers().iter().map(|p| p.counts.docs_loaded).sum();
 
     let started = Instant::now();
     let b = start_at(path, cfg)?;
@@ -158,10 +158,10 @@ pub async fn idle_reconnect(n: usize) -> Result<Value> {
     let out = json!({
         "docs": n,
         "ms": (ms * 10.0).round() / 10.0,
-        "messages": pb.messages_sent + pb.messages_received,
-        "bytes": pb.bytes_sent + pb.bytes_received,
-        "udp_bytes": pb.udp_bytes_sent + pb.udp_bytes_received,
-        "docs_loaded": pa.docs_loaded - a_loaded_before + pb.docs_loaded,
+        "messages": pb.counts.messages_sent + pb.counts.messages_received,
+        "bytes": pb.counts.bytes_sent + pb.counts.bytes_received,
+        "udp_bytes": pb.udp.bytes_sent + pb.udp.bytes_received,
+        "docs_loaded": pa.counts.docs_loaded - a_loaded_before + pb.counts.docs_loaded,
     });
     b.stop().await;
     a.stop().await;

@@ -3,9 +3,10 @@
 //! Nodes are [`Store`]s (on tmpfs when the machine has one); links are pairs of
 //! [`Session`]s with a frame queue each way. The harness delivers, drops, duplicates and
 //! reorders frames, cuts and restores links and restarts nodes from their stores, all from
-//! one seed, and carries out every session output itself (no sockets, no timers). The
-//! stores' early notices reach the sessions before the feed moves, as in the driver, and
-//! chaos replays stale ones. After
+//! one seed, with no sockets and no timers. Session outputs are carried out by the node's
+//! own executor (`tidesync::net::exec`, writes awaited in turn), so the simulation runs
+//! what the driver runs. The stores' early notices reach the sessions before the feed
+//! moves, as in the driver, and chaos replays stale ones. After
 //! [`Net::heal`] every link is fresh and every frame delivered, so a correct protocol
 //! converges.
 
@@ -16,9 +17,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use automerge::ReadDoc;
 use serde_json::json;
-use tidesync::model::{DocId, Grants, Namespace, NodeId};
-use tidesync::store::{EarlyDoc, Store, StoreConfig};
-use tidesync::sync::{Message, Output, PeerIdentity, Role, Session, SessionConfig};
+use tidesync::model::{DocId, Grants, Identity, Namespace, NodeId, Role};
+use tidesync::net::exec::{Exec, ExecError, Outbox, Writes};
+use tidesync::net::PeerCounters;
+use tidesync::store::{Store, StoreConfig};
+use tidesync::sync::{EarlyDoc, Message, Session, SessionConfig};
 use tokio::sync::broadcast;
 
 use crate::Rng;
@@ -295,12 +298,12 @@ impl Net {
                 self.nodes[me].role,
                 store.feed_epoch(),
             );
-            let identity = PeerIdentity {
+            let identity = Identity {
                 node_id: self.nodes[peer].id.clone(),
                 role: self.nodes[peer].role,
                 grants: Grants::everything(),
             };
-            let record = store.peer_record(&self.nodes[peer].id)?;
+            let record = store.peer_cursor(&self.nodes[peer].id)?;
             self.links[l].sessions[side] =
                 Some(Session::new(cfg, identity, record, store.last_seq()));
         }
@@ -339,22 +342,27 @@ impl Net {
 
     /// Hands `docs`, an early notice of `node`'s store, to every session there.
     fn deliver_early(&mut self, node: usize, docs: &[EarlyDoc]) -> Result<()> {
-        let Some(store) = self.nodes[node].store.clone() else {
+        if self.nodes[node].store.is_none() {
             return Ok(());
+        }
+        let early_sent = |net: &Self, l: usize, side: usize| {
+            net.links[l].sessions[side]
+                .as_ref()
+                .map_or(0, |s| s.stats().early_sent)
         };
         for l in 0..self.links.len() {
             for side in 0..2 {
                 if self.links[l].ends[side] != node {
                     continue;
                 }
+                let before = early_sent(self, l, side);
                 if let Some(s) = self.links[l].sessions[side].as_mut() {
-                    let peer = s.sync_peer();
                     for d in docs {
-                        let sent = s.handle_early(d, || store.sync_state(&peer, d.key));
-                        self.early_sent += u64::from(sent);
+                        s.handle_early(d);
                     }
                 }
                 self.drive(l, side)?;
+                self.early_sent += early_sent(self, l, side).saturating_sub(before);
             }
         }
         Ok(())
@@ -393,46 +401,45 @@ impl Net {
         Ok(())
     }
 
-    /// Carries out the outputs of the session at `ends[side]` of link `l`.
+    /// Carries out the outputs of the session at `ends[side]` of link `l`, through the
+    /// node's executor; a protocol error closes the link, as the driver does.
     fn drive(&mut self, l: usize, side: usize) -> Result<()> {
         let node = self.links[l].ends[side];
         let Some(store) = self.nodes[node].store.clone() else {
             return Ok(());
         };
-        let mut wrote = false;
-        while let Some(session) = self.links[l].sessions[side].as_mut() {
-            let Some(out) = session.poll_output() else {
-                break;
-            };
-            let peer = session.sync_peer();
-            match out {
-                Output::Send(m) => self.links[l].queues[1 - side].push_back(m),
-                Output::ReadFeed { after, limit } => {
-                    let last = store.last_seq();
-                    let entries = store.changes_since(after, limit)?;
-                    session.handle_feed(entries, last);
-                }
-                Output::Load { ns, id } => {
-                    let loaded = store.load_for_sync(&ns, &id, &peer)?;
-                    session.handle_loaded(ns, id, loaded);
-                }
-                Output::Apply(apply) => {
-                    let (ns, id, result) = self.rt.block_on(apply.run(&store, &peer));
-                    wrote |= result.is_ok();
-                    if session.handle_applied(ns, id, result).is_err() {
-                        self.disconnect(l);
-                        break;
-                    }
-                }
-                Output::SaveCursor(record) => {
-                    self.rt.block_on(store.set_peer_record(&peer.id, record))?;
-                }
-                Output::Event(_) => {}
-            }
+        let before = store.last_seq();
+        let link = &mut self.links[l];
+        let Some(session) = link.sessions[side].as_mut() else {
+            return Ok(());
+        };
+        let counters = PeerCounters::default();
+        let exec = Exec {
+            store: &store,
+            counters: &counters,
+        };
+        let mut outbox = Frames(&mut link.queues[1 - side]);
+        let drained = self
+            .rt
+            .block_on(exec.drain(session, &mut outbox, &mut Writes::Inline));
+        match drained {
+            Ok(()) => {}
+            Err(ExecError::Protocol(_)) => self.disconnect(l),
+            Err(e) => return Err(e.into()),
         }
-        if wrote {
+        if store.last_seq() != before {
             self.notify(node)?;
         }
+        Ok(())
+    }
+}
+
+/// A link's queue towards the other end, as a session's outbox.
+struct Frames<'a>(&'a mut VecDeque<Message>);
+
+impl Outbox for Frames<'_> {
+    async fn send(&mut self, msg: Message) -> Result<(), ExecError> {
+        self.0.push_back(msg);
         Ok(())
     }
 }

@@ -1,14 +1,19 @@
 //! One sync session with one peer, as a deterministic state machine with no I/O.
 //!
-//! The driver (see `net::driver`) owns the connection and the store; the session only
-//! decides. Method groups, as in quinn-proto:
+//! The driver (the node's `net::driver`, or a simulation) owns the connection and the
+//! store; the session only decides. It never reads the store: everything it needs from
+//! there it asks for with an [`Output`], and the driver answers with the matching input.
+//! Method groups, as in quinn-proto:
 //!
 //! - inputs: [`Session::handle_message`] (a frame from the peer),
-//!   [`Session::handle_feed`] (the answer to [`Output::ReadFeed`]),
-//!   [`Session::handle_loaded`] (the answer to [`Output::Load`]),
-//!   [`Session::handle_applied`] (the answer to [`Output::Apply`], after the commit),
-//!   [`Session::handle_feed_advanced`] (the local store committed something);
-//! - output: [`Session::poll_output`], to be drained after every input.
+//!   [`Session::handle_feed_advanced`] (the local store committed something),
+//!   [`Session::handle_early`] (a local batch is about to commit a document);
+//! - answers: [`Session::handle_feed`] to [`Output::ReadFeed`],
+//!   [`Session::handle_loaded`] to [`Output::Load`],
+//!   [`Session::handle_sync_state`] to [`Output::LoadSyncState`],
+//!   [`Session::handle_applied`] to [`Output::Apply`] (after the commit);
+//! - output: [`Session::poll_output`], to be drained after every input;
+//! - getters: [`Session::lag`], [`Session::is_caught_up`], [`Session::stats`], ….
 //!
 //! Sending: the session walks the local feed from where the peer said it has everything
 //! (its hello's `resume`), and for each document the peer may read and subscribed to, runs
@@ -17,6 +22,10 @@
 //! and CPU, not round trips. A document is done when the peer's acknowledged heads include
 //! ours; the lowest unfinished feed position is then sent as [`Message::Synced`], and the
 //! peer stores it as its resume cursor. A reconnect with nothing changed walks nothing.
+//!
+//! One path per write: a live document sent ahead of its commit (an early notice) stays in
+//! memory, and when the feed walk reaches it, the walk finds it current and only waits for
+//! the peer's answer; it is not loaded or sent again.
 //!
 //! Receiving: every sync message goes to the store ([`Output::Apply`]); the reply is
 //! generated only from the committed result, so the peer never hears "I have it" before
@@ -29,11 +38,13 @@ use std::sync::Arc;
 use automerge::sync::{State, SyncDoc};
 use automerge::{Automerge, ChangeHash, ReadDoc};
 
-use super::message::{Cursor, ErrorCode, Hello, Message, Role, PROTOCOL_VERSION};
-use crate::model::{same_heads, DocId, Grants, Namespace, NodeId, NsPattern};
-use crate::store::{
-    warm_sync_state, EarlyDoc, FeedEntry, FeedSeq, PeerRecord, SyncApplied, SyncDoc as LoadedDoc,
-    SyncPeer,
+use super::input::{Applied, EarlyDoc, LoadedDoc};
+use super::message::{ErrorCode, Hello, Message, PROTOCOL_VERSION};
+use super::output::{Apply, Event, Output};
+use super::state::{heads_known, start_state};
+use crate::error::ProtocolError;
+use crate::model::{
+    Cursor, DocId, FeedEntry, FeedSeq, Identity, Namespace, NodeId, NsPattern, Role, SyncPeer,
 };
 
 /// Settings of a session, the same for every peer of a node.
@@ -71,160 +82,13 @@ impl SessionConfig {
     }
 }
 
-/// Who the peer is, from its verified certificate.
-#[derive(Clone, Debug)]
-pub struct PeerIdentity {
-    /// The node id in the certificate.
-    pub node_id: NodeId,
-    /// The role in the certificate.
-    pub role: Role,
-    /// What the peer may read and write. Hubs hold everything.
-    pub grants: Grants,
-}
-
-/// A protocol violation: the driver sends it to the peer and closes the connection.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-#[error("{code:?}: {reason}")]
-pub struct ProtocolError {
-    /// The code sent to the peer.
-    pub code: ErrorCode,
-    /// The reason sent to the peer and logged.
-    pub reason: String,
-}
-
-impl ProtocolError {
-    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason: reason.into(),
-        }
-    }
-
-    /// A malformed frame or unexpected message.
-    pub fn protocol(reason: impl Into<String>) -> Self {
-        Self::new(ErrorCode::Protocol, reason)
-    }
-
-    /// A peer speaking another protocol version.
-    pub fn version(theirs: u16) -> Self {
-        Self::new(
-            ErrorCode::Version,
-            format!("protocol version {theirs} is not {PROTOCOL_VERSION}"),
-        )
-    }
-
-    /// A frame the codec refused (over the size limit, or a broken length prefix).
-    pub fn from_frame_error(e: &std::io::Error) -> Self {
-        Self::new(ErrorCode::Protocol, format!("bad frame: {e}"))
-    }
-
-    /// The message that tells the peer.
-    pub fn to_message(&self) -> Message {
-        Message::Error {
-            code: self.code,
-            reason: self.reason.clone(),
-        }
-    }
-}
-
-/// Something the driver must do for the session.
-#[derive(Debug)]
-pub enum Output {
-    /// Send this message to the peer.
-    Send(Message),
-    /// Answer with [`Session::handle_feed`]: up to `limit` local feed entries after `after`.
-    ReadFeed {
-        /// Read entries after this seq.
-        after: FeedSeq,
-        /// At most this many.
-        limit: usize,
-    },
-    /// Answer with [`Session::handle_loaded`]: the document and the peer's sync state.
-    Load {
-        /// Namespace.
-        ns: Namespace,
-        /// Document id.
-        id: DocId,
-    },
-    /// Apply the peer's message in the store, then answer with [`Session::handle_applied`].
-    Apply(Box<Apply>),
-    /// Persist this record of how far the peer's feed is here.
-    SaveCursor(PeerRecord),
-    /// Something worth telling the node.
-    Event(Event),
-}
-
-/// A peer's sync message to apply to one document (see [`Output::Apply`]).
-#[derive(Debug)]
-pub struct Apply {
-    /// Namespace.
-    pub ns: Namespace,
-    /// Document id.
-    pub id: DocId,
-    /// The in-memory sync state, if any (else the persisted one is used).
-    pub state: Option<State>,
-    /// Ignore changes in the message.
-    pub read_only: bool,
-    /// The peer's message.
-    pub message: automerge::sync::Message,
-}
-
-impl Apply {
-    /// Carries it out in `store` for `peer`, as a driver does; the result goes to
-    /// [`Session::handle_applied`].
-    pub async fn run(
-        self,
-        store: &crate::store::Store,
-        peer: &SyncPeer,
-    ) -> (Namespace, DocId, Result<SyncApplied, crate::StoreError>) {
-        let result = store
-            .apply_sync(
-                &self.ns,
-                &self.id,
-                peer,
-                self.state,
-                self.read_only,
-                self.message,
-            )
-            .await;
-        (self.ns, self.id, result)
-    }
-}
-
-/// Notable things that happened in a session.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    /// The hellos were exchanged.
-    Connected {
-        /// The peer's feed epoch.
-        peer_epoch: u128,
-    },
-    /// Everything in the local feed at the time was sent and acknowledged.
-    CaughtUp,
-    /// The peer sent changes it may not make, or asked for a document it may not read.
-    Rejected {
-        /// Namespace.
-        ns: String,
-        /// Document id.
-        id: String,
-        /// What was refused.
-        reason: String,
-    },
-    /// The peer reported a refusal of ours.
-    PeerError {
-        /// Its code.
-        code: ErrorCode,
-        /// Its reason.
-        reason: String,
-    },
-}
-
 /// Counters of one session, for status and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionStats {
     /// Sync messages sent.
     pub sync_sent: u64,
+    /// Sync messages sent ahead of their commit, from early notices.
+    pub early_sent: u64,
     /// Sync messages received.
     pub sync_received: u64,
     /// Automerge changes received from the peer and applied.
@@ -235,28 +99,69 @@ pub struct SessionStats {
     pub docs_synced: u64,
 }
 
-#[derive(Default)]
+/// Where one document's sync with the peer stands.
+#[derive(Debug, Default)]
 struct DocSync {
+    /// What the driver is doing for it: one thing at a time.
+    phase: Phase,
+    /// Why the document is being sent, if it is.
+    offer: Offer,
+    /// The version the peer is being brought to, once known.
     doc: Option<Arc<Automerge>>,
+    /// The peer's sync state, once loaded or built.
     state: Option<State>,
-    loading: bool,
-    applying: bool,
-    /// A newer local version exists than the one loaded.
-    stale: bool,
+    /// Peer messages waiting for the one being applied.
     inbox: VecDeque<automerge::sync::Message>,
-    /// The feed position this document is being offered for.
-    offered: Option<FeedSeq>,
-    /// Waiting in the queue for room in flight.
-    queued: bool,
-    /// Sent ahead of its commit ([`Session::handle_early`]); kept until the peer answers.
-    early: bool,
-    /// The heads of the version being offered, from the feed.
-    offered_heads: Vec<ChangeHash>,
+}
+
+/// The driver's work under way for one document.
+#[derive(Debug, Default, PartialEq, Eq)]
+enum Phase {
+    /// Nothing: the session may act on it.
+    #[default]
+    Idle,
+    /// [`Output::Load`] is out.
+    Loading,
+    /// [`Output::LoadSyncState`] is out, for an early notice; whether the peer lacks the
+    /// document decides the state to start from.
+    LoadingState { peer_lacks: bool },
+    /// [`Output::Apply`] is out.
+    Applying,
+}
+
+/// Why a document is being sent to the peer.
+#[derive(Debug, Default)]
+enum Offer {
+    /// It is not: the entry is kept only while the driver works on it or messages wait.
+    #[default]
+    None,
+    /// Sent from an early notice, ahead of the feed walk; kept in memory (with the sync
+    /// state that records what was sent) until the peer has it or the walk offers it.
+    Early,
+    /// The feed walk offers it at `seq`, and it waits for room in flight.
+    Queued {
+        seq: FeedSeq,
+        heads: Vec<ChangeHash>,
+    },
+    /// The feed walk offers it at `seq`, and it is in flight.
+    Sending {
+        seq: FeedSeq,
+        heads: Vec<ChangeHash>,
+    },
 }
 
 impl DocSync {
-    fn busy(&self) -> bool {
-        self.loading || self.applying
+    /// Whether the version in memory already holds the heads the feed offers: it can be
+    /// sent (or was, early) without reading the store.
+    fn is_current(&self) -> bool {
+        let (Offer::Queued { heads, .. } | Offer::Sending { heads, .. }) = &self.offer else {
+            return false;
+        };
+        self.state.is_some()
+            && self
+                .doc
+                .as_ref()
+                .is_some_and(|d| heads.iter().all(|h| d.get_change_by_hash(h).is_some()))
     }
 }
 
@@ -268,14 +173,13 @@ type DocKey = (Namespace, DocId);
 /// driver's whole job is to carry out outputs and feed back their results.
 ///
 /// ```
-/// use tidesync::model::{Grants, NodeId};
-/// use tidesync::store::FeedSeq;
-/// use tidesync::sync::{Message, Output, PeerIdentity, Role, Session, SessionConfig};
+/// use tidesync_core::model::{FeedSeq, Grants, Identity, NodeId, Role};
+/// use tidesync_core::sync::{Message, Output, Session, SessionConfig};
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let side = |me: &str, role, peer: &str, peer_role| -> Result<Session, Box<dyn std::error::Error>> {
 ///     let cfg = SessionConfig::new(NodeId::new(me)?, role, 7);
-///     let peer = PeerIdentity { node_id: NodeId::new(peer)?, role: peer_role, grants: Grants::everything() };
+///     let peer = Identity { node_id: NodeId::new(peer)?, role: peer_role, grants: Grants::everything() };
 ///     Ok(Session::new(cfg, peer, None, FeedSeq(0)))
 /// };
 /// let mut edge = side("edge-1", Role::Edge, "hub-1", Role::Hub)?;
@@ -303,9 +207,9 @@ type DocKey = (Namespace, DocId);
 /// ```
 pub struct Session {
     cfg: SessionConfig,
-    peer: PeerIdentity,
+    peer: Identity,
     /// How far this node has durably received the peer's feed.
-    record: Option<PeerRecord>,
+    record: Option<Cursor>,
     peer_hello: Option<Hello>,
     /// Every document the peer has, it got from or gave to this node: a document with no
     /// sync state stored for the peer is one it lacks (see [`Session::peer_lacks`]).
@@ -316,14 +220,14 @@ pub struct Session {
     /// The local feed's last seq, as last told by the driver.
     local_last: FeedSeq,
     reading: bool,
-    /// Documents to offer, waiting for room in flight.
+    /// Documents offered by the walk, waiting for room in flight (a key whose offer has
+    /// ended meanwhile is skipped).
     queue: VecDeque<DocKey>,
     docs: HashMap<DocKey, DocSync>,
     /// Unfinished offers by feed position; the lowest bounds what `Synced` can say.
     unfinished: BTreeMap<FeedSeq, DocKey>,
+    /// Offers in the [`Offer::Sending`] state.
     in_flight: usize,
-    /// Offered documents already current in memory, to continue without a load.
-    ready: VecDeque<DocKey>,
     synced_sent: FeedSeq,
     caught_up: bool,
     stats: SessionStats,
@@ -345,8 +249,8 @@ impl Session {
     /// what the store knows of the peer's feed; `local_last` the local feed's last seq.
     pub fn new(
         cfg: SessionConfig,
-        peer: PeerIdentity,
-        record: Option<PeerRecord>,
+        peer: Identity,
+        record: Option<Cursor>,
         local_last: FeedSeq,
     ) -> Self {
         let hello = Hello {
@@ -355,10 +259,7 @@ impl Session {
             role: cfg.role,
             feed_epoch: cfg.feed_epoch,
             feed_last: local_last.0,
-            resume: record.map(|r| Cursor {
-                epoch: r.epoch,
-                seq: r.cursor,
-            }),
+            resume: record,
             subscriptions: cfg.subscriptions.clone(),
         };
         let mut s = Self {
@@ -375,7 +276,6 @@ impl Session {
             docs: HashMap::new(),
             unfinished: BTreeMap::new(),
             in_flight: 0,
-            ready: VecDeque::new(),
             synced_sent: FeedSeq(0),
             caught_up: false,
             stats: SessionStats::default(),
@@ -386,14 +286,11 @@ impl Session {
 
     /// The next thing to do, if any. Call until `None` after every input.
     pub fn poll_output(&mut self) -> Option<Output> {
-        if self.outputs.is_empty() {
-            self.run_ready();
-        }
         self.outputs.pop_front()
     }
 
     /// The peer's identity.
-    pub fn peer(&self) -> &PeerIdentity {
+    pub fn peer(&self) -> &Identity {
         &self.peer
     }
 
@@ -428,20 +325,22 @@ impl Session {
 
     /// A frame from the peer. An error is fatal: send it to the peer and close.
     pub fn handle_message(&mut self, msg: Message) -> Result<(), ProtocolError> {
+        self.on_message(msg)?;
+        self.progress();
+        Ok(())
+    }
+
+    fn on_message(&mut self, msg: Message) -> Result<(), ProtocolError> {
         match msg {
             Message::Hello(hello) => self.on_hello(hello),
-            _ if self.peer_hello.is_none() => Err(ProtocolError::new(
-                ErrorCode::Protocol,
-                "the first message must be a hello",
-            )),
+            _ if self.peer_hello.is_none() => {
+                Err(ProtocolError::protocol("the first message must be a hello"))
+            }
             Message::Sync { ns, id, data } => self.on_sync(ns, id, &data),
             Message::Synced { seq } => {
                 let epoch = self.peer_epoch();
-                if self
-                    .record
-                    .is_none_or(|r| r.epoch != epoch || r.cursor < seq)
-                {
-                    let record = PeerRecord { epoch, cursor: seq };
+                if self.record.is_none_or(|r| r.epoch != epoch || r.seq < seq) {
+                    let record = Cursor { epoch, seq };
                     self.record = Some(record);
                     self.outputs.push_back(Output::SaveCursor(record));
                 }
@@ -489,9 +388,9 @@ impl Session {
         self.walked = start;
         self.synced_sent = start;
         if self.record.is_some_and(|r| r.epoch != hello.feed_epoch) {
-            let record = PeerRecord {
+            let record = Cursor {
                 epoch: hello.feed_epoch,
-                cursor: 0,
+                seq: 0,
             };
             self.record = Some(record);
             self.outputs.push_back(Output::SaveCursor(record));
@@ -499,8 +398,6 @@ impl Session {
         let peer_epoch = hello.feed_epoch;
         self.peer_hello = Some(hello);
         self.event(Event::Connected { peer_epoch });
-        self.read_more();
-        self.check_caught_up();
         Ok(())
     }
 
@@ -529,7 +426,7 @@ impl Session {
         let key = (n, d);
         let entry = self.docs.entry(key.clone()).or_default();
         entry.inbox.push_back(message);
-        if !entry.busy() {
+        if entry.phase == Phase::Idle {
             self.apply_next(&key);
         }
         Ok(())
@@ -556,7 +453,7 @@ impl Session {
         let Some(message) = entry.inbox.pop_front() else {
             return;
         };
-        entry.applying = true;
+        entry.phase = Phase::Applying;
         self.outputs.push_back(Output::Apply(Box::new(Apply {
             ns: key.0.clone(),
             id: key.1.clone(),
@@ -566,31 +463,17 @@ impl Session {
         })));
     }
 
-    /// The store committed the peer's message (or refused it: invalid Automerge data is a
-    /// protocol error; other failures are internal errors, fatal to the session).
-    pub fn handle_applied(
-        &mut self,
-        ns: Namespace,
-        id: DocId,
-        result: Result<SyncApplied, crate::StoreError>,
-    ) -> Result<(), ProtocolError> {
+    /// The answer to [`Output::Apply`]: the store committed the peer's message. (A store
+    /// that refused it ends the session instead: the driver sends the error and closes.)
+    pub fn handle_applied(&mut self, ns: Namespace, id: DocId, applied: Applied) {
         let key = (ns, id);
-        let applied = match result {
-            Ok(a) => a,
-            Err(crate::StoreError::Model(e)) => {
-                return Err(ProtocolError::new(
-                    ErrorCode::Protocol,
-                    format!("{}/{}: {e}", key.0, key.1),
-                ))
-            }
-            Err(e) => return Err(ProtocolError::new(ErrorCode::Internal, e.to_string())),
-        };
+        self.stats.changes_received += applied.changes_applied;
         let entry = self.docs.entry(key.clone()).or_default();
-        entry.applying = false;
+        entry.phase = Phase::Idle;
         entry.doc = Some(applied.doc);
         entry.state = Some(applied.state);
         self.resume(&key);
-        Ok(())
+        self.progress();
     }
 
     /// The answer to [`Output::ReadFeed`]: entries after the asked position, and the local
@@ -601,30 +484,39 @@ impl Session {
         let full = entries.len() >= self.cfg.feed_batch;
         for e in entries {
             self.walked = self.walked.max(e.seq);
-            if self.wants(&e.ns) {
-                let key = (e.ns, e.id);
-                let entry = self.docs.entry(key.clone()).or_default();
-                let in_flight = entry.offered.is_some() && !entry.queued;
-                entry.offered_heads = e.heads;
-                if let Some(old) = entry.offered.replace(e.seq) {
+            if !self.wants(&e.ns) {
+                continue;
+            }
+            let key = (e.ns, e.id);
+            let entry = self.docs.entry(key.clone()).or_default();
+            let (seq, heads) = (e.seq, e.heads);
+            let resend = match std::mem::take(&mut entry.offer) {
+                Offer::Sending { seq: old, .. } => {
                     self.unfinished.remove(&old);
-                } else {
-                    entry.queued = true;
+                    entry.offer = Offer::Sending { seq, heads };
+                    true
+                }
+                Offer::Queued { seq: old, .. } => {
+                    self.unfinished.remove(&old);
+                    entry.offer = Offer::Queued { seq, heads };
+                    false
+                }
+                Offer::None | Offer::Early => {
+                    entry.offer = Offer::Queued { seq, heads };
                     self.queue.push_back(key.clone());
+                    false
                 }
-                self.unfinished.insert(e.seq, key.clone());
-                if in_flight {
-                    // Already offered: send the newer version too.
-                    self.load(&key);
-                }
+            };
+            self.unfinished.insert(seq, key.clone());
+            if resend {
+                // Already in flight: send the newer version too.
+                self.start(&key);
             }
         }
         if !full {
             self.walked = self.walked.max(last);
         }
-        self.pump();
-        self.read_more();
-        self.advance_synced();
+        self.progress();
     }
 
     /// The local store committed up to `last`.
@@ -638,26 +530,20 @@ impl Session {
 
     /// A local batch changed this document and is committing it now (the store's early
     /// notice). When the peer is live on this document, its change goes out at once,
-    /// overlapping the local fsync instead of following it. It is only a hint: the feed
-    /// walk after the commit still offers the document and decides what the peer has, so
-    /// nothing here moves a cursor, and a commit that fails only means the peer got a
-    /// change this node will get back from it. `persisted` reads the stored sync state
-    /// when the session holds none. Returns whether a message was sent.
-    pub fn handle_early<E>(
-        &mut self,
-        early: &EarlyDoc,
-        persisted: impl FnOnce() -> Result<Option<State>, E>,
-    ) -> bool {
-        let (ns, doc) = (&early.ns, &early.doc);
+    /// overlapping the local fsync instead of following it; the session asks for the
+    /// peer's persisted sync state first ([`Output::LoadSyncState`]) if it holds none. It
+    /// is only a hint: the feed walk after the commit still offers the document and decides
+    /// what the peer has, so nothing here moves a cursor, and a commit that fails only
+    /// means the peer got a change this node will get back from it.
+    pub fn handle_early(&mut self, early: &EarlyDoc) {
         // During catch-up the feed walk is about to send it anyway.
         let live = self.peer_hello.is_some()
             && self.queue.is_empty()
             && self.in_flight < self.cfg.max_docs_in_flight;
-        if !live || !self.wants(ns) {
-            return false;
+        if !live || !self.wants(&early.ns) {
+            return;
         }
-        let read_only = !self.peer.grants.can_write(ns);
-        let lacks = self.peer_lacks(early.stored_bytes);
+        let peer_lacks = self.peer_lacks(early.stored_bytes);
         let key = (early.ns.clone(), early.id.clone());
         let entry = self.docs.entry(key.clone()).or_default();
         // Only move forward: an offer's doneness is judged against `entry.doc`, so it
@@ -665,37 +551,44 @@ impl Session {
         let newer = entry.doc.as_ref().is_none_or(|cur| {
             cur.get_heads()
                 .iter()
-                .all(|h| doc.get_change_by_hash(h).is_some())
+                .all(|h| early.doc.get_change_by_hash(h).is_some())
         });
-        if entry.busy() || !newer {
-            return false;
+        if entry.phase != Phase::Idle || !newer {
+            return;
+        }
+        entry.doc = Some(early.doc.clone());
+        if matches!(entry.offer, Offer::None) {
+            entry.offer = Offer::Early;
         }
         if entry.state.is_none() {
-            match persisted() {
-                Ok(state) => entry.state = Some(start_state(state, lacks, read_only)),
-                Err(_) => {
-                    if entry.offered.is_none() && entry.inbox.is_empty() && !entry.early {
-                        self.docs.remove(&key);
-                    }
-                    return false;
-                }
-            }
+            entry.phase = Phase::LoadingState { peer_lacks };
+            self.outputs.push_back(Output::LoadSyncState {
+                ns: key.0,
+                id: key.1,
+            });
+            return;
         }
-        entry.doc = Some(doc.clone());
-        let (Some(doc), Some(state)) = (&entry.doc, &mut entry.state) else {
-            return false;
+        self.generate(&key);
+        self.progress();
+    }
+
+    /// The answer to [`Output::LoadSyncState`]: the peer's persisted sync state of the
+    /// document (warm-started), `None` if there is none.
+    pub fn handle_sync_state(&mut self, ns: Namespace, id: DocId, persisted: Option<State>) {
+        let read_only = !self.peer.grants.can_write(&ns);
+        let key = (ns, id);
+        let Some(entry) = self.docs.get_mut(&key) else {
+            return;
         };
-        let Some(msg) = doc.generate_sync_message(state) else {
-            return false;
+        let Phase::LoadingState { peer_lacks } = entry.phase else {
+            return;
         };
-        entry.early = true;
-        self.stats.sync_sent += 1;
-        self.outputs.push_back(Output::Send(Message::Sync {
-            ns: key.0.to_string(),
-            id: key.1.to_string(),
-            data: msg.encode(),
-        }));
-        true
+        entry.phase = Phase::Idle;
+        if entry.state.is_none() {
+            entry.state = Some(start_state(persisted, peer_lacks, read_only));
+        }
+        self.resume(&key);
+        self.progress();
     }
 
     /// The answer to [`Output::Load`]. `None` if the document does not exist.
@@ -706,8 +599,7 @@ impl Session {
             .is_some_and(|l| self.peer_lacks(l.stored_bytes));
         let key = (ns, id);
         let entry = self.docs.entry(key.clone()).or_default();
-        entry.loading = false;
-        entry.stale = false;
+        entry.phase = Phase::Idle;
         if let Some(l) = loaded {
             entry.doc = Some(l.doc);
             if entry.state.is_none() {
@@ -715,6 +607,7 @@ impl Session {
             }
         }
         self.resume(&key);
+        self.progress();
     }
 
     /// Whether, at the hello, every document the peer has is known here: its feed lists
@@ -727,7 +620,7 @@ impl Session {
         let all_received = hello.feed_last == 0
             || self
                 .record
-                .is_some_and(|r| r.epoch == hello.feed_epoch && r.cursor >= hello.feed_last);
+                .is_some_and(|r| r.epoch == hello.feed_epoch && r.seq >= hello.feed_last);
         edge_link && all_received
     }
 
@@ -750,6 +643,14 @@ impl Session {
         self.peer_hello.as_ref().map_or(0, |h| h.feed_epoch)
     }
 
+    /// What follows every input: more offers while there is room, more of the feed while
+    /// the queue is short, and `Synced` when the lowest unfinished offer moved.
+    fn progress(&mut self) {
+        self.pump();
+        self.read_more();
+        self.advance_synced();
+    }
+
     fn read_more(&mut self) {
         if self.peer_hello.is_some()
             && !self.reading
@@ -764,36 +665,39 @@ impl Session {
         }
     }
 
-    /// Starts offers while there is room in flight.
+    /// Starts queued offers while there is room in flight. A loop, not a recursion: a
+    /// document found current in memory finishes at once and makes room for the next.
     fn pump(&mut self) {
         while self.in_flight < self.cfg.max_docs_in_flight {
             let Some(key) = self.queue.pop_front() else {
                 break;
             };
-            if let Some(entry) = self.docs.get_mut(&key) {
-                entry.queued = false;
-            }
+            let Some(entry) = self.docs.get_mut(&key) else {
+                continue;
+            };
+            let Offer::Queued { seq, heads } = std::mem::take(&mut entry.offer) else {
+                continue;
+            };
+            entry.offer = Offer::Sending { seq, heads };
             self.in_flight += 1;
-            self.load(&key);
+            self.start(&key);
         }
     }
 
-    fn load(&mut self, key: &DocKey) {
-        let entry = self.docs.entry(key.clone()).or_default();
-        if entry.busy() {
-            entry.stale = true;
+    /// Sends the offered version: from memory when it is there (typically sent early: the
+    /// peer's state records that, so nothing goes out twice), else after loading it. A
+    /// document the driver is working on continues when that work is answered.
+    fn start(&mut self, key: &DocKey) {
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        if entry.phase != Phase::Idle {
             return;
         }
-        entry.loading = true;
-        // Already in memory at the offered version (typically sent early): no store read.
-        let current = entry.state.is_some()
-            && entry
-                .doc
-                .as_ref()
-                .is_some_and(|d| same_heads(&d.get_heads(), &entry.offered_heads));
-        if current {
-            self.ready.push_back(key.clone());
+        if entry.is_current() {
+            self.generate(key);
         } else {
+            entry.phase = Phase::Loading;
             self.outputs.push_back(Output::Load {
                 ns: key.0.clone(),
                 id: key.1.clone(),
@@ -801,32 +705,22 @@ impl Session {
         }
     }
 
-    /// Continues offers of documents found current in memory, as `handle_loaded` would.
-    /// Run from `poll_output`, so a long queue is a loop, not a recursion.
-    fn run_ready(&mut self) {
-        while self.outputs.is_empty() {
-            let Some(key) = self.ready.pop_front() else {
-                return;
-            };
-            let Some(entry) = self.docs.get_mut(&key) else {
-                continue;
-            };
-            entry.loading = false;
-            self.resume(&key);
-        }
-    }
-
-    /// A document's next step once it is neither loading nor applying: the peer's queued
-    /// messages first, then a reload if a newer local version came meanwhile, else an offer.
+    /// A document's next step once the driver's work on it is answered: the peer's queued
+    /// messages first, then a load if the offer names a version newer than the one in
+    /// memory, else a message to the peer.
     fn resume(&mut self, key: &DocKey) {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
+        let sending = matches!(entry.offer, Offer::Sending { .. });
         if !entry.inbox.is_empty() {
             self.apply_next(key);
-        } else if entry.stale {
-            entry.stale = false;
-            self.load(key);
+        } else if sending && entry.doc.is_some() && !entry.is_current() {
+            entry.phase = Phase::Loading;
+            self.outputs.push_back(Output::Load {
+                ns: key.0.clone(),
+                id: key.1.clone(),
+            });
         } else {
             self.generate(key);
         }
@@ -840,6 +734,9 @@ impl Session {
         if let (Some(doc), Some(state)) = (&entry.doc, &mut entry.state) {
             if let Some(msg) = doc.generate_sync_message(state) {
                 self.stats.sync_sent += 1;
+                if matches!(entry.offer, Offer::Early) {
+                    self.stats.early_sent += 1;
+                }
                 self.outputs.push_back(Output::Send(Message::Sync {
                     ns: key.0.to_string(),
                     id: key.1.to_string(),
@@ -850,32 +747,38 @@ impl Session {
         self.check_done(key);
     }
 
-    /// An offer is done once the peer's acknowledged heads include ours.
+    /// An offer is done once the peer's acknowledged heads include ours; a document with
+    /// no offer, no work under way and no waiting message is forgotten (the persisted
+    /// state is enough to resume).
     fn check_done(&mut self, key: &DocKey) {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
+        if entry.phase != Phase::Idle {
+            return;
+        }
         let done = match (&entry.doc, &entry.state) {
             (Some(doc), Some(state)) => heads_known(&doc.get_heads(), state),
-            _ => entry.doc.is_none() && !entry.busy(),
+            (doc, _) => doc.is_none(),
         };
-        if done && !entry.busy() {
-            if let Some(seq) = entry.offered.take() {
-                self.unfinished.remove(&seq);
-                self.in_flight = self.in_flight.saturating_sub(1);
-                self.stats.docs_synced += 1;
+        if done {
+            match std::mem::take(&mut entry.offer) {
+                Offer::Sending { seq, .. } => {
+                    self.unfinished.remove(&seq);
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                    self.stats.docs_synced += 1;
+                }
+                Offer::Queued { seq, .. } => {
+                    // Its queue slot is skipped when reached.
+                    self.unfinished.remove(&seq);
+                    self.stats.docs_synced += 1;
+                }
+                Offer::None | Offer::Early => {}
             }
         }
-        if done {
-            entry.early = false;
-        }
-        if entry.offered.is_none() && !entry.busy() && entry.inbox.is_empty() && !entry.early {
-            // Forget it; the persisted state is enough to resume.
+        if matches!(entry.offer, Offer::None) && entry.inbox.is_empty() {
             self.docs.remove(key);
         }
-        self.pump();
-        self.read_more();
-        self.advance_synced();
     }
 
     fn synced_through(&self) -> FeedSeq {
@@ -907,27 +810,137 @@ impl Session {
     }
 }
 
-/// The state a document's sync with the peer starts from: the persisted one; else, when
-/// the peer lacks the document, "the peer has nothing", so that Automerge's first message
-/// carries the whole document (a round trip and two messages saved), or else a fresh state,
-/// whose first message announces our heads and asks what the peer has. Read-only where the
-/// peer may not write: we neither apply nor ask for its changes, and tell it so.
-fn start_state(persisted: Option<State>, peer_lacks: bool, read_only: bool) -> State {
-    let mut state = persisted.unwrap_or_else(|| {
-        if peer_lacks {
-            warm_sync_state(State::new())
-        } else {
-            State::new()
-        }
-    });
-    state.read_only = read_only;
-    state
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Grants;
+    use automerge::transaction::Transactable;
 
-/// Whether every one of `ours` is among the heads the peer last acknowledged.
-fn heads_known(ours: &[ChangeHash], state: &State) -> bool {
-    state
-        .their_heads
-        .as_ref()
-        .is_some_and(|theirs| ours.iter().all(|h| theirs.contains(h)))
+    fn session(me: &str, role: Role, peer: &str, peer_role: Role) -> Session {
+        let cfg = SessionConfig::new(NodeId::new(me).expect("id"), role, 1);
+        let peer = Identity {
+            node_id: NodeId::new(peer).expect("id"),
+            role: peer_role,
+            grants: Grants::everything(),
+        };
+        Session::new(cfg, peer, None, FeedSeq(0))
+    }
+
+    fn outputs(s: &mut Session) -> Vec<Output> {
+        std::iter::from_fn(|| s.poll_output()).collect()
+    }
+
+    fn hello(me: &str, role: Role) -> Message {
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            node_id: me.into(),
+            role,
+            feed_epoch: 2,
+            feed_last: 0,
+            resume: None,
+            subscriptions: vec![NsPattern::all()],
+        })
+    }
+
+    /// One path per write: a live document sent ahead of its commit is, when the feed walk
+    /// reaches it, neither loaded nor sent again; the peer's answer completes it.
+    #[test]
+    fn an_early_send_is_not_loaded_or_sent_again_by_the_feed_walk() {
+        let mut hub = session("hub-1", Role::Hub, "edge-1", Role::Edge);
+        hub.handle_message(hello("edge-1", Role::Edge))
+            .expect("hello");
+        outputs(&mut hub);
+        assert!(hub.is_caught_up());
+
+        let (ns, id) = (
+            Namespace::new("cfg").expect("ns"),
+            DocId::new("a").expect("id"),
+        );
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "v", 1).expect("put");
+        tx.commit();
+        let doc = Arc::new(doc);
+        let early = EarlyDoc {
+            ns: ns.clone(),
+            id: id.clone(),
+            doc: doc.clone(),
+            stored_bytes: 0,
+        };
+        hub.handle_early(&early);
+        let out = outputs(&mut hub);
+        assert!(
+            matches!(&out[..], [Output::LoadSyncState { .. }]),
+            "the session asks for the stored state: {out:?}"
+        );
+        hub.handle_sync_state(ns.clone(), id.clone(), None);
+        let out = outputs(&mut hub);
+        let [Output::Send(Message::Sync { data, .. })] = &out[..] else {
+            panic!("one early frame: {out:?}");
+        };
+        let first = automerge::sync::Message::decode(data).expect("decodes");
+        assert_eq!(hub.stats().early_sent, 1);
+
+        // The commit lands and the walk reaches the document: no load, no second frame.
+        hub.handle_feed_advanced(FeedSeq(1));
+        let out = outputs(&mut hub);
+        assert!(matches!(&out[..], [Output::ReadFeed { .. }]), "{out:?}");
+        let entry = FeedEntry {
+            seq: FeedSeq(1),
+            ns: ns.clone(),
+            id: id.clone(),
+            heads: doc.get_heads(),
+            deleted: false,
+        };
+        hub.handle_feed(vec![entry], FeedSeq(1));
+        let out = outputs(&mut hub);
+        assert!(
+            out.iter()
+                .all(|o| !matches!(o, Output::Load { .. } | Output::Send(Message::Sync { .. }))),
+            "the walk loaded or resent it: {out:?}"
+        );
+        assert!(!hub.is_caught_up(), "not yet acknowledged");
+
+        // The edge takes the change and answers; once that is applied, the offer is done.
+        let mut edge_doc = Automerge::new();
+        let mut edge_state = State::new();
+        edge_doc
+            .receive_sync_message(&mut edge_state, first)
+            .expect("edge receives");
+        let reply = edge_doc
+            .generate_sync_message(&mut edge_state)
+            .expect("an answer");
+        hub.handle_message(Message::Sync {
+            ns: ns.to_string(),
+            id: id.to_string(),
+            data: reply.encode(),
+        })
+        .expect("sync");
+        let out = outputs(&mut hub);
+        let [Output::Apply(apply)] = &out[..] else {
+            panic!("the answer goes to the store: {out:?}");
+        };
+        let mut state = apply.state.clone().expect("the in-memory state");
+        let mut committed = (*doc).clone();
+        committed
+            .receive_sync_message(&mut state, apply.message.clone())
+            .expect("applies");
+        hub.handle_applied(
+            ns,
+            id,
+            Applied {
+                state,
+                doc: Arc::new(committed),
+                changes_applied: 0,
+            },
+        );
+        let out = outputs(&mut hub);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Send(Message::Synced { seq: 1 }))),
+            "{out:?}"
+        );
+        assert!(hub.is_caught_up());
+        assert_eq!(hub.stats().docs_synced, 1);
+    }
 }

@@ -1,4 +1,4 @@
-//! The JSON <-> Automerge mapping of DESIGN §2, and writes that emit only what changed.
+//! The JSON <-> Automerge mapping, and writes that emit only what changed.
 //!
 //! Reading: maps and tables become objects, lists arrays, text and strings strings, `Int`
 //! and `Uint` integers, `F64` floats (a non-finite float reads as `null`), counters their

@@ -1,15 +1,22 @@
-//! The data model: validated names, the JSON <-> Automerge mapping, merge patch, conflicts.
+//! The data model: validated names, grants, the JSON <-> Automerge mapping, merge patch,
+//! conflicts, checks on Automerge bytes, and the plain types that name feed positions and
+//! nodes.
 //!
-//! Pure functions over Automerge documents; no storage, no I/O.
+//! Pure functions over Automerge documents and plain values; no storage, no I/O.
 
+pub mod automerge_bytes;
 pub mod conflicts;
+pub mod feed;
 pub mod grants;
 pub mod ids;
 pub mod json;
+pub mod peer;
 
 pub use conflicts::{conflicts, Conflict};
+pub use feed::{Cursor, FeedEntry, FeedSeq};
 pub use grants::{Access, Grant, Grants, NsPattern};
 pub use ids::{DocId, Namespace, NodeId};
+pub use peer::{Identity, Role, SyncPeer};
 
 use automerge::ChangeHash;
 

@@ -6,11 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-
-use crate::store::StoreConfig;
-
-/// Largest API request body when neither `--max-body` nor the file says (16 MiB).
-pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+pub use tidesync::daemon::DEFAULT_MAX_BODY;
+use tidesync::store::StoreConfig;
 
 /// Cache memory in MiB when neither `--cache-mb` nor the file says: bounds the process
 /// whatever the number of documents.

@@ -1,11 +1,11 @@
 //! The messages two nodes exchange, and their encoding (postcard).
 //!
-//! On the wire each message is one length-delimited frame (see `net`); this module only
-//! turns messages into bytes and back, refusing anything that does not decode.
+//! On the wire each message is one length-delimited frame (the node's `net` driver); this
+//! module only turns messages into bytes and back, refusing anything that does not decode.
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::NsPattern;
+use crate::model::{Cursor, NsPattern, Role};
 
 /// Version of this message set. A peer with another version is refused at hello (see
 /// [`Message::hello_version`]). 2 added [`Hello::feed_last`].
@@ -13,34 +13,6 @@ pub const PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN protocol name negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"tidesync/1";
-
-/// What a node is; written in its certificate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Role {
-    /// A device. Reads and writes only what its certificate grants.
-    Edge,
-    /// A data-center node. Reads and writes everything; relays between edges and hubs.
-    Hub,
-}
-
-impl Role {
-    /// `edge` or `hub`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Edge => "edge",
-            Role::Hub => "hub",
-        }
-    }
-}
-
-/// A position in one database's feed: valid only while that database's epoch holds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cursor {
-    /// The feed epoch of the database the position refers to.
-    pub epoch: u128,
-    /// The feed seq.
-    pub seq: u64,
-}
 
 /// The first message each side sends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,26 @@
+//! The sync protocol, sans I/O: messages, the per-peer session state machine, and the
+//! plain values it exchanges with its driver.
+//!
+//! This module owns protocol decisions only. It never touches sockets, clocks, threads or
+//! the disk: a driver feeds it frames and the answers to its questions, and carries out
+//! its [`Output`]s. That keeps it deterministic, so tests can run thousands of randomized
+//! multi-node histories in seconds.
+//!
+//! - `message`: what travels between two nodes, and its encoding;
+//! - `session`: one peer's [`Session`];
+//! - `output`: what a session asks of its driver; `input`: what the driver hands back;
+//! - `state`: the Automerge sync state a document's exchange starts from.
+
+pub mod input;
+pub mod message;
+pub mod output;
+pub mod session;
+pub mod state;
+
+pub use crate::error::ProtocolError;
+pub use crate::model::{Cursor, Identity, Role, SyncPeer};
+pub use input::{Applied, EarlyDoc, LoadedDoc};
+pub use message::{ErrorCode, Hello, Message, ALPN, PROTOCOL_VERSION};
+pub use output::{Apply, Event, Output};
+pub use session::{Session, SessionConfig, SessionStats};
+pub use state::warm as warm_sync_state;

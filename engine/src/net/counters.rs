@@ -1,0 +1,143 @@
+//! Per-peer counters, declared once: the live atomics the driver bumps, the reading that
+//! `/v1/status`, `/metrics` and the `status` command show, and the Prometheus name and
+//! help of each. A new counter is one line in [`peer_counters!`]'s invocation below.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// How Prometheus sees a per-peer value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only ever grows.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
+/// One per-peer value as Prometheus exports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerMetric {
+    /// Name, after the `tidesync_` prefix.
+    pub name: &'static str,
+    /// Help text.
+    pub help: &'static str,
+    /// Counter or gauge.
+    pub kind: MetricKind,
+    /// The value.
+    pub value: u64,
+}
+
+/// Declares the counters: `field: Counter|Gauge("metric name", "help");`, or
+/// `field: StatusOnly;` for a value shown by status but not exported as such.
+macro_rules! peer_counters {
+    ($(
+        $(#[doc = $doc:literal])*
+        $field:ident : $kind:ident $( ( $metric:literal, $help:literal ) )? ;
+    )*) => {
+        /// Live counters of one peer, across its connections (monotonic except `lag`),
+        /// shared by its driver, status and metrics.
+        #[derive(Debug, Default)]
+        pub struct PeerCounters {
+            $( $(#[doc = $doc])* pub $field: AtomicU64, )*
+        }
+
+        /// A reading of [`PeerCounters`]; its JSON keys are the field names.
+        #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+        pub struct PeerCounts {
+            $( $(#[doc = $doc])* pub $field: u64, )*
+        }
+
+        impl PeerCounters {
+            /// The values now.
+            pub fn read(&self) -> PeerCounts {
+                PeerCounts { $( $field: self.$field.load(Ordering::Relaxed), )* }
+            }
+        }
+
+        impl PeerCounts {
+            /// The values Prometheus exports, with their names.
+            pub fn metrics(&self) -> Vec<PeerMetric> {
+                vec![ $( $(
+                    PeerMetric {
+                        name: $metric,
+                        help: $help,
+                        kind: MetricKind::$kind,
+                        value: self.$field,
+                    },
+                )? )* ]
+            }
+        }
+    };
+}
+
+peer_counters! {
+    /// Frame bytes sent, length prefixes included.
+    bytes_sent: Counter("peer_sent_bytes", "Frame bytes sent to the peer");
+    /// Frame bytes received, length prefixes included.
+    bytes_received: Counter("peer_received_bytes", "Frame bytes received from the peer");
+    /// Frames sent.
+    messages_sent: Counter("peer_sent_messages", "Frames sent to the peer");
+    /// Frames received.
+    messages_received: Counter("peer_received_messages", "Frames received from the peer");
+    /// Automerge changes received from the peer and stored.
+    changes_applied: Counter(
+        "peer_changes_applied",
+        "Automerge changes received from the peer and stored"
+    );
+    /// Documents whose sync with the peer completed.
+    docs_synced: Counter("peer_docs_synced", "Document syncs with the peer completed");
+    /// Messages or changes refused because of the peer's grants.
+    rejected: Counter(
+        "peer_rejected",
+        "Changes or reads refused because of the peer's grants"
+    );
+    /// Protocol errors that ended a connection with this peer.
+    protocol_errors: Counter(
+        "peer_protocol_errors",
+        "Connections with the peer ended by a protocol error"
+    );
+    /// Local feed positions the peer has not acknowledged yet.
+    lag: Gauge(
+        "peer_lag_feed_positions",
+        "Local feed positions the peer has not acknowledged"
+    );
+    /// Automerge sync messages received and applied.
+    syncs_applied: StatusOnly;
+    /// Documents loaded from the store for this peer.
+    docs_loaded: StatusOnly;
+    /// Unix milliseconds of the last completed document sync (0: never); metrics show the
+    /// seconds since.
+    last_sync_ms: StatusOnly;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reading_carries_every_counter_and_exports_the_named_ones() {
+        let c = PeerCounters::default();
+        c.bytes_sent.fetch_add(10, Ordering::Relaxed);
+        c.lag.store(3, Ordering::Relaxed);
+        c.docs_loaded.fetch_add(2, Ordering::Relaxed);
+        let r = c.read();
+        assert_eq!((r.bytes_sent, r.lag, r.docs_loaded), (10, 3, 2));
+        let m = r.metrics();
+        assert!(m.contains(&PeerMetric {
+            name: "peer_sent_bytes",
+            help: "Frame bytes sent to the peer",
+            kind: MetricKind::Counter,
+            value: 10,
+        }));
+        assert!(m
+            .iter()
+            .any(|p| p.name == "peer_lag_feed_positions" && p.kind == MetricKind::Gauge));
+        assert!(
+            !m.iter().any(|p| p.value == 2),
+            "status-only values stay out"
+        );
+        let json = serde_json::to_value(&r).expect("serializes");
+        assert_eq!(json["docs_loaded"], 2);
+    }
+}
