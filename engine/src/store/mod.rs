@@ -2,8 +2,10 @@
 //!
 //! [`Store`] owns the database, a byte-bounded cache of loaded documents and the single
 //! writer thread (see `writer`) that group-commits every write. Reads run on the caller's
-//! thread from a redb read snapshot. This module never touches the network; the sync layer
-//! reads documents and the feed through it and writes through the same writer.
+//! thread from a redb read snapshot. This module never touches the network and knows
+//! nothing of the protocol: it deals in the core's plain types (feed entries, cursors,
+//! loaded documents, applied messages), and `net::exec` carries a session's reads and
+//! writes to it.
 //!
 //! Durability: a write future resolves only after the redb transaction holding it has
 //! committed with `Durability::Immediate`. A process killed at any moment loses nothing

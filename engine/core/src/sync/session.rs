@@ -154,14 +154,18 @@ impl DocSync {
     /// Whether the version in memory already holds the heads the feed offers: it can be
     /// sent (or was, early) without reading the store.
     fn is_current(&self) -> bool {
+        self.state.is_some() && self.doc.is_some() && self.holds_offered()
+    }
+
+    /// Whether the version in memory holds every head the feed offered (true when the feed
+    /// offers nothing): only then can the peer's acknowledgement of it finish the offer.
+    fn holds_offered(&self) -> bool {
         let (Offer::Queued { heads, .. } | Offer::Sending { heads, .. }) = &self.offer else {
-            return false;
+            return true;
         };
-        self.state.is_some()
-            && self
-                .doc
-                .as_ref()
-                .is_some_and(|d| heads.iter().all(|h| d.get_change_by_hash(h).is_some()))
+        self.doc
+            .as_ref()
+            .is_some_and(|d| heads.iter().all(|h| d.get_change_by_hash(h).is_some()))
     }
 }
 
@@ -472,7 +476,7 @@ impl Session {
         entry.phase = Phase::Idle;
         entry.doc = Some(applied.doc);
         entry.state = Some(applied.state);
-        self.resume(&key);
+        self.resume(&key, false);
         self.progress();
     }
 
@@ -557,9 +561,6 @@ impl Session {
             return;
         }
         entry.doc = Some(early.doc.clone());
-        if matches!(entry.offer, Offer::None) {
-            entry.offer = Offer::Early;
-        }
         if entry.state.is_none() {
             entry.phase = Phase::LoadingState { peer_lacks };
             self.outputs.push_back(Output::LoadSyncState {
@@ -568,7 +569,7 @@ impl Session {
             });
             return;
         }
-        self.generate(&key);
+        self.generate(&key, true);
         self.progress();
     }
 
@@ -587,7 +588,7 @@ impl Session {
         if entry.state.is_none() {
             entry.state = Some(start_state(persisted, peer_lacks, read_only));
         }
-        self.resume(&key);
+        self.resume(&key, true);
         self.progress();
     }
 
@@ -600,13 +601,17 @@ impl Session {
         let key = (ns, id);
         let entry = self.docs.entry(key.clone()).or_default();
         entry.phase = Phase::Idle;
-        if let Some(l) = loaded {
-            entry.doc = Some(l.doc);
-            if entry.state.is_none() {
-                entry.state = Some(start_state(l.state, lacks, read_only));
+        match loaded {
+            Some(l) => {
+                entry.doc = Some(l.doc);
+                if entry.state.is_none() {
+                    entry.state = Some(start_state(l.state, lacks, read_only));
+                }
             }
+            // Absent: nothing to send, and its offer is done.
+            None => entry.doc = None,
         }
-        self.resume(&key);
+        self.resume(&key, false);
         self.progress();
     }
 
@@ -675,10 +680,13 @@ impl Session {
             let Some(entry) = self.docs.get_mut(&key) else {
                 continue;
             };
-            let Offer::Queued { seq, heads } = std::mem::take(&mut entry.offer) else {
+            // A key stays queued after its offer ended early, and may be queued again.
+            if !matches!(entry.offer, Offer::Queued { .. }) {
                 continue;
-            };
-            entry.offer = Offer::Sending { seq, heads };
+            }
+            if let Offer::Queued { seq, heads } = std::mem::take(&mut entry.offer) {
+                entry.offer = Offer::Sending { seq, heads };
+            }
             self.in_flight += 1;
             self.start(&key);
         }
@@ -695,7 +703,7 @@ impl Session {
             return;
         }
         if entry.is_current() {
-            self.generate(key);
+            self.generate(key, false);
         } else {
             entry.phase = Phase::Loading;
             self.outputs.push_back(Output::Load {
@@ -707,8 +715,8 @@ impl Session {
 
     /// A document's next step once the driver's work on it is answered: the peer's queued
     /// messages first, then a load if the offer names a version newer than the one in
-    /// memory, else a message to the peer.
-    fn resume(&mut self, key: &DocKey) {
+    /// memory, else a message to the peer (`early`: ahead of the feed walk).
+    fn resume(&mut self, key: &DocKey, early: bool) {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
@@ -722,20 +730,25 @@ impl Session {
                 id: key.1.clone(),
             });
         } else {
-            self.generate(key);
+            self.generate(key, early);
         }
     }
 
-    /// Sends what the peer lacks of a document, then checks whether its offer is done.
-    fn generate(&mut self, key: &DocKey) {
+    /// Sends what the peer lacks of a document, then checks whether its offer is done. An
+    /// `early` message (from an early notice) makes the document an early offer, kept in
+    /// memory until the peer has it, unless the feed offers it already.
+    fn generate(&mut self, key: &DocKey, early: bool) {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
         if let (Some(doc), Some(state)) = (&entry.doc, &mut entry.state) {
             if let Some(msg) = doc.generate_sync_message(state) {
                 self.stats.sync_sent += 1;
-                if matches!(entry.offer, Offer::Early) {
+                if early {
                     self.stats.early_sent += 1;
+                    if matches!(entry.offer, Offer::None) {
+                        entry.offer = Offer::Early;
+                    }
                 }
                 self.outputs.push_back(Output::Send(Message::Sync {
                     ns: key.0.to_string(),
@@ -757,8 +770,12 @@ impl Session {
         if entry.phase != Phase::Idle {
             return;
         }
+        // Judged against the version in memory, and only once that holds what the feed
+        // offered: an acknowledgement of an older version finishes nothing.
         let done = match (&entry.doc, &entry.state) {
-            (Some(doc), Some(state)) => heads_known(&doc.get_heads(), state),
+            (Some(doc), Some(state)) => {
+                entry.holds_offered() && heads_known(&doc.get_heads(), state)
+            }
             (doc, _) => doc.is_none(),
         };
         if done {
@@ -942,5 +959,137 @@ mod tests {
         );
         assert!(hub.is_caught_up());
         assert_eq!(hub.stats().docs_synced, 1);
+    }
+
+    fn names(id: &str) -> (Namespace, DocId) {
+        (
+            Namespace::new("cfg").expect("ns"),
+            DocId::new(id).expect("id"),
+        )
+    }
+
+    fn entry(seq: u64, id: &str, heads: Vec<ChangeHash>) -> FeedEntry {
+        let (ns, id) = names(id);
+        FeedEntry {
+            seq: FeedSeq(seq),
+            ns,
+            id,
+            heads,
+            deleted: false,
+        }
+    }
+
+    /// A document with `n` changes, and the sync state of a peer that has all of them.
+    fn acknowledged(n: i64) -> Applied {
+        let mut doc = Automerge::new();
+        for i in 0..n {
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, "v", i).expect("put");
+            tx.commit();
+        }
+        let mut state = State::new();
+        state.their_heads = Some(doc.get_heads());
+        Applied {
+            state,
+            doc: Arc::new(doc),
+            changes_applied: 0,
+        }
+    }
+
+    /// A hub whose edge said hello, with room for `window` documents in flight and a feed
+    /// ending at `last`.
+    fn connected_hub(window: usize, last: u64) -> Session {
+        let mut cfg = SessionConfig::new(NodeId::new("hub-1").expect("id"), Role::Hub, 1);
+        cfg.max_docs_in_flight = window;
+        let peer = Identity {
+            node_id: NodeId::new("edge-1").expect("id"),
+            role: Role::Edge,
+            grants: Grants::everything(),
+        };
+        let mut hub = Session::new(cfg, peer, None, FeedSeq(last));
+        hub.handle_message(hello("edge-1", Role::Edge))
+            .expect("hello");
+        outputs(&mut hub);
+        hub
+    }
+
+    fn peer_sync(id: &str) -> Message {
+        Message::Sync {
+            ns: "cfg".into(),
+            id: id.into(),
+            data: Automerge::new()
+                .generate_sync_message(&mut State::new())
+                .expect("a first message")
+                .encode(),
+        }
+    }
+
+    /// Regression: a key queued twice (its first offer finished by the peer's own message,
+    /// then a newer commit) must not lose its live offer when popped the second time, or
+    /// the window shrinks for good and `Synced` never passes that position.
+    #[test]
+    fn a_key_queued_twice_keeps_its_offer_and_the_session_catches_up() {
+        let mut hub = connected_hub(2, 5);
+        let k = acknowledged(1);
+        let k_heads = k.doc.get_heads();
+        hub.handle_feed(
+            vec![
+                entry(1, "a", vec![ChangeHash([1; 32])]),
+                entry(2, "b", vec![ChangeHash([2; 32])]),
+                entry(3, "k", k_heads.clone()),
+            ],
+            FeedSeq(3),
+        );
+        outputs(&mut hub); // loads of a and b; k waits for room
+        hub.handle_message(peer_sync("k")).expect("sync");
+        outputs(&mut hub);
+        let (ns, id) = names("k");
+        hub.handle_applied(ns.clone(), id.clone(), k);
+        outputs(&mut hub);
+        hub.handle_feed(vec![entry(5, "k", k_heads)], FeedSeq(5));
+        outputs(&mut hub);
+        for d in ["a", "b"] {
+            let (ns, id) = names(d);
+            hub.handle_loaded(ns, id, None);
+        }
+        let out = outputs(&mut hub);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Load { id, .. } if id.as_str() == "k")),
+            "k is sent once there is room: {out:?}"
+        );
+        hub.handle_loaded(ns, id, None);
+        outputs(&mut hub);
+        assert!(hub.is_caught_up(), "lag {}", hub.lag());
+    }
+
+    /// Regression: the peer acknowledging an older version of a document must not finish
+    /// the feed's offer of a newer one, or `Synced` passes a change the peer never got.
+    #[test]
+    fn an_acknowledged_older_version_does_not_finish_a_newer_offer() {
+        let mut hub = connected_hub(1, 2);
+        hub.handle_feed(vec![entry(1, "a", vec![ChangeHash([1; 32])])], FeedSeq(1));
+        outputs(&mut hub); // a is in flight: the window is full
+        hub.handle_message(peer_sync("k")).expect("sync");
+        outputs(&mut hub); // the peer's message for k is being applied
+        let older = acknowledged(1);
+        let newer = acknowledged(2);
+        hub.handle_feed(vec![entry(2, "k", newer.doc.get_heads())], FeedSeq(2));
+        outputs(&mut hub);
+        let (ns, id) = names("k");
+        hub.handle_applied(ns, id, older);
+        outputs(&mut hub);
+        let (ns, id) = names("a");
+        hub.handle_loaded(ns, id, None);
+        let out = outputs(&mut hub);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Load { id, .. } if id.as_str() == "k")),
+            "the newer version of k is loaded and sent: {out:?}"
+        );
+        assert!(!out
+            .iter()
+            .any(|o| matches!(o, Output::Send(Message::Synced { seq: 2 }))));
+        assert!(!hub.is_caught_up());
     }
 }
