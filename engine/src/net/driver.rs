@@ -25,7 +25,7 @@ use super::exec::{Exec, ExecError, Outbox, WriteDone, Writes};
 use super::tls::Revocations;
 use crate::model::NodeId;
 use crate::store::Store;
-use crate::sync::{EarlyDoc, Event, Message, ProtocolError, Session, PROTOCOL_VERSION};
+use crate::sync::{validate, EarlyDoc, Event, Message, ProtocolError, Session, PROTOCOL_VERSION};
 use crate::StoreError;
 
 /// Application error code on QUIC close: a protocol error was sent first.
@@ -226,6 +226,7 @@ fn on_frame(
     counters
         .bytes_received
         .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
+    validate::check_frame(&frame)?;
     let msg = Message::decode(&frame).map_err(|e| match Message::hello_version(&frame) {
         Some(v) if v != PROTOCOL_VERSION => ProtocolError::version(v),
         _ => ProtocolError::protocol(format!("undecodable frame of {} bytes: {e}", frame.len())),

@@ -9,13 +9,15 @@
 //! - `message`: what travels between two nodes, and its encoding;
 //! - `session`: one peer's [`Session`];
 //! - `output`: what a session asks of its driver; `input`: what the driver hands back;
-//! - `state`: the Automerge sync state a document's exchange starts from.
+//! - `state`: the Automerge sync state a document's exchange starts from;
+//! - `validate`: the bounds every peer input is checked against before it is used.
 
 pub mod input;
 pub mod message;
 pub mod output;
 pub mod session;
 pub mod state;
+pub mod validate;
 
 pub use crate::error::ProtocolError;
 pub use crate::model::{Cursor, Identity, Role, SyncPeer};

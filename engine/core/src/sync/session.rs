@@ -42,6 +42,7 @@ use super::input::{Applied, EarlyDoc, LoadedDoc};
 use super::message::{ErrorCode, Hello, Message, PROTOCOL_VERSION};
 use super::output::{Apply, Event, Output};
 use super::state::{heads_known, start_state};
+use super::validate::{self, peer_text};
 use crate::error::ProtocolError;
 use crate::model::{
     Cursor, DocId, FeedEntry, FeedSeq, Identity, Namespace, NodeId, NsPattern, Role, SyncPeer,
@@ -351,6 +352,7 @@ impl Session {
                 Ok(())
             }
             Message::Error { code, reason } => {
+                let reason = peer_text(&reason);
                 self.event(Event::PeerError {
                     code,
                     reason: reason.clone(),
@@ -370,12 +372,13 @@ impl Session {
         if hello.version != PROTOCOL_VERSION {
             return Err(ProtocolError::version(hello.version));
         }
+        validate::check_hello(&hello)?;
         if hello.node_id != self.peer.node_id.as_str() || hello.role != self.peer.role {
             return Err(ProtocolError::new(
                 ErrorCode::Protocol,
                 format!(
                     "hello says {} ({}), the certificate says {} ({})",
-                    hello.node_id,
+                    peer_text(&hello.node_id),
                     hello.role.as_str(),
                     self.peer.node_id,
                     self.peer.role.as_str()
@@ -410,7 +413,11 @@ impl Session {
         let (Ok(n), Ok(d)) = (Namespace::new(ns.as_str()), DocId::new(id.as_str())) else {
             return Err(ProtocolError::new(
                 ErrorCode::Protocol,
-                format!("invalid document name {ns:?}/{id:?}"),
+                format!(
+                    "invalid document name {}/{}",
+                    peer_text(&ns),
+                    peer_text(&id)
+                ),
             ));
         };
         let message = automerge::sync::Message::decode(data).map_err(|e| {
@@ -418,6 +425,9 @@ impl Session {
                 ErrorCode::Protocol,
                 format!("invalid sync message for {ns}/{id}: {e}"),
             )
+        })?;
+        validate::check_sync_message(&message).map_err(|e| {
+            ProtocolError::protocol(format!("sync message for {ns}/{id}: {}", e.reason))
         })?;
         if !self.peer.grants.can_read(&n) {
             self.reject(&ns, &id, "namespace not granted");

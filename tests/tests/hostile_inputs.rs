@@ -1,0 +1,147 @@
+//! Peer inputs that cost the receiver far more than their bytes: each is refused before
+//! the work it would cause, the peer is dropped, and an honest edge keeps syncing.
+//!
+//! Regression story: a peer that may only *read* one document could send an Automerge sync
+//! message whose Bloom filter has zero bits per entry (Automerge then divides by zero while
+//! generating its reply, a panic in the hub's connection task) or 2^30 probes (gigabytes
+//! allocated per change checked), and a hello with millions of subscriptions, each matched
+//! against every feed entry. The core's `sync::validate` now checks all of these first.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use automerge::sync::{BloomFilter, Have, State, SyncDoc};
+use automerge::transaction::Transactable;
+use serde_json::json;
+use tidesync::model::{DocId, Namespace, NsPattern};
+use tidesync::net::driver::CLOSE_PROTOCOL;
+use tidesync::sync::{Hello, Message, Role, PROTOCOL_VERSION};
+use tidesync_tests::cluster::{wait_until, Deployment, TestNode};
+use tidesync_tests::rogue::{hello, Rogue};
+
+fn ns() -> Namespace {
+    Namespace::new("telemetry").unwrap()
+}
+
+/// An honest edge writes; the write must reach the hub.
+async fn honest_write_arrives(edge: &TestNode, hub: &TestNode, i: u32) {
+    let id = DocId::new(format!("honest-{i}")).unwrap();
+    let w = edge
+        .store
+        .put(&ns(), &id, json!({ "i": i }), None)
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(2),
+        "the honest write at the hub",
+        || {
+            Ok(hub
+                .store
+                .get(&ns(), &id)?
+                .is_some_and(|d| d.heads == w.heads))
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Whether the hub dropped the rogue with a protocol error that names `what`.
+async fn refused(r: &Rogue, what: &str) -> bool {
+    let Ok(closed) = tokio::time::timeout(Duration::from_secs(2), r.conn.closed()).await else {
+        return false;
+    };
+    match &closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason);
+            println!("closed: {reason}");
+            c.error_code == CLOSE_PROTOCOL.into() && reason.contains(what)
+        }
+        other => {
+            println!("closed otherwise: {other:?}");
+            false
+        }
+    }
+}
+
+/// A sync message for a document, as Automerge's first message, with `bloom` as its have.
+fn sync_with_bloom(id: &str, bloom: BloomFilter) -> Message {
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    tx.put(automerge::ROOT, "x", 1).unwrap();
+    tx.commit();
+    let mut msg = doc.generate_sync_message(&mut State::new()).unwrap();
+    msg.have = vec![Have {
+        last_sync: Vec::new(),
+        bloom,
+    }];
+    Message::Sync {
+        ns: ns().to_string(),
+        id: id.into(),
+        data: msg.encode(),
+    }
+}
+
+fn bloom(bytes: &[u8]) -> BloomFilter {
+    BloomFilter::try_from(bytes).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_bloom_filter_is_refused_before_automerge_reads_it() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    honest_write_arrives(&edge, &hub, 0).await;
+    let attacks: [(&str, Vec<u8>); 2] = [
+        // 1 entry, 0 bits per entry, 7 probes, no bits.
+        ("zero bits per entry", vec![1, 0, 7]),
+        // 1 entry, 10 bits per entry, 2^30 probes, 2 bytes of bits.
+        (
+            "2^30 probes",
+            vec![1, 10, 0x80, 0x80, 0x80, 0x80, 0x04, 0xff, 0xff],
+        ),
+    ];
+    for (i, (attack, bytes)) in attacks.into_iter().enumerate() {
+        // Read access to one document is all it takes.
+        let bundle = d.bundle("reader", Role::Edge, &["telemetry=ro"]).unwrap();
+        let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
+        r.send(&hello("reader", Role::Edge)).await.unwrap();
+        r.send(&sync_with_bloom("honest-0", bloom(&bytes)))
+            .await
+            .unwrap();
+        assert!(refused(&r, "Bloom filter").await, "{attack}: not refused");
+        honest_write_arrives(&edge, &hub, i as u32 + 1).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_with_too_many_subscriptions_is_refused() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    let flood = |n: usize| {
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            node_id: "flooder".into(),
+            role: Role::Edge,
+            feed_epoch: 7,
+            feed_last: 0,
+            resume: None,
+            subscriptions: (0..n)
+                .map(|i| format!("never-{i}").parse::<NsPattern>().unwrap())
+                .collect(),
+        })
+    };
+    // Over the count (small frame), then over the hello size (checked before decoding).
+    for (i, n) in [2_000, 20_000].into_iter().enumerate() {
+        let bundle = d.bundle("flooder", Role::Edge, &["*=rw"]).unwrap();
+        let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
+        r.send(&flood(n)).await.unwrap();
+        let what = if n < 10_000 {
+            "subscriptions"
+        } else {
+            "a hello of"
+        };
+        assert!(refused(&r, what).await, "{n} subscriptions: not refused");
+        honest_write_arrives(&edge, &hub, i as u32).await;
+    }
+}
