@@ -145,3 +145,26 @@ async fn a_hello_with_too_many_subscriptions_is_refused() {
         honest_write_arrives(&edge, &hub, i as u32).await;
     }
 }
+
+/// Regression: quinn's defaults let a peer open 100 bidirectional and 100 unidirectional
+/// streams that the protocol never reads, each buffering up to its window. Only the sync
+/// stream may be opened now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_may_open_only_the_sync_stream() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    let bundle = d.bundle("streamer", Role::Edge, &["*=rw"]).unwrap();
+    let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
+    r.send(&hello("streamer", Role::Edge)).await.unwrap();
+    let wait = Duration::from_secs(1);
+    assert!(
+        tokio::time::timeout(wait, r.conn.open_bi()).await.is_err(),
+        "a second bidirectional stream was allowed"
+    );
+    assert!(
+        tokio::time::timeout(wait, r.conn.open_uni()).await.is_err(),
+        "a unidirectional stream was allowed"
+    );
+    honest_write_arrives(&edge, &hub, 0).await;
+}

@@ -131,11 +131,26 @@ fn check_identity(
     Ok(identity)
 }
 
+/// Bytes a peer may send on the sync stream before this node reads them: quinn's default
+/// stream window, sized for 100 Mbit/s at 100 ms.
+pub const STREAM_WINDOW: u32 = 1_250_000;
+
 /// Transport settings. Only the dialing side sends keep-alives: its pings (and their
 /// acknowledgements) keep both ends' idle timers fresh, so a hub with many edges spends
 /// nothing on timers of its own while they are idle.
+///
+/// The protocol uses one bidirectional stream, opened by the dialer, so that is all a
+/// peer may open: the acceptor allows one, the dialer none, and no unidirectional stream
+/// either way (quinn allows 100 of each, and streams nobody reads would buffer data). The
+/// connection's receive window is the one stream's, so a peer can never have more than
+/// [`STREAM_WINDOW`] in flight that this node has not read.
 fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    let dialer = keep_alive.is_some();
+    t.max_concurrent_bidi_streams(u32::from(!dialer).into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(STREAM_WINDOW.into());
     t.keep_alive_interval(keep_alive);
     if keep_alive.is_some() {
         // Ask the peer to acknowledge at once rather than on a delayed-ACK timer: one
