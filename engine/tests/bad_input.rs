@@ -167,3 +167,61 @@ async fn a_refused_write_in_a_busy_batch_leaves_its_neighbours_alone() {
         assert_eq!(has, i % 4 != 0, "write {i}");
     }
 }
+
+/// A chain of `levels` nested maps under the root key "a".
+fn nested_doc(levels: usize) -> Automerge {
+    let mut doc = Automerge::new();
+    let mut tx = doc.transaction();
+    let mut obj = ROOT;
+    for _ in 0..levels {
+        obj = tx.put_object(&obj, "a", automerge::ObjType::Map).unwrap();
+    }
+    tx.commit();
+    doc
+}
+
+/// JSON nested `levels` deep: {"a": {"a": … {}}}.
+fn nested_json(levels: usize) -> serde_json::Value {
+    let mut v = json!({});
+    for _ in 1..levels {
+        v = json!({ "a": v });
+    }
+    json!({ "a": v })
+}
+
+/// Regression: readers recurse once per level, so a document nested 100,000 levels deep
+/// (a few kilobytes of Automerge) overflowed the stack of every node that read it. Every
+/// way in now refuses content past the depth limit, and the store keeps nothing of it.
+#[tokio::test]
+async fn content_nested_past_the_limit_is_refused_at_every_entry() {
+    use tidesync::model::json::MAX_DEPTH;
+    let (s, _dir) = temp_store(StoreConfig::default());
+    let before = fingerprint(&s, &["app"]);
+    let n = ns("app");
+    assert_model_err(
+        s.put(&n, &id("deep"), nested_json(MAX_DEPTH + 1), None)
+            .await,
+        |e| matches!(e, ModelError::TooDeep { .. }),
+    );
+    assert_model_err(
+        s.patch(&n, &id("deep"), nested_json(MAX_DEPTH + 1), None)
+            .await,
+        |e| matches!(e, ModelError::TooDeep { .. }),
+    );
+    assert_model_err(
+        s.import(&n, &id("deep"), nested_doc(100_000).save()).await,
+        |e| matches!(e, ModelError::TooDeep { .. }),
+    );
+    assert_eq!(fingerprint(&s, &["app"]), before, "nothing stored");
+    // At the limit is fine, and reads back.
+    s.put(&n, &id("ok"), nested_json(MAX_DEPTH), None)
+        .await
+        .unwrap();
+    let back = s.get(&n, &id("ok")).unwrap().unwrap().content;
+    assert_eq!(serde_json::Value::Object(back), nested_json(MAX_DEPTH));
+    s.import(&n, &id("ok-am"), nested_doc(MAX_DEPTH).save())
+        .await
+        .unwrap();
+    assert!(s.get(&n, &id("ok-am")).unwrap().is_some());
+    assert!(s.conflicts(&n, &id("ok-am")).unwrap().unwrap().is_empty());
+}

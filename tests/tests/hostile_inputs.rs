@@ -168,3 +168,37 @@ async fn a_peer_may_open_only_the_sync_stream() {
     );
     honest_write_arrives(&edge, &hub, 0).await;
 }
+
+/// Regression: a peer granted `rw` could sync a document nested 100,000 levels deep (a few
+/// kilobytes); every node that stored it then overflowed its stack reading it (a GET, the
+/// conflicts view). The hub now refuses the message and stores nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_document_is_refused_and_never_stored() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    let mut deep = automerge::Automerge::new();
+    let mut tx = deep.transaction();
+    let mut obj = automerge::ROOT;
+    for _ in 0..100_000 {
+        obj = tx.put_object(&obj, "a", automerge::ObjType::Map).unwrap();
+    }
+    tx.commit();
+    // "The peer has nothing": the first message carries the whole document.
+    let mut state = tidesync::sync::warm_sync_state(State::new());
+    let msg = deep.generate_sync_message(&mut state).unwrap();
+    let bundle = d.bundle("nester", Role::Edge, &["telemetry=rw"]).unwrap();
+    let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
+    r.send(&hello("nester", Role::Edge)).await.unwrap();
+    r.send(&Message::Sync {
+        ns: ns().to_string(),
+        id: "deep".into(),
+        data: msg.encode(),
+    })
+    .await
+    .unwrap();
+    assert!(refused(&r, "nested deeper").await, "not refused");
+    let deep_id = DocId::new("deep").unwrap();
+    assert!(hub.store.export(&ns(), &deep_id).unwrap().is_none());
+    honest_write_arrives(&edge, &hub, 0).await;
+}

@@ -27,6 +27,12 @@ pub enum ModelError {
         /// The configured limit in bytes.
         limit: usize,
     },
+    /// The content is nested deeper than the model allows (`model::json::MAX_DEPTH`).
+    #[error("content nested deeper than {limit} levels")]
+    TooDeep {
+        /// The limit in levels below the root.
+        limit: usize,
+    },
     /// The bytes are not valid Automerge data.
     #[error("invalid Automerge data: {0}")]
     InvalidAutomerge(String),

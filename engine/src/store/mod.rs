@@ -369,15 +369,18 @@ impl Store {
 
     /// The document's content, or `None` if it is absent or deleted.
     pub fn get(&self, ns: &Namespace, id: &DocId) -> Result<Option<DocSnapshot>, StoreError> {
-        Ok(self
-            .with_doc(ns, id, |meta, doc| {
-                (!meta.deleted).then(|| DocSnapshot {
-                    content: json::read_root(doc),
-                    heads: meta.heads(),
-                    seq: FeedSeq(meta.seq),
+        let read = self.with_doc(ns, id, |meta, doc| {
+            (!meta.deleted)
+                .then(|| {
+                    Ok(DocSnapshot {
+                        content: json::read_root(doc)?,
+                        heads: meta.heads(),
+                        seq: FeedSeq(meta.seq),
+                    })
                 })
-            })?
-            .flatten())
+                .transpose()
+        })?;
+        Ok(read.transpose().map_err(StoreError::Model)?.flatten())
     }
 
     /// The document as Automerge bytes (deleted documents too: the tombstone is content).
@@ -395,11 +398,10 @@ impl Store {
         ns: &Namespace,
         id: &DocId,
     ) -> Result<Option<Vec<Conflict>>, StoreError> {
-        Ok(self
-            .with_doc(ns, id, |meta, doc| {
-                (!meta.deleted).then(|| model::conflicts(doc))
-            })?
-            .flatten())
+        let read = self.with_doc(ns, id, |meta, doc| {
+            (!meta.deleted).then(|| model::conflicts(doc)).transpose()
+        })?;
+        Ok(read.transpose().map_err(StoreError::Model)?.flatten())
     }
 
     /// Runs `f` on the committed state of a document, loading it if it is not cached.

@@ -27,7 +27,7 @@ use super::schema::{
 };
 use super::{sync_state, FeedSeq, StoreConfig, WriteOutcome};
 use crate::error::{ModelError, StoreError};
-use crate::model::automerge_bytes::{import, validate_chunk};
+use crate::model::automerge_bytes::{check_new_depth, import, validate_chunk};
 use crate::model::{json, same_heads, Cursor, DocId, Namespace, NodeId, SyncPeer};
 use crate::sync::{Applied, Apply, EarlyDoc};
 
@@ -381,6 +381,7 @@ impl Writer {
             let mut copy = w.doc.clone();
             copy.receive_sync_message(&mut state, apply.message)
                 .map_err(invalid)?;
+            check_new_depth(&copy, &before)?;
             w.doc = copy;
         }
         let new_changes = w.doc.get_changes(&before).len() as u64;
@@ -503,11 +504,13 @@ fn apply_op(
         WriteOp::Replace(content) => {
             check_size(&content, cfg)?;
             json::check_root_keys(&content)?;
+            json::check_depth(&content)?;
             transact(&mut w.doc, |tx| json::write_replace(tx, &content))?;
         }
         WriteOp::Patch(patch) => {
             check_size(&patch, cfg)?;
             json::check_root_keys(&patch)?;
+            json::check_depth(&patch)?;
             transact(&mut w.doc, |tx| json::write_merge_patch(tx, &patch))?;
         }
         WriteOp::Delete => {

@@ -2,8 +2,9 @@
 //! import. Automerge itself skips change bytes it cannot parse, silently; Tidesync refuses
 //! them instead, and refuses changes whose dependencies neither side has.
 
-use automerge::{Automerge, LoadOptions, OnPartialLoad, ReadDoc};
+use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 
+use super::json::MAX_DEPTH;
 use crate::error::ModelError;
 
 /// Checks that a sync message's chunk is valid Automerge data: a change, a bundle of
@@ -43,7 +44,39 @@ pub fn import(doc: &Automerge, bytes: &[u8]) -> Result<Automerge, ModelError> {
     if !missing.is_empty() {
         return Err(ModelError::MissingDependencies(missing.len()));
     }
+    check_new_depth(&merged, &doc.get_heads())?;
     Ok(merged)
+}
+
+/// Refuses changes after `before` that create an object nested deeper than
+/// [`MAX_DEPTH`]: each object they make is looked up and its ancestors counted, at most
+/// `MAX_DEPTH` of them, so a deep chain costs no more than a shallow one per object.
+pub fn check_new_depth(doc: &Automerge, before: &[ChangeHash]) -> Result<(), ModelError> {
+    for change in doc.get_changes(before) {
+        let actor = change.actor_id().to_hex_string();
+        let start = change.start_op().get();
+        let made = change
+            .decode()
+            .operations
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| matches!(op.action, automerge::legacy::OpType::Make(_)))
+            .map(|(i, _)| start + i as u64)
+            .collect::<Vec<_>>();
+        for counter in made {
+            // The object a make op creates has the op's id.
+            let Ok(obj) = doc.import_obj(&format!("{counter}@{actor}")) else {
+                continue;
+            };
+            let ancestors = doc
+                .parents(&obj)
+                .map_or(0, |p| p.take(MAX_DEPTH + 1).count());
+            if ancestors > MAX_DEPTH {
+                return Err(ModelError::TooDeep { limit: MAX_DEPTH });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -74,6 +107,44 @@ mod tests {
         let mut truncated = later.clone();
         truncated.truncate(later.len() - 3);
         assert!(check_parses(&truncated).is_err());
+    }
+
+    /// A chain of `levels` nested maps under the root.
+    fn nested(levels: usize) -> Automerge {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        let mut obj = automerge::ROOT;
+        for _ in 0..levels {
+            obj = tx
+                .put_object(&obj, "a", automerge::ObjType::Map)
+                .expect("put");
+        }
+        tx.commit();
+        doc
+    }
+
+    #[test]
+    fn changes_nesting_past_the_limit_are_refused() {
+        let empty = Automerge::new();
+        assert!(import(&empty, &nested(MAX_DEPTH).save()).is_ok());
+        assert!(matches!(
+            import(&empty, &nested(MAX_DEPTH + 1).save()),
+            Err(ModelError::TooDeep { .. })
+        ));
+        let deep = nested(100_000);
+        assert!(matches!(
+            check_new_depth(&deep, &[]),
+            Err(ModelError::TooDeep { .. })
+        ));
+        // Whatever is already stored, readers stop at the limit instead of recursing on.
+        assert!(matches!(
+            crate::model::json::read_root(&deep),
+            Err(ModelError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            crate::model::conflicts(&deep),
+            Err(ModelError::TooDeep { .. })
+        ));
     }
 
     #[test]

@@ -4,7 +4,8 @@ use automerge::{ObjId, ObjType, Prop, ReadDoc, Value, ROOT};
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use super::json::{read_value, TOMBSTONE_KEY};
+use super::json::{read_value_at, MAX_DEPTH, TOMBSTONE_KEY};
+use crate::error::ModelError;
 
 /// One field with concurrent values. `values[0]` is the one every node shows.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -19,13 +20,24 @@ pub struct Conflict {
 ///
 /// Only the winning branch is descended into: an alternative that is an object is reported
 /// whole, as its JSON value.
-pub fn conflicts<R: ReadDoc>(doc: &R) -> Vec<Conflict> {
+/// [`ModelError::TooDeep`] for a document nested past [`MAX_DEPTH`].
+pub fn conflicts<R: ReadDoc>(doc: &R) -> Result<Vec<Conflict>, ModelError> {
     let mut out = Vec::new();
-    walk(doc, &ROOT, ObjType::Map, String::new(), &mut out);
-    out
+    walk(doc, &ROOT, ObjType::Map, String::new(), 0, &mut out)?;
+    Ok(out)
 }
 
-fn walk<R: ReadDoc>(doc: &R, obj: &ObjId, ty: ObjType, path: String, out: &mut Vec<Conflict>) {
+fn walk<R: ReadDoc>(
+    doc: &R,
+    obj: &ObjId,
+    ty: ObjType,
+    path: String,
+    depth: usize,
+    out: &mut Vec<Conflict>,
+) -> Result<(), ModelError> {
+    if depth > MAX_DEPTH {
+        return Err(ModelError::TooDeep { limit: MAX_DEPTH });
+    }
     let props: Vec<Prop> = match ty {
         ObjType::Map | ObjType::Table => doc
             .keys(obj)
@@ -33,7 +45,7 @@ fn walk<R: ReadDoc>(doc: &R, obj: &ObjId, ty: ObjType, path: String, out: &mut V
             .map(Prop::Map)
             .collect(),
         ObjType::List => (0..doc.length(obj)).map(Prop::Seq).collect(),
-        ObjType::Text => return,
+        ObjType::Text => return Ok(()),
     };
     for prop in props {
         let child_path = format!("{path}/{}", pointer_token(&prop));
@@ -44,21 +56,20 @@ fn walk<R: ReadDoc>(doc: &R, obj: &ObjId, ty: ObjType, path: String, out: &mut V
             continue;
         };
         if all.len() > 1 {
-            let mut values = vec![read_value(doc, winner.clone(), &winner_id)];
-            values.extend(
-                all.into_iter()
-                    .filter(|(_, id)| *id != winner_id)
-                    .map(|(v, id)| read_value(doc, v, &id)),
-            );
+            let mut values = vec![read_value_at(doc, winner.clone(), &winner_id, depth + 1)?];
+            for (v, id) in all.into_iter().filter(|(_, id)| *id != winner_id) {
+                values.push(read_value_at(doc, v, &id, depth + 1)?);
+            }
             out.push(Conflict {
                 path: child_path.clone(),
                 values,
             });
         }
         if let Value::Object(child_ty) = winner {
-            walk(doc, &winner_id, child_ty, child_path, out);
+            walk(doc, &winner_id, child_ty, child_path, depth + 1, out)?;
         }
     }
+    Ok(())
 }
 
 fn pointer_token(prop: &Prop) -> String {
@@ -90,10 +101,10 @@ mod tests {
         tx.put(&m, "x", 2).expect("x");
         tx.commit();
         a.merge(&mut b).expect("merge");
-        let found = conflicts(&a);
+        let found = conflicts(&a).expect("reads");
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].path, "/a~1b/x");
-        let winner = super::super::json::read_root(&a)["a/b"]["x"].clone();
+        let winner = super::super::json::read_root(&a).expect("reads")["a/b"]["x"].clone();
         assert_eq!(found[0].values[0], winner);
         let mut vals = found[0].values.clone();
         vals.sort_by_key(|v| v.as_i64());

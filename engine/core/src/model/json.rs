@@ -23,11 +23,18 @@ use crate::error::ModelError;
 /// Root key that marks a document as deleted. Reserved: user content may not use it.
 pub const TOMBSTONE_KEY: &str = "@deleted";
 
-/// Reads the document's user content (the root without the tombstone) as a JSON object.
-pub fn read_root<R: ReadDoc>(doc: &R) -> Map<String, Json> {
-    let mut out = read_map(doc, &ROOT);
+/// Deepest nesting of objects and lists a document may have below its root. Readers
+/// recurse once per level, so a deeper document (a peer can build one 100,000 levels deep
+/// in a few kilobytes) would overflow the stack of every node that reads it. Writes,
+/// imports and sync refuse what goes deeper, and readers refuse to read past it.
+pub const MAX_DEPTH: usize = 100;
+
+/// Reads the document's user content (the root without the tombstone) as a JSON object;
+/// [`ModelError::TooDeep`] for content nested past [`MAX_DEPTH`].
+pub fn read_root<R: ReadDoc>(doc: &R) -> Result<Map<String, Json>, ModelError> {
+    let mut out = read_map_at(doc, &ROOT, 0)?;
     out.remove(TOMBSTONE_KEY);
-    out
+    Ok(out)
 }
 
 /// Whether the document carries a tombstone, so reads answer "not found".
@@ -38,33 +45,71 @@ pub fn is_deleted<R: ReadDoc>(doc: &R) -> bool {
     )
 }
 
-/// Reads the map (or table) `obj` as a JSON object.
-pub fn read_map<R: ReadDoc>(doc: &R, obj: &ObjId) -> Map<String, Json> {
+/// Reads the map (or table) `obj`, `depth` levels below the root, as a JSON object.
+fn read_map_at<R: ReadDoc>(
+    doc: &R,
+    obj: &ObjId,
+    depth: usize,
+) -> Result<Map<String, Json>, ModelError> {
     let mut out = Map::new();
     for key in doc.keys(obj) {
         if let Ok(Some((value, id))) = doc.get(obj, key.as_str()) {
-            out.insert(key, read_value(doc, value, &id));
+            let v = read_value_at(doc, value, &id, depth + 1)?;
+            out.insert(key, v);
         }
     }
-    out
+    Ok(out)
 }
 
-/// Reads one value (`id` is the object id when `value` is an object) as JSON.
-pub fn read_value<R: ReadDoc>(doc: &R, value: Value<'_>, id: &ObjId) -> Json {
-    match value {
+/// Reads one value (`id` is the object id when `value` is an object) as JSON, counting
+/// depth from it; [`ModelError::TooDeep`] past [`MAX_DEPTH`].
+pub fn read_value<R: ReadDoc>(doc: &R, value: Value<'_>, id: &ObjId) -> Result<Json, ModelError> {
+    read_value_at(doc, value, id, 0)
+}
+
+/// [`read_value`] for a value `depth` levels below the root.
+pub(crate) fn read_value_at<R: ReadDoc>(
+    doc: &R,
+    value: Value<'_>,
+    id: &ObjId,
+    depth: usize,
+) -> Result<Json, ModelError> {
+    if depth > MAX_DEPTH && matches!(value, Value::Object(_)) {
+        return Err(ModelError::TooDeep { limit: MAX_DEPTH });
+    }
+    Ok(match value {
         Value::Scalar(s) => scalar_to_json(&s),
-        Value::Object(ObjType::Map | ObjType::Table) => Json::Object(read_map(doc, id)),
+        Value::Object(ObjType::Map | ObjType::Table) => Json::Object(read_map_at(doc, id, depth)?),
         Value::Object(ObjType::List) => {
-            let items = (0..doc.length(id))
-                .map(|i| match doc.get(id, i) {
-                    Ok(Some((v, child))) => read_value(doc, v, &child),
+            let mut items = Vec::with_capacity(doc.length(id));
+            for i in 0..doc.length(id) {
+                items.push(match doc.get(id, i) {
+                    Ok(Some((v, child))) => read_value_at(doc, v, &child, depth + 1)?,
                     _ => Json::Null,
-                })
-                .collect();
+                });
+            }
             Json::Array(items)
         }
         Value::Object(ObjType::Text) => Json::String(doc.text(id).unwrap_or_default()),
+    })
+}
+
+/// Refuses JSON content nested deeper than [`MAX_DEPTH`]. Iterative: the content may come
+/// from an app that built it deeper than any parser would have allowed.
+pub fn check_depth(content: &Map<String, Json>) -> Result<(), ModelError> {
+    let mut stack: Vec<(&Json, usize)> = content.values().map(|v| (v, 1)).collect();
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Json>> = match v {
+            Json::Object(m) => Box::new(m.values()),
+            Json::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        if depth > MAX_DEPTH {
+            return Err(ModelError::TooDeep { limit: MAX_DEPTH });
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
     }
+    Ok(())
 }
 
 /// The JSON form of an Automerge scalar (see the module doc for the mapping).
@@ -290,9 +335,10 @@ fn update_list<T: Transactable>(
     list: &ObjId,
     new: &[Json],
 ) -> Result<(), AutomergeError> {
+    // Only compared: an item too deep to read counts as changed and is rewritten.
     let old: Vec<Json> = (0..tx.length(list))
         .map(|i| match tx.get(list, i) {
-            Ok(Some((v, id))) => read_value(tx, v, &id),
+            Ok(Some((v, id))) => read_value(tx, v, &id).unwrap_or(Json::Null),
             _ => Json::Null,
         })
         .collect();
@@ -352,7 +398,7 @@ mod tests {
         let mut doc = Automerge::new();
         let v = obj(json!({"i": 1, "f": 1.0, "big": u64::MAX, "neg": -5, "e": 1.5e300}));
         put(&mut doc, &v);
-        let back = read_root(&doc);
+        let back = read_root(&doc).expect("reads");
         assert_eq!(back, v);
         assert!(back["f"].is_f64() && back["i"].is_i64() && back["big"].is_u64());
     }
@@ -393,14 +439,20 @@ mod tests {
             tx.put(ROOT, "n", ScalarValue::counter(5)).expect("counter");
             (t, tx.commit())
         };
-        assert_eq!(read_root(&doc), obj(json!({"t": "hello", "n": 5})));
+        assert_eq!(
+            read_root(&doc).expect("reads"),
+            obj(json!({"t": "hello", "n": 5}))
+        );
         put(&mut doc, &obj(json!({"t": "hello world", "n": 8})));
         assert_eq!(doc.object_type(&text).expect("type"), ObjType::Text);
         assert!(matches!(
             doc.get(ROOT, "n").expect("get"),
             Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Counter(_))
         ));
-        assert_eq!(read_root(&doc), obj(json!({"t": "hello world", "n": 8})));
+        assert_eq!(
+            read_root(&doc).expect("reads"),
+            obj(json!({"t": "hello world", "n": 8}))
+        );
     }
 
     #[test]
@@ -409,12 +461,12 @@ mod tests {
         put(&mut doc, &obj(json!({"a": 1})));
         ops(&mut doc, |tx| write_delete(tx).expect("delete"));
         assert!(is_deleted(&doc));
-        assert_eq!(read_root(&doc), Map::new());
+        assert_eq!(read_root(&doc).expect("reads"), Map::new());
         ops(&mut doc, |tx| {
             write_merge_patch(tx, &obj(json!({"b": 2}))).expect("patch")
         });
         assert!(!is_deleted(&doc));
-        assert_eq!(read_root(&doc), obj(json!({"b": 2})));
+        assert_eq!(read_root(&doc).expect("reads"), obj(json!({"b": 2})));
     }
 
     #[test]
@@ -428,7 +480,7 @@ mod tests {
         tx.put(ROOT, "nan", f64::NAN).expect("nan");
         tx.commit();
         assert_eq!(
-            read_root(&doc),
+            read_root(&doc).expect("reads"),
             obj(json!({"ts": 1_700_000_000_000_i64, "b": "AAEC", "nan": null}))
         );
     }
@@ -472,10 +524,10 @@ mod tests {
         fn put_then_get_is_equal(v in arb_root()) {
             let mut doc = Automerge::new();
             put(&mut doc, &v);
-            prop_assert_eq!(read_root(&doc), v.clone());
+            prop_assert_eq!(read_root(&doc).expect("reads"), v.clone());
             // And it survives a save/load round trip.
             let loaded = Automerge::load(&doc.save()).expect("load");
-            prop_assert_eq!(read_root(&loaded), v);
+            prop_assert_eq!(read_root(&loaded).expect("reads"), v);
         }
 
         #[test]
@@ -483,7 +535,7 @@ mod tests {
             let mut doc = Automerge::new();
             put(&mut doc, &a);
             put(&mut doc, &b);
-            prop_assert_eq!(read_root(&doc), b.clone());
+            prop_assert_eq!(read_root(&doc).expect("reads"), b.clone());
             prop_assert_eq!(put(&mut doc, &b), 0);
         }
     }
