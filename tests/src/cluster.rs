@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use tidesync::model::{Grant, NodeId};
+use tidesync::model::{DocId, Grant, Namespace, NodeId};
 use tidesync::net::{Bundle, Ca, Node, NodeConfig, Revocations};
 use tidesync::store::{Store, StoreConfig};
 use tidesync::sync::Role;
@@ -125,6 +125,28 @@ pub async fn wait_until(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// An honest edge writes document `honest-{i}` in `ns`; fails unless the write reaches
+/// `hub` within `within`. Hostile-peer tests call it between attacks: the node must keep
+/// serving everyone else.
+pub async fn honest_write_arrives(
+    edge: &TestNode,
+    hub: &TestNode,
+    ns: &Namespace,
+    i: u32,
+    within: Duration,
+) -> Result<()> {
+    let id = DocId::new(format!("honest-{i}"))?;
+    let w = edge
+        .store
+        .put(ns, &id, serde_json::json!({ "i": i }), None)
+        .await?;
+    wait_until(within, "the honest write at the hub", || {
+        Ok(hub.store.get(ns, &id)?.is_some_and(|d| d.heads == w.heads))
+    })
+    .await?;
+    Ok(())
 }
 
 /// Revocations shared by a test and a node.

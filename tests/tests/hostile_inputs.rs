@@ -12,37 +12,21 @@ use std::time::Duration;
 
 use automerge::sync::{BloomFilter, Have, State, SyncDoc};
 use automerge::transaction::Transactable;
-use serde_json::json;
 use tidesync::model::{DocId, Namespace, NsPattern};
 use tidesync::net::driver::CLOSE_PROTOCOL;
 use tidesync::sync::{Hello, Message, Role, PROTOCOL_VERSION};
-use tidesync_tests::cluster::{wait_until, Deployment, TestNode};
+use tidesync_tests::cluster::{self, Deployment, TestNode};
 use tidesync_tests::rogue::{hello, Rogue};
 
 fn ns() -> Namespace {
     Namespace::new("telemetry").unwrap()
 }
 
-/// An honest edge writes; the write must reach the hub.
+/// An honest edge writes; the write must reach the hub within 2 s.
 async fn honest_write_arrives(edge: &TestNode, hub: &TestNode, i: u32) {
-    let id = DocId::new(format!("honest-{i}")).unwrap();
-    let w = edge
-        .store
-        .put(&ns(), &id, json!({ "i": i }), None)
+    cluster::honest_write_arrives(edge, hub, &ns(), i, Duration::from_secs(2))
         .await
         .unwrap();
-    wait_until(
-        Duration::from_secs(2),
-        "the honest write at the hub",
-        || {
-            Ok(hub
-                .store
-                .get(&ns(), &id)?
-                .is_some_and(|d| d.heads == w.heads))
-        },
-    )
-    .await
-    .unwrap();
 }
 
 /// Whether the hub dropped the rogue with a protocol error that names `what`.

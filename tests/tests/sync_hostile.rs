@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use tidesync::model::{DocId, Namespace};
 use tidesync::sync::{Message, Role};
-use tidesync_tests::cluster::{wait_until, Deployment, TestNode};
+use tidesync_tests::cluster::{self, Deployment, TestNode};
 use tidesync_tests::rogue::{hello, hello_v1, Rogue};
 use tidesync_tests::Rng;
 
@@ -17,24 +16,9 @@ fn ns() -> Namespace {
 
 /// An honest edge writes; the write must reach the hub while the rogue misbehaves.
 async fn honest_write_arrives(edge: &TestNode, hub: &TestNode, i: u32) {
-    let id = DocId::new(format!("honest-{i}")).unwrap();
-    let w = edge
-        .store
-        .put(&ns(), &id, json!({ "i": i }), None)
+    cluster::honest_write_arrives(edge, hub, &ns(), i, Duration::from_secs(5))
         .await
         .unwrap();
-    wait_until(
-        Duration::from_secs(5),
-        "the honest write at the hub",
-        || {
-            Ok(hub
-                .store
-                .get(&ns(), &id)?
-                .is_some_and(|d| d.heads == w.heads))
-        },
-    )
-    .await
-    .unwrap();
 }
 
 async fn rogue(d: &Deployment, hub: &TestNode, say_hello: bool) -> Rogue {
