@@ -22,6 +22,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use super::counters::PeerCounters;
 use super::exec::{Exec, ExecError, Outbox, WriteDone, Writes};
+use super::log_limit::LogLimit;
 use super::tls::Revocations;
 use crate::model::NodeId;
 use crate::store::Store;
@@ -124,11 +125,12 @@ pub async fn run(
         counters: &counters,
     };
     let mut writing: Writing = JoinSet::new();
+    let mut log = LogLimit::new(Instant::now());
 
     let mut seen_synced = 0;
     let result: Result<(), DriverError> = async {
         loop {
-            let mut outbox = Frames::new(&mut writer, &counters, &peer_id);
+            let mut outbox = Frames::new(&mut writer, &counters, &peer_id, &mut log);
             exec.drain(
                 &mut session,
                 &mut outbox,
@@ -283,16 +285,24 @@ struct Frames<'a> {
     writer: &'a mut Writer,
     counters: &'a PeerCounters,
     peer: &'a NodeId,
+    /// The connection's budget of warning lines.
+    log: &'a mut LogLimit,
     started: Instant,
     unflushed: bool,
 }
 
 impl<'a> Frames<'a> {
-    fn new(writer: &'a mut Writer, counters: &'a PeerCounters, peer: &'a NodeId) -> Self {
+    fn new(
+        writer: &'a mut Writer,
+        counters: &'a PeerCounters,
+        peer: &'a NodeId,
+        log: &'a mut LogLimit,
+    ) -> Self {
         Self {
             writer,
             counters,
             peer,
+            log,
             started: Instant::now(),
             unflushed: false,
         }
@@ -330,11 +340,16 @@ impl Outbox for Frames<'_> {
     fn event(&mut self, event: Event) {
         let peer = self.peer;
         match event {
+            // What a peer causes on every frame is logged within the connection's budget.
             Event::Rejected { ns, id, reason } => {
-                tracing::warn!(%peer, %ns, %id, %reason, "refused peer changes");
+                if let Some(suppressed) = self.log.allow(Instant::now()) {
+                    tracing::warn!(%peer, %ns, %id, %reason, suppressed, "refused peer changes");
+                }
             }
             Event::PeerError { code, reason } => {
-                tracing::warn!(%peer, ?code, %reason, "peer reported an error");
+                if let Some(suppressed) = self.log.allow(Instant::now()) {
+                    tracing::warn!(%peer, ?code, %reason, suppressed, "peer reported an error");
+                }
             }
             Event::Connected { .. } => tracing::info!(%peer, "session started"),
             Event::CaughtUp => tracing::debug!(%peer, "peer caught up"),

@@ -9,6 +9,7 @@
 pub mod counters;
 pub mod driver;
 pub mod exec;
+pub mod log_limit;
 pub mod node;
 pub mod pki;
 pub mod tls;
