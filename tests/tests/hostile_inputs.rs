@@ -186,3 +186,31 @@ async fn a_deeply_nested_document_is_refused_and_never_stored() {
     assert!(hub.store.export(&ns(), &deep_id).unwrap().is_none());
     honest_write_arrives(&edge, &hub, 0).await;
 }
+
+/// Regression, found by the `import` fuzz target: 97 bytes that make Automerge's column
+/// decoder panic. Checked as a change chunk on the store's single writer thread, they
+/// stopped every write of the hub. The parse is contained now: the peer is dropped, and
+/// the hub keeps storing everyone else's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_panic_automerge_do_not_stop_the_store() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    let poison = include_bytes!("../../engine/fuzz/corpus/import/regression-panics-automerge");
+    let mut msg = automerge::Automerge::new()
+        .generate_sync_message(&mut State::new())
+        .unwrap();
+    msg.changes = vec![poison.to_vec()].into();
+    let bundle = d.bundle("poisoner", Role::Edge, &["telemetry=rw"]).unwrap();
+    let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
+    r.send(&hello("poisoner", Role::Edge)).await.unwrap();
+    r.send(&Message::Sync {
+        ns: ns().to_string(),
+        id: "poison".into(),
+        data: msg.encode(),
+    })
+    .await
+    .unwrap();
+    assert!(refused(&r, "invalid Automerge data").await, "not refused");
+    honest_write_arrives(&edge, &hub, 0).await;
+}

@@ -1,6 +1,13 @@
 //! Checks on Automerge bytes that come from outside: a peer's sync message or an app's
 //! import. Automerge itself skips change bytes it cannot parse, silently; Tidesync refuses
 //! them instead, and refuses changes whose dependencies neither side has.
+//!
+//! Automerge's parser can also panic on crafted bytes (fuzzing found a 97-byte document
+//! that panics inside its column decoder). These checks run on the store's single writer
+//! thread, where a panic would stop every write of the node, so each parse of outside
+//! bytes is contained: a panic is reported as invalid data.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 
@@ -10,23 +17,35 @@ use crate::error::ModelError;
 /// Checks that a sync message's chunk is valid Automerge data: a change, a bundle of
 /// changes, or a saved document (version 2 messages send one when most is missing).
 pub fn validate_chunk(chunk: &[u8]) -> Result<(), ModelError> {
-    if automerge::Change::try_from(chunk).is_ok() {
+    if contained(|| Ok(automerge::Change::try_from(chunk).is_ok()))? {
         return Ok(());
     }
     check_parses(chunk)
 }
 
+/// Runs a parse of outside bytes, turning a panic inside Automerge into an error. The
+/// closure only reads its input or changes a value it owns, which is dropped on panic.
+fn contained<T>(parse: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
+    catch_unwind(AssertUnwindSafe(parse)).unwrap_or_else(|_| {
+        Err(ModelError::InvalidAutomerge(
+            "Automerge could not parse the data (it panicked)".into(),
+        ))
+    })
+}
+
 /// Checks that `bytes` parse completely as Automerge data, whether or not the changes they
 /// depend on are among them (they may be in the document the bytes are merged into).
 pub fn check_parses(bytes: &[u8]) -> Result<(), ModelError> {
-    match Automerge::load_with_options(
-        bytes,
-        LoadOptions::new().on_partial_load(OnPartialLoad::Error),
-    ) {
-        // MissingDeps is raised only after every chunk parsed.
-        Ok(_) | Err(automerge::AutomergeError::MissingDeps) => Ok(()),
-        Err(e) => Err(ModelError::InvalidAutomerge(e.to_string())),
-    }
+    contained(|| {
+        match Automerge::load_with_options(
+            bytes,
+            LoadOptions::new().on_partial_load(OnPartialLoad::Error),
+        ) {
+            // MissingDeps is raised only after every chunk parsed.
+            Ok(_) | Err(automerge::AutomergeError::MissingDeps) => Ok(()),
+            Err(e) => Err(ModelError::InvalidAutomerge(e.to_string())),
+        }
+    })
 }
 
 /// Merges Automerge bytes into a copy of `doc`, refusing anything that does not parse
@@ -38,8 +57,11 @@ pub fn import(doc: &Automerge, bytes: &[u8]) -> Result<Automerge, ModelError> {
     }
     // Changes that build on this document's history are settled by the merge below.
     check_parses(bytes)?;
-    let mut merged = doc.clone();
-    merged.load_incremental(bytes).map_err(invalid)?;
+    let merged = contained(|| {
+        let mut merged = doc.clone();
+        merged.load_incremental(bytes).map_err(invalid)?;
+        Ok(merged)
+    })?;
     let missing = merged.get_missing_deps(&[]);
     if !missing.is_empty() {
         return Err(ModelError::MissingDependencies(missing.len()));
@@ -145,6 +167,27 @@ mod tests {
             crate::model::conflicts(&deep),
             Err(ModelError::TooDeep { .. })
         ));
+    }
+
+    /// Regression, found by the `import` fuzz target: these bytes make Automerge 0.12's
+    /// column decoder panic. On the store's writer thread that stopped every write.
+    const PANICS_AUTOMERGE: &[u8] = &[
+        0x85, 0x6f, 0x4a, 0x83, 0x22, 0x89, 0x2a, 0xb3, 0x03, 0x57, 0x01, 0x08, 0x8e, 0xc8, 0xf7,
+        0xec, 0x1d, 0x1d, 0x59, 0xd9, 0x4b, 0x7f, 0xf3, 0xfa, 0x00, 0x01, 0x57, 0x01, 0x08, 0xff,
+        0x00, 0x00, 0x03, 0x7f, 0x02, 0x00, 0x03, 0x7f, 0x00, 0x94, 0x32, 0x7f, 0x17, 0x00, 0x00,
+        0x08, 0x00, 0x00, 0x00, 0x00, 0x01, 0x04, 0x02, 0x04, 0x13, 0x04, 0x15, 0x0f, 0x21, 0x02,
+        0x23, 0x05, 0x30, 0x02, 0x42, 0x04, 0x56, 0x06, 0x57, 0xff, 0x5c, 0x10, 0x6e, 0xb7, 0x85,
+        0x6f, 0x80, 0x01, 0x02, 0x02, 0x00, 0x02, 0x42, 0x02, 0x56, 0x03, 0xfa, 0x9b, 0x04, 0x00,
+        0x85, 0x6f, 0x4a, 0x83, 0x00, 0x00, 0x00,
+    ];
+
+    #[test]
+    fn bytes_that_panic_automerge_are_refused_as_invalid() {
+        assert!(matches!(
+            import(&Automerge::new(), PANICS_AUTOMERGE),
+            Err(ModelError::InvalidAutomerge(_))
+        ));
+        assert!(validate_chunk(PANICS_AUTOMERGE).is_err());
     }
 
     #[test]
