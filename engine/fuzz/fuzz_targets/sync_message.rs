@@ -7,19 +7,11 @@ use automerge::sync::{Message as SyncMessage, State, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::Automerge;
 use libfuzzer_sys::fuzz_target;
-
-/// Tidesync contains panics inside Automerge's parser (see `model::automerge_bytes`), but
-/// libFuzzer's hook aborts on any panic, caught or not. Keep the default hook instead: an
-/// uncaught panic still ends the run, since libfuzzer-sys aborts when one escapes.
-fn contain_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| std::panic::set_hook(Box::new(|_| {})));
-}
 use tidesync_core::model::automerge_bytes::{check_new_depth, validate_chunk};
 use tidesync_core::sync::validate;
 
 fuzz_target!(|data: &[u8]| {
-    contain_panics();
+    tidesync_fuzz::contain_panics();
     let Ok(msg) = SyncMessage::decode(data) else {
         return;
     };
