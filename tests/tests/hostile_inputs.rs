@@ -29,6 +29,22 @@ async fn honest_write_arrives(edge: &TestNode, hub: &TestNode, i: u32) {
         .unwrap();
 }
 
+/// A hub, and an honest edge writing through it.
+fn hub_with_honest_edge() -> (Deployment, TestNode, TestNode) {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    (d, hub, edge)
+}
+
+/// An edge `name` holding `grant`, connected to `hub` by hand and past its hello.
+async fn rogue(d: &Deployment, hub: &TestNode, name: &str, grant: &str) -> Rogue {
+    let bundle = d.bundle(name, Role::Edge, &[grant]).unwrap();
+    let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
+    r.send(&hello(name, Role::Edge)).await.unwrap();
+    r
+}
+
 /// Whether the hub dropped the rogue with a protocol error that names `what`.
 async fn refused(r: &Rogue, what: &str) -> bool {
     let Ok(closed) = tokio::time::timeout(Duration::from_secs(2), r.conn.closed()).await else {
@@ -71,9 +87,7 @@ fn bloom(bytes: &[u8]) -> BloomFilter {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_bloom_filter_is_refused_before_automerge_reads_it() {
-    let d = Deployment::new().unwrap();
-    let hub = d.hub("hub", &[]).unwrap();
-    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    let (d, hub, edge) = hub_with_honest_edge();
     honest_write_arrives(&edge, &hub, 0).await;
     let attacks: [(&str, Vec<u8>); 2] = [
         // 1 entry, 0 bits per entry, 7 probes, no bits.
@@ -86,9 +100,7 @@ async fn a_hostile_bloom_filter_is_refused_before_automerge_reads_it() {
     ];
     for (i, (attack, bytes)) in attacks.into_iter().enumerate() {
         // Read access to one document is all it takes.
-        let bundle = d.bundle("reader", Role::Edge, &["telemetry=ro"]).unwrap();
-        let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
-        r.send(&hello("reader", Role::Edge)).await.unwrap();
+        let mut r = rogue(&d, &hub, "reader", "telemetry=ro").await;
         r.send(&sync_with_bloom("honest-0", bloom(&bytes)))
             .await
             .unwrap();
@@ -99,9 +111,7 @@ async fn a_hostile_bloom_filter_is_refused_before_automerge_reads_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_with_too_many_subscriptions_is_refused() {
-    let d = Deployment::new().unwrap();
-    let hub = d.hub("hub", &[]).unwrap();
-    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    let (d, hub, edge) = hub_with_honest_edge();
     let flood = |n: usize| {
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
@@ -135,12 +145,8 @@ async fn a_hello_with_too_many_subscriptions_is_refused() {
 /// stream may be opened now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_may_open_only_the_sync_stream() {
-    let d = Deployment::new().unwrap();
-    let hub = d.hub("hub", &[]).unwrap();
-    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
-    let bundle = d.bundle("streamer", Role::Edge, &["*=rw"]).unwrap();
-    let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
-    r.send(&hello("streamer", Role::Edge)).await.unwrap();
+    let (d, hub, edge) = hub_with_honest_edge();
+    let r = rogue(&d, &hub, "streamer", "*=rw").await;
     let wait = Duration::from_secs(1);
     assert!(
         tokio::time::timeout(wait, r.conn.open_bi()).await.is_err(),
@@ -158,9 +164,7 @@ async fn a_peer_may_open_only_the_sync_stream() {
 /// conflicts view). The hub now refuses the message and stores nothing of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deeply_nested_document_is_refused_and_never_stored() {
-    let d = Deployment::new().unwrap();
-    let hub = d.hub("hub", &[]).unwrap();
-    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    let (d, hub, edge) = hub_with_honest_edge();
     let mut deep = automerge::Automerge::new();
     let mut tx = deep.transaction();
     let mut obj = automerge::ROOT;
@@ -171,9 +175,7 @@ async fn a_deeply_nested_document_is_refused_and_never_stored() {
     // "The peer has nothing": the first message carries the whole document.
     let mut state = tidesync::sync::warm_sync_state(State::new());
     let msg = deep.generate_sync_message(&mut state).unwrap();
-    let bundle = d.bundle("nester", Role::Edge, &["telemetry=rw"]).unwrap();
-    let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
-    r.send(&hello("nester", Role::Edge)).await.unwrap();
+    let mut r = rogue(&d, &hub, "nester", "telemetry=rw").await;
     r.send(&Message::Sync {
         ns: ns().to_string(),
         id: "deep".into(),
@@ -193,17 +195,13 @@ async fn a_deeply_nested_document_is_refused_and_never_stored() {
 /// the hub keeps storing everyone else's writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_that_panic_automerge_do_not_stop_the_store() {
-    let d = Deployment::new().unwrap();
-    let hub = d.hub("hub", &[]).unwrap();
-    let edge = d.edge("edge-honest", &["*=rw"], &[hub.addr()]).unwrap();
+    let (d, hub, edge) = hub_with_honest_edge();
     let poison = include_bytes!("../../engine/fuzz/corpus/import/regression-panics-automerge");
     let mut msg = automerge::Automerge::new()
         .generate_sync_message(&mut State::new())
         .unwrap();
     msg.changes = vec![poison.to_vec()].into();
-    let bundle = d.bundle("poisoner", Role::Edge, &["telemetry=rw"]).unwrap();
-    let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
-    r.send(&hello("poisoner", Role::Edge)).await.unwrap();
+    let mut r = rogue(&d, &hub, "poisoner", "telemetry=rw").await;
     r.send(&Message::Sync {
         ns: ns().to_string(),
         id: "poison".into(),
