@@ -138,15 +138,20 @@ pub async fn honest_write_arrives(
     within: Duration,
 ) -> Result<()> {
     let id = DocId::new(format!("honest-{i}"))?;
+    let started = Instant::now();
     let w = edge
         .store
         .put(ns, &id, serde_json::json!({ "i": i }), None)
         .await?;
-    wait_until(within, "the honest write at the hub", || {
+    let written = started.elapsed();
+    let arrived = wait_until(within, "the honest write at the hub", || {
         Ok(hub.store.get(ns, &id)?.is_some_and(|d| d.heads == w.heads))
     })
-    .await?;
-    Ok(())
+    .await;
+    if std::env::var_os("TIDESYNC_TEST_TRACE").is_some() {
+        println!("honest write {i}: stored at the edge in {written:?}, at the hub {arrived:?}");
+    }
+    arrived.map(|_| ())
 }
 
 /// Revocations shared by a test and a node.

@@ -212,3 +212,141 @@ async fn bytes_that_panic_automerge_do_not_stop_the_store() {
     assert!(refused(&r, "invalid Automerge data").await, "not refused");
     honest_write_arrives(&edge, &hub, 0).await;
 }
+
+/// A sync message carrying one new change of about `bytes` bytes (incompressible text) to
+/// document `id`: real content, within a `rw` grant.
+fn sync_with_change(id: &str, bytes: usize, seed: u64) -> Message {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let text: String = (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    tx.put(automerge::ROOT, "blob", text).unwrap();
+    tx.commit();
+    let mut msg = automerge::Automerge::new()
+        .generate_sync_message(&mut State::new())
+        .unwrap();
+    msg.changes = doc
+        .get_changes(&[])
+        .into_iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect::<Vec<_>>()
+        .into();
+    Message::Sync {
+        ns: ns().to_string(),
+        id: id.into(),
+        data: msg.encode(),
+    }
+}
+
+fn docs_stored(hub: &TestNode, prefix: &str) -> usize {
+    hub.store
+        .list(&ns())
+        .unwrap()
+        .iter()
+        .filter(|d| d.id.as_str().starts_with(prefix))
+        .count()
+}
+
+/// Regression: the hub read a peer's frames as fast as they came and queued each one in
+/// memory (a document's inbox, or a spawned apply) however far the store was behind, so
+/// one peer could grow a hub's memory at network speed. Now the hub holds at most its
+/// inbound budget of a peer's uncommitted messages and stops reading beyond it: QUIC flow
+/// control holds the sender. Measured from the flooder's side: when its last frame is
+/// accepted by the transport, what the hub has read but not committed is within the budget
+/// (plus a stream window and one frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_peer_is_held_by_flow_control_within_the_inbound_budget() {
+    const BUDGET_MIB: usize = 2;
+    const FRAME_KIB: usize = 128;
+    const FRAMES: usize = 64; // 8 MiB, all to one document, so they queue
+    let d = Deployment::new().unwrap();
+    let mut cfg = d.config("hub", Role::Hub, &[]).unwrap();
+    cfg.max_inbound_bytes = BUDGET_MIB << 20;
+    let hub = d.start("hub", cfg).unwrap();
+    // An edge that writes telemetry but does not receive the flooder's.
+    let mut edge_cfg = d.config("edge-honest", Role::Edge, &["*=rw"]).unwrap();
+    edge_cfg.dial = vec![hub.addr()];
+    edge_cfg.subscriptions = vec![NsPattern::new("config.*").unwrap()];
+    let edge = d.start("edge-honest", edge_cfg).unwrap();
+    honest_write_arrives(&edge, &hub, 0).await;
+
+    let frames: Vec<Message> = (0..FRAMES)
+        .map(|i| sync_with_change("flood", FRAME_KIB << 10, i as u64))
+        .collect();
+    let mut r = rogue(&d, &hub, "flooder", "telemetry=rw").await;
+    let flood = tokio::spawn(async move {
+        for f in &frames {
+            r.send(f).await.unwrap();
+        }
+        r
+    });
+    // The honest edge keeps getting through while the flood is held.
+    let mut i = 1;
+    while !flood.is_finished() && i < 6 {
+        honest_write_arrives(&edge, &hub, i).await;
+        i += 1;
+    }
+    let r = flood.await.unwrap();
+    let flood_id = DocId::new("flood").unwrap();
+    // Each change is a root change of its own actor: the heads count them.
+    let heads = || -> anyhow::Result<usize> {
+        let list = hub.store.list(&ns())?;
+        Ok(list
+            .iter()
+            .find(|d| d.id == flood_id)
+            .map_or(0, |d| d.heads.len()))
+    };
+    let committed = heads().unwrap();
+    let backlog_kib = (FRAMES - committed) * FRAME_KIB;
+    println!("sent {FRAMES} frames; the hub had committed {committed}: {backlog_kib} KiB read but not committed");
+    // Budget + a 1.25 MiB stream window + one frame past the budget + slack.
+    assert!(
+        backlog_kib <= (BUDGET_MIB << 10) + 1280 + FRAME_KIB + 512,
+        "the hub read {backlog_kib} KiB ahead of its store"
+    );
+    // Nothing legitimate is lost: every change of the flood commits.
+    cluster::wait_until(Duration::from_secs(30), "the whole flood committed", || {
+        Ok(heads()? == FRAMES)
+    })
+    .await
+    .unwrap();
+    honest_write_arrives(&edge, &hub, 100).await;
+    drop(r);
+}
+
+/// Regression: a peer dropped for a protocol error (or revoked) left its applies queued at
+/// the store's writer, which committed them after the connection was gone (and relayed them
+/// to other peers). Now its writes still queued are abandoned and the store is waited for
+/// before the connection closes: what is not committed when the peer sees the close never
+/// is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_peer_s_queued_writes_never_commit_after_the_cut() {
+    let (d, hub, edge) = hub_with_honest_edge();
+    let mut r = rogue(&d, &hub, "cutoff", "telemetry=rw").await;
+    const DOCS: usize = 64;
+    for i in 0..DOCS {
+        r.send(&sync_with_change(&format!("cut-{i}"), 256 << 10, i as u64))
+            .await
+            .unwrap();
+    }
+    r.send_frame(&[0xff; 8]).await.unwrap();
+    assert!(refused(&r, "undecodable frame").await, "not refused");
+    let at_cut = docs_stored(&hub, "cut-");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = docs_stored(&hub, "cut-");
+    println!(
+        "{at_cut} of {DOCS} documents committed when the peer was cut; {later} a second later"
+    );
+    assert_eq!(
+        at_cut, later,
+        "writes of a dropped peer committed after the cut"
+    );
+    honest_write_arrives(&edge, &hub, 0).await;
+}

@@ -1,24 +1,37 @@
 //! The connection driver: runs one [`Session`] over one QUIC connection, as quinn's
 //! `ConnectionDriver` runs a quinn-proto connection.
 //!
-//! One task per connection owns the bidirectional stream, the framed reader and writer,
-//! and the session. It feeds the session frames, the store's feed movements and early
-//! notices, and has [`Exec`] carry out the session's outputs: frames out, feed reads and
-//! document loads (from the store's cache or snapshot), sync messages applied through the
-//! store's writer (spawned, so in parallel across documents; the session never has two
-//! out for one document), cursors saved. A frame that does not decode, one over the size
-//! limit, or any protocol error ends the connection with an error sent to the peer;
-//! nothing invalid reaches the store.
+//! One task per connection owns the bidirectional stream, the framed reader, the queue of
+//! frames to send, and the session. It feeds the session frames, the store's feed
+//! movements and early notices, and has [`Exec`] carry out the session's outputs: frames
+//! out, feed reads and document loads (from the store's cache or snapshot), sync messages
+//! applied through the store's writer (spawned, so in parallel across documents; the
+//! session never has two out for one document), cursors saved. A frame that does not
+//! decode, one over the size limit, or any protocol error ends the connection with an
+//! error sent to the peer; nothing invalid reaches the store.
+//!
+//! Flow: the driver reads only while the session wants frames (its budget of uncommitted
+//! peer messages), so a flooding peer is held by QUIC flow control; and it writes its
+//! queue in the same `select!` as it reads, never instead of reading, so two nodes that
+//! both have more to send than a stream window cannot wait on each other. The queue's
+//! room is what the session is told it may send ([`Session::set_can_send`]).
+//!
+//! Cut means cut: when the peer is dropped (protocol error, revocation), its applies still
+//! queued at the store are abandoned and the store is waited for before the connection
+//! closes, so nothing the peer sent commits, or relays, after it was dropped.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use super::counters::PeerCounters;
 use super::exec::{Exec, ExecError, Outbox, WriteDone, Writes};
@@ -80,12 +93,21 @@ pub struct DriverContext {
     pub max_frame: usize,
 }
 
-type Writer = FramedWrite<quinn::SendStream, LengthDelimitedCodec>;
 type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
 type Writing = JoinSet<WriteDone>;
 
 /// Frames already received that one sweep hands to the session at most.
 const SWEEP_FRAMES: usize = 256;
+
+/// Bytes queued for the peer past which the session is told there is no room.
+const SEND_ROOM_BYTES: usize = 4 << 20;
+/// Frames queued for the peer past which the session is told there is no room.
+const SEND_ROOM_FRAMES: usize = 1024;
+/// Bytes queued past which frames are written during a drain, not only after it, so long
+/// catch-up bursts keep moving.
+const WRITE_DURING_DRAIN: usize = 64 << 10;
+/// How long the last frames (an error) may take to leave when the connection ends.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Whether the peer's side of the stream is still open.
 #[derive(Debug, PartialEq, Eq)]
@@ -115,7 +137,7 @@ pub async fn run(
         conn.accept_bi().await?
     };
     let mut reader = FramedRead::new(recv, codec(ctx.max_frame));
-    let mut writer = FramedWrite::new(send, codec(ctx.max_frame));
+    let mut queue = SendQueue::new(send, ctx.max_frame);
     let mut feed = ctx.store.subscribe();
     let mut early = Some(ctx.store.subscribe_early());
     let mut revoked = ctx.revocations.subscribe();
@@ -130,14 +152,18 @@ pub async fn run(
     let mut seen_synced = 0;
     let result: Result<(), DriverError> = async {
         loop {
-            let mut outbox = Frames::new(&mut writer, &counters, &peer_id, &mut log);
+            let mut outbox = Frames {
+                queue: &mut queue,
+                counters: &counters,
+                peer: &peer_id,
+                log: &mut log,
+            };
             exec.drain(
                 &mut session,
                 &mut outbox,
                 &mut Writes::Spawned(&mut writing),
             )
             .await?;
-            outbox.flush().await?;
             let synced = session.stats().docs_synced;
             if synced > seen_synced {
                 counters
@@ -150,8 +176,10 @@ pub async fn run(
                 counters.last_sync_ms.store(now, Ordering::Relaxed);
             }
             counters.lag.store(session.lag(), Ordering::Relaxed);
+            let reading = session.wants_frames();
             tokio::select! {
-                frame = reader.next() => {
+                written = queue.write_some(), if !queue.is_empty() => written?,
+                frame = reader.next(), if reading => {
                     if on_frame(&mut session, &counters, frame)? == Flow::Closed {
                         return Ok(());
                     }
@@ -192,20 +220,34 @@ pub async fn run(
         Err(DriverError::Protocol(e)) => {
             counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %peer_id, error = %e, "closing connection: protocol error");
-            let _ = writer.send(Bytes::from(e.to_message().encode())).await;
-            let _ = writer.get_mut().finish();
+            cut_off(&ctx.store, &mut writing).await;
+            let _ = queue.push(Bytes::from(e.to_message().encode()));
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, queue.finish()).await;
             conn.close(CLOSE_PROTOCOL.into(), e.reason.as_bytes());
         }
         Err(DriverError::Revoked) => {
             tracing::warn!(peer = %peer_id, "closing connection: peer revoked");
+            cut_off(&ctx.store, &mut writing).await;
             conn.close(CLOSE_REVOKED.into(), b"revoked");
         }
         Err(e) => tracing::info!(peer = %peer_id, error = %e, "connection ended"),
         Ok(()) => tracing::info!(peer = %peer_id, "connection closed"),
     }
-    // Writes already handed to the store finish there; their results no longer matter.
+    // A peer that went away (rather than being dropped) sent its messages in good faith:
+    // writes already handed to the store finish there.
     writing.detach_all();
     result
+}
+
+/// Abandons the dropped peer's writes still queued at the store, and waits until the
+/// store has passed them: whatever of the peer was not committed by now never will be.
+async fn cut_off(store: &Store, writing: &mut Writing) {
+    writing.abort_all();
+    // An aborted task drops its request's reply receiver, which the writer checks.
+    while writing.join_next().await.is_some() {}
+    if let Err(e) = store.barrier().await {
+        tracing::debug!(error = %e, "store closed while cutting a peer off");
+    }
 }
 
 /// Hands one frame (or the stream's end) to the session.
@@ -247,6 +289,9 @@ fn sweep(
     writing: &mut Writing,
 ) -> Result<Flow, DriverError> {
     for _ in 0..SWEEP_FRAMES {
+        if !session.wants_frames() {
+            break;
+        }
         let Some(frame) = reader.next().now_or_never() else {
             break;
         };
@@ -279,44 +324,93 @@ async fn recv_early(
     }
 }
 
-/// The driver's outbox: frames into the QUIC stream, flushed every 20 ms during a long
-/// drain (so catch-up bursts keep moving) and once at its end; events into the log.
+/// Frames for the peer, written to the stream as it takes them (flow control permitting):
+/// each frame is a 4-byte big-endian length and the payload, as two chunks.
+struct SendQueue {
+    stream: quinn::SendStream,
+    chunks: VecDeque<Bytes>,
+    bytes: usize,
+    max_frame: usize,
+}
+
+impl SendQueue {
+    fn new(stream: quinn::SendStream, max_frame: usize) -> Self {
+        Self {
+            stream,
+            chunks: VecDeque::new(),
+            bytes: 0,
+            max_frame,
+        }
+    }
+
+    fn push(&mut self, payload: Bytes) -> Result<(), ExecError> {
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|&len| len as usize <= self.max_frame)
+            .ok_or_else(|| {
+                ExecError::Stream(format!(
+                    "a frame of {} bytes is over the limit of {}",
+                    payload.len(),
+                    self.max_frame
+                ))
+            })?;
+        self.bytes += 4 + payload.len();
+        self.chunks
+            .push_back(Bytes::copy_from_slice(&len.to_be_bytes()));
+        self.chunks.push_back(payload);
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn has_room(&self) -> bool {
+        self.bytes < SEND_ROOM_BYTES && self.chunks.len() < 2 * SEND_ROOM_FRAMES
+    }
+
+    /// Writes what the stream takes now, waiting until it takes something. Cancel-safe
+    /// (quinn's `write_chunks` is), so it can race the reader in a `select!`.
+    async fn write_some(&mut self) -> Result<(), DriverError> {
+        let written = self
+            .stream
+            .write_chunks(self.chunks.make_contiguous())
+            .await
+            .map_err(|e| DriverError::Stream(e.to_string()))?;
+        self.bytes -= written.bytes;
+        // Fully written chunks were emptied; a partly written one keeps its suffix.
+        while self.chunks.front().is_some_and(Bytes::is_empty) {
+            self.chunks.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Writes what the stream takes without waiting.
+    fn write_ready(&mut self) -> Result<(), DriverError> {
+        match self.write_some().now_or_never() {
+            Some(result) => result,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes everything queued, then ends the stream.
+    async fn finish(&mut self) -> Result<(), DriverError> {
+        while !self.is_empty() {
+            self.write_some().await?;
+        }
+        self.stream
+            .finish()
+            .map_err(|e| DriverError::Stream(e.to_string()))
+    }
+}
+
+/// The driver's outbox: frames into the send queue; events into the log.
 struct Frames<'a> {
-    writer: &'a mut Writer,
+    queue: &'a mut SendQueue,
     counters: &'a PeerCounters,
     peer: &'a NodeId,
     /// The connection's budget of warning lines.
     log: &'a mut LogLimit,
-    started: Instant,
-    unflushed: bool,
-}
-
-impl<'a> Frames<'a> {
-    fn new(
-        writer: &'a mut Writer,
-        counters: &'a PeerCounters,
-        peer: &'a NodeId,
-        log: &'a mut LogLimit,
-    ) -> Self {
-        Self {
-            writer,
-            counters,
-            peer,
-            log,
-            started: Instant::now(),
-            unflushed: false,
-        }
-    }
-
-    async fn flush(&mut self) -> Result<(), ExecError> {
-        if self.unflushed {
-            SinkExt::<Bytes>::flush(self.writer)
-                .await
-                .map_err(|e| ExecError::Stream(e.to_string()))?;
-            self.unflushed = false;
-        }
-        Ok(())
-    }
 }
 
 impl Outbox for Frames<'_> {
@@ -326,17 +420,18 @@ impl Outbox for Frames<'_> {
         self.counters
             .bytes_sent
             .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
-        self.writer
-            .feed(Bytes::from(bytes))
-            .await
-            .map_err(|e| ExecError::Stream(e.to_string()))?;
-        self.unflushed = true;
-        if self.started.elapsed().as_millis() > 20 {
-            self.flush().await?;
+        self.queue.push(Bytes::from(bytes))?;
+        if self.queue.bytes >= WRITE_DURING_DRAIN {
+            self.queue
+                .write_ready()
+                .map_err(|e| ExecError::Stream(e.to_string()))?;
         }
         Ok(())
     }
 
+    fn has_room(&self) -> bool {
+        self.queue.has_room()
+    }
     fn event(&mut self, event: Event) {
         let peer = self.peer;
         match event {

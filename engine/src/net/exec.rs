@@ -27,6 +27,12 @@ pub trait Outbox {
 
     /// Something the session reports (its counters are already kept): log it, or ignore it.
     fn event(&mut self, _event: Event) {}
+
+    /// Whether more frames may be queued now; without room the session owes its messages
+    /// instead of queueing them (see `Session::set_can_send`).
+    fn has_room(&self) -> bool {
+        true
+    }
 }
 
 /// How [`Exec::drain`] runs store writes.
@@ -91,9 +97,13 @@ impl Exec<'_> {
     ) -> Result<(), ExecError> {
         // Only a hello changes it, and hellos never arrive during a drain.
         let peer = session.sync_peer();
+        session.set_can_send(outbox.has_room());
         while let Some(out) = session.poll_output() {
             match out {
-                Output::Send(msg) => outbox.send(msg).await?,
+                Output::Send(msg) => {
+                    outbox.send(msg).await?;
+                    session.set_can_send(outbox.has_room());
+                }
                 Output::ReadFeed { after, limit } => {
                     let last = self.store.last_seq();
                     let entries = self.store.changes_since(after, limit)?;
@@ -143,7 +153,11 @@ impl Exec<'_> {
                 session.handle_applied(ns, id, applied);
                 Ok(())
             }
-            WriteDone::CursorSaved(result) => Ok(result?),
+            WriteDone::CursorSaved(result) => {
+                result?;
+                session.handle_cursor_saved();
+                Ok(())
+            }
         }
     }
 

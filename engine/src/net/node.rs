@@ -50,6 +50,9 @@ pub struct NodeConfig {
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
+    /// Bytes of one peer's sync messages received and not yet committed, past which the
+    /// node stops reading from it (flow control then holds the peer).
+    pub max_inbound_bytes: usize,
 }
 
 impl NodeConfig {
@@ -65,6 +68,7 @@ impl NodeConfig {
             max_frame: 16 * 1024 * 1024,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            max_inbound_bytes: 32 << 20,
         }
     }
 }
@@ -499,6 +503,7 @@ impl Node {
         let record = store.peer_cursor(&peer).ok().flatten();
         let mut scfg = SessionConfig::new(me.clone(), self.inner.identity.role, store.feed_epoch());
         scfg.subscriptions = self.inner.cfg.subscriptions.clone();
+        scfg.max_inbound_bytes = self.inner.cfg.max_inbound_bytes;
         let session = Session::new(scfg, identity, record, store.last_seq());
         let ctx = DriverContext {
             store: store.clone(),

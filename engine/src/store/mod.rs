@@ -333,6 +333,12 @@ impl Store {
         self.submit(None, op, None).await.map(|_| ())
     }
 
+    /// Waits until every write queued before this call was committed (or dropped, for a
+    /// peer's message whose session has ended).
+    pub async fn barrier(&self) -> Result<(), StoreError> {
+        self.submit(None, WriteOp::Barrier, None).await.map(|_| ())
+    }
+
     /// How far this node has durably received `peer`'s feed.
     pub fn peer_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError> {
         let txn = self.inner.db.begin_read()?;

@@ -46,6 +46,8 @@ pub(crate) enum WriteOp {
     ApplySync { peer: SyncPeer, apply: Box<Apply> },
     /// Record how far this node has durably received a peer's feed. Targets no document.
     SetCursor { peer: NodeId, cursor: Cursor },
+    /// Nothing: answered once every request queued before it was committed or dropped.
+    Barrier,
 }
 
 #[derive(Debug)]
@@ -222,6 +224,14 @@ impl Writer {
             let mut cursors: Vec<(NodeId, Cursor)> = Vec::new();
             for req in batch.iter_mut() {
                 let op = std::mem::replace(&mut req.op, WriteOp::Delete);
+                // A peer's message whose session is gone (the peer was cut off) is dropped
+                // unapplied: nothing a dropped peer queued commits after it was dropped.
+                if matches!(op, WriteOp::ApplySync { .. }) && req.reply.is_closed() {
+                    pending.push(Err(StoreError::WriteFailed(
+                        "the peer's session ended first".into(),
+                    )));
+                    continue;
+                }
                 let Some(key) = req.doc.clone() else {
                     if let WriteOp::SetCursor { peer, cursor } = op {
                         cursors.push((peer, cursor));
@@ -529,7 +539,7 @@ fn apply_op(
             }
             w.doc = import(&w.doc, &bytes)?;
         }
-        WriteOp::ApplySync { .. } | WriteOp::SetCursor { .. } => {}
+        WriteOp::ApplySync { .. } | WriteOp::SetCursor { .. } | WriteOp::Barrier => {}
     }
     Ok(w.doc.get_heads())
 }

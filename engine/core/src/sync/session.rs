@@ -31,6 +31,18 @@
 //! generated only from the committed result, so the peer never hears "I have it" before
 //! it is on disk. Changes in a namespace the peer may not write are ignored (the state is
 //! read-only, which also tells a well-behaved peer not to send them) and reported.
+//!
+//! Back-pressure: what the peer sent and the store has not yet committed is bounded
+//! ([`SessionConfig::max_inbound_messages`], [`SessionConfig::max_inbound_bytes`]); over
+//! it, [`Session::wants_frames`] turns false and the driver stops reading, so the
+//! transport's flow control pushes back on the peer. That budget drains through the local
+//! store alone, never through the peer. Sending is the other way round: while the driver
+//! says it has no room ([`Session::set_can_send`]), replies are owed, one per document,
+//! not queued, and go out once there is room; the owed set is bounded too
+//! ([`SessionConfig::max_owed`]). So a peer that floods or stops reading costs a bounded
+//! amount of memory, and two honest nodes never wait on each other: each keeps reading
+//! while its own frames wait, and the replies it owes an honest peer stay far under the
+//! bound (at most one per document that peer has in flight or sent early).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -66,6 +78,14 @@ pub struct SessionConfig {
     /// Largest document (as stored) sent whole in the first message to a peer presumed to
     /// lack it; larger ones start with Automerge's announcement of heads.
     pub whole_doc_max_bytes: u64,
+    /// Peer messages received and not yet committed (waiting or applying) past which the
+    /// session stops taking frames.
+    pub max_inbound_messages: usize,
+    /// The same budget in bytes (the messages' encoded size).
+    pub max_inbound_bytes: usize,
+    /// Documents owed a reply past which the session stops taking frames. An honest peer
+    /// stays under `2 * max_docs_in_flight` (its offers and early sends, each answered).
+    pub max_owed: usize,
 }
 
 impl SessionConfig {
@@ -79,6 +99,9 @@ impl SessionConfig {
             max_docs_in_flight: 512,
             feed_batch: 1024,
             whole_doc_max_bytes: 4096,
+            max_inbound_messages: 256,
+            max_inbound_bytes: 32 << 20,
+            max_owed: 8192,
         }
     }
 }
@@ -111,8 +134,12 @@ struct DocSync {
     doc: Option<Arc<Automerge>>,
     /// The peer's sync state, once loaded or built.
     state: Option<State>,
-    /// Peer messages waiting for the one being applied.
-    inbox: VecDeque<automerge::sync::Message>,
+    /// Peer messages waiting for the one being applied, with their encoded sizes.
+    inbox: VecDeque<(automerge::sync::Message, usize)>,
+    /// Encoded size of the message being applied.
+    applying_bytes: usize,
+    /// A message to the peer was due while there was no room to send: `Some(early)`.
+    owed: Option<bool>,
 }
 
 /// The driver's work under way for one document.
@@ -164,13 +191,21 @@ impl DocSync {
         let (Offer::Queued { heads, .. } | Offer::Sending { heads, .. }) = &self.offer else {
             return true;
         };
-        self.doc
-            .as_ref()
-            .is_some_and(|d| heads.iter().all(|h| d.get_change_by_hash(h).is_some()))
+        self.doc.as_ref().is_some_and(|d| holds_all(d, heads))
     }
 }
 
 type DocKey = (Namespace, DocId);
+
+/// Whether `doc` holds every change in `hashes`: a lookup in its change graph per hash
+/// (`get_change_by_hash` would rebuild each change from the op set, which costs the whole
+/// document, and a peer can give a document thousands of heads).
+fn holds_all(doc: &Automerge, hashes: &[ChangeHash]) -> bool {
+    doc.get_missing_deps(hashes).is_empty()
+}
+
+/// Owed messages generated per call of [`Session::set_can_send`] with room.
+const OWED_PER_ROOM: usize = 16;
 
 /// One peer's sync session. See the module documentation.
 ///
@@ -236,6 +271,16 @@ pub struct Session {
     synced_sent: FeedSeq,
     caught_up: bool,
     stats: SessionStats,
+    /// Peer messages waiting or applying, and their encoded bytes.
+    inbound: usize,
+    inbound_bytes: usize,
+    /// Whether the driver has room for more frames to the peer.
+    can_send: bool,
+    /// Documents owed a message, in the order they became due.
+    owed: VecDeque<DocKey>,
+    /// A cursor save is out; the newest cursor received meanwhile waits here.
+    saving_cursor: bool,
+    next_cursor: Option<Cursor>,
 }
 
 impl std::fmt::Debug for Session {
@@ -284,6 +329,12 @@ impl Session {
             synced_sent: FeedSeq(0),
             caught_up: false,
             stats: SessionStats::default(),
+            inbound: 0,
+            inbound_bytes: 0,
+            can_send: true,
+            owed: VecDeque::new(),
+            saving_cursor: false,
+            next_cursor: None,
         };
         s.outputs.push_back(Output::Send(Message::Hello(hello)));
         s
@@ -328,6 +379,56 @@ impl Session {
         self.peer_hello.is_some() && self.lag() == 0
     }
 
+    /// Whether the session takes another frame now. False while the peer's uncommitted
+    /// messages or the replies owed to it are over budget: stop reading until it turns
+    /// true again (after applies finish, or after sending), so flow control holds the peer.
+    pub fn wants_frames(&self) -> bool {
+        self.inbound < self.cfg.max_inbound_messages
+            && self.inbound_bytes < self.cfg.max_inbound_bytes
+            && self.owed.len() < self.cfg.max_owed
+    }
+
+    /// Whether the driver has room for more frames to the peer. Without room, messages
+    /// that fall due are owed (one per document, however many fall due) and refusals are
+    /// counted but not sent; once there is room again, the owed messages are generated.
+    /// Call again after each frame sent: owed messages go out a few at a time, so room is
+    /// checked between them.
+    pub fn set_can_send(&mut self, can_send: bool) {
+        self.can_send = can_send;
+        if !can_send || self.owed.is_empty() {
+            return;
+        }
+        for _ in 0..OWED_PER_ROOM {
+            let Some(key) = self.owed.pop_front() else {
+                break;
+            };
+            let Some(early) = self.docs.get_mut(&key).and_then(|e| e.owed.take()) else {
+                continue;
+            };
+            self.generate(&key, early);
+        }
+        self.progress();
+    }
+
+    /// The answer to [`Output::SaveCursor`]: the cursor is stored (a failure ends the
+    /// session instead). Cursors that came meanwhile were coalesced; the newest goes next.
+    pub fn handle_cursor_saved(&mut self) {
+        self.saving_cursor = false;
+        if let Some(cursor) = self.next_cursor.take() {
+            self.save_cursor(cursor);
+        }
+    }
+
+    /// One cursor save out at a time, whatever the peer sends.
+    fn save_cursor(&mut self, cursor: Cursor) {
+        if self.saving_cursor {
+            self.next_cursor = Some(cursor);
+        } else {
+            self.saving_cursor = true;
+            self.outputs.push_back(Output::SaveCursor(cursor));
+        }
+    }
+
     /// A frame from the peer. An error is fatal: send it to the peer and close.
     pub fn handle_message(&mut self, msg: Message) -> Result<(), ProtocolError> {
         self.on_message(msg)?;
@@ -347,7 +448,7 @@ impl Session {
                 if self.record.is_none_or(|r| r.epoch != epoch || r.seq < seq) {
                     let record = Cursor { epoch, seq };
                     self.record = Some(record);
-                    self.outputs.push_back(Output::SaveCursor(record));
+                    self.save_cursor(record);
                 }
                 Ok(())
             }
@@ -400,7 +501,7 @@ impl Session {
                 seq: 0,
             };
             self.record = Some(record);
-            self.outputs.push_back(Output::SaveCursor(record));
+            self.save_cursor(record);
         }
         let peer_epoch = hello.feed_epoch;
         self.peer_hello = Some(hello);
@@ -420,7 +521,7 @@ impl Session {
                 ),
             ));
         };
-        let message = automerge::sync::Message::decode(data).map_err(|e| {
+        let mut message = automerge::sync::Message::decode(data).map_err(|e| {
             ProtocolError::new(
                 ErrorCode::Protocol,
                 format!("invalid sync message for {ns}/{id}: {e}"),
@@ -434,12 +535,17 @@ impl Session {
             return Ok(());
         }
         if !self.peer.grants.can_write(&n) && !message.changes.is_empty() {
-            // Applied read-only below: the state advances, the changes are dropped.
+            // Applied read-only below: the state advances, the changes are dropped (here,
+            // so they take no memory while the message waits).
+            message.changes = Vec::<Vec<u8>>::new().into();
             self.reject(&ns, &id, "namespace granted read-only; changes refused");
         }
         let key = (n, d);
+        let size = data.len();
+        self.inbound += 1;
+        self.inbound_bytes += size;
         let entry = self.docs.entry(key.clone()).or_default();
-        entry.inbox.push_back(message);
+        entry.inbox.push_back((message, size));
         if entry.phase == Phase::Idle {
             self.apply_next(&key);
         }
@@ -448,10 +554,13 @@ impl Session {
 
     fn reject(&mut self, ns: &str, id: &str, reason: &str) {
         self.stats.rejected += 1;
-        self.outputs.push_back(Output::Send(Message::Error {
-            code: ErrorCode::Forbidden,
-            reason: format!("{ns}/{id}: {reason}"),
-        }));
+        // A refusal only informs; a peer that does not read its refusals gets no more.
+        if self.can_send {
+            self.outputs.push_back(Output::Send(Message::Error {
+                code: ErrorCode::Forbidden,
+                reason: format!("{ns}/{id}: {reason}"),
+            }));
+        }
         self.event(Event::Rejected {
             ns: ns.to_owned(),
             id: id.to_owned(),
@@ -464,10 +573,11 @@ impl Session {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
-        let Some(message) = entry.inbox.pop_front() else {
+        let Some((message, size)) = entry.inbox.pop_front() else {
             return;
         };
         entry.phase = Phase::Applying;
+        entry.applying_bytes = size;
         self.outputs.push_back(Output::Apply(Box::new(Apply {
             ns: key.0.clone(),
             id: key.1.clone(),
@@ -483,6 +593,12 @@ impl Session {
         let key = (ns, id);
         self.stats.changes_received += applied.changes_applied;
         let entry = self.docs.entry(key.clone()).or_default();
+        if entry.phase == Phase::Applying {
+            self.inbound = self.inbound.saturating_sub(1);
+            self.inbound_bytes = self
+                .inbound_bytes
+                .saturating_sub(std::mem::take(&mut entry.applying_bytes));
+        }
         entry.phase = Phase::Idle;
         entry.doc = Some(applied.doc);
         entry.state = Some(applied.state);
@@ -552,6 +668,7 @@ impl Session {
     pub fn handle_early(&mut self, early: &EarlyDoc) {
         // During catch-up the feed walk is about to send it anyway.
         let live = self.peer_hello.is_some()
+            && self.can_send
             && self.queue.is_empty()
             && self.in_flight < self.cfg.max_docs_in_flight;
         if !live || !self.wants(&early.ns) {
@@ -562,11 +679,10 @@ impl Session {
         let entry = self.docs.entry(key.clone()).or_default();
         // Only move forward: an offer's doneness is judged against `entry.doc`, so it
         // must never be replaced by an older version.
-        let newer = entry.doc.as_ref().is_none_or(|cur| {
-            cur.get_heads()
-                .iter()
-                .all(|h| early.doc.get_change_by_hash(h).is_some())
-        });
+        let newer = entry
+            .doc
+            .as_ref()
+            .is_none_or(|cur| holds_all(&early.doc, &cur.get_heads()));
         if entry.phase != Phase::Idle || !newer {
             return;
         }
@@ -751,6 +867,14 @@ impl Session {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
+        if !self.can_send {
+            if entry.owed.is_none() {
+                self.owed.push_back(key.clone());
+            }
+            // Early only if every message that fell due was.
+            entry.owed = Some(entry.owed.unwrap_or(true) && early);
+            return;
+        }
         if let (Some(doc), Some(state)) = (&entry.doc, &mut entry.state) {
             if let Some(msg) = doc.generate_sync_message(state) {
                 self.stats.sync_sent += 1;
@@ -803,7 +927,7 @@ impl Session {
                 Offer::None | Offer::Early => {}
             }
         }
-        if matches!(entry.offer, Offer::None) && entry.inbox.is_empty() {
+        if matches!(entry.offer, Offer::None) && entry.inbox.is_empty() && entry.owed.is_none() {
             self.docs.remove(key);
         }
     }
@@ -1101,5 +1225,104 @@ mod tests {
             .iter()
             .any(|o| matches!(o, Output::Send(Message::Synced { seq: 2 }))));
         assert!(!hub.is_caught_up());
+    }
+
+    /// A peer that sends faster than the store commits fills the inbound budget: the
+    /// session stops taking frames, and takes them again once applies are answered.
+    #[test]
+    fn the_inbound_budget_stops_and_resumes_reading() {
+        let mut cfg = SessionConfig::new(NodeId::new("hub-1").expect("id"), Role::Hub, 1);
+        cfg.max_inbound_messages = 4;
+        let peer = Identity {
+            node_id: NodeId::new("edge-1").expect("id"),
+            role: Role::Edge,
+            grants: Grants::everything(),
+        };
+        let mut hub = Session::new(cfg, peer, None, FeedSeq(0));
+        hub.handle_message(hello("edge-1", Role::Edge))
+            .expect("hello");
+        outputs(&mut hub);
+        for i in 0..4 {
+            assert!(hub.wants_frames(), "frame {i} is within the budget");
+            hub.handle_message(peer_sync("a")).expect("sync");
+        }
+        assert!(!hub.wants_frames(), "four messages waiting or applying");
+        let applies: Vec<_> = outputs(&mut hub)
+            .into_iter()
+            .filter(|o| matches!(o, Output::Apply(_)))
+            .collect();
+        assert_eq!(applies.len(), 1, "one apply per document at a time");
+        let (ns, id) = names("a");
+        hub.handle_applied(ns, id, acknowledged(1));
+        assert!(hub.wants_frames(), "an answered apply frees its share");
+    }
+
+    /// Without room to send, the messages that fall due are owed, one per document however
+    /// many fall due, and nothing is queued; with room again they go out.
+    #[test]
+    fn replies_without_room_are_owed_once_per_document() {
+        let mut hub = connected_hub(8, 0);
+        hub.set_can_send(false);
+        let (ns, id) = names("a");
+        for _ in 0..3 {
+            hub.handle_message(peer_sync("a")).expect("sync");
+            outputs(&mut hub);
+            let mut doc = Automerge::new();
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, "v", 1).expect("put");
+            tx.commit();
+            hub.handle_applied(
+                ns.clone(),
+                id.clone(),
+                Applied {
+                    state: State::new(),
+                    doc: Arc::new(doc),
+                    changes_applied: 1,
+                },
+            );
+            let out = outputs(&mut hub);
+            assert!(
+                !out.iter().any(|o| matches!(o, Output::Send(_))),
+                "sent without room: {out:?}"
+            );
+        }
+        assert_eq!(hub.owed.len(), 1, "owed once");
+        hub.set_can_send(true);
+        let out = outputs(&mut hub);
+        let sent = out
+            .iter()
+            .filter(|o| matches!(o, Output::Send(Message::Sync { .. })))
+            .count();
+        assert_eq!(sent, 1, "the owed reply goes out once: {out:?}");
+        assert!(hub.owed.is_empty());
+    }
+
+    /// A peer that sends `Synced` in a flood gets one cursor save at a time, the newest
+    /// next: never one write per frame.
+    #[test]
+    fn cursor_saves_are_coalesced() {
+        let mut hub = connected_hub(8, 0);
+        for seq in 1..=100 {
+            hub.handle_message(Message::Synced { seq }).expect("synced");
+        }
+        let saves: Vec<_> = outputs(&mut hub)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::SaveCursor(c) => Some(c.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(saves, vec![1]);
+        hub.handle_cursor_saved();
+        let saves: Vec<_> = outputs(&mut hub)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::SaveCursor(c) => Some(c.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(saves, vec![100], "the newest, once");
+        hub.handle_cursor_saved();
+        assert!(outputs(&mut hub).is_empty());
     }
 }
