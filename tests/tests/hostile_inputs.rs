@@ -15,6 +15,7 @@ use automerge::transaction::Transactable;
 use tidesync::model::{DocId, Namespace, NsPattern};
 use tidesync::net::driver::CLOSE_PROTOCOL;
 use tidesync::sync::{Hello, Message, Role, PROTOCOL_VERSION};
+use tidesync_tests::bench::hostile;
 use tidesync_tests::cluster::{self, Deployment, TestNode};
 use tidesync_tests::rogue::{hello, Rogue};
 
@@ -195,54 +196,32 @@ async fn a_deeply_nested_document_is_refused_and_never_stored() {
 /// the hub keeps storing everyone else's writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_that_panic_automerge_do_not_stop_the_store() {
-    let (d, hub, edge) = hub_with_honest_edge();
     let poison = include_bytes!("../../engine/fuzz/corpus/import/regression-panics-automerge");
+    chunk_is_refused("poisoner", poison, "invalid Automerge data").await;
+}
+
+fn sync_with_change(id: &str, bytes: usize, seed: u64) -> Message {
+    hostile::sync_with_change(ns().as_str(), id, bytes, seed).unwrap()
+}
+
+/// A sync message whose only change is `chunk`, as sent by a `rw` peer `name`: the hub
+/// must refuse it, naming `why`, and keep serving the honest edge.
+async fn chunk_is_refused(name: &str, chunk: &[u8], why: &str) {
+    let (d, hub, edge) = hub_with_honest_edge();
     let mut msg = automerge::Automerge::new()
         .generate_sync_message(&mut State::new())
         .unwrap();
-    msg.changes = vec![poison.to_vec()].into();
-    let mut r = rogue(&d, &hub, "poisoner", "telemetry=rw").await;
+    msg.changes = vec![chunk.to_vec()].into();
+    let mut r = rogue(&d, &hub, name, "telemetry=rw").await;
     r.send(&Message::Sync {
         ns: ns().to_string(),
-        id: "poison".into(),
+        id: name.into(),
         data: msg.encode(),
     })
     .await
     .unwrap();
-    assert!(refused(&r, "invalid Automerge data").await, "not refused");
+    assert!(refused(&r, why).await, "not refused");
     honest_write_arrives(&edge, &hub, 0).await;
-}
-
-/// A sync message carrying one new change of about `bytes` bytes (incompressible text) to
-/// document `id`: real content, within a `rw` grant.
-fn sync_with_change(id: &str, bytes: usize, seed: u64) -> Message {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let text: String = (0..bytes)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect();
-    let mut doc = automerge::Automerge::new();
-    let mut tx = doc.transaction();
-    tx.put(automerge::ROOT, "blob", text).unwrap();
-    tx.commit();
-    let mut msg = automerge::Automerge::new()
-        .generate_sync_message(&mut State::new())
-        .unwrap();
-    msg.changes = doc
-        .get_changes(&[])
-        .into_iter()
-        .map(|c| c.raw_bytes().to_vec())
-        .collect::<Vec<_>>()
-        .into();
-    Message::Sync {
-        ns: ns().to_string(),
-        id: id.into(),
-        data: msg.encode(),
-    }
 }
 
 fn docs_stored(hub: &TestNode, prefix: &str) -> usize {
@@ -349,4 +328,14 @@ async fn a_dropped_peer_s_queued_writes_never_commit_after_the_cut() {
         "writes of a dropped peer committed after the cut"
     );
     honest_write_arrives(&edge, &hub, 0).await;
+}
+
+/// Regression, found by the `import` fuzz target: a bundle chunk of about a hundred bytes
+/// that kept Automerge's decoder busy for seconds (and a gigabyte) on the store's single
+/// writer thread before it was found invalid, so every write of the hub waited. Bundles
+/// are refused from their chunk header now, on the peer's own connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_chunk_is_refused_from_its_header() {
+    let bomb = include_bytes!("../../engine/fuzz/corpus/import/regression-bundle-23s");
+    chunk_is_refused("bundler", bomb, "bundle chunks are not accepted").await;
 }

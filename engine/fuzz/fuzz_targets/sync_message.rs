@@ -7,7 +7,7 @@ use automerge::sync::{Message as SyncMessage, State, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::Automerge;
 use libfuzzer_sys::fuzz_target;
-use tidesync_core::model::automerge_bytes::{check_new_depth, validate_chunk};
+use tidesync_core::model::automerge_bytes::{check_new_depth, check_peer_chunk};
 use tidesync_core::sync::validate;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     if validate::check_sync_message(&msg).is_err() {
         return;
     }
-    if msg.changes.iter().any(|c| validate_chunk(c).is_err()) {
+    if msg.changes.iter().any(|c| check_peer_chunk(c).is_err()) {
         return;
     }
     // A document with some history, so the peer's Bloom filter is consulted.

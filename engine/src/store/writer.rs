@@ -27,7 +27,7 @@ use super::schema::{
 };
 use super::{sync_state, FeedSeq, StoreConfig, WriteOutcome};
 use crate::error::{ModelError, StoreError};
-use crate::model::automerge_bytes::{check_new_depth, import, validate_chunk};
+use crate::model::automerge_bytes::{check_chunk_kinds, check_new_depth, import};
 use crate::model::{json, same_heads, Cursor, DocId, Namespace, NodeId, SyncPeer};
 use crate::sync::{Applied, Apply, EarlyDoc};
 
@@ -376,10 +376,10 @@ impl Writer {
         state.read_only = apply.read_only;
         let invalid = |e: automerge::AutomergeError| ModelError::InvalidAutomerge(e.to_string());
         if !apply.read_only {
-            // Automerge skips change bytes it cannot parse; a peer that sends such bytes is
-            // faulty or hostile, so refuse the whole message instead.
+            // The session parsed each chunk on the peer's connection (`check_peer_chunk`);
+            // the cheap header walk here keeps this function safe for any caller.
             for chunk in apply.message.changes.iter() {
-                validate_chunk(chunk)?;
+                check_chunk_kinds(chunk)?;
             }
         }
         let before = w.doc.get_heads();

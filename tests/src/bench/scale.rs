@@ -110,16 +110,21 @@ async fn fill(store: &Store, ns: &Namespace, docs: usize) -> Result<()> {
     Ok(())
 }
 
-/// Runs the connections scenario: `edges` idle edges for `idle` seconds.
-pub async fn connections(edges: usize, idle: Duration) -> Result<Value> {
-    let dir = tempfile::tempdir()?;
-    let hub_dir = dir.path().join("hub");
+/// A hub process initialised in `dir/hub`, and its deployment CA to issue edges from.
+pub(crate) fn hub_with_ca(dir: &Path) -> Result<(Proc, Ca)> {
+    let hub_dir = dir.join("hub");
     init_hub(&hub_dir)?;
     let ca = Ca::from_pem(
         &std::fs::read_to_string(hub_dir.join("ca.pem"))?,
         &std::fs::read_to_string(hub_dir.join("ca-key.pem"))?,
     )?;
-    let hub = start_hub(&hub_dir)?;
+    Ok((start_hub(&hub_dir)?, ca))
+}
+
+/// Runs the connections scenario: `edges` idle edges for `idle` seconds.
+pub async fn connections(edges: usize, idle: Duration) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let (hub, ca) = hub_with_ca(dir.path())?;
     let agent = ureq::AgentBuilder::new().build();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_kb(hub.pid())?;

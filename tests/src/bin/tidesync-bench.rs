@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde_json::{Map, Value};
-use tidesync_tests::bench::{live, scale, sync, write};
+use tidesync_tests::bench::{hostile, live, scale, sync, write};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -28,6 +28,9 @@ enum Scenario {
     Memory,
     /// The edge binary's stripped size and its memory with 10,000 documents idle.
     Footprint,
+    /// A read-only peer floods 1 GiB while another sends the Bloom and depth attacks; the
+    /// hub's memory growth and an honest edge's write latency, with and without the attack.
+    Hostile,
     /// Every scenario in turn; one JSON object with each under its name.
     All,
 }
@@ -47,6 +50,9 @@ struct Args {
     /// Edges in the `connections` scenario.
     #[arg(long, default_value_t = 1000)]
     edges: usize,
+    /// MiB the read-only peer floods in the `hostile` scenario.
+    #[arg(long, default_value_t = 1024)]
+    flood_mb: u64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -216,6 +222,25 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                 &[
                     ("stripped MB", "edge_binary_mb"),
                     ("rss MB, 10k docs idle", "edge_rss_mb_10k"),
+                ],
+            );
+            out
+        }
+        Scenario::Hostile => {
+            let out = hostile::hostile(args.flood_mb).await?;
+            println!("hostile: a hub process under a 1 GiB read-only flood and repeated attacks");
+            table(
+                &out,
+                &[
+                    ("flood MB", "flood_mb"),
+                    ("flood s", "flood_seconds"),
+                    ("attacks", "attacks_sent"),
+                    ("refused", "attacks_refused"),
+                    ("rss growth MB", "rss_growth_mb"),
+                    ("honest p99 ms", "honest_p99_ms"),
+                    ("idle p99 ms", "honest_idle_p99_ms"),
+                    ("ratio", "p99_ratio"),
+                    ("hub up", "hub_up"),
                 ],
             );
             out

@@ -6,6 +6,15 @@
 //! that panics inside its column decoder). These checks run on the store's single writer
 //! thread, where a panic would stop every write of the node, so each parse of outside
 //! bytes is contained: a panic is reported as invalid data.
+//!
+//! Some bytes cost far more than their size: a compressed change that inflates to
+//! gigabytes, a bundle chunk whose columns make Automerge's decoder run for seconds (fuzzing
+//! found 120-byte ones taking 15 s and 1 GB), a change that nests objects 100,000 deep. The
+//! chunk headers are checked first ([`check_chunk_kinds`]): documents, changes and
+//! compressed changes are accepted (what Automerge's sync and save produce), bundles are
+//! not, and a compressed change must inflate to at most [`MAX_INFLATED_BYTES`]. A peer's
+//! changes are checked for depth on their own ([`check_peer_chunk`]) before they queue
+//! for the store, so the single writer thread never applies a too-deep chain to find out.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -14,13 +23,150 @@ use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 use super::json::MAX_DEPTH;
 use crate::error::ModelError;
 
-/// Checks that a sync message's chunk is valid Automerge data: a change, a bundle of
-/// changes, or a saved document (version 2 messages send one when most is missing).
-pub fn validate_chunk(chunk: &[u8]) -> Result<(), ModelError> {
-    if contained(|| Ok(automerge::Change::try_from(chunk).is_ok()))? {
-        return Ok(());
+/// Largest a compressed change may inflate to, in bytes.
+pub const MAX_INFLATED_BYTES: u64 = 64 << 20;
+
+/// The bytes every Automerge chunk starts with.
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+fn invalid(reason: impl Into<String>) -> ModelError {
+    ModelError::InvalidAutomerge(reason.into())
+}
+
+/// Walks the chunk headers of `bytes` (one chunk or several back to back) before
+/// Automerge parses anything: only documents, changes and compressed changes, each within
+/// the data, and compressed ones inflating to at most [`MAX_INFLATED_BYTES`].
+pub fn check_chunk_kinds(mut bytes: &[u8]) -> Result<(), ModelError> {
+    if bytes.is_empty() {
+        return Err(invalid("no data"));
     }
-    check_parses(chunk)
+    while !bytes.is_empty() {
+        // Magic (4), checksum (4), type (1), then the body's length.
+        if bytes.len() < 9 || bytes[..4] != MAGIC {
+            return Err(invalid("not an Automerge chunk"));
+        }
+        let kind = bytes[8];
+        let mut rest = &bytes[9..];
+        let len = leb128::read::unsigned(&mut rest)
+            .ok()
+            .and_then(|l| usize::try_from(l).ok())
+            .filter(|&l| l <= rest.len())
+            .ok_or_else(|| invalid("a chunk longer than the data"))?;
+        let (body, after) = rest.split_at(len);
+        match kind {
+            0 | 1 => {}
+            2 => check_inflated_size(body)?,
+            3 => return Err(invalid("bundle chunks are not accepted")),
+            other => return Err(invalid(format!("unknown chunk type {other}"))),
+        }
+        bytes = after;
+    }
+    Ok(())
+}
+
+/// Inflates a compressed change into nothing, stopping past the limit.
+fn check_inflated_size(deflated: &[u8]) -> Result<(), ModelError> {
+    use std::io::Read;
+    let mut inflated = flate2::read::DeflateDecoder::new(deflated).take(MAX_INFLATED_BYTES + 1);
+    let size = std::io::copy(&mut inflated, &mut std::io::sink())
+        .map_err(|e| invalid(format!("a compressed change does not inflate: {e}")))?;
+    if size > MAX_INFLATED_BYTES {
+        return Err(ModelError::TooLarge {
+            size: usize::try_from(size).unwrap_or(usize::MAX),
+            limit: usize::try_from(MAX_INFLATED_BYTES).unwrap_or(usize::MAX),
+        });
+    }
+    Ok(())
+}
+
+/// Checks one chunk of a peer's sync message before it queues for the store, parsing it
+/// once: valid Automerge data (a change, a compressed change, or a saved document, as
+/// version 2 sync messages send one when most is missing) whose changes nest objects no deeper
+/// than [`MAX_DEPTH`] within one change. Each object a change makes is one below its
+/// parent, and a parent outside the change counts as the root (the store checks the
+/// document as a whole after applying). A saved document is loaded on its own and walked
+/// from its root; a change needs no document. So a deep chain made in one go is refused by the connection
+/// that received it, not by the store's single writer.
+pub fn check_peer_chunk(chunk: &[u8]) -> Result<(), ModelError> {
+    check_chunk_kinds(chunk)?;
+    let parsed = catch_unwind(AssertUnwindSafe(|| automerge::Change::try_from(chunk)));
+    if let Ok(Ok(change)) = parsed {
+        return check_one_change_depth(&change);
+    }
+    let doc = contained(|| {
+        Automerge::load_with_options(
+            chunk,
+            LoadOptions::new().on_partial_load(OnPartialLoad::Error),
+        )
+        .map_err(|e| invalid(e.to_string()))
+    });
+    let doc = match doc {
+        Ok(doc) => doc,
+        // A document whose dependencies are in the receiver's copy: valid, its changes
+        // are checked when they are applied.
+        Err(_) => return check_parses(chunk),
+    };
+    check_doc_depth(&doc)
+}
+
+/// Refuses a document with an object more than [`MAX_DEPTH`] levels below the root,
+/// conflicting values included. Walks the tree from the root and stops one level past the
+/// limit, so a 100,000-level chain costs a hundred lookups, not a decode of every op.
+fn check_doc_depth(doc: &Automerge) -> Result<(), ModelError> {
+    use automerge::{ObjType, Value};
+    let mut stack = vec![(automerge::ROOT, 0usize)];
+    while let Some((obj, depth)) = stack.pop() {
+        let children = |values: Vec<(Value<'_>, automerge::ObjId)>| {
+            values
+                .into_iter()
+                .filter(|(v, _)| v.is_object())
+                .map(|(_, id)| id)
+                .collect::<Vec<_>>()
+        };
+        let mut found = Vec::new();
+        match doc.object_type(&obj) {
+            Ok(ObjType::Map | ObjType::Table) => {
+                for key in doc.keys(&obj) {
+                    found.extend(children(doc.get_all(&obj, key).unwrap_or_default()));
+                }
+            }
+            Ok(ObjType::List) => {
+                for i in 0..doc.length(&obj) {
+                    found.extend(children(doc.get_all(&obj, i).unwrap_or_default()));
+                }
+            }
+            // Text holds characters and marks, never objects.
+            Ok(ObjType::Text) | Err(_) => {}
+        }
+        if !found.is_empty() && depth + 1 > MAX_DEPTH {
+            return Err(ModelError::TooDeep { limit: MAX_DEPTH });
+        }
+        stack.extend(found.into_iter().map(|id| (id, depth + 1)));
+    }
+    Ok(())
+}
+
+fn check_one_change_depth(change: &automerge::Change) -> Result<(), ModelError> {
+    use automerge::legacy::{ObjectId, OpId, OpType};
+    let expanded = contained(|| Ok(change.decode()))?;
+    let actor = change.actor_id();
+    let start = change.start_op().get();
+    let mut depth: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for (i, op) in expanded.operations.iter().enumerate() {
+        if !matches!(op.action, OpType::Make(_)) {
+            continue;
+        }
+        let parent = match &op.obj {
+            ObjectId::Id(OpId(counter, a)) if a == actor => depth.get(counter).copied(),
+            _ => None,
+        };
+        let d = parent.unwrap_or(0) + 1;
+        if d > MAX_DEPTH {
+            return Err(ModelError::TooDeep { limit: MAX_DEPTH });
+        }
+        depth.insert(start + i as u64, d);
+    }
+    Ok(())
 }
 
 /// Runs a parse of outside bytes, turning a panic inside Automerge into an error. The
@@ -52,9 +198,7 @@ pub fn check_parses(bytes: &[u8]) -> Result<(), ModelError> {
 /// completely or depends on changes neither side has.
 pub fn import(doc: &Automerge, bytes: &[u8]) -> Result<Automerge, ModelError> {
     let invalid = |e: automerge::AutomergeError| ModelError::InvalidAutomerge(e.to_string());
-    if bytes.is_empty() {
-        return Err(ModelError::InvalidAutomerge("no data".into()));
-    }
+    check_chunk_kinds(bytes)?;
     // Changes that build on this document's history are settled by the merge below.
     check_parses(bytes)?;
     let merged = contained(|| {
@@ -107,6 +251,76 @@ mod tests {
     use automerge::transaction::Transactable;
     use automerge::ROOT;
 
+    /// Regression, found by the `import` fuzz target: bundle chunks of about a hundred
+    /// bytes that took Automerge's decoder up to 23 s and 1 GB. Refused from the header.
+    #[test]
+    fn bundle_chunks_are_refused_before_automerge_parses_them() {
+        for seed in [
+            &include_bytes!("../../../fuzz/corpus/import/regression-bundle-15s")[..],
+            &include_bytes!("../../../fuzz/corpus/import/regression-bundle-23s")[..],
+            &include_bytes!("../../../fuzz/corpus/import/regression-bundle-slow-decode")[..],
+        ] {
+            let e = check_peer_chunk(seed).expect_err("refused");
+            assert!(e.to_string().contains("bundle"), "{e}");
+            let e = import(&Automerge::new(), seed).expect_err("refused");
+            assert!(e.to_string().contains("bundle"), "{e}");
+        }
+    }
+
+    /// A compressed change that would inflate to 100 MB, in about 100 KB: refused as too
+    /// large before Automerge inflates it.
+    #[test]
+    fn a_deflate_bomb_is_refused_by_its_inflated_size() {
+        use std::io::Write;
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..100 {
+            enc.write_all(&zeros).expect("deflate");
+        }
+        let deflated = enc.finish().expect("deflate");
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend_from_slice(&[0, 0, 0, 0, 2]);
+        leb128::write::unsigned(&mut chunk, deflated.len() as u64).expect("leb");
+        chunk.extend_from_slice(&deflated);
+        assert!(chunk.len() < 200 << 10);
+        let e = check_peer_chunk(&chunk).expect_err("refused");
+        assert!(matches!(e, ModelError::TooLarge { .. }), "{e}");
+    }
+
+    /// One change that nests 1,000 maps: refused from its own ops, no document needed; a
+    /// change nesting exactly the limit passes.
+    #[test]
+    fn a_change_nesting_past_the_limit_is_refused_on_its_own() {
+        let nested = |levels: usize| {
+            let mut doc = Automerge::new();
+            let mut tx = doc.transaction();
+            let mut obj = ROOT;
+            for _ in 0..levels {
+                obj = tx
+                    .put_object(&obj, "a", automerge::ObjType::Map)
+                    .expect("put");
+            }
+            tx.commit();
+            doc.get_changes(&[])
+                .first()
+                .expect("one change")
+                .raw_bytes()
+                .to_vec()
+        };
+        assert!(matches!(
+            check_peer_chunk(&nested(1_000)),
+            Err(ModelError::TooDeep { .. })
+        ));
+        check_peer_chunk(&nested(MAX_DEPTH)).expect("at the limit");
+        // The same as a saved document, as a sync message sends one whole.
+        let doc = |levels| Automerge::load(&nested(levels)).expect("loads").save();
+        assert!(matches!(
+            check_peer_chunk(&doc(1_000)),
+            Err(ModelError::TooDeep { .. })
+        ));
+        check_peer_chunk(&doc(MAX_DEPTH)).expect("at the limit");
+    }
+
     /// Regression: sync messages carry changes whose dependencies are in the receiving
     /// document, not in the message; the simulation found them refused as invalid, which
     /// stalled convergence. Only bytes that do not parse are invalid.
@@ -122,10 +336,10 @@ mod tests {
         let later = doc.save_after(&[first]);
         assert!(check_parses(&later).is_ok(), "changes with outside deps");
         for c in doc.get_changes(&[first]) {
-            assert!(validate_chunk(c.raw_bytes()).is_ok());
+            assert!(check_peer_chunk(c.raw_bytes()).is_ok());
         }
-        assert!(validate_chunk(&doc.save()).is_ok(), "a whole document");
-        assert!(validate_chunk(b"definitely not a change").is_err());
+        assert!(check_peer_chunk(&doc.save()).is_ok(), "a whole document");
+        assert!(check_peer_chunk(b"definitely not a change").is_err());
         let mut truncated = later.clone();
         truncated.truncate(later.len() - 3);
         assert!(check_parses(&truncated).is_err());
@@ -187,7 +401,7 @@ mod tests {
             import(&Automerge::new(), PANICS_AUTOMERGE),
             Err(ModelError::InvalidAutomerge(_))
         ));
-        assert!(validate_chunk(PANICS_AUTOMERGE).is_err());
+        assert!(check_peer_chunk(PANICS_AUTOMERGE).is_err());
     }
 
     #[test]

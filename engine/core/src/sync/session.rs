@@ -48,7 +48,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use automerge::sync::{State, SyncDoc};
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash};
 
 use super::input::{Applied, EarlyDoc, LoadedDoc};
 use super::message::{ErrorCode, Hello, Message, PROTOCOL_VERSION};
@@ -56,6 +56,7 @@ use super::output::{Apply, Event, Output};
 use super::state::{heads_known, start_state};
 use super::validate::{self, peer_text};
 use crate::error::ProtocolError;
+use crate::model::automerge_bytes;
 use crate::model::{
     Cursor, DocId, FeedEntry, FeedSeq, Identity, Namespace, NodeId, NsPattern, Role, SyncPeer,
 };
@@ -197,11 +198,14 @@ impl DocSync {
 
 type DocKey = (Namespace, DocId);
 
-/// Whether `doc` holds every change in `hashes`: a lookup in its change graph per hash
-/// (`get_change_by_hash` would rebuild each change from the op set, which costs the whole
-/// document, and a peer can give a document thousands of heads).
+/// Whether `doc` holds every change in `hashes` (applied, not waiting for dependencies):
+/// a lookup in its change graph per hash. `get_change_by_hash` would rebuild each change
+/// from the op set, which costs the whole document, and a peer can give a document
+/// thousands of heads; `get_missing_deps` also reports what queued changes lack.
 fn holds_all(doc: &Automerge, hashes: &[ChangeHash]) -> bool {
-    doc.get_missing_deps(hashes).is_empty()
+    hashes
+        .iter()
+        .all(|h| doc.get_change_meta_by_hash(h).is_some())
 }
 
 /// Owed messages generated per call of [`Session::set_can_send`] with room.
@@ -539,6 +543,14 @@ impl Session {
             // so they take no memory while the message waits).
             message.changes = Vec::<Vec<u8>>::new().into();
             self.reject(&ns, &id, "namespace granted read-only; changes refused");
+        }
+        if self.peer.grants.can_write(&n) {
+            // Checked here, on the peer's own connection task, so the store's single
+            // writer never spends its time on bytes it would refuse.
+            for chunk in message.changes.iter() {
+                automerge_bytes::check_peer_chunk(chunk)
+                    .map_err(|e| ProtocolError::protocol(format!("{ns}/{id}: {e}")))?;
+            }
         }
         let key = (n, d);
         let size = data.len();
