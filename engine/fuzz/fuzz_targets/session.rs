@@ -2,7 +2,8 @@
 //! target: frames (arbitrary bytes that decode, or hellos), feed movements, early notices,
 //! and every output answered as a driver would, with an in-memory document per id. The
 //! session must never panic, and its outputs must keep its invariants: at most one apply
-//! per document at a time, `Synced` never going backwards.
+//! per document at a time, one cursor save at a time, `Synced` never going backwards, and
+//! no sync message while the driver has said there is no room.
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
@@ -35,6 +36,10 @@ enum Op {
     Error { fatal: bool, reason: String },
     /// A local write to a document, committed: the feed moves.
     Write { doc: u8, early: bool },
+    /// The driver's send queue filled up or drained.
+    Room(bool),
+    /// The cursor save that is out, if any, committed.
+    CursorSaved,
 }
 
 const IDS: [&str; 4] = ["a", "b", "c", "d"];
@@ -50,6 +55,10 @@ struct Harness {
     synced: u64,
     /// The local feed's last seq.
     last: u64,
+    /// What the driver last told the session about room to send.
+    room: bool,
+    /// A cursor save is out.
+    saving: bool,
 }
 
 fn key(ns: &Namespace, id: &DocId) -> (String, String) {
@@ -68,7 +77,14 @@ impl Harness {
                     assert!(seq > self.synced, "Synced went from {} to {seq}", self.synced);
                     self.synced = seq;
                 }
-                Output::Send(_) | Output::Event(_) | Output::SaveCursor(_) => {}
+                Output::Send(Message::Sync { .. }) => {
+                    assert!(self.room, "a sync message without room");
+                }
+                Output::SaveCursor(_) => {
+                    assert!(!self.saving, "two cursor saves at once");
+                    self.saving = true;
+                }
+                Output::Send(_) | Output::Event(_) => {}
                 Output::ReadFeed { after, limit } => {
                     let entries: Vec<FeedEntry> = self
                         .feed
@@ -139,6 +155,8 @@ fuzz_target!(|ops: Vec<Op>| {
         applying: HashSet::new(),
         synced: 0,
         last: 0,
+        room: true,
+        saving: false,
     };
     h.drive();
     for op in ops.into_iter().take(256) {
@@ -185,6 +203,18 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
             }
             Op::Synced(seq) => h.session.handle_message(Message::Synced { seq }),
+            Op::Room(room) => {
+                h.room = room;
+                h.session.set_can_send(room);
+                Ok(())
+            }
+            Op::CursorSaved => {
+                if h.saving {
+                    h.saving = false;
+                    h.session.handle_cursor_saved();
+                }
+                Ok(())
+            }
             Op::Error { fatal, reason } => h.session.handle_message(Message::Error {
                 code: if fatal {
                     tidesync_core::sync::ErrorCode::Protocol

@@ -32,6 +32,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
 
 use super::counters::PeerCounters;
 use super::exec::{Exec, ExecError, Outbox, WriteDone, Writes};
@@ -91,6 +92,8 @@ pub struct DriverContext {
     pub revocations: Revocations,
     /// Largest frame accepted or sent, in bytes.
     pub max_frame: usize,
+    /// Cancelled when the node shuts down.
+    pub shutdown: CancellationToken,
 }
 
 type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
@@ -131,11 +134,16 @@ pub async fn run(
     ctx: DriverContext,
     counters: Arc<PeerCounters>,
 ) -> Result<(), DriverError> {
-    let (send, recv) = if dialer {
-        conn.open_bi().await?
-    } else {
-        conn.accept_bi().await?
+    let opened = tokio::select! {
+        opened = async {
+            if dialer { conn.open_bi().await } else { conn.accept_bi().await }
+        } => opened,
+        () = ctx.shutdown.cancelled() => {
+            conn.close(CLOSE_SHUTDOWN.into(), b"shutting down");
+            return Ok(());
+        }
     };
+    let (send, recv) = opened?;
     let mut reader = FramedRead::new(recv, codec(ctx.max_frame));
     let mut queue = SendQueue::new(send, ctx.max_frame);
     let mut feed = ctx.store.subscribe();
@@ -211,6 +219,7 @@ pub async fn run(
                         return Err(DriverError::Revoked);
                     }
                 }
+                () = ctx.shutdown.cancelled() => return Ok(()),
             }
         }
     }
@@ -233,9 +242,13 @@ pub async fn run(
         Err(e) => tracing::info!(peer = %peer_id, error = %e, "connection ended"),
         Ok(()) => tracing::info!(peer = %peer_id, "connection closed"),
     }
+    if ctx.shutdown.is_cancelled() {
+        conn.close(CLOSE_SHUTDOWN.into(), b"shutting down");
+    }
     // A peer that went away (rather than being dropped) sent its messages in good faith:
-    // writes already handed to the store finish there.
-    writing.detach_all();
+    // writes already handed to the store finish there, before the connection's task ends,
+    // so a node that has shut down holds its store no more.
+    while writing.join_next().await.is_some() {}
     result
 }
 

@@ -509,13 +509,11 @@ impl Node {
             store: store.clone(),
             revocations: self.inner.cfg.revocations.clone(),
             max_frame: self.inner.cfg.max_frame,
+            shutdown: self.inner.cancel.clone(),
         };
-        tokio::select! {
-            _ = self.inner.cancel.cancelled() => {
-                conn.close(CLOSE_SHUTDOWN.into(), b"shutting down");
-            }
-            _ = driver::run(conn.clone(), session, dialer, ctx, counters.clone()) => {}
-        }
+        // The driver ends itself on shutdown, once its writes at the store are done: when
+        // `shutdown` returns, nothing of this node holds the store any more.
+        let _ = driver::run(conn.clone(), session, dialer, ctx, counters.clone()).await;
         if let Ok(mut peers) = self.inner.peers.lock() {
             if let Some(e) = peers.get_mut(&peer) {
                 if e.conn_id == conn_id {
