@@ -1317,23 +1317,18 @@ mod tests {
         for seq in 1..=100 {
             hub.handle_message(Message::Synced { seq }).expect("synced");
         }
-        let saves: Vec<_> = outputs(&mut hub)
-            .into_iter()
-            .filter_map(|o| match o {
-                Output::SaveCursor(c) => Some(c.seq),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(saves, vec![1]);
+        let saves = |hub: &mut Session| -> Vec<u64> {
+            outputs(hub)
+                .into_iter()
+                .filter_map(|o| match o {
+                    Output::SaveCursor(c) => Some(c.seq),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(saves(&mut hub), vec![1]);
         hub.handle_cursor_saved();
-        let saves: Vec<_> = outputs(&mut hub)
-            .into_iter()
-            .filter_map(|o| match o {
-                Output::SaveCursor(c) => Some(c.seq),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(saves, vec![100], "the newest, once");
+        assert_eq!(saves(&mut hub), vec![100], "the newest, once");
         hub.handle_cursor_saved();
         assert!(outputs(&mut hub).is_empty());
     }
