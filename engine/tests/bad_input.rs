@@ -225,3 +225,25 @@ async fn content_nested_past_the_limit_is_refused_at_every_entry() {
     assert!(s.get(&n, &id("ok-am")).unwrap().is_some());
     assert!(s.conflicts(&n, &id("ok-am")).unwrap().unwrap().is_empty());
 }
+
+/// Regression: a 101-byte change whose run-length columns claim ten million ops. The
+/// import parsed and applied all of them on the store's single writer thread (seconds per
+/// million, 50 bytes of memory each). It is refused from its column headers now, as is a
+/// saved document holding it, and nothing is stored.
+#[tokio::test]
+async fn an_op_count_bomb_is_refused_before_automerge_decodes_it() {
+    let bomb = include_bytes!("../fuzz/corpus/import/regression-rle-10m-ops");
+    let (s, _dir) = temp_store(StoreConfig::default());
+    let before = fingerprint(&s, &["app"]);
+    let started = std::time::Instant::now();
+    assert_model_err(
+        s.import(&ns("app"), &id("bomb"), bomb.to_vec()).await,
+        |e| matches!(e, ModelError::TooManyOps { ops, .. } if *ops > 10_000_000),
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(fingerprint(&s, &["app"]), before, "nothing stored");
+}

@@ -221,6 +221,8 @@ async fn chunk_is_refused(name: &str, chunk: &[u8], why: &str) {
     .await
     .unwrap();
     assert!(refused(&r, why).await, "not refused");
+    let doc = DocId::new(name).unwrap();
+    assert!(hub.store.export(&ns(), &doc).unwrap().is_none(), "stored");
     honest_write_arrives(&edge, &hub, 0).await;
 }
 
@@ -338,4 +340,15 @@ async fn a_dropped_peer_s_queued_writes_never_commit_after_the_cut() {
 async fn a_bundle_chunk_is_refused_from_its_header() {
     let bomb = include_bytes!("../../engine/fuzz/corpus/import/regression-bundle-23s");
     chunk_is_refused("bundler", bomb, "bundle chunks are not accepted").await;
+}
+
+/// Regression: a 101-byte change (a list of nulls, made with Automerge's own API, its
+/// run lengths raised) claiming ten million ops. The hub parsed every op on the peer's
+/// connection, expanded each into memory for the depth check, then applied them on the
+/// store's single writer thread: seconds per million ops while every other write waited,
+/// and about 50 bytes of memory per op kept. It is refused from its column headers now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_count_bomb_is_refused_from_its_columns() {
+    let bomb = include_bytes!("../../engine/fuzz/corpus/import/regression-rle-10m-ops");
+    chunk_is_refused("bomber", bomb, "ops per write").await;
 }

@@ -33,6 +33,14 @@ pub enum ModelError {
         /// The limit in levels below the root.
         limit: usize,
     },
+    /// Automerge data holding more ops than one write may add (`model::op_count::MAX_OPS`).
+    #[error("Automerge data of {ops} ops exceeds the limit of {limit} ops per write")]
+    TooManyOps {
+        /// Ops the data holds (rows of its longest column).
+        ops: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The bytes are not valid Automerge data.
     #[error("invalid Automerge data: {0}")]
     InvalidAutomerge(String),

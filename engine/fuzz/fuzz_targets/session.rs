@@ -24,18 +24,34 @@ use tidesync_core::sync::{
 #[derive(Arbitrary, Debug)]
 enum Op {
     /// The peer's hello, possibly lying or repeated.
-    Hello { honest: bool, resume: Option<u64>, feed_last: u64 },
+    Hello {
+        honest: bool,
+        resume: Option<u64>,
+        feed_last: u64,
+    },
     /// A frame of arbitrary bytes.
     Frame(Vec<u8>),
     /// A sync message for one of four documents, from arbitrary bytes.
-    Sync { doc: u8, ro_ns: bool, data: Vec<u8> },
+    Sync {
+        doc: u8,
+        ro_ns: bool,
+        data: Vec<u8>,
+    },
     /// A well-formed sync message from the peer's copy of a document.
-    PeerSync { doc: u8 },
+    PeerSync {
+        doc: u8,
+    },
     /// `Synced` or `Error` from the peer.
     Synced(u64),
-    Error { fatal: bool, reason: String },
+    Error {
+        fatal: bool,
+        reason: String,
+    },
     /// A local write to a document, committed: the feed moves.
-    Write { doc: u8, early: bool },
+    Write {
+        doc: u8,
+        early: bool,
+    },
     /// The driver's send queue filled up or drained.
     Room(bool),
     /// The cursor save that is out, if any, committed.
@@ -74,7 +90,11 @@ impl Harness {
             assert!(steps < 100_000, "the session keeps asking");
             match out {
                 Output::Send(Message::Synced { seq }) => {
-                    assert!(seq > self.synced, "Synced went from {} to {seq}", self.synced);
+                    assert!(
+                        seq > self.synced,
+                        "Synced went from {} to {seq}",
+                        self.synced
+                    );
                     self.synced = seq;
                 }
                 Output::Send(Message::Sync { .. }) => {
@@ -96,20 +116,24 @@ impl Harness {
                     self.session.handle_feed(entries, FeedSeq(self.last));
                 }
                 Output::Load { ns, id } => {
-                    let loaded = self.docs.get(&key(&ns, &id)).map(|d| {
-                        tidesync_core::sync::LoadedDoc {
-                            doc: d.clone(),
-                            state: None,
-                            stored_bytes: 100,
-                        }
-                    });
+                    let loaded =
+                        self.docs
+                            .get(&key(&ns, &id))
+                            .map(|d| tidesync_core::sync::LoadedDoc {
+                                doc: d.clone(),
+                                state: None,
+                                stored_bytes: 100,
+                            });
                     self.session.handle_loaded(ns, id, loaded);
                 }
                 Output::LoadSyncState { ns, id } => self.session.handle_sync_state(ns, id, None),
                 Output::Apply(apply) => {
                     let k = key(&apply.ns, &apply.id);
                     assert!(self.applying.insert(k.clone()), "two applies for {k:?}");
-                    let mut doc = self.docs.get(&k).map_or_else(Automerge::new, |d| (**d).clone());
+                    let mut doc = self
+                        .docs
+                        .get(&k)
+                        .map_or_else(Automerge::new, |d| (**d).clone());
                     let mut state = apply.state.unwrap_or_default();
                     state.read_only = apply.read_only;
                     let before = doc.get_heads();
@@ -230,7 +254,10 @@ fuzz_target!(|ops: Vec<Op>| {
                 if h.applying.contains(&k) {
                     continue;
                 }
-                let mut d = h.docs.get(&k).map_or_else(Automerge::new, |d| (**d).clone());
+                let mut d = h
+                    .docs
+                    .get(&k)
+                    .map_or_else(Automerge::new, |d| (**d).clone());
                 let mut tx = d.transaction();
                 let _ = tx.put(automerge::ROOT, "local", h.feed.len() as i64);
                 tx.commit();

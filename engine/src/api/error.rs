@@ -38,7 +38,9 @@ impl IntoResponse for ApiError {
 impl From<ModelError> for ApiError {
     fn from(e: ModelError) -> Self {
         let status = match e {
-            ModelError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ModelError::TooLarge { .. } | ModelError::TooManyOps { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             _ => StatusCode::BAD_REQUEST,
         };
         Self::new(status, e.to_string())

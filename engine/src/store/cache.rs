@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use automerge::Automerge;
+use automerge::{Automerge, ReadDoc};
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
@@ -20,12 +20,16 @@ pub(crate) struct CachedDoc {
 }
 
 impl CachedDoc {
-    /// Rough in-memory size of a document from its stored size: Automerge keeps ops in a
-    /// columnar form a few times larger than its compressed encoding, plus indexes of a
-    /// fixed size. Calibrated on a hub process reading one-KB documents (about 20 KB of
-    /// resident memory each); an estimate too low lets the cache outgrow its budget.
-    pub fn estimate_weight(stored_bytes: u64) -> u64 {
-        stored_bytes.saturating_mul(4).saturating_add(16 * 1024)
+    /// Memory a document takes, estimated from what it holds. Automerge keeps its ops in a
+    /// columnar form: a document of small values takes a few times its stored size, plus
+    /// indexes of a fixed size (calibrated on a hub reading one-KB documents: about 20 KB of
+    /// resident memory each). But run-length encoding lets a tiny stored document hold
+    /// millions of ops (two million list elements saved in 184 bytes take 100 MB once
+    /// loaded), so the op count weighs too: about 50 bytes per op measured, counted as 64.
+    pub fn weigh(doc: &Automerge, stored_bytes: u64) -> u64 {
+        let by_bytes = stored_bytes.saturating_mul(4);
+        let by_ops = doc.stats().num_ops.saturating_mul(64);
+        by_bytes.max(by_ops).saturating_add(16 * 1024)
     }
 }
 

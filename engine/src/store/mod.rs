@@ -442,7 +442,7 @@ impl Store {
                     CachedDoc {
                         seq: meta.seq,
                         doc: doc.clone(),
-                        weight: CachedDoc::estimate_weight(meta.stored_bytes()),
+                        weight: CachedDoc::weigh(&doc, meta.stored_bytes()),
                     },
                 );
                 doc

@@ -28,7 +28,7 @@ use super::schema::{
 use super::{sync_state, FeedSeq, StoreConfig, WriteOutcome};
 use crate::error::{ModelError, StoreError};
 use crate::model::automerge_bytes::{check_chunk_kinds, check_new_depth, import};
-use crate::model::{json, same_heads, Cursor, DocId, Namespace, NodeId, SyncPeer};
+use crate::model::{json, op_count, same_heads, Cursor, DocId, Namespace, NodeId, SyncPeer};
 use crate::sync::{Applied, Apply, EarlyDoc};
 
 /// What a write request does.
@@ -150,7 +150,7 @@ impl Writer {
                     .map(|w| {
                         let meta = w.meta?;
                         let doc = w.shared.unwrap_or_else(|| Arc::new(w.doc));
-                        let weight = CachedDoc::estimate_weight(meta.stored_bytes());
+                        let weight = CachedDoc::weigh(&doc, meta.stored_bytes());
                         self.cache.insert(
                             meta.key,
                             CachedDoc {
@@ -377,9 +377,18 @@ impl Writer {
         let invalid = |e: automerge::AutomergeError| ModelError::InvalidAutomerge(e.to_string());
         if !apply.read_only {
             // The session parsed each chunk on the peer's connection (`check_peer_chunk`);
-            // the cheap header walk here keeps this function safe for any caller.
+            // the cheap header and column walk here keeps this function safe for any caller.
+            let mut ops = 0u64;
             for chunk in apply.message.changes.iter() {
                 check_chunk_kinds(chunk)?;
+                ops = ops.saturating_add(op_count::count_ops(chunk)?);
+            }
+            if ops > op_count::MAX_OPS {
+                return Err(ModelError::TooManyOps {
+                    ops,
+                    limit: op_count::MAX_OPS,
+                }
+                .into());
             }
         }
         let before = w.doc.get_heads();

@@ -87,11 +87,15 @@ fn check_inflated_size(deflated: &[u8]) -> Result<(), ModelError> {
 /// document as a whole after applying). A saved document is loaded on its own and walked
 /// from its root; a change needs no document. So a deep chain made in one go is refused by the connection
 /// that received it, not by the store's single writer.
-pub fn check_peer_chunk(chunk: &[u8]) -> Result<(), ModelError> {
+///
+/// Returns the ops the chunk holds ([`super::op_count::count_ops`]), counted before
+/// anything is parsed and refused over [`super::op_count::MAX_OPS`].
+pub fn check_peer_chunk(chunk: &[u8]) -> Result<u64, ModelError> {
     check_chunk_kinds(chunk)?;
+    let ops = super::op_count::check_ops(chunk, super::op_count::MAX_OPS)?;
     let parsed = catch_unwind(AssertUnwindSafe(|| automerge::Change::try_from(chunk)));
     if let Ok(Ok(change)) = parsed {
-        return check_one_change_depth(&change);
+        return check_one_change_depth(&change).map(|()| ops);
     }
     let doc = contained(|| {
         Automerge::load_with_options(
@@ -104,9 +108,9 @@ pub fn check_peer_chunk(chunk: &[u8]) -> Result<(), ModelError> {
         Ok(doc) => doc,
         // A document whose dependencies are in the receiver's copy: valid, its changes
         // are checked when they are applied.
-        Err(_) => return check_parses(chunk),
+        Err(_) => return check_parses(chunk).map(|()| ops),
     };
-    check_doc_depth(&doc)
+    check_doc_depth(&doc).map(|()| ops)
 }
 
 /// Refuses a document with an object more than [`MAX_DEPTH`] levels below the root,
@@ -199,6 +203,7 @@ pub fn check_parses(bytes: &[u8]) -> Result<(), ModelError> {
 pub fn import(doc: &Automerge, bytes: &[u8]) -> Result<Automerge, ModelError> {
     let invalid = |e: automerge::AutomergeError| ModelError::InvalidAutomerge(e.to_string());
     check_chunk_kinds(bytes)?;
+    super::op_count::check_ops(bytes, super::op_count::MAX_OPS)?;
     // Changes that build on this document's history are settled by the merge below.
     check_parses(bytes)?;
     let merged = contained(|| {

@@ -10,6 +10,7 @@ pub mod feed;
 pub mod grants;
 pub mod ids;
 pub mod json;
+pub mod op_count;
 pub mod peer;
 
 pub use conflicts::{conflicts, Conflict};

@@ -33,7 +33,8 @@
 //! read-only, which also tells a well-behaved peer not to send them) and reported.
 //!
 //! Back-pressure: what the peer sent and the store has not yet committed is bounded
-//! ([`SessionConfig::max_inbound_messages`], [`SessionConfig::max_inbound_bytes`]); over
+//! ([`SessionConfig::max_inbound_messages`], [`SessionConfig::max_inbound_bytes`], and
+//! [`op_count::MAX_OPS`] ops, what the store's work grows with); over
 //! it, [`Session::wants_frames`] turns false and the driver stops reading, so the
 //! transport's flow control pushes back on the peer. That budget drains through the local
 //! store alone, never through the peer. Sending is the other way round: while the driver
@@ -55,8 +56,8 @@ use super::message::{ErrorCode, Hello, Message, PROTOCOL_VERSION};
 use super::output::{Apply, Event, Output};
 use super::state::{heads_known, start_state};
 use super::validate::{self, peer_text};
-use crate::error::ProtocolError;
-use crate::model::automerge_bytes;
+use crate::error::{ModelError, ProtocolError};
+use crate::model::{automerge_bytes, op_count};
 use crate::model::{
     Cursor, DocId, FeedEntry, FeedSeq, Identity, Namespace, NodeId, NsPattern, Role, SyncPeer,
 };
@@ -136,11 +137,20 @@ struct DocSync {
     /// The peer's sync state, once loaded or built.
     state: Option<State>,
     /// Peer messages waiting for the one being applied, with their encoded sizes.
-    inbox: VecDeque<(automerge::sync::Message, usize)>,
-    /// Encoded size of the message being applied.
-    applying_bytes: usize,
+    inbox: VecDeque<(automerge::sync::Message, Cost)>,
+    /// What the message being applied counts against the inbound budget.
+    applying: Cost,
     /// A message to the peer was due while there was no room to send: `Some(early)`.
     owed: Option<bool>,
+}
+
+/// What one peer message counts against the inbound budget until it is committed.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cost {
+    /// Its encoded size.
+    bytes: usize,
+    /// The ops its changes hold ([`op_count::count_ops`]).
+    ops: u64,
 }
 
 /// The driver's work under way for one document.
@@ -278,6 +288,7 @@ pub struct Session {
     /// Peer messages waiting or applying, and their encoded bytes.
     inbound: usize,
     inbound_bytes: usize,
+    inbound_ops: u64,
     /// Whether the driver has room for more frames to the peer.
     can_send: bool,
     /// Documents owed a message, in the order they became due.
@@ -335,6 +346,7 @@ impl Session {
             stats: SessionStats::default(),
             inbound: 0,
             inbound_bytes: 0,
+            inbound_ops: 0,
             can_send: true,
             owed: VecDeque::new(),
             saving_cursor: false,
@@ -389,6 +401,7 @@ impl Session {
     pub fn wants_frames(&self) -> bool {
         self.inbound < self.cfg.max_inbound_messages
             && self.inbound_bytes < self.cfg.max_inbound_bytes
+            && self.inbound_ops < op_count::MAX_OPS
             && self.owed.len() < self.cfg.max_owed
     }
 
@@ -544,20 +557,34 @@ impl Session {
             message.changes = Vec::<Vec<u8>>::new().into();
             self.reject(&ns, &id, "namespace granted read-only; changes refused");
         }
+        let mut ops = 0u64;
         if self.peer.grants.can_write(&n) {
             // Checked here, on the peer's own connection task, so the store's single
             // writer never spends its time on bytes it would refuse.
             for chunk in message.changes.iter() {
-                automerge_bytes::check_peer_chunk(chunk)
+                ops += automerge_bytes::check_peer_chunk(chunk)
                     .map_err(|e| ProtocolError::protocol(format!("{ns}/{id}: {e}")))?;
+            }
+            if ops > op_count::MAX_OPS {
+                return Err(ProtocolError::protocol(format!(
+                    "{ns}/{id}: {}",
+                    ModelError::TooManyOps {
+                        ops,
+                        limit: op_count::MAX_OPS
+                    }
+                )));
             }
         }
         let key = (n, d);
-        let size = data.len();
+        let cost = Cost {
+            bytes: data.len(),
+            ops,
+        };
         self.inbound += 1;
-        self.inbound_bytes += size;
+        self.inbound_bytes += cost.bytes;
+        self.inbound_ops += cost.ops;
         let entry = self.docs.entry(key.clone()).or_default();
-        entry.inbox.push_back((message, size));
+        entry.inbox.push_back((message, cost));
         if entry.phase == Phase::Idle {
             self.apply_next(&key);
         }
@@ -585,11 +612,11 @@ impl Session {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
-        let Some((message, size)) = entry.inbox.pop_front() else {
+        let Some((message, cost)) = entry.inbox.pop_front() else {
             return;
         };
         entry.phase = Phase::Applying;
-        entry.applying_bytes = size;
+        entry.applying = cost;
         self.outputs.push_back(Output::Apply(Box::new(Apply {
             ns: key.0.clone(),
             id: key.1.clone(),
@@ -607,9 +634,9 @@ impl Session {
         let entry = self.docs.entry(key.clone()).or_default();
         if entry.phase == Phase::Applying {
             self.inbound = self.inbound.saturating_sub(1);
-            self.inbound_bytes = self
-                .inbound_bytes
-                .saturating_sub(std::mem::take(&mut entry.applying_bytes));
+            let cost = std::mem::take(&mut entry.applying);
+            self.inbound_bytes = self.inbound_bytes.saturating_sub(cost.bytes);
+            self.inbound_ops = self.inbound_ops.saturating_sub(cost.ops);
         }
         entry.phase = Phase::Idle;
         entry.doc = Some(applied.doc);
