@@ -352,3 +352,87 @@ async fn an_op_count_bomb_is_refused_from_its_columns() {
     let bomb = include_bytes!("../../engine/fuzz/corpus/import/regression-rle-10m-ops");
     chunk_is_refused("bomber", bomb, "ops per write").await;
 }
+
+/// Log lines the process wrote, kept for the tests to read (installed once per binary).
+fn captured_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOG: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static std::sync::Mutex<Vec<u8>> =
+            Box::leak(Box::new(std::sync::Mutex::new(Vec::new())));
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || CaptureWriter(log))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        log
+    })
+}
+
+struct CaptureWriter(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A peer that misbehaves on every frame gets a burst of warning lines and then one a
+/// second, not one per frame: 2,000 refused writes and 2,000 error frames from a
+/// read-only peer, sent as fast as QUIC takes them, while the hub keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_flood_the_log() {
+    let log = captured_log();
+    let (d, hub, edge) = hub_with_honest_edge();
+    let started = std::time::Instant::now();
+    let mut r = rogue(&d, &hub, "log-flooder", "telemetry=ro").await;
+    for i in 0..2_000u64 {
+        r.send(&sync_with_change(&format!("w{i}"), 64, i))
+            .await
+            .unwrap();
+        r.send(&Message::Error {
+            code: tidesync::sync::ErrorCode::Forbidden,
+            reason: format!("line {i}\nforged log line"),
+        })
+        .await
+        .unwrap();
+    }
+    honest_write_arrives(&edge, &hub, 0).await;
+    // A second later the peer has earned one line, which says what was left out.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    r.send(&Message::Error {
+        code: tidesync::sync::ErrorCode::Forbidden,
+        reason: "after the flood".into(),
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let elapsed = started.elapsed().as_secs();
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("log-flooder")).collect();
+    println!(
+        "{} lines in {elapsed} s; last: {:?}",
+        lines.len(),
+        lines.last()
+    );
+    assert!(lines.len() >= 10, "the burst is logged");
+    assert!(
+        lines.len() as u64 <= 10 + elapsed + 1,
+        "{} lines from one peer in {elapsed} s",
+        lines.len()
+    );
+    assert!(
+        lines.iter().any(|l| !l.contains("suppressed=0")),
+        "a line says how many were suppressed"
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("forged log line")),
+        "a peer's newline starts no line of its own"
+    );
+    assert_eq!(docs_stored(&hub, "w"), 0, "a read-only peer stores nothing");
+}
