@@ -339,3 +339,52 @@ async fn edges_receive_only_granted_namespaces() {
     edge.stop().await;
     hub.stop().await;
 }
+
+/// Regression: the hub checked the revocation list, then waited for the peer to open its
+/// stream (the peer chooses when), and only then started watching the list, taking the
+/// current list as already seen. A stolen edge that finished its handshake, idled while
+/// the operator revoked it, and then sent its first frame got a full session, until the
+/// list changed again. Now every wait of a connection is raced against the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_revoked_before_its_first_frame_is_cut_off() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let thief = NodeId::new("stolen-edge").unwrap();
+    let bundle = d.bundle("stolen-edge", Role::Edge, &["*=rw"]).unwrap();
+    // The handshake completes; no stream is open yet (quinn opens it with the first byte).
+    let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.cfg.revocations.revoke(thief.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent_at = Instant::now();
+    // Its first frames, sent after the revocation: a hello and a write.
+    let _ = r.send(&hello("stolen-edge", Role::Edge)).await;
+    let mut doc = automerge::Automerge::new();
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put(automerge::ROOT, "stolen", true)?;
+        Ok(())
+    })
+    .unwrap();
+    let msg = doc
+        .generate_sync_message(&mut warm_sync_state(Default::default()))
+        .unwrap();
+    let _ = r
+        .send(&Message::Sync {
+            ns: "notes".into(),
+            id: "loot".into(),
+            data: msg.encode(),
+        })
+        .await;
+    assert!(
+        r.closed_within(Duration::from_secs(1)).await,
+        "a revoked peer kept its session"
+    );
+    println!("cut off {:?} after its first frame", sent_at.elapsed());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hub.store.get(&ns("notes"), &id("loot")).unwrap().is_none());
+    assert!(!hub
+        .node
+        .peers()
+        .iter()
+        .any(|p| p.node_id == thief && p.connected));
+}

@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -119,6 +119,19 @@ enum Flow {
     Closed,
 }
 
+/// Resolves once `peer` is on the list: at once if it already is, else at the change that
+/// puts it there. Never resolves if the list goes away (the node is shutting down).
+async fn revocation_of(list: &Revocations, peer: &NodeId, changes: &mut watch::Receiver<u64>) {
+    loop {
+        if list.is_revoked(peer) {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 fn codec(max_frame: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .max_frame_length(max_frame)
@@ -127,17 +140,29 @@ fn codec(max_frame: usize) -> LengthDelimitedCodec {
 
 /// Runs the session until the connection ends. `dialer` opens the stream; the acceptor
 /// waits for it.
+///
+/// `revoked` must be subscribed before the caller last checked the peer against the list:
+/// every wait here (for the stream, which the peer opens when it likes; for frames; for
+/// room to write) is raced against it, so a revocation made at any moment after that
+/// check ends the connection.
 pub async fn run(
     conn: quinn::Connection,
     mut session: Session,
     dialer: bool,
     ctx: DriverContext,
     counters: Arc<PeerCounters>,
+    mut revoked: watch::Receiver<u64>,
 ) -> Result<(), DriverError> {
+    let peer_id = session.peer().node_id.clone();
     let opened = tokio::select! {
         opened = async {
             if dialer { conn.open_bi().await } else { conn.accept_bi().await }
         } => opened,
+        () = revocation_of(&ctx.revocations, &peer_id, &mut revoked) => {
+            tracing::warn!(peer = %peer_id, "closing connection: peer revoked");
+            conn.close(CLOSE_REVOKED.into(), b"revoked");
+            return Err(DriverError::Revoked);
+        }
         () = ctx.shutdown.cancelled() => {
             conn.close(CLOSE_SHUTDOWN.into(), b"shutting down");
             return Ok(());
@@ -148,8 +173,6 @@ pub async fn run(
     let mut queue = SendQueue::new(send, ctx.max_frame);
     let mut feed = ctx.store.subscribe();
     let mut early = Some(ctx.store.subscribe_early());
-    let mut revoked = ctx.revocations.subscribe();
-    let peer_id = session.peer().node_id.clone();
     let exec = Exec {
         store: &ctx.store,
         counters: &counters,
@@ -214,10 +237,8 @@ pub async fn run(
                         session.handle_early(d);
                     }
                 }
-                _ = revoked.changed() => {
-                    if ctx.revocations.is_revoked(&peer_id) {
-                        return Err(DriverError::Revoked);
-                    }
+                () = revocation_of(&ctx.revocations, &peer_id, &mut revoked) => {
+                    return Err(DriverError::Revoked);
                 }
                 () = ctx.shutdown.cancelled() => return Ok(()),
             }

@@ -454,6 +454,8 @@ impl Node {
                 return false;
             }
         };
+        // Subscribed before the check, so no revocation after it goes unseen.
+        let revoked = self.inner.cfg.revocations.subscribe();
         if self.inner.cfg.revocations.is_revoked(&identity.node_id) {
             // The handshake checks this too; a list that changed meanwhile is caught here.
             self.inner
@@ -513,7 +515,15 @@ impl Node {
         };
         // The driver ends itself on shutdown, once its writes at the store are done: when
         // `shutdown` returns, nothing of this node holds the store any more.
-        let _ = driver::run(conn.clone(), session, dialer, ctx, counters.clone()).await;
+        let _ = driver::run(
+            conn.clone(),
+            session,
+            dialer,
+            ctx,
+            counters.clone(),
+            revoked,
+        )
+        .await;
         if let Ok(mut peers) = self.inner.peers.lock() {
             if let Some(e) = peers.get_mut(&peer) {
                 if e.conn_id == conn_id {
