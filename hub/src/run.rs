@@ -1,7 +1,6 @@
 //! The hub's commands, wiring engine parts together.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -9,6 +8,7 @@ use tidesync::daemon::{read_revocations, DaemonConfig};
 use tidesync::model::{Grant, NodeId, NsPattern, Role};
 use tidesync::net::Ca;
 use tidesync_cli::config::list_or;
+use tidesync_cli::files;
 use tidesync_cli::run::{serve, RunBase};
 
 use crate::cli::{Command, RoleArg};
@@ -67,21 +67,10 @@ pub fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Writes `text` to `path`, readable by the owner only (it may hold a private key).
+/// Writes `text` to `path` whole, durably and readable by the owner only (it may hold a
+/// private key, or be the revocation list).
 fn write_private(path: &Path, text: &str) -> Result<()> {
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    files::write_private(path, text.as_bytes())
 }
 
 fn init(data: &Path, name: &str) -> Result<()> {
@@ -92,7 +81,7 @@ fn init(data: &Path, name: &str) -> Result<()> {
             data.display()
         );
     }
-    fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    files::private_dir(data)?;
     let ca = Ca::generate(name)?;
     write_private(&data.join(CA_CERT), ca.cert_pem())?;
     write_private(&data.join(CA_KEY), ca.key_pem())?;
@@ -148,10 +137,9 @@ fn revoke(data: &Path, name: &str) -> Result<()> {
     }
     ids.push(node.clone());
     let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
-    // Write a new file and rename it, so a running hub never reads half a list.
-    let tmp = path.with_extension("tmp");
-    write_private(&tmp, &text)?;
-    fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    // Written whole and synced before the rename: a running hub never reads half a list,
+    // and a crash never loses a revocation that was reported done.
+    write_private(&path, &text)?;
     println!(
         "revoked {node}; running hubs using {} cut it off",
         data.display()

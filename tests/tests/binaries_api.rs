@@ -411,3 +411,120 @@ fn nodes_run_from_toml_config_files() {
     let err = run("tidesync-edge", &["run", "--config", &edge_toml]).unwrap_err();
     assert!(err.to_string().contains("dta"), "{err}");
 }
+
+/// `cmd args` under a shell with umask 022, the usual default: files it makes without an
+/// explicit mode would be readable by every local user.
+fn umask_022(name: &str, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "umask 022; exec \"$0\" \"$@\""])
+        .arg(tidesync_tests::procs::binary(name).unwrap())
+        .args(args);
+    cmd
+}
+
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[cfg(unix)]
+fn chmod(path: &std::path::Path, m: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(m)).unwrap();
+}
+
+/// Regression: under umask 022 the data directory was created 0755 and the database 0644
+/// (the documents readable by every local user), and a key file that existed before kept
+/// its wider mode when `enroll` wrote over it. Every data directory is 0700 now, and the
+/// database and every key file 0600, also when they existed before with wider modes.
+#[cfg(unix)]
+#[test]
+fn data_directories_and_key_files_are_owner_only_under_umask_022() {
+    let root = tempfile::tempdir().unwrap();
+    let p = |s: &str| root.path().join(s);
+    let s = |s: &str| p(s).to_string_lossy().into_owned();
+    std::fs::create_dir(p("hub")).unwrap();
+    chmod(&p("hub"), 0o755);
+    let ok = |mut c: std::process::Command| assert!(c.status().unwrap().success());
+    ok(umask_022("tidesync-hub", &["init", "--data", &s("hub")]));
+    std::fs::write(p("edge-1.pem"), "an old bundle").unwrap();
+    chmod(&p("edge-1.pem"), 0o644);
+    ok(umask_022(
+        "tidesync-hub",
+        &[
+            "enroll",
+            "--data",
+            &s("hub"),
+            "--name",
+            "edge-1",
+            "--role",
+            "edge",
+            "--out",
+            &s("edge-1.pem"),
+        ],
+    ));
+    ok(umask_022(
+        "tidesync-hub",
+        &["revoke", "--data", &s("hub"), "--name", "edge-9"],
+    ));
+    let run_hub = || {
+        Proc::spawn(
+            umask_022(
+                "tidesync-hub",
+                &[
+                    "run",
+                    "--data",
+                    &s("hub"),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--api",
+                    "127.0.0.1:0",
+                ],
+            ),
+            "hub",
+        )
+        .unwrap()
+    };
+    let hub = run_hub();
+    std::fs::create_dir(p("edge-1")).unwrap();
+    chmod(&p("edge-1"), 0o755);
+    let edge = Proc::spawn(
+        umask_022(
+            "tidesync-edge",
+            &[
+                "run",
+                "--data",
+                &s("edge-1"),
+                "--bundle",
+                &s("edge-1.pem"),
+                "--api",
+                "127.0.0.1:0",
+                "--hub",
+                &hub.quic.to_string(),
+            ],
+        ),
+        "edge",
+    )
+    .unwrap();
+    let expected = [
+        ("hub", 0o700),
+        ("hub/ca.pem", 0o600),
+        ("hub/ca-key.pem", 0o600),
+        ("hub/bundle.pem", 0o600),
+        ("hub/revoked", 0o600),
+        ("hub/node.redb", 0o600),
+        ("edge-1.pem", 0o600),
+        ("edge-1", 0o700),
+        ("edge-1/node.redb", 0o600),
+    ];
+    for (file, want) in expected {
+        assert_eq!(mode(&p(file)), want, "{file}: {:o}", mode(&p(file)));
+    }
+    // A database widened by hand is narrowed again at the next start.
+    hub.kill();
+    chmod(&p("hub/node.redb"), 0o644);
+    let _hub = run_hub();
+    assert_eq!(mode(&p("hub/node.redb")), 0o600);
+    drop(edge);
+}

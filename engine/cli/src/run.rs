@@ -48,7 +48,10 @@ impl RunBase {
 /// Creates the data directory, starts the node on a multi-threaded runtime
 /// (`worker_threads`, or one per core) and runs it until SIGINT or SIGTERM.
 pub fn serve(cfg: DaemonConfig, data: &Path, worker_threads: Option<usize>) -> Result<()> {
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    crate::files::private_dir(data)?;
+    // A database the store creates is owner-only; one made before with a wider mode is
+    // narrowed here.
+    crate::files::restrict(&cfg.db_path)?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {
         rt.worker_threads(n);

@@ -103,6 +103,12 @@ pub(crate) fn create(path: &Path) -> Result<(), StoreError> {
         _ => {}
     }
     init_tables(&Database::create(&tmp)?)?;
+    // Documents are the user's data: readable by the owner only, whatever the umask.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
     std::fs::rename(&tmp, path).map_err(io)?;
     // Make the rename itself durable.
     #[cfg(unix)]
