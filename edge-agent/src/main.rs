@@ -67,6 +67,8 @@ fn run(cli: Cli) -> Result<()> {
                 failover: true,
                 subscriptions,
                 token: base.common.token,
+                api_hosts: base.common.api_hosts,
+                api_limits: base.common.api_limits,
                 revocation_file: None,
                 max_body: base.common.max_body,
                 store: base.common.store,

@@ -39,6 +39,10 @@ pub struct DaemonConfig {
     pub subscriptions: Vec<NsPattern>,
     /// Bearer token the API requires, if any.
     pub token: Option<String>,
+    /// Names the API answers to besides IP addresses and `localhost`.
+    pub api_hosts: Vec<String>,
+    /// Bounds on the API's connections.
+    pub api_limits: api::serve::ServeLimits,
     /// A file of revoked node ids, one per line, re-read while running.
     pub revocation_file: Option<PathBuf>,
     /// Largest API request body.
@@ -105,6 +109,8 @@ pub enum DaemonError {
 ///     failover: false,
 ///     subscriptions: vec![tidesync::model::NsPattern::all()],
 ///     token: None,
+///     api_hosts: Vec::new(),
+///     api_limits: Default::default(),
 ///     revocation_file: None,
 ///     max_body: tidesync::daemon::DEFAULT_MAX_BODY,
 ///     store: StoreConfig::default(),
@@ -199,19 +205,18 @@ impl Daemon {
             role: identity.role,
             write_grants,
             token: cfg.token.clone(),
+            hosts: cfg.api_hosts.clone(),
             max_body: cfg.max_body,
         });
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
         let stop = cancel.clone();
-        tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "the API server failed");
-            }
-        }));
+        tasks.push(tokio::spawn(api::serve::serve(
+            listener,
+            app,
+            cfg.api_limits,
+            stop,
+        )));
         if let Some(path) = cfg.revocation_file.clone() {
             let stop = cancel.clone();
             tasks.push(tokio::spawn(async move {

@@ -81,6 +81,8 @@ impl Local {
             failover: role == Role::Edge,
             subscriptions: vec![NsPattern::all()],
             token: None,
+            api_hosts: Vec::new(),
+            api_limits: Default::default(),
             revocation_file: None,
             max_body: 16 << 20,
             store: StoreConfig::with_cache_budget(32 << 20),

@@ -58,6 +58,8 @@ pub fn run(command: Command) -> Result<()> {
                 failover: false,
                 subscriptions: vec![NsPattern::all()],
                 token: base.common.token,
+                api_hosts: base.common.api_hosts,
+                api_limits: base.common.api_limits,
                 revocation_file: Some(base.data.join(REVOKED)),
                 max_body: base.common.max_body,
                 store: base.common.store,

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use tidesync::api::serve::ServeLimits;
 pub use tidesync::daemon::DEFAULT_MAX_BODY;
 use tidesync::store::StoreConfig;
 
@@ -36,6 +37,13 @@ pub struct RunFile {
     pub subscribe: Vec<String>,
     /// `--token`.
     pub token: Option<String>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--api-host`, repeated.
+    #[serde(default)]
+    pub api_hosts: Vec<String>,
+    /// `--max-api-connections`.
+    pub max_api_connections: Option<usize>,
     /// `--max-body`.
     pub max_body: Option<usize>,
     /// `--cache-mb`.
@@ -73,9 +81,25 @@ impl RunFile {
 /// commands so the two cannot drift apart.
 #[derive(Debug, clap::Args)]
 pub struct CommonRunFlags {
-    /// Require `Authorization: Bearer TOKEN` on the API (except /v1/health).
-    #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
+    /// Require `Authorization: Bearer TOKEN` on the API (except /v1/health). Prefer
+    /// --token-file or the environment: a flag is visible to every local user in `ps`.
+    #[arg(
+        long,
+        env = "TIDESYNC_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
+    /// Read the API token from FILE (its first line; keep the file mode 0600).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// A name the API answers to besides IP addresses and `localhost` (repeat for more):
+    /// requests naming any other host are refused, which stops DNS rebinding.
+    #[arg(long = "api-host", value_name = "NAME")]
+    pub api_hosts: Vec<String>,
+    /// API connections open at once; more wait until one closes [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_api_connections: Option<usize>,
     /// Largest API request body, in bytes [default: 16777216].
     #[arg(long, value_name = "BYTES")]
     pub max_body: Option<usize>,
@@ -90,6 +114,10 @@ pub struct CommonRunFlags {
 pub struct CommonRun {
     /// Bearer token the API requires, if any.
     pub token: Option<String>,
+    /// Names the API answers to besides IP addresses and `localhost`.
+    pub api_hosts: Vec<String>,
+    /// Bounds on the API's connections.
+    pub api_limits: ServeLimits,
     /// Largest API request body.
     pub max_body: usize,
     /// Store settings, with the caches sized from `cache_mb`.
@@ -97,15 +125,45 @@ pub struct CommonRun {
 }
 
 impl CommonRunFlags {
-    /// A flag given wins over the file's key, which wins over the default.
-    pub fn resolve(self, file: &RunFile) -> CommonRun {
+    /// A flag given wins over the file's key, which wins over the default. Reads the
+    /// token file, if one is named.
+    pub fn resolve(self, file: &RunFile) -> Result<CommonRun, ConfigError> {
         let cache_mb = self.cache_mb.or(file.cache_mb).unwrap_or(DEFAULT_CACHE_MB);
-        CommonRun {
-            token: self.token.or_else(|| file.token.clone()),
+        let token = match (self.token, self.token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(path)) => Some(read_token(&path)?),
+            (None, None) => match (&file.token, &file.token_file) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(path)) => Some(read_token(path)?),
+                (None, None) => None,
+            },
+        };
+        let mut api_limits = ServeLimits::default();
+        if let Some(n) = self.max_api_connections.or(file.max_api_connections) {
+            api_limits.max_connections = n;
+        }
+        Ok(CommonRun {
+            token,
+            api_hosts: list_or(self.api_hosts, file.api_hosts.clone()),
+            api_limits,
             max_body: self.max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY),
             store: StoreConfig::with_cache_budget(cache_mb << 20),
-        }
+        })
     }
+}
+
+/// The token in `path`: its first line, without surrounding whitespace; never empty.
+pub fn read_token(path: &Path) -> Result<String, ConfigError> {
+    let err = |reason: String| ConfigError {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("token file: {e}")))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(err("the token file is empty".into()));
+    }
+    Ok(token.to_owned())
 }
 
 /// The command line's list if it has one, else the file's.
@@ -141,10 +199,14 @@ mod tests {
         assert!(e.reason.contains("lisen"), "{e}");
         let common = CommonRunFlags {
             token: None,
+            token_file: None,
+            api_hosts: Vec::new(),
+            max_api_connections: None,
             max_body: Some(2048),
             cache_mb: None,
         }
-        .resolve(&f);
+        .resolve(&f)
+        .expect("resolve");
         assert_eq!(
             common.token.as_deref(),
             Some("t"),

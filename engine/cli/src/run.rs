@@ -28,7 +28,7 @@ impl RunBase {
         common: CommonRunFlags,
     ) -> Result<Self> {
         let file = RunFile::load(config)?;
-        let common = common.resolve(&file);
+        let common = common.resolve(&file)?;
         let data = data
             .or_else(|| file.data.clone())
             .context("--data is required (or `data` in the config file)")?;

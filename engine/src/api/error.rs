@@ -61,8 +61,16 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::Closed => Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             other => {
-                tracing::error!(error = %other, "request failed in the store");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+                // The details (paths, storage errors) are for the operator, not the client:
+                // the client gets an id to quote, the log has the rest.
+                let mut id = [0u8; 6];
+                let _ = getrandom::fill(&mut id);
+                let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+                tracing::error!(error_id = %id, error = %other, "request failed in the store");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("internal error {id} (the node's log has the details)"),
+                )
             }
         }
     }

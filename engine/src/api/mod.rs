@@ -6,15 +6,17 @@
 //! process.
 
 pub mod error;
+pub mod guard;
+pub mod serve;
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -44,6 +46,8 @@ pub struct ApiState {
     pub write_grants: Grants,
     /// If set, every request but `/v1/health` needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Names the API answers to besides IP addresses and `localhost` (the `Host` check).
+    pub hosts: Vec<String>,
     /// Largest request body, in bytes.
     pub max_body: usize,
 }
@@ -68,34 +72,20 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::require_token,
+        ));
     Router::new()
         .route("/v1/health", get(health))
         .merge(protected)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::same_origin_only,
+        ))
         .with_state(state)
-}
-
-async fn require_token(
-    State(state): State<ApiState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if let Some(token) = &state.token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token",
-            ));
-        }
-    }
-    Ok(next.run(request).await)
 }
 
 fn names(ns: &str, id: &str) -> Result<(Namespace, DocId), ApiError> {
