@@ -35,7 +35,8 @@ pub fn run(command: Command) -> Result<()> {
             role,
             grants,
             out,
-        } => enroll(&data, &name, role, &grants, &out),
+            days,
+        } => enroll(&data, &name, role, &grants, &out, days),
         Command::Revoke { data, name } => revoke(&data, &name),
         Command::Client(cmd) => Ok(cmd.run(DEFAULT_API)?),
         Command::Run {
@@ -109,7 +110,17 @@ fn load_ca(data: &Path) -> Result<Ca> {
     Ok(Ca::from_pem(&read(CA_CERT)?, &read(CA_KEY)?)?)
 }
 
-fn enroll(data: &Path, name: &str, role: RoleArg, grants: &[String], out: &Path) -> Result<()> {
+fn enroll(
+    data: &Path,
+    name: &str,
+    role: RoleArg,
+    grants: &[String],
+    out: &Path,
+    days: u32,
+) -> Result<()> {
+    if days == 0 {
+        bail!("--days must be at least 1");
+    }
     let node = NodeId::new(name).context("--name")?;
     let grants: Vec<Grant> = grants
         .iter()
@@ -122,9 +133,13 @@ fn enroll(data: &Path, name: &str, role: RoleArg, grants: &[String], out: &Path)
     if role == Role::Hub && !grants.is_empty() {
         bail!("hubs hold every grant; --grant is for edges");
     }
-    let bundle = load_ca(data)?.issue(&node, role, &grants)?;
+    let bundle = load_ca(data)?.issue_for_days(&node, role, &grants, days)?;
     write_private(out, &bundle.to_pem())?;
-    println!("enrolled {node} ({}) into {}", role.as_str(), out.display());
+    println!(
+        "enrolled {node} ({}) into {}, valid for {days} days",
+        role.as_str(),
+        out.display()
+    );
     Ok(())
 }
 

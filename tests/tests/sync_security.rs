@@ -388,3 +388,51 @@ async fn a_peer_revoked_before_its_first_frame_is_cut_off() {
         .iter()
         .any(|p| p.node_id == thief && p.connected));
 }
+
+/// Regression: node certificates were issued valid until the year 4096, so a stolen
+/// bundle never stopped working by itself. Now they expire (a year by default, `enroll
+/// --days`), and a certificate past its end is refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_refused_at_the_handshake() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let day = Duration::from_secs(86_400);
+    let now = std::time::SystemTime::now();
+    let grants = ["*=rw".parse().unwrap()];
+    let expired =
+        d.ca.issue_valid(
+            &NodeId::new("old-edge").unwrap(),
+            Role::Edge,
+            &grants,
+            now - 30 * day,
+            now - day,
+        )
+        .unwrap();
+    let failures = hub.node.handshake_failures();
+    let refused = match Rogue::connect(&expired, hub.addr()).await {
+        Err(_) => true,
+        Ok(mut r) => {
+            let _ = r.send(&hello("old-edge", Role::Edge)).await;
+            r.closed_within(Duration::from_secs(2)).await
+        }
+    };
+    assert!(refused, "an expired certificate got a session");
+    wait_until(Duration::from_secs(2), "the refusal counted", || {
+        Ok(hub.node.handshake_failures() > failures)
+    })
+    .await
+    .unwrap();
+    // The same node with a current certificate is served; a fresh one runs a year.
+    let fresh = d.bundle("old-edge", Role::Edge, &["*=rw"]).unwrap();
+    let left = fresh
+        .not_after()
+        .unwrap()
+        .duration_since(now)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    assert!((364..=365).contains(&left), "{left} days");
+    let mut r = Rogue::connect(&fresh, hub.addr()).await.unwrap();
+    r.send(&hello("old-edge", Role::Edge)).await.unwrap();
+    assert!(r.recv(Duration::from_secs(2)).await.unwrap().is_some());
+}

@@ -23,6 +23,13 @@ use crate::model::{Grant, Grants, Identity, NodeId, Role};
 /// The DNS name in every node certificate; dialers verify it.
 pub const SERVER_NAME: &str = "tidesync.node";
 
+/// How long a node certificate is valid unless `enroll --days` says otherwise.
+pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
+
+/// A certificate is valid from this long before it was issued, so a peer whose clock is
+/// a little behind does not refuse a fresh one.
+const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(3600);
+
 const URI_NODE: &str = "tidesync:node:";
 const URI_ROLE: &str = "tidesync:role:";
 const URI_GRANT: &str = "tidesync:grant:";
@@ -89,6 +96,15 @@ pub fn identity_from_cert(der: &[u8]) -> Result<Identity, TlsError> {
     })
 }
 
+/// When a DER certificate stops being valid.
+pub fn not_after(der: &[u8]) -> Result<std::time::SystemTime, TlsError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| TlsError::Identity(format!("unparsable certificate: {e}")))?;
+    let secs = cert.validity().not_after.timestamp();
+    let since_epoch = std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    Ok(std::time::UNIX_EPOCH + since_epoch)
+}
+
 /// A deployment's certificate authority.
 pub struct Ca {
     cert_pem: String,
@@ -142,8 +158,35 @@ impl Ca {
         &self.key_pem
     }
 
-    /// Issues a node certificate and key. Grants matter only for edges.
+    /// Issues a node certificate and key, valid for [`DEFAULT_VALIDITY_DAYS`]. Grants
+    /// matter only for edges.
     pub fn issue(&self, node: &NodeId, role: Role, grants: &[Grant]) -> Result<Bundle, TlsError> {
+        self.issue_for_days(node, role, grants, DEFAULT_VALIDITY_DAYS)
+    }
+
+    /// Issues a node certificate valid for `days` from now.
+    pub fn issue_for_days(
+        &self,
+        node: &NodeId,
+        role: Role,
+        grants: &[Grant],
+        days: u32,
+    ) -> Result<Bundle, TlsError> {
+        let now = std::time::SystemTime::now();
+        let not_after = now + std::time::Duration::from_secs(u64::from(days) * 86_400);
+        self.issue_valid(node, role, grants, now - CLOCK_SKEW, not_after)
+    }
+
+    /// Issues a node certificate valid from `not_before` to `not_after` (both inclusive,
+    /// as X.509 has it).
+    pub fn issue_valid(
+        &self,
+        node: &NodeId,
+        role: Role,
+        grants: &[Grant],
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<Bundle, TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
         let mut dn = DistinguishedName::new();
@@ -167,6 +210,8 @@ impl Ca {
                     .push(uri(format!("{URI_GRANT}{g}"))?);
             }
         }
+        params.not_before = time::OffsetDateTime::from(not_before);
+        params.not_after = time::OffsetDateTime::from(not_after);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -253,6 +298,11 @@ impl Bundle {
     /// The identity in the node certificate.
     pub fn identity(&self) -> Result<Identity, TlsError> {
         identity_from_cert(&self.cert)
+    }
+
+    /// When the node certificate stops being valid.
+    pub fn not_after(&self) -> Result<std::time::SystemTime, TlsError> {
+        not_after(&self.cert)
     }
 
     pub(crate) fn ca_der(&self) -> &CertificateDer<'static> {
