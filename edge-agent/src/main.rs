@@ -44,7 +44,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
         } => {
             let base = RunBase::resolve(config.as_deref(), data, common)?;
-            let bundle = base.bundle(bundle, None)?;
+            let (bundle, bundle_file) = base.bundle(bundle, None)?;
             let hubs = list_or(hubs, base.file.hubs.clone());
             if hubs.is_empty() {
                 anyhow::bail!("at least one --hub is required (or `hubs` in the config file)");
@@ -68,6 +68,7 @@ fn run(cli: Cli) -> Result<()> {
                 subscriptions,
                 token: base.common.token,
                 api_hosts: base.common.api_hosts,
+                bundle_file: Some(bundle_file),
                 api_limits: base.common.api_limits,
                 revocation_file: None,
                 max_body: base.common.max_body,

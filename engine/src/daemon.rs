@@ -41,6 +41,9 @@ pub struct DaemonConfig {
     pub token: Option<String>,
     /// Names the API answers to besides IP addresses and `localhost`.
     pub api_hosts: Vec<String>,
+    /// The file `bundle` was read from: a renewed bundle written there (or SIGHUP) is taken
+    /// up without a restart.
+    pub bundle_file: Option<PathBuf>,
     /// Bounds on the API's connections.
     pub api_limits: api::serve::ServeLimits,
     /// A file of revoked node ids, one per line, re-read while running.
@@ -110,6 +113,7 @@ pub enum DaemonError {
 ///     subscriptions: vec![tidesync::model::NsPattern::all()],
 ///     token: None,
 ///     api_hosts: Vec::new(),
+///     bundle_file: None,
 ///     api_limits: Default::default(),
 ///     revocation_file: None,
 ///     max_body: tidesync::daemon::DEFAULT_MAX_BODY,
@@ -136,24 +140,109 @@ pub struct Daemon {
 }
 
 /// Reads a revocation file: node ids, one per line; blank lines and `#` comments ignored.
+/// No file is an empty list (a deployment that never revoked anyone). A line that is not a
+/// node id makes the whole file an error: a damaged list must not pass for a shorter one.
 pub fn read_revocations(path: &std::path::Path) -> std::io::Result<Vec<NodeId>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    Ok(text
-        .lines()
+    text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| match NodeId::new(l) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                tracing::warn!(line = l, error = %e, "ignoring a bad line in the revocation list");
-                None
-            }
+        .map(|l| {
+            NodeId::new(l).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "line {:?} is not a node id: {e}",
+                        l.chars().take(80).collect::<String>()
+                    ),
+                )
+            })
         })
-        .collect())
+        .collect()
+}
+
+/// How often the bundle file is checked for a renewal.
+pub const BUNDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Takes up a renewed bundle: when the file's content changes (checked every
+/// [`BUNDLE_POLL`]) or on SIGHUP. A file that does not read as a renewal of this node's
+/// bundle is reported and the node keeps the certificate it has.
+async fn watch_bundle(path: PathBuf, node: Node, stop: CancellationToken) {
+    let mut last = std::fs::read(&path).ok();
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let forced = tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(BUNDLE_POLL) => false,
+            () = hangup => true,
+        };
+        let now = std::fs::read(&path).ok();
+        if now.is_none() || (!forced && now == last) {
+            continue;
+        }
+        last = now;
+        match crate::net::Bundle::read(&path).map_err(crate::net::NetError::from) {
+            Ok(bundle) => match node.reload_bundle(&bundle) {
+                Ok(()) => tracing::info!(
+                    path = %path.display(),
+                    days_left = node.cert_not_after().map(crate::net::node::days_until),
+                    "took up the renewed certificate"
+                ),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "refused the new bundle; keeping the current certificate")
+                }
+            },
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the new bundle; keeping the current certificate")
+            }
+        }
+    }
+}
+
+/// Re-reads the revocation file of a running node. Anything but a readable, well-formed
+/// file keeps the list as it is and says so (log, `/v1/status`, `/metrics`): a deleted or
+/// damaged file never readmits anyone, and a list only shrinks at a restart.
+fn reread_revocations(path: &std::path::Path, revocations: &Revocations) {
+    let read = if path.exists() {
+        read_revocations(path).map_err(|e| e.to_string())
+    } else {
+        Err("the file is missing".to_owned())
+    };
+    match read {
+        Ok(ids) => {
+            let mut ids: Vec<NodeId> = ids;
+            ids.extend(revocations.ids());
+            revocations.replace(ids);
+            if revocations.set_problem(None) {
+                tracing::info!(path = %path.display(), "the revocation list is readable again");
+            }
+        }
+        Err(why) => {
+            if revocations.set_problem(Some(why.clone())) {
+                tracing::error!(
+                    path = %path.display(),
+                    error = %why,
+                    "cannot read the revocation list; keeping the last good one"
+                );
+            }
+        }
+    }
 }
 
 impl Daemon {
@@ -217,6 +306,11 @@ impl Daemon {
             cfg.api_limits,
             stop,
         )));
+        if let Some(path) = cfg.bundle_file.clone() {
+            let stop = cancel.clone();
+            let node = node.clone();
+            tasks.push(tokio::spawn(watch_bundle(path, node, stop)));
+        }
         if let Some(path) = cfg.revocation_file.clone() {
             let stop = cancel.clone();
             tasks.push(tokio::spawn(async move {
@@ -225,10 +319,7 @@ impl Daemon {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(REVOCATION_POLL) => {}
                     }
-                    match read_revocations(&path) {
-                        Ok(ids) => revocations.replace(ids),
-                        Err(e) => tracing::warn!(error = %e, "cannot re-read the revocation list"),
-                    }
+                    reread_revocations(&path, &revocations);
                 }
             }));
         }

@@ -157,6 +157,35 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
                 })
                 .collect::<Vec<_>>(),
         );
+        let seconds_left = |t: std::time::SystemTime| -> i64 {
+            match t.duration_since(std::time::SystemTime::now()) {
+                Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+            }
+        };
+        gauge(
+            &mut r,
+            "revocation_list_ok",
+            "0 while the revocation list cannot be read (the last good one is enforced)",
+            i64::from(node.revocations().problem().is_none()),
+        );
+        if let Some(t) = node.cert_not_after() {
+            gauge(
+                &mut r,
+                "cert_expiry_seconds",
+                "Seconds until this node's certificate expires (negative: expired)",
+                seconds_left(t),
+            );
+        }
+        per_peer_gauge(
+            &mut r,
+            "peer_cert_expiry_seconds",
+            "Seconds until the certificate the peer last connected with expires",
+            &peers
+                .iter()
+                .filter_map(|p| Some((label(p), seconds_left(p.cert_not_after?))))
+                .collect::<Vec<_>>(),
+        );
         let failures = Counter::<u64>::default();
         failures.inc_by(node.handshake_failures());
         r.register(

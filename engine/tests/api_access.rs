@@ -31,6 +31,7 @@ async fn node(token: Option<&str>, limits: ServeLimits) -> (Daemon, tempfile::Te
         subscriptions: vec![NsPattern::all()],
         token: token.map(str::to_owned),
         api_hosts: vec!["hub-1.internal".into()],
+        bundle_file: None,
         api_limits: limits,
         revocation_file: None,
         max_body: tidesync::daemon::DEFAULT_MAX_BODY,

@@ -82,6 +82,7 @@ impl Local {
             subscriptions: vec![NsPattern::all()],
             token: None,
             api_hosts: Vec::new(),
+            bundle_file: None,
             api_limits: Default::default(),
             revocation_file: None,
             max_body: 16 << 20,

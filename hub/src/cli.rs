@@ -34,16 +34,21 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
         /// The node's id: [A-Za-z0-9._-]{1,64}.
-        #[arg(long, value_name = "NODE")]
-        name: String,
+        #[arg(long, value_name = "NODE", required_unless_present = "renew")]
+        name: Option<String>,
         /// The node's role.
-        #[arg(long, value_enum)]
-        role: RoleArg,
+        #[arg(long, value_enum, required_unless_present = "renew")]
+        role: Option<RoleArg>,
         /// For edges: a namespace pattern and its access, PATTERN=rw or PATTERN=ro
         /// (e.g. models=ro, health.*=rw). Repeat for several. An edge without grants
         /// can read and write nothing.
-        #[arg(long = "grant", value_name = "PATTERN=rw|ro")]
+        #[arg(long = "grant", value_name = "PATTERN=rw|ro", conflicts_with = "renew")]
         grants: Vec<String>,
+        /// Renew the bundle at --out, with a new certificate and key for the same node,
+        /// role and grants, valid for --days from now. A running node using that file takes it
+        /// up within a second (or on SIGHUP), keeping its data and its peers' cursors.
+        #[arg(long, conflicts_with_all = ["name", "role"])]
+        renew: bool,
         /// Where to write the bundle (CA certificate, node certificate, node key).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,

@@ -36,7 +36,17 @@ pub fn run(command: Command) -> Result<()> {
             grants,
             out,
             days,
-        } => enroll(&data, &name, role, &grants, &out, days),
+            renew,
+        } => {
+            if renew {
+                renew_bundle(&data, &out, days)
+            } else {
+                let (Some(name), Some(role)) = (name, role) else {
+                    bail!("--name and --role are required (or --renew)");
+                };
+                enroll(&data, &name, role, &grants, &out, days)
+            }
+        }
         Command::Revoke { data, name } => revoke(&data, &name),
         Command::Client(cmd) => Ok(cmd.run(DEFAULT_API)?),
         Command::Run {
@@ -49,7 +59,7 @@ pub fn run(command: Command) -> Result<()> {
             config,
         } => {
             let base = RunBase::resolve(config.as_deref(), data, common)?;
-            let bundle = base.bundle(bundle, Some(base.data.join(BUNDLE)))?;
+            let (bundle, bundle_file) = base.bundle(bundle, Some(base.data.join(BUNDLE)))?;
             let cfg = DaemonConfig {
                 db_path: base.data.join(DB),
                 bundle,
@@ -60,6 +70,7 @@ pub fn run(command: Command) -> Result<()> {
                 subscriptions: vec![NsPattern::all()],
                 token: base.common.token,
                 api_hosts: base.common.api_hosts,
+                bundle_file: Some(bundle_file),
                 api_limits: base.common.api_limits,
                 revocation_file: Some(base.data.join(REVOKED)),
                 max_body: base.common.max_body,
@@ -138,6 +149,33 @@ fn enroll(
     println!(
         "enrolled {node} ({}) into {}, valid for {days} days",
         role.as_str(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// Issues a new certificate for the node whose bundle is at `out`, with its identity.
+fn renew_bundle(data: &Path, out: &Path, days: u32) -> Result<()> {
+    if days == 0 {
+        bail!("--days must be at least 1");
+    }
+    let old = tidesync::net::Bundle::read(out)?;
+    let identity = old.identity()?;
+    let ca = load_ca(data)?;
+    let grants: Vec<Grant> = identity.grants.iter().cloned().collect();
+    let bundle = ca.issue_for_days(&identity.node_id, identity.role, &grants, days)?;
+    if !bundle.same_ca(&old) {
+        bail!(
+            "{} was issued by another CA than the one in {}",
+            out.display(),
+            data.display()
+        );
+    }
+    write_private(out, &bundle.to_pem())?;
+    println!(
+        "renewed {} ({}) in {}, valid for {days} days",
+        identity.node_id,
+        identity.role.as_str(),
         out.display()
     );
     Ok(())

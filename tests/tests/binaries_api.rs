@@ -528,3 +528,198 @@ fn data_directories_and_key_files_are_owner_only_under_umask_022() {
     assert_eq!(mode(&p("hub/node.redb")), 0o600);
     drop(edge);
 }
+
+fn status(p: &Proc) -> Value {
+    ureq::get(&p.url("/v1/status"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap()
+}
+
+fn peer<'a>(status: &'a Value, id: &str) -> &'a Value {
+    status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node_id"] == id)
+        .unwrap_or_else(|| panic!("no peer {id} in {status}"))
+}
+
+/// A UDP port free right now, for a hub that must come back on the same address.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `enroll --renew` on a running edge's bundle: the edge takes the new certificate up
+/// without a restart, its next connection presents it, and it resumes from its cursor
+/// instead of syncing everything again.
+#[test]
+fn a_renewed_certificate_is_taken_up_by_a_running_edge_without_a_resync() {
+    let d = Binaries::init().unwrap();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let hub = d.hub_at("hub", &listen, &[]).unwrap();
+    let bundle = d.path("edge-1.pem");
+    run(
+        "tidesync-hub",
+        &[
+            "enroll",
+            "--data",
+            &d.path("hub"),
+            "--name",
+            "edge-1",
+            "--role",
+            "edge",
+            "--grant",
+            "*=rw",
+            "--days",
+            "2",
+            "--out",
+            &bundle,
+        ],
+    )
+    .unwrap();
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
+    for i in 0..40 {
+        ureq::put(&edge.url(&format!("/v1/docs/app/d{i}")))
+            .send_json(json!({"i": i}))
+            .unwrap();
+    }
+    wait_for("the writes at the hub", Duration::from_secs(10), || {
+        ureq::get(&hub.url("/v1/docs/app/d39")).call().is_ok()
+    });
+    let days = |v: &Value| v.as_i64().unwrap_or(-1);
+    assert_eq!(days(&status(&edge)["cert_days_left"]), 1);
+    assert_eq!(days(&peer(&status(&hub), "edge-1")["cert_days_left"]), 1);
+    let loaded_before = peer(&status(&edge), "hub")["docs_loaded"].as_u64().unwrap();
+    let cursor_before = peer(&status(&hub), "edge-1")["cursor"].as_u64().unwrap();
+    assert!(cursor_before >= 40, "{cursor_before}");
+
+    let out = run(
+        "tidesync-hub",
+        &[
+            "enroll",
+            "--renew",
+            "--data",
+            &d.path("hub"),
+            "--out",
+            &bundle,
+        ],
+    )
+    .unwrap();
+    assert!(out.contains("renewed edge-1"), "{out}");
+    wait_for(
+        "the edge to take up its new certificate",
+        Duration::from_secs(5),
+        || days(&status(&edge)["cert_days_left"]) >= 364,
+    );
+
+    // The hub restarts on the same address; the edge's next handshake shows the new
+    // certificate, and it resumes from its cursor.
+    hub.kill();
+    let hub = d.hub_at("hub", &listen, &[]).unwrap();
+    wait_for(
+        "the edge back with its new certificate",
+        Duration::from_secs(30),
+        || {
+            let s = status(&hub);
+            s["peers"].as_array().unwrap().iter().any(|p| {
+                p["node_id"] == "edge-1"
+                    && p["connected"] == true
+                    && days(&p["cert_days_left"]) >= 364
+            })
+        },
+    );
+    ureq::put(&edge.url("/v1/docs/app/after"))
+        .send_json(json!({"after": "renewal"}))
+        .unwrap();
+    wait_for("a write after the renewal", Duration::from_secs(5), || {
+        ureq::get(&hub.url("/v1/docs/app/after")).call().is_ok()
+    });
+    let loaded_after = peer(&status(&edge), "hub")["docs_loaded"].as_u64().unwrap();
+    let cursor_after = peer(&status(&hub), "edge-1")["cursor"].as_u64().unwrap();
+    assert!(
+        cursor_after >= cursor_before,
+        "the hub's cursor of the edge went back"
+    );
+    println!("documents loaded for the hub: {loaded_before} before, {loaded_after} after");
+    assert!(
+        loaded_after - loaded_before < 40,
+        "the edge synced everything again ({loaded_before} -> {loaded_after})"
+    );
+}
+
+/// Regression: the hub re-read its revocation file every 250 ms and took a missing file
+/// for an empty list, and skipped lines it could not read: deleting or damaging the file
+/// readmitted every revoked node. Now the last good list stays, and the hub says so.
+#[test]
+fn a_deleted_or_damaged_revocation_list_readmits_nobody() {
+    let d = Binaries::init().unwrap();
+    let hub = d.hub(&[]).unwrap();
+    d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
+    let connected = |hub: &Proc| {
+        status(hub)["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["node_id"] == "edge-1" && p["connected"] == true)
+    };
+    wait_for("the edge connected", Duration::from_secs(10), || {
+        connected(&hub)
+    });
+    run(
+        "tidesync-hub",
+        &["revoke", "--data", &d.path("hub"), "--name", "edge-1"],
+    )
+    .unwrap();
+    wait_for("the edge cut off", Duration::from_secs(3), || {
+        !connected(&hub)
+    });
+    let list = std::path::PathBuf::from(d.path("hub/revoked"));
+    for (what, damage) in [
+        ("deleted", None),
+        ("damaged", Some("edge-1\u{0}\u{7f}garbage\n")),
+        (
+            "truncated to nothing but a bad line",
+            Some("not a node id!\n"),
+        ),
+    ] {
+        match damage {
+            None => std::fs::remove_file(&list).unwrap(),
+            Some(text) => std::fs::write(&list, text).unwrap(),
+        }
+        wait_for("the hub to report the list", Duration::from_secs(3), || {
+            status(&hub)["revocation_list_error"].is_string()
+        });
+        // The edge redials every few seconds; give it the time to try.
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(!connected(&hub), "{what} list readmitted the edge");
+        let (code, _) =
+            status_of(ureq::put(&edge.url("/v1/docs/app/x")).send_json(json!({"a": 1})));
+        assert_eq!(code, 200);
+        assert_eq!(
+            status_of(ureq::get(&hub.url("/v1/docs/app/x")).call()).0,
+            404,
+            "{what}"
+        );
+    }
+    let metrics = ureq::get(&hub.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("tidesync_revocation_list_ok 0"),
+        "{metrics}"
+    );
+    std::fs::write(&list, "edge-1\n").unwrap();
+    wait_for("the list readable again", Duration::from_secs(3), || {
+        status(&hub)["revocation_list_error"].is_null()
+    });
+    assert!(!connected(&hub));
+}

@@ -35,13 +35,18 @@ impl RunBase {
         Ok(Self { file, common, data })
     }
 
-    /// The certificate bundle at `--bundle`, else the file's `bundle`, else `default`.
-    pub fn bundle(&self, flag: Option<PathBuf>, default: Option<PathBuf>) -> Result<Bundle> {
+    /// The certificate bundle at `--bundle`, else the file's `bundle`, else `default`, and
+    /// its path (the running node takes up a renewed bundle written there).
+    pub fn bundle(
+        &self,
+        flag: Option<PathBuf>,
+        default: Option<PathBuf>,
+    ) -> Result<(Bundle, PathBuf)> {
         let path = flag
             .or_else(|| self.file.bundle.clone())
             .or(default)
             .context("--bundle is required (or `bundle` in the config file)")?;
-        Ok(Bundle::read(&path)?)
+        Ok((Bundle::read(&path)?, path))
     }
 }
 

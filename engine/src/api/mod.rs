@@ -382,6 +382,12 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "feed_epoch": format!("{:032x}", state.store.feed_epoch()),
         "last_seq": state.store.last_seq().0,
         "docs": state.store.doc_count()?,
+        "cert_days_left": state
+            .node
+            .as_ref()
+            .and_then(Node::cert_not_after)
+            .map(crate::net::node::days_until),
+        "revocation_list_error": state.node.as_ref().and_then(|n| n.revocations().problem()),
         "peers": peers,
     })))
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -88,6 +88,17 @@ pub enum NetError {
         /// Why.
         source: std::io::Error,
     },
+    /// A bundle given to a running node is not a renewal of the one it runs with.
+    #[error("{0}")]
+    BundleMismatch(String),
+}
+
+/// Whole days from now until `t` (negative once past), as status shows certificate expiry.
+pub fn days_until(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => i64::try_from(d.as_secs() / 86_400).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs() / 86_400).unwrap_or(i64::MAX),
+    }
 }
 
 /// A peer as `/v1/status`, `/metrics` and the `status` command show it.
@@ -105,6 +116,8 @@ pub struct PeerStatus {
     pub cursor: u64,
     /// The peer's counters, added up over all its connections.
     pub counts: PeerCounts,
+    /// When the certificate it last connected with expires.
+    pub cert_not_after: Option<SystemTime>,
     /// UDP traffic of the current connection, QUIC and TLS overhead included.
     pub udp: UdpStats,
 }
@@ -136,6 +149,7 @@ impl PeerStatus {
             "addr": self.addr.to_string(),
             "connected": self.connected,
             "cursor": self.cursor,
+            "cert_days_left": self.cert_not_after.map(days_until),
         });
         for part in [
             serde_json::to_value(&self.counts),
@@ -156,6 +170,8 @@ struct PeerEntry {
     role: Role,
     addr: SocketAddr,
     counters: Arc<PeerCounters>,
+    /// When the certificate the peer last connected with expires.
+    cert_not_after: Option<SystemTime>,
 }
 
 struct Inner {
@@ -163,7 +179,10 @@ struct Inner {
     identity: Identity,
     cfg: NodeConfig,
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// The TLS settings for dialing, replaced when the bundle is renewed.
+    client: std::sync::RwLock<quinn::ClientConfig>,
+    /// When this node's own certificate expires (the bundle in use).
+    cert_not_after: std::sync::RwLock<Option<SystemTime>>,
     peers: Mutex<HashMap<NodeId, PeerEntry>>,
     next_conn: AtomicU64,
     handshake_failures: AtomicU64,
@@ -241,13 +260,15 @@ impl Node {
             }
         };
         endpoint.set_default_client_config(client.clone());
+        let cert_not_after = cfg.bundle.not_after().ok();
         let node = Self {
             inner: Arc::new(Inner {
                 store,
                 identity,
                 cfg,
                 endpoint,
-                client,
+                client: std::sync::RwLock::new(client),
+                cert_not_after: std::sync::RwLock::new(cert_not_after),
                 peers: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
                 handshake_failures: AtomicU64::new(0),
@@ -293,6 +314,57 @@ impl Node {
         &self.inner.store
     }
 
+    /// Uses `bundle` for every handshake from now on: a renewed certificate for this same
+    /// node, taken up without a restart. Connections up keep running on the certificate
+    /// they were made with; the store, the sync state and the peers' cursors are untouched
+    /// (they belong to the node id, which does not change). A bundle for another node, role
+    /// or grants, or from another CA, is refused: that is a new enrollment and a restart.
+    pub fn reload_bundle(&self, bundle: &Bundle) -> Result<(), NetError> {
+        let identity = bundle.identity()?;
+        let current = &self.inner.identity;
+        if identity.node_id != current.node_id
+            || identity.role != current.role
+            || identity.grants != current.grants
+            || bundle.ca_der() != self.inner.cfg.bundle.ca_der()
+        {
+            return Err(NetError::BundleMismatch(format!(
+                "the new bundle is for {} ({}) from {} CA; this node is {} ({}); \
+                 restart with it to change identity or grants",
+                identity.node_id,
+                identity.role.as_str(),
+                if bundle.ca_der() == self.inner.cfg.bundle.ca_der() {
+                    "the same"
+                } else {
+                    "another"
+                },
+                current.node_id,
+                current.role.as_str()
+            )));
+        }
+        let client = tls::client_config(bundle, &self.inner.cfg.revocations)?;
+        if self.inner.cfg.listen.is_some() {
+            let server = tls::server_config(bundle, &self.inner.cfg.revocations)?;
+            self.inner.endpoint.set_server_config(Some(server));
+        }
+        if let Ok(mut c) = self.inner.client.write() {
+            *c = client;
+        }
+        if let Ok(mut t) = self.inner.cert_not_after.write() {
+            *t = bundle.not_after().ok();
+        }
+        Ok(())
+    }
+
+    /// The revocation list this node enforces.
+    pub fn revocations(&self) -> &Revocations {
+        &self.inner.cfg.revocations
+    }
+
+    /// When the certificate this node presents expires.
+    pub fn cert_not_after(&self) -> Option<SystemTime> {
+        self.inner.cert_not_after.read().ok().and_then(|t| *t)
+    }
+
     /// Handshakes refused so far (bad or revoked certificates, wrong roles).
     pub fn handshake_failures(&self) -> u64 {
         self.inner.handshake_failures.load(Ordering::Relaxed)
@@ -318,6 +390,7 @@ impl Node {
                     .flatten()
                     .map_or(0, |c| c.seq),
                 counts: e.counters.read(),
+                cert_not_after: e.cert_not_after,
                 udp: e.conn.as_ref().map_or_else(UdpStats::default, |c| {
                     let s = c.stats();
                     UdpStats {
@@ -392,11 +465,11 @@ impl Node {
         let mut backoff = cfg.min_backoff;
         while !self.inner.cancel.is_cancelled() {
             for &addr in &addrs {
-                let connecting = match self.inner.endpoint.connect_with(
-                    self.inner.client.clone(),
-                    addr,
-                    SERVER_NAME,
-                ) {
+                let client = match self.inner.client.read() {
+                    Ok(c) => c.clone(),
+                    Err(_) => return,
+                };
+                let connecting = match self.inner.endpoint.connect_with(client, addr, SERVER_NAME) {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(%addr, error = %e, "cannot dial");
@@ -497,6 +570,7 @@ impl Node {
                     role,
                     addr: conn.remote_address(),
                     counters: counters.clone(),
+                    cert_not_after: tls::peer_cert_not_after(&conn),
                 },
             );
             counters

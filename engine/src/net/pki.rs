@@ -300,6 +300,11 @@ impl Bundle {
         identity_from_cert(&self.cert)
     }
 
+    /// Whether both bundles trust the same CA certificate.
+    pub fn same_ca(&self, other: &Bundle) -> bool {
+        self.ca == other.ca
+    }
+
     /// When the node certificate stops being valid.
     pub fn not_after(&self) -> Result<std::time::SystemTime, TlsError> {
         not_after(&self.cert)

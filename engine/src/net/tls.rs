@@ -31,12 +31,15 @@ use crate::sync::ALPN;
 pub struct Revocations {
     ids: Arc<RwLock<HashSet<NodeId>>>,
     changed: watch::Sender<u64>,
+    /// Why the list's source could not be read, while it cannot (the last good list stays).
+    problem: Arc<RwLock<Option<String>>>,
 }
 
 impl Default for Revocations {
     fn default() -> Self {
         Self {
             ids: Arc::default(),
+            problem: Arc::default(),
             changed: watch::channel(0).0,
         }
     }
@@ -69,6 +72,32 @@ impl Revocations {
         if changed {
             self.changed.send_modify(|v| *v += 1);
         }
+    }
+
+    /// Records that the list's source is unreadable (`Some(why)`) or readable again
+    /// (`None`). The list itself stays as it was: a missing or damaged file never means
+    /// "nobody is revoked". Returns whether this changed the state, so it is logged once.
+    pub fn set_problem(&self, problem: Option<String>) -> bool {
+        match self.problem.write() {
+            Ok(mut p) if *p != problem => {
+                *p = problem;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Why the list's source cannot be read, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        self.problem.read().ok().and_then(|p| p.clone())
+    }
+
+    /// The node ids refused now.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.ids
+            .read()
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Whether `id` is refused.
@@ -227,6 +256,14 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
         .first()
         .ok_or_else(|| TlsError::Identity("the peer presented no certificate".into()))?;
     identity_from_cert(first)
+}
+
+/// When the certificate the peer presented expires.
+pub fn peer_cert_not_after(conn: &quinn::Connection) -> Option<std::time::SystemTime> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())?;
+    super::pki::not_after(certs.first()?).ok()
 }
 
 /// Handshake signatures are checked by the wrapped webpki verifier, unchanged.
