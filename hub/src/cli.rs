@@ -27,6 +27,11 @@ pub enum Command {
         /// Name of the deployment's first hub, also its node id.
         #[arg(long, default_value = "hub")]
         name: String,
+        /// Keep the CA (ca.pem, ca-key.pem) in this directory instead of DIR, for
+        /// example on removable media kept offline; `enroll --data CA_DIR` issues from it.
+        /// The hub runs without the CA key.
+        #[arg(long, value_name = "CA_DIR")]
+        ca_dir: Option<PathBuf>,
     },
     /// Issue a certificate bundle for a node (edge or additional hub).
     Enroll {

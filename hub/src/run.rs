@@ -28,7 +28,7 @@ const DEFAULT_API: std::net::SocketAddr =
 /// Runs one command.
 pub fn run(command: Command) -> Result<()> {
     match command {
-        Command::Init { data, name } => init(&data, &name),
+        Command::Init { data, name, ca_dir } => init(&data, &name, ca_dir.as_deref()),
         Command::Enroll {
             data,
             name,
@@ -87,24 +87,37 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     files::write_private(path, text.as_bytes())
 }
 
-fn init(data: &Path, name: &str) -> Result<()> {
+fn init(data: &Path, name: &str, ca_dir: Option<&Path>) -> Result<()> {
     let node = NodeId::new(name).context("--name")?;
-    if data.join(CA_KEY).exists() {
-        bail!(
-            "{} already holds a deployment (found {CA_KEY}); refusing to overwrite it",
+    let ca_dir = ca_dir.unwrap_or(data);
+    for (dir, file) in [(ca_dir, CA_KEY), (data, BUNDLE)] {
+        if dir.join(file).exists() {
+            bail!(
+                "{} already holds a deployment (found {file}); refusing to overwrite it",
+                dir.display()
+            );
+        }
+    }
+    files::private_dir(ca_dir)?;
+    files::private_dir(data)?;
+    let ca = Ca::generate(name)?;
+    write_private(&ca_dir.join(CA_CERT), ca.cert_pem())?;
+    write_private(&ca_dir.join(CA_KEY), ca.key_pem())?;
+    let bundle = ca.issue(&node, Role::Hub, &[])?;
+    write_private(&data.join(BUNDLE), &bundle.to_pem())?;
+    if ca_dir == data {
+        println!(
+            "created a deployment in {}: CA {CA_CERT}, hub {node} with {BUNDLE}",
+            data.display()
+        );
+    } else {
+        println!(
+            "created a deployment: CA in {} (keep it offline; enroll with --data {}), hub {node} with {BUNDLE} in {}",
+            ca_dir.display(),
+            ca_dir.display(),
             data.display()
         );
     }
-    files::private_dir(data)?;
-    let ca = Ca::generate(name)?;
-    write_private(&data.join(CA_CERT), ca.cert_pem())?;
-    write_private(&data.join(CA_KEY), ca.key_pem())?;
-    let bundle = ca.issue(&node, Role::Hub, &[])?;
-    write_private(&data.join(BUNDLE), &bundle.to_pem())?;
-    println!(
-        "created a deployment in {}: CA {CA_CERT}, hub {node} with {BUNDLE}",
-        data.display()
-    );
     Ok(())
 }
 

@@ -723,3 +723,85 @@ fn a_deleted_or_damaged_revocation_list_readmits_nobody() {
     });
     assert!(!connected(&hub));
 }
+
+/// `init --ca-dir` keeps the CA key out of the hub's directory: the hub runs with its own
+/// bundle alone, and nodes are enrolled from the CA directory.
+#[test]
+fn the_ca_key_can_stay_offline() {
+    let root = tempfile::tempdir().unwrap();
+    let p = |s: &str| root.path().join(s).to_string_lossy().into_owned();
+    run(
+        "tidesync-hub",
+        &["init", "--data", &p("hub"), "--ca-dir", &p("offline-ca")],
+    )
+    .unwrap();
+    assert!(!root.path().join("hub/ca-key.pem").exists());
+    assert!(root.path().join("offline-ca/ca-key.pem").exists());
+    let hub = Proc::start(
+        "tidesync-hub",
+        &[
+            "run",
+            "--data",
+            &p("hub"),
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ],
+    )
+    .unwrap();
+    run(
+        "tidesync-hub",
+        &[
+            "enroll",
+            "--data",
+            &p("offline-ca"),
+            "--name",
+            "edge-1",
+            "--role",
+            "edge",
+            "--grant",
+            "*=rw",
+            "--out",
+            &p("edge-1.pem"),
+        ],
+    )
+    .unwrap();
+    let edge = Proc::start(
+        "tidesync-edge",
+        &[
+            "run",
+            "--data",
+            &p("edge-1"),
+            "--bundle",
+            &p("edge-1.pem"),
+            "--api",
+            "127.0.0.1:0",
+            "--hub",
+            &hub.quic.to_string(),
+        ],
+    )
+    .unwrap();
+    ureq::put(&edge.url("/v1/docs/app/a"))
+        .send_json(json!({"a": 1}))
+        .unwrap();
+    wait_for("the write at the hub", Duration::from_secs(10), || {
+        ureq::get(&hub.url("/v1/docs/app/a")).call().is_ok()
+    });
+    // Enrolling from the hub's directory fails: there is no CA there.
+    let e = run(
+        "tidesync-hub",
+        &[
+            "enroll",
+            "--data",
+            &p("hub"),
+            "--name",
+            "edge-2",
+            "--role",
+            "edge",
+            "--out",
+            &p("edge-2.pem"),
+        ],
+    );
+    assert!(e.is_err());
+}
