@@ -172,7 +172,20 @@ pub const BUNDLE_POLL: Duration = Duration::from_secs(1);
 /// [`BUNDLE_POLL`]) or on SIGHUP. A file that does not read as a renewal of this node's
 /// bundle is reported and the node keeps the certificate it has.
 async fn watch_bundle(path: PathBuf, node: Node, stop: CancellationToken) {
-    let mut last = std::fs::read(&path).ok();
+    // Compared by content (a bounded read: a bundle is a few KB), so a rewrite with the same
+    // bytes is no renewal and a renewal written within the same second is still seen.
+    let read = |path: &std::path::Path| -> Option<Vec<u8>> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                f.take(crate::net::pki::MAX_BUNDLE_FILE + 1)
+                    .read_to_end(&mut bytes)
+            })
+            .ok()?;
+        Some(bytes)
+    };
+    let mut last = read(&path);
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -192,7 +205,7 @@ async fn watch_bundle(path: PathBuf, node: Node, stop: CancellationToken) {
             () = tokio::time::sleep(BUNDLE_POLL) => false,
             () = hangup => true,
         };
-        let now = std::fs::read(&path).ok();
+        let now = read(&path);
         if now.is_none() || (!forced && now == last) {
             continue;
         }

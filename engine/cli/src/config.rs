@@ -152,13 +152,25 @@ impl CommonRunFlags {
     }
 }
 
+/// Largest token file read, in bytes.
+pub const MAX_TOKEN_FILE: u64 = 64 * 1024;
+
 /// The token in `path`: its first line, without surrounding whitespace; never empty.
 pub fn read_token(path: &Path) -> Result<String, ConfigError> {
     let err = |reason: String| ConfigError {
         path: path.to_owned(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(format!("token file: {e}")))?;
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TOKEN_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| err(format!("token file: {e}")))?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        return Err(err(format!(
+            "the token file is over {MAX_TOKEN_FILE} bytes"
+        )));
+    }
     let token = text.lines().next().unwrap_or("").trim();
     if token.is_empty() {
         return Err(err("the token file is empty".into()));

@@ -23,6 +23,9 @@ use crate::model::{Grant, Grants, Identity, NodeId, Role};
 /// The DNS name in every node certificate; dialers verify it.
 pub const SERVER_NAME: &str = "tidesync.node";
 
+/// Largest bundle file read, in bytes (a bundle is a few KB).
+pub const MAX_BUNDLE_FILE: u64 = 1 << 20;
+
 /// How long a node certificate is valid unless `enroll --days` says otherwise.
 pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
 
@@ -287,10 +290,22 @@ impl Bundle {
         Ok(Self { ca, cert, key })
     }
 
-    /// Reads a bundle file.
+    /// Reads a bundle file (at most [`MAX_BUNDLE_FILE`] bytes: it is re-read while a node
+    /// runs).
     pub fn read(path: &std::path::Path) -> Result<Self, TlsError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| TlsError::Read(format!("cannot read {}: {e}", path.display())))?;
+        use std::io::Read;
+        let cannot =
+            |e: std::io::Error| TlsError::Read(format!("cannot read {}: {e}", path.display()));
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_BUNDLE_FILE + 1).read_to_string(&mut text))
+            .map_err(cannot)?;
+        if text.len() as u64 > MAX_BUNDLE_FILE {
+            return Err(TlsError::Read(format!(
+                "{} is over {MAX_BUNDLE_FILE} bytes; not a bundle",
+                path.display()
+            )));
+        }
         Self::from_pem(&text)
             .map_err(|e| TlsError::Pem(format!("{} is not a valid bundle ({e})", path.display())))
     }
