@@ -238,8 +238,7 @@ fn reread_revocations(path: &std::path::Path, revocations: &Revocations) {
         Err("the file is missing".to_owned())
     };
     match read {
-        Ok(ids) => {
-            let mut ids: Vec<NodeId> = ids;
+        Ok(mut ids) => {
             ids.extend(revocations.ids());
             revocations.replace(ids);
             if revocations.set_problem(None) {

@@ -157,12 +157,7 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
                 })
                 .collect::<Vec<_>>(),
         );
-        let seconds_left = |t: std::time::SystemTime| -> i64 {
-            match t.duration_since(std::time::SystemTime::now()) {
-                Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-                Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-            }
-        };
+        let seconds_left = crate::net::node::seconds_until;
         gauge(
             &mut r,
             "revocation_list_ok",

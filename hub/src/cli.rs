@@ -57,9 +57,14 @@ pub enum Command {
         /// Where to write the bundle (CA certificate, node certificate, node key).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// How long the certificate is valid, in days; a peer refuses it at the handshake
+        /// How long the certificate is valid, in days (1 to 36500); a peer refuses it at the handshake
         /// once it has expired. Enroll the node again before then.
-        #[arg(long, value_name = "N", default_value_t = tidesync::net::pki::DEFAULT_VALIDITY_DAYS)]
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = tidesync::net::pki::DEFAULT_VALIDITY_DAYS,
+            value_parser = clap::value_parser!(u32).range(1..=36_500)
+        )]
         days: u32,
     },
     /// Revoke a node: hubs using DIR refuse it and cut its connections, without a restart.

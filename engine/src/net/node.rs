@@ -93,12 +93,17 @@ pub enum NetError {
     BundleMismatch(String),
 }
 
+/// Seconds from now until `t` (negative once past), as metrics show certificate expiry.
+pub fn seconds_until(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
 /// Whole days from now until `t` (negative once past), as status shows certificate expiry.
 pub fn days_until(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::now()) {
-        Ok(d) => i64::try_from(d.as_secs() / 86_400).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs() / 86_400).unwrap_or(i64::MAX),
-    }
+    seconds_until(t) / 86_400
 }
 
 /// A peer as `/v1/status`, `/metrics` and the `status` command show it.

@@ -108,6 +108,19 @@ pub fn not_after(der: &[u8]) -> Result<std::time::SystemTime, TlsError> {
     Ok(std::time::UNIX_EPOCH + since_epoch)
 }
 
+/// `t` as a certificate date; X.509 dates end with the year 9999 (and `time` would panic
+/// converting a later one).
+fn x509_time(t: std::time::SystemTime) -> Result<time::OffsetDateTime, TlsError> {
+    let secs = match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    };
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .filter(|d| d.year() <= 9999)
+        .ok_or_else(|| TlsError::Identity("a validity date past the year 9999".into()))
+}
+
 /// A deployment's certificate authority.
 pub struct Ca {
     cert_pem: String,
@@ -213,8 +226,8 @@ impl Ca {
                     .push(uri(format!("{URI_GRANT}{g}"))?);
             }
         }
-        params.not_before = time::OffsetDateTime::from(not_before);
-        params.not_after = time::OffsetDateTime::from(not_after);
+        params.not_before = x509_time(not_before)?;
+        params.not_after = x509_time(not_after)?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -370,6 +383,15 @@ mod tests {
             .issue(&NodeId::new("edge-2").expect("id"), Role::Edge, &[])
             .expect("issue");
         assert_eq!(b.ca_der(), bundle.ca_der());
+    }
+
+    #[test]
+    fn validity_past_the_year_9999_is_an_error_not_a_panic() {
+        let ca = Ca::generate("t").expect("ca");
+        let id = NodeId::new("n").expect("id");
+        assert!(ca.issue_for_days(&id, Role::Edge, &[], u32::MAX).is_err());
+        let b = ca.issue_for_days(&id, Role::Edge, &[], 36_500).expect("a century");
+        assert!(b.not_after().is_ok());
     }
 
     #[test]
