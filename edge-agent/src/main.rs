@@ -71,6 +71,7 @@ fn run(cli: Cli) -> Result<()> {
                 bundle_file: Some(bundle_file),
                 api_limits: base.common.api_limits,
                 revocation_file: None,
+                crl_file: Some(base.data.join(tidesync::daemon::CRL_FILE)),
                 max_body: base.common.max_body,
                 store: base.common.store,
             };

@@ -10,12 +10,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
 use crate::model::{Grants, NodeId, NsPattern};
-use crate::net::{Bundle, NetError, Node, NodeConfig, Revocations};
+use crate::net::{Bundle, Crl, CrlError, NetError, Node, NodeConfig, Revocations};
 use crate::store::{Store, StoreConfig};
 use crate::StoreError;
 
 /// Largest API request body unless configured otherwise (16 MiB).
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// The name of a node's copy of the deployment's revocation list in its data directory
+/// (and of the list `tidesync-hub revoke` writes beside the CA).
+pub const CRL_FILE: &str = "crl.pem";
 
 /// How often the revocation file is re-read.
 pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
@@ -48,6 +52,10 @@ pub struct DaemonConfig {
     pub api_limits: api::serve::ServeLimits,
     /// A file of revoked node ids, one per line, re-read while running.
     pub revocation_file: Option<PathBuf>,
+    /// The node's copy of the deployment's revocation list (a CRL, PEM): read at start,
+    /// re-read while running (so `revoke` can write it in place), and rewritten whenever
+    /// the node takes up a newer list from a peer or a bundle.
+    pub crl_file: Option<PathBuf>,
     /// Largest API request body.
     pub max_body: usize,
     /// Store settings.
@@ -88,6 +96,18 @@ pub enum DaemonError {
         /// Why.
         source: std::io::Error,
     },
+    /// The node's copy of the revocation list is damaged. Starting without it could admit
+    /// a revoked peer, so the node does not start.
+    #[error(
+        "{path} is not a valid revocation list of this deployment ({source}); restore it, \
+         or delete it to start from the list in the bundle and take up the newest from peers"
+    )]
+    Crl {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: crate::net::CrlError,
+    },
 }
 
 /// A running node process: what `tidesync-hub run` and `tidesync-edge run` are.
@@ -116,6 +136,7 @@ pub enum DaemonError {
 ///     bundle_file: None,
 ///     api_limits: Default::default(),
 ///     revocation_file: None,
+///     crl_file: None,
 ///     max_body: tidesync::daemon::DEFAULT_MAX_BODY,
 ///     store: StoreConfig::default(),
 /// })
@@ -241,16 +262,115 @@ fn reread_revocations(path: &std::path::Path, revocations: &Revocations) {
         Ok(mut ids) => {
             ids.extend(revocations.ids());
             revocations.replace(ids);
-            if revocations.set_problem(None) {
+            if revocations.set_problem("revoked", None) {
                 tracing::info!(path = %path.display(), "the revocation list is readable again");
             }
         }
         Err(why) => {
-            if revocations.set_problem(Some(why.clone())) {
+            if revocations.set_problem("revoked", Some(why.clone())) {
                 tracing::error!(
                     path = %path.display(),
                     error = %why,
                     "cannot read the revocation list; keeping the last good one"
+                );
+            }
+        }
+    }
+}
+
+/// Largest revocation list file read: the DER limit, as base64, with room for headers.
+const MAX_CRL_FILE: u64 = 2 * crate::sync::validate::MAX_REVOCATION_LIST as u64;
+
+/// Reads a file of at most [`MAX_CRL_FILE`] bytes: `Ok(None)` if there is none.
+fn read_bounded(path: &std::path::Path) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    match std::fs::File::open(path).and_then(|f| f.take(MAX_CRL_FILE).read_to_end(&mut bytes)) {
+        Ok(_) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the node's copy of the revocation list: `Ok(None)` if there is none.
+fn read_crl_file(path: &std::path::Path, ca: &[u8]) -> Result<Option<Crl>, CrlError> {
+    match read_bounded(path) {
+        Ok(Some(bytes)) => parse_crl_file(&bytes, ca).map(Some),
+        Ok(None) => Ok(None),
+        Err(e) => Err(CrlError::Malformed(e.to_string())),
+    }
+}
+
+fn parse_crl_file(bytes: &[u8], ca: &[u8]) -> Result<Crl, CrlError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| CrlError::Malformed(e.to_string()))?;
+    Crl::from_pem(text, ca)
+}
+
+/// Re-reads the node's copy of the revocation list while it runs: a newer list written
+/// there (by `tidesync-hub revoke`, or copied in) is taken up and passed on to the peers.
+/// A missing or older copy is rewritten from the list in force; a damaged one is reported
+/// (log, `/v1/status`, `/metrics`) and the list in force stays.
+fn reread_crl(
+    path: &std::path::Path,
+    revocations: &Revocations,
+    ca: &[u8],
+    last: &mut Option<Option<Vec<u8>>>,
+) {
+    let in_force = revocations.crl().map(|c| c.number());
+    let bytes = match read_bounded(path) {
+        Ok(b) => b,
+        Err(e) => {
+            let why = format!("{}: {e}", path.display());
+            if revocations.set_problem("crl", Some(why)) {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the revocation list file; keeping the list in force");
+            }
+            return;
+        }
+    };
+    // Checked once per content, and again after the list in force changed.
+    let unchanged = last.as_ref() == Some(&bytes) && bytes.is_some() == in_force.is_some();
+    if unchanged {
+        return;
+    }
+    *last = Some(bytes.clone());
+    let read = match bytes {
+        Some(b) => parse_crl_file(&b, ca).map(Some),
+        None => Ok(None),
+    };
+    match read {
+        Ok(Some(crl)) => {
+            if revocations.set_problem("crl", None) {
+                tracing::info!(path = %path.display(), "the revocation list file is valid again");
+            }
+            if in_force.is_some_and(|n| n > crl.number()) {
+                tracing::warn!(
+                    path = %path.display(),
+                    found = crl.number(),
+                    in_force,
+                    "an older revocation list was put in place of the newer one; rewriting it"
+                );
+                revocations.rewrite();
+            } else {
+                revocations.take_up(crl);
+            }
+        }
+        Ok(None) => {
+            if in_force.is_some() {
+                tracing::warn!(
+                    path = %path.display(),
+                    in_force,
+                    "the revocation list file is missing; rewriting it from the list in force"
+                );
+                revocations.rewrite();
+            }
+        }
+        Err(e) => {
+            let why = format!("{}: {e}", path.display());
+            if revocations.set_problem("crl", Some(why.clone())) {
+                tracing::error!(
+                    path = %path.display(),
+                    error = %e,
+                    "the revocation list file is damaged; keeping the list in force"
                 );
             }
         }
@@ -268,6 +388,17 @@ impl Daemon {
                 source,
             })?;
             revocations.replace(ids);
+        }
+        let ca = cfg.bundle.ca_der().to_vec();
+        if let Some(path) = &cfg.crl_file {
+            let crl = read_crl_file(path, &ca).map_err(|source| DaemonError::Crl {
+                path: path.clone(),
+                source,
+            })?;
+            if let Some(crl) = crl {
+                revocations.take_up(crl);
+            }
+            revocations.persist_to(path.clone());
         }
         let store =
             Store::open(&cfg.db_path, cfg.store.clone()).map_err(|source| DaemonError::Store {
@@ -323,15 +454,22 @@ impl Daemon {
             let node = node.clone();
             tasks.push(tokio::spawn(watch_bundle(path, node, stop)));
         }
-        if let Some(path) = cfg.revocation_file.clone() {
+        if cfg.revocation_file.is_some() || cfg.crl_file.is_some() {
+            let (ids_file, crl_file) = (cfg.revocation_file.clone(), cfg.crl_file.clone());
             let stop = cancel.clone();
             tasks.push(tokio::spawn(async move {
+                let mut last_read = None;
                 loop {
+                    if let Some(path) = &crl_file {
+                        reread_crl(path, &revocations, &ca, &mut last_read);
+                    }
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(REVOCATION_POLL) => {}
                     }
-                    reread_revocations(&path, &revocations);
+                    if let Some(path) = &ids_file {
+                        reread_revocations(path, &revocations);
+                    }
                 }
             }));
         }

@@ -56,6 +56,7 @@
 pub mod api;
 pub mod daemon;
 pub mod error;
+pub mod files;
 pub mod metrics;
 pub mod net;
 pub mod store;

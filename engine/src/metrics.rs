@@ -164,6 +164,21 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
             "0 while the revocation list cannot be read (the last good one is enforced)",
             i64::from(node.revocations().problem().is_none()),
         );
+        let crl = node.revocations().crl();
+        gauge(
+            &mut r,
+            "revocation_list_number",
+            "Number of the deployment revocation list in force (0: none yet)",
+            crl.as_ref()
+                .map_or(0, |c| i64::try_from(c.number()).unwrap_or(i64::MAX)),
+        );
+        gauge(
+            &mut r,
+            "revoked_certificates",
+            "Certificates the revocation list in force revokes",
+            crl.as_ref()
+                .map_or(0, |c| i64::try_from(c.entries().len()).unwrap_or(i64::MAX)),
+        );
         if let Some(t) = node.cert_not_after() {
             gauge(
                 &mut r,

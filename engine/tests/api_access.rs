@@ -34,6 +34,7 @@ async fn node(token: Option<&str>, limits: ServeLimits) -> (Daemon, tempfile::Te
         bundle_file: None,
         api_limits: limits,
         revocation_file: None,
+        crl_file: None,
         max_body: tidesync::daemon::DEFAULT_MAX_BODY,
         store: StoreConfig::default(),
     })

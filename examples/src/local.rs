@@ -85,6 +85,7 @@ impl Local {
             bundle_file: None,
             api_limits: Default::default(),
             revocation_file: None,
+            crl_file: None,
             max_body: 16 << 20,
             store: StoreConfig::with_cache_budget(32 << 20),
         })

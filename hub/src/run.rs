@@ -4,9 +4,10 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tidesync::daemon::{read_revocations, DaemonConfig};
+use tidesync::daemon::{read_revocations, DaemonConfig, CRL_FILE};
 use tidesync::model::{Grant, NodeId, NsPattern, Role};
-use tidesync::net::Ca;
+use tidesync::net::crl::Revoked;
+use tidesync::net::{Ca, Crl};
 use tidesync_cli::config::list_or;
 use tidesync_cli::files;
 use tidesync_cli::run::{serve, RunBase};
@@ -17,6 +18,8 @@ const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca-key.pem";
 const BUNDLE: &str = "bundle.pem";
 const REVOKED: &str = "revoked";
+/// Every certificate the CA issued: serial, node, role, expiry; beside the CA key.
+const ISSUED: &str = "issued";
 const DB: &str = "node.redb";
 /// Where a hub accepts nodes unless told.
 const DEFAULT_QUIC: std::net::SocketAddr =
@@ -73,6 +76,7 @@ pub fn run(command: Command) -> Result<()> {
                 bundle_file: Some(bundle_file),
                 api_limits: base.common.api_limits,
                 revocation_file: Some(base.data.join(REVOKED)),
+                crl_file: Some(base.data.join(CRL_FILE)),
                 max_body: base.common.max_body,
                 store: base.common.store,
             };
@@ -104,6 +108,7 @@ fn init(data: &Path, name: &str, ca_dir: Option<&Path>) -> Result<()> {
     write_private(&ca_dir.join(CA_CERT), ca.cert_pem())?;
     write_private(&ca_dir.join(CA_KEY), ca.key_pem())?;
     let bundle = ca.issue(&node, Role::Hub, &[])?;
+    register(ca_dir, &bundle)?;
     write_private(&data.join(BUNDLE), &bundle.to_pem())?;
     if ca_dir == data {
         println!(
@@ -154,7 +159,11 @@ fn enroll(
     if role == Role::Hub && !grants.is_empty() {
         bail!("hubs hold every grant; --grant is for edges");
     }
-    let bundle = load_ca(data)?.issue_for_days(&node, role, &grants, days)?;
+    refuse_revoked(data, &node)?;
+    let ca = load_ca(data)?;
+    let bundle = ca.issue_for_days(&node, role, &grants, days)?;
+    let bundle = with_current_list(data, &ca, bundle)?;
+    register(data, &bundle)?;
     write_private(out, &bundle.to_pem())?;
     println!(
         "enrolled {node} ({}) into {}, valid for {days} days",
@@ -168,6 +177,7 @@ fn enroll(
 fn renew_bundle(data: &Path, out: &Path, days: u32) -> Result<()> {
     let old = tidesync::net::Bundle::read(out)?;
     let identity = old.identity()?;
+    refuse_revoked(data, &identity.node_id)?;
     let ca = load_ca(data)?;
     let grants: Vec<Grant> = identity.grants.iter().cloned().collect();
     let bundle = ca.issue_for_days(&identity.node_id, identity.role, &grants, days)?;
@@ -178,6 +188,8 @@ fn renew_bundle(data: &Path, out: &Path, days: u32) -> Result<()> {
             data.display()
         );
     }
+    let bundle = with_current_list(data, &ca, bundle)?;
+    register(data, &bundle)?;
     write_private(out, &bundle.to_pem())?;
     println!(
         "renewed {} ({}) in {}, valid for {days} days",
@@ -188,23 +200,197 @@ fn renew_bundle(data: &Path, out: &Path, days: u32) -> Result<()> {
     Ok(())
 }
 
+/// A revoked name stays revoked: hubs refuse it by name, whatever certificate it shows.
+fn refuse_revoked(data: &Path, node: &NodeId) -> Result<()> {
+    let path = data.join(REVOKED);
+    let ids = read_revocations(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if ids.contains(node) {
+        bail!("{node} is revoked; enroll the node again under a new name");
+    }
+    Ok(())
+}
+
+/// One line of the registry of issued certificates.
+struct IssuedCert {
+    serial: Vec<u8>,
+    node: String,
+}
+
+/// Records a newly issued certificate in the CA directory's registry, so that `revoke`
+/// can name every certificate a node was ever given.
+fn register(ca_dir: &Path, bundle: &tidesync::net::Bundle) -> Result<()> {
+    let path = ca_dir.join(ISSUED);
+    let mut text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            "# serial node role not-after (unix seconds), one certificate per line\n".to_owned()
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let identity = bundle.identity()?;
+    let not_after = bundle
+        .not_after()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    text.push_str(&format!(
+        "{} {} {} {not_after}\n",
+        hex(&bundle.serial()?),
+        identity.node_id,
+        identity.role.as_str()
+    ));
+    write_private(&path, &text)
+}
+
+/// The certificates the registry of `ca_dir` records.
+fn issued(ca_dir: &Path) -> Result<Vec<IssuedCert>> {
+    let path = ca_dir.join(ISSUED);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let mut fields = l.split_whitespace();
+            let (Some(serial), Some(node)) = (fields.next(), fields.next()) else {
+                bail!("{}: a damaged line {l:?}", path.display());
+            };
+            let serial = unhex(serial)
+                .with_context(|| format!("{}: a damaged serial in {l:?}", path.display()))?;
+            Ok(IssuedCert {
+                serial,
+                node: node.to_owned(),
+            })
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.is_empty() {
+        bail!("odd length");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            Ok(u8::from_str_radix(
+                s.get(i..i + 2).context("not ASCII")?,
+                16,
+            )?)
+        })
+        .collect()
+}
+
+/// The revocation list issued last from `ca_dir`, checked against the CA, if any. A damaged
+/// one is an error: a list built on it would drop its entries.
+fn current_list(ca_dir: &Path, ca: &Ca) -> Result<Option<Crl>> {
+    let path = ca_dir.join(CRL_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let crl = Crl::from_pem(&text, ca.cert_der()?.as_ref()).with_context(|| {
+        format!(
+            "{} is not a valid revocation list of this CA; restore it from a backup or from \
+             any node's data directory before issuing or revoking",
+            path.display()
+        )
+    })?;
+    Ok(Some(crl))
+}
+
+/// `bundle` carrying the deployment's current revocation list, so the node it is for
+/// refuses revoked peers from its very first handshake.
+fn with_current_list(
+    ca_dir: &Path,
+    ca: &Ca,
+    bundle: tidesync::net::Bundle,
+) -> Result<tidesync::net::Bundle> {
+    Ok(match current_list(ca_dir, ca)? {
+        Some(crl) => bundle.with_revocations(crl.der()),
+        None => bundle,
+    })
+}
+
+/// Revokes every certificate issued to `name`: adds their serials to the deployment's
+/// revocation list (signed, numbered one past the last), and the name to the `revoked`
+/// file that hubs running from `data` also read.
 fn revoke(data: &Path, name: &str) -> Result<()> {
     let node = NodeId::new(name).context("--name")?;
     let path = data.join(REVOKED);
     let mut ids =
         read_revocations(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    if ids.contains(&node) {
+    if !ids.contains(&node) {
+        ids.push(node.clone());
+        let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
+        // Written whole and synced before the rename: a running hub never reads half a
+        // list, and a crash never loses a revocation that was reported done.
+        write_private(&path, &text)?;
+    }
+    if !data.join(CA_KEY).exists() {
+        println!(
+            "revoked {node} at hubs using {}; {} has no CA key, so no signed list was \
+             issued: run `revoke` with --data at the CA to revoke {node} at every node",
+            data.display(),
+            data.display()
+        );
+        return Ok(());
+    }
+    let ca = load_ca(data)?;
+    let old = current_list(data, &ca)?;
+    let mut entries = old
+        .as_ref()
+        .map(|c| c.entries().to_vec())
+        .unwrap_or_default();
+    let serials: Vec<Vec<u8>> = issued(data)?
+        .into_iter()
+        .filter(|c| c.node == node.as_str())
+        .map(|c| c.serial)
+        .collect();
+    let now = std::time::SystemTime::now();
+    let mut added = 0;
+    for serial in &serials {
+        if !entries.iter().any(|e| &e.serial == serial) {
+            entries.push(Revoked {
+                serial: serial.clone(),
+                at: now,
+            });
+            added += 1;
+        }
+    }
+    if serials.is_empty() {
+        println!(
+            "revoked {node} at hubs using {} only: {} records no certificate issued to it",
+            data.display(),
+            data.join(ISSUED).display()
+        );
+        return Ok(());
+    }
+    if added == 0 {
         println!("{node} is already revoked");
         return Ok(());
     }
-    ids.push(node.clone());
-    let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
-    // Written whole and synced before the rename: a running hub never reads half a list,
-    // and a crash never loses a revocation that was reported done.
-    write_private(&path, &text)?;
+    let number = old.as_ref().map_or(1, |c| c.number() + 1);
+    let der = ca.revocation_list(number, &entries)?;
+    let crl = Crl::verify(&der, ca.cert_der()?.as_ref())?;
+    write_private(&data.join(CRL_FILE), &crl.to_pem())?;
+    let here = if data.join(BUNDLE).exists() {
+        "the hub running from here takes it up at once and passes it to every node".to_owned()
+    } else {
+        format!(
+            "copy it into the data directory of any running hub (as {CRL_FILE}); from there it \
+             reaches every node"
+        )
+    };
     println!(
-        "revoked {node}; running hubs using {} cut it off",
-        data.display()
+        "revoked {node} ({added} certificate(s)): revocation list number {number} in {}; {here}",
+        data.join(CRL_FILE).display()
     );
     Ok(())
 }

@@ -436,3 +436,77 @@ async fn an_expired_certificate_is_refused_at_the_handshake() {
     r.send(&hello("old-edge", Role::Edge)).await.unwrap();
     assert!(r.recv(Duration::from_secs(2)).await.unwrap().is_some());
 }
+
+/// A peer cannot forge a revocation list (to cut honest nodes off) nor roll one back (to
+/// readmit a revoked node): a list not signed by the deployment CA is a protocol error and
+/// changes nothing; an older one is ignored; a newer signed one is taken up and revokes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_lists_from_peers_must_be_signed_and_newer() {
+    use tidesync::net::crl::Revoked;
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let victim = d.bundle("victim", Role::Edge, &["*=rw"]).unwrap();
+    let entry = |b: &tidesync::net::Bundle| Revoked {
+        serial: b.serial().unwrap(),
+        at: std::time::SystemTime::now(),
+    };
+
+    // Forged: another CA (same name) revokes an honest edge.
+    let other = tidesync::net::Ca::generate("test").unwrap();
+    let forged = other.revocation_list(1_000, &[entry(&victim)]).unwrap();
+    let mut r = rogue_session(&d, hub.addr(), "liar", &["*=rw"]).await;
+    r.send(&Message::Revocations { crl: forged }).await.unwrap();
+    let refused = r
+        .recv_until(Duration::from_secs(5), |m| {
+            matches!(m, Message::Error { .. })
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            refused,
+            Some(Message::Error {
+                code: ErrorCode::Protocol,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(r.closed_within(Duration::from_secs(2)).await);
+    assert!(
+        hub.cfg.revocations.crl().is_none(),
+        "a forged list was taken up"
+    );
+
+    // Signed lists: number 2 revokes the victim; number 1 (older, empty) cannot undo it.
+    let newer = d.ca.revocation_list(2, &[entry(&victim)]).unwrap();
+    let older = d.ca.revocation_list(1, &[]).unwrap();
+    let mut r = rogue_session(&d, hub.addr(), "messenger", &["*=rw"]).await;
+    r.send(&Message::Revocations { crl: newer }).await.unwrap();
+    wait_until(Duration::from_secs(2), "the newer list in force", || {
+        Ok(hub.cfg.revocations.crl().map(|c| c.number()) == Some(2))
+    })
+    .await
+    .unwrap();
+    r.send(&Message::Revocations { crl: older }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hub.cfg.revocations.crl().map(|c| c.number()), Some(2));
+    assert!(
+        !r.closed_within(Duration::from_millis(100)).await,
+        "an honest older list is no offence"
+    );
+    let failures = hub.node.handshake_failures();
+    // The client may finish its half of the handshake before the refusal arrives.
+    if let Ok(mut v) = Rogue::connect(&victim, hub.addr()).await {
+        let _ = v.send(&hello("victim", Role::Edge)).await;
+        assert!(
+            v.closed_within(Duration::from_secs(2)).await,
+            "the revoked edge got in"
+        );
+    }
+    wait_until(Duration::from_secs(2), "the refused handshake", || {
+        Ok(hub.node.handshake_failures() > failures)
+    })
+    .await
+    .unwrap();
+}

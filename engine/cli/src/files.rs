@@ -6,7 +6,6 @@
 //! modes are set explicitly every time, not only on creation.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -14,7 +13,7 @@ use anyhow::{Context, Result};
 /// Mode of the data directory: the owner only.
 pub const DIR_MODE: u32 = 0o700;
 /// Mode of key files and the database: the owner may read and write.
-pub const FILE_MODE: u32 = 0o600;
+pub const FILE_MODE: u32 = tidesync::files::FILE_MODE;
 
 /// Creates `dir` (and its parents) if needed and makes it owner-only.
 pub fn private_dir(dir: &Path) -> Result<()> {
@@ -30,54 +29,16 @@ pub fn restrict(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` as a whole, owner-only: a temporary file beside it, synced,
-/// renamed over `path`, and the directory synced, so a crash leaves the old file or the
-/// new one and a reader never sees half of it.
+/// Writes `bytes` to `path` as a whole, durably and owner-only (see
+/// [`tidesync::files::write_private`]).
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    let context = || format!("cannot write {}", path.display());
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(FILE_MODE);
-    }
-    let mut f = opts.open(&tmp).with_context(context)?;
-    // A temporary file left by a crash keeps its mode when opened again.
-    set_mode(&tmp, FILE_MODE)?;
-    f.write_all(bytes).with_context(context)?;
-    f.sync_all().with_context(context)?;
-    drop(f);
-    fs::rename(&tmp, path).with_context(context)?;
-    sync_parent(path).with_context(context)
-}
-
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    tidesync::files::write_private(path, bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    }
-    #[cfg(not(unix))]
-    let _ = (path, mode);
-    Ok(())
+    tidesync::files::set_mode(path, mode)
+        .with_context(|| format!("cannot set the mode of {}", path.display()))
 }
 
 #[cfg(all(test, unix))]

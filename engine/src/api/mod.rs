@@ -376,6 +376,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         .iter()
         .map(PeerStatus::to_json)
         .collect();
+    let crl = state.node.as_ref().and_then(|n| n.revocations().crl());
     Ok(Json(json!({
         "node_id": state.node_id.as_str(),
         "role": state.role.as_str(),
@@ -388,6 +389,8 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
             .and_then(Node::cert_not_after)
             .map(crate::net::node::days_until),
         "revocation_list_error": state.node.as_ref().and_then(|n| n.revocations().problem()),
+        "revocation_list_number": crl.as_ref().map(|c| c.number()),
+        "revoked_certificates": crl.as_ref().map_or(0, |c| c.entries().len()),
         "peers": peers,
     })))
 }

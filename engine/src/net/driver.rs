@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::counters::PeerCounters;
 use super::exec::{Exec, ExecError, Outbox, WriteDone, Writes};
 use super::log_limit::LogLimit;
-use super::tls::Revocations;
+use super::revocations::{Offered, Revocations};
 use crate::model::NodeId;
 use crate::store::Store;
 use crate::sync::{validate, EarlyDoc, Event, Message, ProtocolError, Session, PROTOCOL_VERSION};
@@ -90,6 +90,9 @@ pub struct DriverContext {
     pub store: Store,
     /// The node's revocation list.
     pub revocations: Revocations,
+    /// The deployment CA certificate (DER), which signs every revocation list a peer
+    /// may offer.
+    pub ca: Arc<[u8]>,
     /// Largest frame accepted or sent, in bytes.
     pub max_frame: usize,
     /// Cancelled when the node shuts down.
@@ -119,16 +122,73 @@ enum Flow {
     Closed,
 }
 
-/// Resolves once `peer` is on the list: at once if it already is, else at the change that
-/// puts it there. Never resolves if the list goes away (the node is shutting down).
-async fn revocation_of(list: &Revocations, peer: &NodeId, changes: &mut watch::Receiver<u64>) {
+/// The connection's peer as the revocation lists name it.
+struct PeerCert<'a> {
+    id: &'a NodeId,
+    serial: &'a [u8],
+}
+
+/// Resolves once the peer is refused: at once if it already is, else at the change that
+/// refuses it. Never resolves if the list goes away (the node is shutting down).
+async fn revocation_of(
+    list: &Revocations,
+    peer: &PeerCert<'_>,
+    changes: &mut watch::Receiver<u64>,
+) {
     loop {
-        if list.is_revoked(peer) {
+        if list.refuses(peer.id, peer.serial) {
             return;
         }
         if changes.changed().await.is_err() {
             return std::future::pending().await;
         }
+    }
+}
+
+/// The next change of the lists; pends forever once they are gone.
+async fn lists_changed(changes: &mut watch::Receiver<u64>) {
+    if changes.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The revocation lists on this connection: the newest this node knows the peer to hold,
+/// so each list crosses it once, whichever side took it up first.
+struct ListExchange {
+    ca: Arc<[u8]>,
+    peer_holds: u64,
+}
+
+impl ListExchange {
+    /// Offers the peer the list in force if it may not hold it yet.
+    fn pass_on(&mut self, revocations: &Revocations, session: &mut Session) {
+        if let Some(crl) = revocations.crl() {
+            if crl.number() > self.peer_holds {
+                self.peer_holds = crl.number();
+                session.send_revocations(crl.der().to_vec());
+            }
+        }
+    }
+
+    /// Checks a list the peer offered, and takes it up if it is newer. One that is not
+    /// signed by the deployment CA is a protocol error: no honest node sends it.
+    fn take_offer(
+        &mut self,
+        revocations: &Revocations,
+        session: &mut Session,
+    ) -> Result<(), ProtocolError> {
+        let Some(der) = session.take_offered_revocations() else {
+            return Ok(());
+        };
+        let offered = revocations
+            .offer(&der, &self.ca)
+            .map_err(|e| ProtocolError::protocol(format!("revocation list: {e}")))?;
+        if offered == Offered::TakenUp {
+            if let Some(crl) = revocations.crl() {
+                self.peer_holds = self.peer_holds.max(crl.number());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -154,11 +214,16 @@ pub async fn run(
     mut revoked: watch::Receiver<u64>,
 ) -> Result<(), DriverError> {
     let peer_id = session.peer().node_id.clone();
+    let serial = super::tls::peer_serial(&conn).unwrap_or_default();
+    let peer = PeerCert {
+        id: &peer_id,
+        serial: &serial,
+    };
     let opened = tokio::select! {
         opened = async {
             if dialer { conn.open_bi().await } else { conn.accept_bi().await }
         } => opened,
-        () = revocation_of(&ctx.revocations, &peer_id, &mut revoked) => {
+        () = revocation_of(&ctx.revocations, &peer, &mut revoked) => {
             tracing::warn!(peer = %peer_id, "closing connection: peer revoked");
             conn.close(CLOSE_REVOKED.into(), b"revoked");
             return Err(DriverError::Revoked);
@@ -179,6 +244,11 @@ pub async fn run(
     };
     let mut writing: Writing = JoinSet::new();
     let mut log = LogLimit::new(Instant::now());
+    let mut lists = ListExchange {
+        ca: ctx.ca.clone(),
+        peer_holds: 0,
+    };
+    lists.pass_on(&ctx.revocations, &mut session);
 
     let mut seen_synced = 0;
     let result: Result<(), DriverError> = async {
@@ -211,10 +281,13 @@ pub async fn run(
             tokio::select! {
                 written = queue.write_some(), if !queue.is_empty() => written?,
                 frame = reader.next(), if reading => {
-                    if on_frame(&mut session, &counters, frame)? == Flow::Closed {
+                    let flow = on_frame(&mut session, &counters, frame);
+                    lists.take_offer(&ctx.revocations, &mut session)?;
+                    if flow? == Flow::Closed {
                         return Ok(());
                     }
-                    if sweep(&exec, &mut session, &mut reader, &mut writing)? == Flow::Closed {
+                    let flow = sweep(&exec, &mut session, &mut reader, &mut writing, &mut lists, &ctx.revocations);
+                    if flow? == Flow::Closed {
                         return Ok(());
                     }
                 }
@@ -228,7 +301,8 @@ pub async fn run(
                 Some(done) = writing.join_next() => {
                     let done = done.map_err(|e| DriverError::Stream(e.to_string()))?;
                     exec.finish(&mut session, done)?;
-                    if sweep(&exec, &mut session, &mut reader, &mut writing)? == Flow::Closed {
+                    let flow = sweep(&exec, &mut session, &mut reader, &mut writing, &mut lists, &ctx.revocations);
+                    if flow? == Flow::Closed {
                         return Ok(());
                     }
                 }
@@ -237,8 +311,11 @@ pub async fn run(
                         session.handle_early(d);
                     }
                 }
-                () = revocation_of(&ctx.revocations, &peer_id, &mut revoked) => {
-                    return Err(DriverError::Revoked);
+                () = lists_changed(&mut revoked) => {
+                    if ctx.revocations.refuses(peer.id, peer.serial) {
+                        return Err(DriverError::Revoked);
+                    }
+                    lists.pass_on(&ctx.revocations, &mut session);
                 }
                 () = ctx.shutdown.cancelled() => return Ok(()),
             }
@@ -252,12 +329,13 @@ pub async fn run(
             tracing::warn!(peer = %peer_id, error = %e, "closing connection: protocol error");
             cut_off(&ctx.store, &mut writing).await;
             let _ = queue.push(Bytes::from(e.to_message().encode()));
-            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, queue.finish()).await;
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, queue.deliver()).await;
             conn.close(CLOSE_PROTOCOL.into(), e.reason.as_bytes());
         }
         Err(DriverError::Revoked) => {
             tracing::warn!(peer = %peer_id, "closing connection: peer revoked");
             cut_off(&ctx.store, &mut writing).await;
+            tell_revoked(&mut queue, &ctx.revocations, lists.peer_holds).await;
             conn.close(CLOSE_REVOKED.into(), b"revoked");
         }
         Err(e) => tracing::info!(peer = %peer_id, error = %e, "connection ended"),
@@ -271,6 +349,24 @@ pub async fn run(
     // so a node that has shut down holds its store no more.
     while writing.join_next().await.is_some() {}
     result
+}
+
+/// Before a revoked peer is cut off, hands it the list that revokes it (if it may not hold
+/// it), and gives it a moment to read it: an honest node whose certificate was revoked
+/// (a hub retired, or whose bundle leaked) passes the list on to its own peers, which
+/// then drop it and fail over.
+async fn tell_revoked(queue: &mut SendQueue, revocations: &Revocations, peer_holds: u64) {
+    let Some(crl) = revocations.crl().filter(|c| c.number() > peer_holds) else {
+        return;
+    };
+    let frame = Message::Revocations {
+        crl: crl.der().to_vec(),
+    }
+    .encode();
+    if queue.push(Bytes::from(frame)).is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, queue.deliver()).await;
 }
 
 /// Abandons the dropped peer's writes still queued at the store, and waits until the
@@ -321,6 +417,8 @@ fn sweep(
     session: &mut Session,
     reader: &mut Reader,
     writing: &mut Writing,
+    lists: &mut ListExchange,
+    revocations: &Revocations,
 ) -> Result<Flow, DriverError> {
     for _ in 0..SWEEP_FRAMES {
         if !session.wants_frames() {
@@ -329,7 +427,9 @@ fn sweep(
         let Some(frame) = reader.next().now_or_never() else {
             break;
         };
-        if on_frame(session, exec.counters, frame)? == Flow::Closed {
+        let flow = on_frame(session, exec.counters, frame);
+        lists.take_offer(revocations, session)?;
+        if flow? == Flow::Closed {
             return Ok(Flow::Closed);
         }
     }
@@ -425,6 +525,15 @@ impl SendQueue {
             Some(result) => result,
             None => Ok(()),
         }
+    }
+
+    /// Writes everything queued, ends the stream, and waits until the peer has
+    /// acknowledged all of it: a connection closed before then may never deliver the last
+    /// frames (an error's reason, the list that revokes the peer).
+    async fn deliver(&mut self) -> Result<(), DriverError> {
+        self.finish().await?;
+        let _ = self.stream.stopped().await;
+        Ok(())
     }
 
     /// Writes everything queued, then ends the stream.

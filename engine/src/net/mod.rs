@@ -7,14 +7,17 @@
 //! sees the disk.
 
 pub mod counters;
+pub mod crl;
 pub mod driver;
 pub mod exec;
 pub mod log_limit;
 pub mod node;
 pub mod pki;
+pub mod revocations;
 pub mod tls;
 
 pub use counters::{PeerCounters, PeerCounts};
+pub use crl::{Crl, CrlError};
 pub use node::{NetError, Node, NodeConfig, PeerStatus, UdpStats};
 pub use pki::{Bundle, Ca, TlsError};
-pub use tls::Revocations;
+pub use revocations::Revocations;

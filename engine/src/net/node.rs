@@ -91,6 +91,17 @@ pub enum NetError {
     /// A bundle given to a running node is not a renewal of the one it runs with.
     #[error("{0}")]
     BundleMismatch(String),
+    /// The revocation list a bundle carries is not a valid list of its deployment.
+    #[error("the bundle's revocation list: {0}")]
+    Revocations(#[from] super::crl::CrlError),
+}
+
+/// Takes up the revocation list `bundle` carries, if it is newer than the one in force.
+fn take_up_bundled(bundle: &Bundle, revocations: &Revocations) -> Result<(), NetError> {
+    if let Some(der) = bundle.revocations_der() {
+        revocations.offer(der, bundle.ca_der())?;
+    }
+    Ok(())
 }
 
 /// Seconds from now until `t` (negative once past), as metrics show certificate expiry.
@@ -180,6 +191,8 @@ struct PeerEntry {
 }
 
 struct Inner {
+    /// The deployment CA certificate (DER): it signs every revocation list.
+    ca: Arc<[u8]>,
     store: Store,
     identity: Identity,
     cfg: NodeConfig,
@@ -252,6 +265,7 @@ impl Node {
     /// Binds the endpoint and starts accepting and dialing. Must run inside tokio.
     pub fn start(store: Store, cfg: NodeConfig) -> Result<Self, NetError> {
         let identity = cfg.bundle.identity()?;
+        take_up_bundled(&cfg.bundle, &cfg.revocations)?;
         let client = tls::client_config(&cfg.bundle, &cfg.revocations)?;
         let mut endpoint = match cfg.listen {
             Some(addr) => {
@@ -266,8 +280,10 @@ impl Node {
         };
         endpoint.set_default_client_config(client.clone());
         let cert_not_after = cfg.bundle.not_after().ok();
+        let ca: Arc<[u8]> = Arc::from(cfg.bundle.ca_der().as_ref());
         let node = Self {
             inner: Arc::new(Inner {
+                ca,
                 store,
                 identity,
                 cfg,
@@ -346,6 +362,7 @@ impl Node {
                 current.role.as_str()
             )));
         }
+        take_up_bundled(bundle, &self.inner.cfg.revocations)?;
         let client = tls::client_config(bundle, &self.inner.cfg.revocations)?;
         if self.inner.cfg.listen.is_some() {
             let server = tls::server_config(bundle, &self.inner.cfg.revocations)?;
@@ -534,7 +551,13 @@ impl Node {
         };
         // Subscribed before the check, so no revocation after it goes unseen.
         let revoked = self.inner.cfg.revocations.subscribe();
-        if self.inner.cfg.revocations.is_revoked(&identity.node_id) {
+        let serial = tls::peer_serial(&conn).unwrap_or_default();
+        if self
+            .inner
+            .cfg
+            .revocations
+            .refuses(&identity.node_id, &serial)
+        {
             // The handshake checks this too; a list that changed meanwhile is caught here.
             self.inner
                 .handshake_failures
@@ -589,6 +612,7 @@ impl Node {
         let ctx = DriverContext {
             store: store.clone(),
             revocations: self.inner.cfg.revocations.clone(),
+            ca: self.inner.ca.clone(),
             max_frame: self.inner.cfg.max_frame,
             shutdown: self.inner.cancel.clone(),
         };

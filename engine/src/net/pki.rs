@@ -10,11 +10,12 @@
 use std::fmt;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
@@ -99,6 +100,23 @@ pub fn identity_from_cert(der: &[u8]) -> Result<Identity, TlsError> {
     })
 }
 
+/// A DER certificate's serial number: the bytes a revocation list names it by.
+pub fn serial_of(der: &[u8]) -> Result<Vec<u8>, TlsError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| TlsError::Identity(format!("unparsable certificate: {e}")))?;
+    Ok(cert.raw_serial().to_vec())
+}
+
+/// A new certificate serial: 16 random bytes, positive and with no leading zero byte, so
+/// its DER form is these very bytes (RFC 5280 asks for at most 20 octets, unpredictable).
+fn new_serial() -> Result<SerialNumber, TlsError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| TlsError::Identity(format!("no randomness for a serial: {e}")))?;
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
 /// When a DER certificate stops being valid.
 pub fn not_after(der: &[u8]) -> Result<std::time::SystemTime, TlsError> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
@@ -169,6 +187,44 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> Result<CertificateDer<'static>, TlsError> {
+        CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(e.to_string()))
+    }
+
+    /// Signs a revocation list (an X.509 CRL, DER) numbered `number`, listing `revoked`.
+    /// Numbers must grow from one list to the next: nodes keep the highest they have seen.
+    pub fn revocation_list(
+        &self,
+        number: u64,
+        revoked: &[super::crl::Revoked],
+    ) -> Result<Vec<u8>, TlsError> {
+        let now = std::time::SystemTime::now();
+        let revoked_certs = revoked
+            .iter()
+            .map(|r| {
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&r.serial),
+                    revocation_time: x509_time(r.at)?,
+                    reason_code: Some(RevocationReason::Unspecified),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, TlsError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: x509_time(now)?,
+            // X.509 requires a next update; nodes do not expire a list (a newer number
+            // replaces it), so it is set far out.
+            next_update: x509_time(now + std::time::Duration::from_secs(100 * 365 * 86_400))?,
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.der().to_vec())
+    }
+
     /// The CA private key, PEM. Keep it off the nodes.
     pub fn key_pem(&self) -> &str {
         &self.key_pem
@@ -226,6 +282,7 @@ impl Ca {
                     .push(uri(format!("{URI_GRANT}{g}"))?);
             }
         }
+        params.serial_number = Some(new_serial()?);
         params.not_before = x509_time(not_before)?;
         params.not_after = x509_time(not_after)?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -238,12 +295,14 @@ impl Ca {
     }
 }
 
-/// What a node needs to join a deployment: the CA certificate, its own certificate and key.
+/// What a node needs to join a deployment: the CA certificate, its own certificate and key,
+/// and the deployment's revocation list as it was when the bundle was written, if any.
 /// Stored as one PEM file in that order.
 pub struct Bundle {
     ca: CertificateDer<'static>,
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
+    crl: Option<CertificateRevocationListDer<'static>>,
 }
 
 impl Clone for Bundle {
@@ -252,6 +311,7 @@ impl Clone for Bundle {
             ca: self.ca.clone(),
             cert: self.cert.clone(),
             key: self.key.clone_key(),
+            crl: self.crl.clone(),
         }
     }
 }
@@ -265,15 +325,19 @@ impl fmt::Debug for Bundle {
 impl Bundle {
     /// The bundle file's text.
     pub fn to_pem(&self) -> String {
-        let blocks = [
+        let mut blocks = vec![
             pem::Pem::new("CERTIFICATE", self.ca.to_vec()),
             pem::Pem::new("CERTIFICATE", self.cert.to_vec()),
             pem::Pem::new("PRIVATE KEY", self.key.secret_der().to_vec()),
         ];
+        if let Some(crl) = &self.crl {
+            blocks.push(pem::Pem::new("X509 CRL", crl.to_vec()));
+        }
         pem::encode_many(&blocks)
     }
 
-    /// Reads a bundle file's text: the CA certificate, the node certificate, the node key.
+    /// Reads a bundle file's text: the CA certificate, the node certificate, the node key,
+    /// and at most one revocation list (checked when a node takes it up).
     pub fn from_pem(text: &str) -> Result<Self, TlsError> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
             .collect::<Result<_, _>>()
@@ -286,7 +350,22 @@ impl Bundle {
         })?;
         let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
             .map_err(|e| TlsError::Pem(format!("node key: {e}")))?;
-        let bundle = Self { ca, cert, key };
+        let crls: Vec<CertificateRevocationListDer<'static>> =
+            CertificateRevocationListDer::pem_slice_iter(text.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsError::Pem(format!("revocation list: {e}")))?;
+        if crls.len() > 1 {
+            return Err(TlsError::Pem(format!(
+                "{} revocation lists; a bundle carries at most one",
+                crls.len()
+            )));
+        }
+        let bundle = Self {
+            ca,
+            cert,
+            key,
+            crl: crls.into_iter().next(),
+        };
         bundle.identity()?;
         Ok(bundle)
     }
@@ -300,7 +379,29 @@ impl Bundle {
             .map_err(|e| TlsError::Pem(e.to_string()))?;
         let key = PrivateKeyDer::try_from(key.serialize_der())
             .map_err(|e| TlsError::Pem(e.to_owned()))?;
-        Ok(Self { ca, cert, key })
+        Ok(Self {
+            ca,
+            cert,
+            key,
+            crl: None,
+        })
+    }
+
+    /// The same bundle carrying `crl` (DER), so that a node started from it refuses what
+    /// was revoked before it ever met a peer.
+    pub fn with_revocations(mut self, crl: &[u8]) -> Self {
+        self.crl = Some(CertificateRevocationListDer::from(crl.to_vec()));
+        self
+    }
+
+    /// The revocation list the bundle carries, unchecked (DER).
+    pub fn revocations_der(&self) -> Option<&[u8]> {
+        self.crl.as_deref()
+    }
+
+    /// The node certificate's serial number.
+    pub fn serial(&self) -> Result<Vec<u8>, TlsError> {
+        serial_of(&self.cert)
     }
 
     /// Reads a bundle file (at most [`MAX_BUNDLE_FILE`] bytes: it is re-read while a node
@@ -390,7 +491,9 @@ mod tests {
         let ca = Ca::generate("t").expect("ca");
         let id = NodeId::new("n").expect("id");
         assert!(ca.issue_for_days(&id, Role::Edge, &[], u32::MAX).is_err());
-        let b = ca.issue_for_days(&id, Role::Edge, &[], 36_500).expect("a century");
+        let b = ca
+            .issue_for_days(&id, Role::Edge, &[], 36_500)
+            .expect("a century");
         assert!(b.not_after().is_ok());
     }
 

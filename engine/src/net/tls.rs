@@ -6,8 +6,7 @@
 //! refuses any peer that is not a hub. A refused certificate fails the handshake itself,
 //! so nothing of the connection is ever handed to the sync layer.
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -19,98 +18,11 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
-use tokio::sync::watch;
 
-use super::pki::{identity_from_cert, Bundle, TlsError};
-use crate::model::{Identity, NodeId, Role};
+use super::pki::{identity_from_cert, serial_of, Bundle, TlsError};
+pub use super::revocations::Revocations;
+use crate::model::{Identity, Role};
 use crate::sync::ALPN;
-
-/// Node ids whose certificates are refused, shared by a node's verifiers and connections.
-/// Changing it takes effect at once: new handshakes fail and live connections close.
-#[derive(Clone, Debug)]
-pub struct Revocations {
-    ids: Arc<RwLock<HashSet<NodeId>>>,
-    changed: watch::Sender<u64>,
-    /// Why the list's source could not be read, while it cannot (the last good list stays).
-    problem: Arc<RwLock<Option<String>>>,
-}
-
-impl Default for Revocations {
-    fn default() -> Self {
-        Self {
-            ids: Arc::default(),
-            problem: Arc::default(),
-            changed: watch::channel(0).0,
-        }
-    }
-}
-
-impl Revocations {
-    /// An empty list.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Refuses `id` from now on.
-    pub fn revoke(&self, id: NodeId) {
-        let added = self.ids.write().is_ok_and(|mut ids| ids.insert(id));
-        if added {
-            self.changed.send_modify(|v| *v += 1);
-        }
-    }
-
-    /// Replaces the whole list (as read from a revocation file).
-    pub fn replace(&self, ids: impl IntoIterator<Item = NodeId>) {
-        let new: HashSet<NodeId> = ids.into_iter().collect();
-        let changed = match self.ids.write() {
-            Ok(mut cur) if *cur != new => {
-                *cur = new;
-                true
-            }
-            _ => false,
-        };
-        if changed {
-            self.changed.send_modify(|v| *v += 1);
-        }
-    }
-
-    /// Records that the list's source is unreadable (`Some(why)`) or readable again
-    /// (`None`). The list itself stays as it was: a missing or damaged file never means
-    /// "nobody is revoked". Returns whether this changed the state, so it is logged once.
-    pub fn set_problem(&self, problem: Option<String>) -> bool {
-        match self.problem.write() {
-            Ok(mut p) if *p != problem => {
-                *p = problem;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Why the list's source cannot be read, if it cannot.
-    pub fn problem(&self) -> Option<String> {
-        self.problem.read().ok().and_then(|p| p.clone())
-    }
-
-    /// The node ids refused now.
-    pub fn ids(&self) -> Vec<NodeId> {
-        self.ids
-            .read()
-            .map(|ids| ids.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Whether `id` is refused.
-    pub fn is_revoked(&self, id: &NodeId) -> bool {
-        // A poisoned lock means a writer panicked mid-update: refuse rather than admit.
-        self.ids.read().map_or(true, |ids| ids.contains(id))
-    }
-
-    /// Wakes on every change.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-}
 
 /// How long a connection lives without hearing from the peer: how fast a dead peer (a
 /// crash, a cut cable) is noticed when nothing tells us.
@@ -149,7 +61,9 @@ fn check_identity(
 ) -> Result<Identity, rustls::Error> {
     let identity = identity_from_cert(cert)
         .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-    if revocations.is_revoked(&identity.node_id) {
+    let serial = serial_of(cert)
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    if revocations.refuses(&identity.node_id, &serial) {
         return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
     }
     if required_role.is_some_and(|r| r != identity.role) {
@@ -258,6 +172,14 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
     identity_from_cert(first)
 }
 
+/// The serial number of the certificate the peer presented.
+pub fn peer_serial(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())?;
+    serial_of(certs.first()?).ok()
+}
+
 /// When the certificate the peer presented expires.
 pub fn peer_cert_not_after(conn: &quinn::Connection) -> Option<std::time::SystemTime> {
     let certs = conn
@@ -347,25 +269,4 @@ impl ServerCertVerifier for HubVerifier {
     }
 
     delegate_signature_checks!();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn revoking_wakes_subscribers_of_every_clone() {
-        let r = Revocations::new();
-        let clone = r.clone();
-        let mut rx = clone.subscribe();
-        let id = NodeId::new("edge-1").expect("id");
-        r.revoke(id.clone());
-        tokio::time::timeout(Duration::from_secs(1), rx.changed())
-            .await
-            .expect("woken")
-            .expect("open");
-        assert!(clone.is_revoked(&id));
-        clone.replace(Vec::new());
-        assert!(!r.is_revoked(&id));
-    }
 }

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Cursor, NsPattern, Role};
 
 /// Version of this message set. A peer with another version is refused at hello (see
-/// [`Message::hello_version`]). 2 added [`Hello::feed_last`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// [`Message::hello_version`]). 2 added [`Hello::feed_last`]; 3 added
+/// [`Message::Revocations`].
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// ALPN protocol name negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"tidesync/1";
@@ -73,6 +74,15 @@ pub enum Message {
         code: ErrorCode,
         /// For people reading logs.
         reason: String,
+    },
+    /// The deployment's certificate revocation list as the sender holds it: an X.509 CRL
+    /// (DER) signed by the deployment CA. Sent after the hello and whenever the sender
+    /// takes up a newer one; the receiver checks the signature and keeps the newest, so
+    /// a revocation made anywhere reaches every node, and nobody can forge or drop an
+    /// entry.
+    Revocations {
+        /// The CRL, DER, at most `validate::MAX_REVOCATION_LIST` bytes.
+        crl: Vec<u8>,
     },
 }
 
@@ -149,6 +159,9 @@ mod tests {
                 data: vec![0x42, 1, 2],
             },
             Message::Synced { seq: 77 },
+            Message::Revocations {
+                crl: vec![0x30, 0x82, 1, 2],
+            },
             Message::Error {
                 code: ErrorCode::Forbidden,
                 reason: "no".into(),

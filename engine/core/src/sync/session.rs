@@ -296,6 +296,8 @@ pub struct Session {
     /// A cursor save is out; the newest cursor received meanwhile waits here.
     saving_cursor: bool,
     next_cursor: Option<Cursor>,
+    /// The revocation list the peer last offered, until the driver takes it.
+    offered_revocations: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -351,9 +353,25 @@ impl Session {
             owed: VecDeque::new(),
             saving_cursor: false,
             next_cursor: None,
+            offered_revocations: None,
         };
         s.outputs.push_back(Output::Send(Message::Hello(hello)));
         s
+    }
+
+    /// Offers the peer this node's revocation list (a CRL, DER). The list is small and
+    /// rare, and a revocation must not wait behind documents, so it is queued at once,
+    /// room or not.
+    pub fn send_revocations(&mut self, crl: Vec<u8>) {
+        self.outputs
+            .push_back(Output::Send(Message::Revocations { crl }));
+    }
+
+    /// The revocation list the peer offered since the last call, for the driver to check
+    /// (its signature, its number) and perhaps take up. The session only bounds its size:
+    /// checking a signature is I/O-side work, and so is keeping the list.
+    pub fn take_offered_revocations(&mut self) -> Option<Vec<u8>> {
+        self.offered_revocations.take()
     }
 
     /// The next thing to do, if any. Call until `None` after every input.
@@ -467,6 +485,18 @@ impl Session {
                     self.record = Some(record);
                     self.save_cursor(record);
                 }
+                Ok(())
+            }
+            Message::Revocations { crl } => {
+                if crl.len() > validate::MAX_REVOCATION_LIST {
+                    return Err(ProtocolError::protocol(format!(
+                        "a revocation list of {} bytes (at most {})",
+                        crl.len(),
+                        validate::MAX_REVOCATION_LIST
+                    )));
+                }
+                // The newest offer is all that matters; the driver checks it.
+                self.offered_revocations = Some(crl);
                 Ok(())
             }
             Message::Error { code, reason } => {
@@ -1030,6 +1060,42 @@ mod tests {
             resume: None,
             subscriptions: vec![NsPattern::all()],
         })
+    }
+
+    /// A revocation list is taken only after the hello and only within its bound; the
+    /// newest offer waits for the driver, and an own list goes out after the hello.
+    #[test]
+    fn revocation_lists_are_bounded_and_handed_to_the_driver() {
+        let list = Message::Revocations {
+            crl: vec![0x30; 16],
+        };
+        let mut hub = session("hub-1", Role::Hub, "edge-1", Role::Edge);
+        assert!(
+            hub.handle_message(list.clone()).is_err(),
+            "before the hello"
+        );
+
+        let mut hub = session("hub-1", Role::Hub, "edge-1", Role::Edge);
+        hub.send_revocations(vec![1, 2, 3]);
+        let out = outputs(&mut hub);
+        assert!(
+            matches!(&out[..], [Output::Send(Message::Hello(_)), Output::Send(Message::Revocations { crl })] if crl == &[1, 2, 3]),
+            "{out:?}"
+        );
+        hub.handle_message(hello("edge-1", Role::Edge))
+            .expect("hello");
+        hub.handle_message(list).expect("a small list");
+        hub.handle_message(Message::Revocations {
+            crl: vec![0x30; 17],
+        })
+        .expect("a newer offer");
+        assert_eq!(hub.take_offered_revocations().map(|c| c.len()), Some(17));
+        assert_eq!(hub.take_offered_revocations(), None);
+        let huge = Message::Revocations {
+            crl: vec![0; validate::MAX_REVOCATION_LIST + 1],
+        };
+        assert!(hub.handle_message(huge).is_err(), "over the bound");
+        assert_eq!(hub.take_offered_revocations(), None);
     }
 
     /// One path per write: a live document sent ahead of its commit is, when the feed walk

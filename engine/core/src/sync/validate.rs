@@ -31,6 +31,10 @@ pub const MAX_BLOOM_PROBES: u64 = 32;
 /// filter empty and Automerge divide by zero while it reads it.
 pub const MAX_BLOOM_BITS_PER_ENTRY: u64 = 64;
 
+/// Largest revocation list a peer may send, in bytes: room for some 25,000 revoked
+/// certificates. A node keeps one list, the newest.
+pub const MAX_REVOCATION_LIST: usize = 1 << 20;
+
 /// Longest piece of peer text (an error's reason) that is kept, in characters; the rest is
 /// cut, and what is kept is escaped, so a peer cannot flood or forge log lines.
 pub const MAX_PEER_TEXT: usize = 256;

@@ -1,0 +1,215 @@
+//! Revocation across a deployment, with the real binaries: a revocation made at the CA
+//! reaches every hub and edge through the sync sessions, signed so nobody can forge or
+//! drop an entry; a hub enrolled later starts with it; a revoked hub loses its edges to
+//! the next hub.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tidesync_tests::procs::{run, Binaries, Proc};
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
+}
+
+fn status(p: &Proc) -> Value {
+    ureq::get(&p.url("/v1/status"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap()
+}
+
+fn connected(p: &Proc, peer: &str) -> bool {
+    status(p)["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["node_id"] == peer && s["connected"] == true)
+}
+
+fn ever_seen(p: &Proc, peer: &str) -> bool {
+    status(p)["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["node_id"] == peer)
+}
+
+fn has(p: &Proc, path: &str) -> bool {
+    ureq::get(&p.url(path)).call().is_ok()
+}
+
+fn metric(p: &Proc, name: &str) -> f64 {
+    let text = ureq::get(&p.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// An additional hub of the deployment `d`, enrolled as `name`, peered with `peers`.
+fn extra_hub(d: &Binaries, name: &str, peers: &[&Proc]) -> Proc {
+    let bundle = d.path(&format!("{name}.pem"));
+    let mut extra = vec!["--bundle".to_owned(), bundle];
+    for p in peers {
+        extra.extend(["--peer".to_owned(), p.quic.to_string()]);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    d.hub_at(name, "127.0.0.1:0", &extra).unwrap()
+}
+
+/// Runs enrolled edge `name` from a fresh data directory `data`, against `hub` alone.
+fn edge_from(d: &Binaries, name: &str, data: &str, hub: &Proc) -> Proc {
+    Proc::start(
+        "tidesync-edge",
+        &[
+            "run",
+            "--data",
+            &d.path(data),
+            "--bundle",
+            &d.path(&format!("{name}.pem")),
+            "--api",
+            "127.0.0.1:0",
+            "--hub",
+            &hub.quic.to_string(),
+        ],
+    )
+    .unwrap()
+}
+
+fn revoke(d: &Binaries, name: &str) -> String {
+    run(
+        "tidesync-hub",
+        &["revoke", "--data", &d.path("hub"), "--name", name],
+    )
+    .unwrap()
+}
+
+/// Revoking an edge at hub 1 cuts it off at hub 2, which it is connected to, within 2 s;
+/// hub 2 keeps the list across a restart; a hub enrolled after the revocation refuses the
+/// edge from its first handshake, before it ever met another hub.
+#[test]
+fn a_revocation_at_one_hub_reaches_the_other_and_hubs_enrolled_later() {
+    let d = Binaries::init().unwrap();
+    d.enroll("hub-2", "hub", &[]).unwrap();
+    d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
+    let hub1 = d.hub(&[]).unwrap();
+    let hub2 = extra_hub(&d, "hub-2", &[&hub1]);
+    let edge = d.edge("edge-1", &[&hub2], &[]).unwrap();
+    ureq::put(&edge.url("/v1/docs/app/before"))
+        .send_json(json!({"a": 1}))
+        .unwrap();
+    wait_for("the write at hub 1", Duration::from_secs(10), || {
+        has(&hub1, "/v1/docs/app/before")
+    });
+    assert!(status(&hub2)["revocation_list_number"].is_null());
+
+    let out = revoke(&d, "edge-1");
+    assert!(out.contains("revocation list number 1"), "{out}");
+    let took = wait_for("hub 2 to cut the edge off", Duration::from_secs(2), || {
+        !connected(&hub2, "edge-1")
+    });
+    println!(
+        "hub 2 cut the edge off {} ms after `revoke`",
+        took.as_millis()
+    );
+    assert_eq!(status(&hub2)["revocation_list_number"], 1);
+    assert_eq!(status(&hub2)["revoked_certificates"], 1);
+    assert!(
+        std::path::Path::new(&d.path("hub-2/crl.pem")).exists(),
+        "hub 2 keeps the list it took up"
+    );
+    assert_eq!(
+        status(&edge)["revocation_list_number"],
+        1,
+        "the edge was told"
+    );
+    ureq::put(&edge.url("/v1/docs/app/after"))
+        .send_json(json!({"a": 2}))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!connected(&hub2, "edge-1"), "the edge came back");
+    assert!(!has(&hub2, "/v1/docs/app/after"));
+
+    // Hub 2 restarted (hub 1 down, so nobody can tell it again) still refuses the edge.
+    hub1.kill();
+    let listen = hub2.quic.to_string();
+    hub2.kill();
+    let bundle = d.path("hub-2.pem");
+    let hub2 = d
+        .hub_at("hub-2", &listen, &["--bundle", bundle.as_str()])
+        .unwrap();
+    let edge_again = edge_from(&d, "edge-1", "edge-1-again", &hub2);
+    wait_for(
+        "a refused handshake at hub 2",
+        Duration::from_secs(5),
+        || metric(&hub2, "tidesync_handshake_failures_total") >= 1.0,
+    );
+    assert!(!ever_seen(&hub2, "edge-1"), "a restart readmitted the edge");
+    drop(edge_again);
+    drop(hub2);
+
+    // A hub enrolled after the revocation starts with the list in its bundle.
+    d.enroll("hub-3", "hub", &[]).unwrap();
+    let hub3 = extra_hub(&d, "hub-3", &[]);
+    assert_eq!(status(&hub3)["revocation_list_number"], 1);
+    let edge_again = edge_from(&d, "edge-1", "edge-1-third", &hub3);
+    wait_for(
+        "a refused handshake at hub 3",
+        Duration::from_secs(5),
+        || metric(&hub3, "tidesync_handshake_failures_total") >= 1.0,
+    );
+    assert!(!ever_seen(&hub3, "edge-1"));
+    drop(edge_again);
+}
+
+/// Revoking a hub: the hub it peers with refuses it and hands it the list; the revoked
+/// hub passes the list on to its edges, which drop it and fail over to the next hub.
+#[test]
+fn edges_drop_a_revoked_hub_and_fail_over() {
+    let d = Binaries::init().unwrap();
+    d.enroll("hub-2", "hub", &[]).unwrap();
+    d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
+    let hub1 = d.hub(&[]).unwrap();
+    let hub2 = extra_hub(&d, "hub-2", &[&hub1]);
+    // The edge prefers hub 2.
+    let edge = d.edge("edge-1", &[&hub2, &hub1], &[]).unwrap();
+    wait_for("the edge at hub 2", Duration::from_secs(10), || {
+        connected(&hub2, "edge-1")
+    });
+    assert!(!connected(&hub1, "edge-1"));
+
+    revoke(&d, "hub-2");
+    let took = wait_for("the edge at hub 1", Duration::from_secs(10), || {
+        connected(&hub1, "edge-1")
+    });
+    println!(
+        "the edge failed over {} ms after `revoke`",
+        took.as_millis()
+    );
+    assert!(!connected(&hub1, "hub-2"), "hub 1 still talks to hub 2");
+    assert_eq!(status(&edge)["revocation_list_number"], 1);
+    // It stays away from hub 2, though hub 2 is first in its list.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !connected(&hub2, "edge-1"),
+        "the edge went back to the revoked hub"
+    );
+    ureq::put(&edge.url("/v1/docs/app/after"))
+        .send_json(json!({"a": 1}))
+        .unwrap();
+    wait_for("a write through hub 1", Duration::from_secs(5), || {
+        has(&hub1, "/v1/docs/app/after")
+    });
+    assert!(!has(&hub2, "/v1/docs/app/after"));
+}
