@@ -249,15 +249,29 @@ async fn watch_bundle(path: PathBuf, node: Node, stop: CancellationToken) {
     }
 }
 
-/// Re-reads the revocation file of a running node. Anything but a readable, well-formed
-/// file keeps the list as it is and says so (log, `/v1/status`, `/metrics`): a deleted or
-/// damaged file never readmits anyone, and a list only shrinks at a restart.
-fn reread_revocations(path: &std::path::Path, revocations: &Revocations) {
-    let read = if path.exists() {
+/// Re-reads the revocation file of a running node, for [`apply_revocations`].
+fn reread_revocations(
+    path: &std::path::Path,
+    revocations: &Revocations,
+) -> Result<Vec<NodeId>, String> {
+    if path.exists() {
         read_revocations(path).map_err(|e| e.to_string())
+    } else if revocations.ids().is_empty() {
+        // Never written, or it listed nobody: nothing is lost.
+        Ok(Vec::new())
     } else {
         Err("the file is missing".to_owned())
-    };
+    }
+}
+
+/// Puts what [`reread_revocations`] read in force. Anything but a readable, well-formed
+/// file keeps the list as it is and says so (log, `/v1/status`, `/metrics`): a deleted or
+/// damaged file never readmits anyone, and a list only shrinks at a restart.
+fn apply_revocations(
+    path: &std::path::Path,
+    read: Result<Vec<NodeId>, String>,
+    revocations: &Revocations,
+) {
     match read {
         Ok(mut ids) => {
             ids.extend(revocations.ids());
@@ -332,6 +346,7 @@ fn reread_crl(
     if unchanged {
         return;
     }
+    let had_file = matches!(last, Some(Some(_)));
     *last = Some(bytes.clone());
     let read = match bytes {
         Some(b) => parse_crl_file(&b, ca).map(Some),
@@ -349,19 +364,22 @@ fn reread_crl(
                     in_force,
                     "an older revocation list was put in place of the newer one; rewriting it"
                 );
-                revocations.rewrite();
+                revocations.write_file();
             } else {
                 revocations.take_up(crl);
             }
         }
         Ok(None) => {
-            if in_force.is_some() {
+            if in_force.is_some() && !had_file {
+                // The first list this node took up: the keeper writes it too.
+                revocations.write_file();
+            } else if in_force.is_some() {
                 tracing::warn!(
                     path = %path.display(),
                     in_force,
                     "the revocation list file is missing; rewriting it from the list in force"
                 );
-                revocations.rewrite();
+                revocations.write_file();
             }
         }
         Err(e) => {
@@ -460,15 +478,21 @@ impl Daemon {
             tasks.push(tokio::spawn(async move {
                 let mut last_read = None;
                 loop {
+                    // `revoke` writes the list, then the name: read in the other order and
+                    // put in force in the same, a name found here has its list in force
+                    // first, so the connection it cuts off is handed the list.
+                    let ids = ids_file
+                        .as_ref()
+                        .map(|path| (path, reread_revocations(path, &revocations)));
                     if let Some(path) = &crl_file {
                         reread_crl(path, &revocations, &ca, &mut last_read);
+                    }
+                    if let Some((path, read)) = ids {
+                        apply_revocations(path, read, &revocations);
                     }
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(REVOCATION_POLL) => {}
-                    }
-                    if let Some(path) = &ids_file {
-                        reread_revocations(path, &revocations);
                     }
                 }
             }));

@@ -320,12 +320,18 @@ fn with_current_list(
 
 /// Revokes every certificate issued to `name`: adds their serials to the deployment's
 /// revocation list (signed, numbered one past the last), and the name to the `revoked`
-/// file that hubs running from `data` also read.
+/// file that hubs running from `data` also read. The list is written first, so a hub that
+/// reads both finds the list as soon as the name, and can hand it to the node it cuts off.
 fn revoke(data: &Path, name: &str) -> Result<()> {
     let node = NodeId::new(name).context("--name")?;
     let path = data.join(REVOKED);
     let mut ids =
         read_revocations(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let signed = if data.join(CA_KEY).exists() {
+        Some(revoke_in_list(data, &node)?)
+    } else {
+        None
+    };
     if !ids.contains(&node) {
         ids.push(node.clone());
         let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
@@ -333,53 +339,6 @@ fn revoke(data: &Path, name: &str) -> Result<()> {
         // list, and a crash never loses a revocation that was reported done.
         write_private(&path, &text)?;
     }
-    if !data.join(CA_KEY).exists() {
-        println!(
-            "revoked {node} at hubs using {}; {} has no CA key, so no signed list was \
-             issued: run `revoke` with --data at the CA to revoke {node} at every node",
-            data.display(),
-            data.display()
-        );
-        return Ok(());
-    }
-    let ca = load_ca(data)?;
-    let old = current_list(data, &ca)?;
-    let mut entries = old
-        .as_ref()
-        .map(|c| c.entries().to_vec())
-        .unwrap_or_default();
-    let serials: Vec<Vec<u8>> = issued(data)?
-        .into_iter()
-        .filter(|c| c.node == node.as_str())
-        .map(|c| c.serial)
-        .collect();
-    let now = std::time::SystemTime::now();
-    let mut added = 0;
-    for serial in &serials {
-        if !entries.iter().any(|e| &e.serial == serial) {
-            entries.push(Revoked {
-                serial: serial.clone(),
-                at: now,
-            });
-            added += 1;
-        }
-    }
-    if serials.is_empty() {
-        println!(
-            "revoked {node} at hubs using {} only: {} records no certificate issued to it",
-            data.display(),
-            data.join(ISSUED).display()
-        );
-        return Ok(());
-    }
-    if added == 0 {
-        println!("{node} is already revoked");
-        return Ok(());
-    }
-    let number = old.as_ref().map_or(1, |c| c.number() + 1);
-    let der = ca.revocation_list(number, &entries)?;
-    let crl = Crl::verify(&der, ca.cert_der()?.as_ref())?;
-    write_private(&data.join(CRL_FILE), &crl.to_pem())?;
     let here = if data.join(BUNDLE).exists() {
         "the hub running from here takes it up at once and passes it to every node".to_owned()
     } else {
@@ -388,9 +347,78 @@ fn revoke(data: &Path, name: &str) -> Result<()> {
              reaches every node"
         )
     };
-    println!(
-        "revoked {node} ({added} certificate(s)): revocation list number {number} in {}; {here}",
-        data.join(CRL_FILE).display()
-    );
+    match signed {
+        None => println!(
+            "revoked {node} at hubs using {}; {} has no CA key, so no signed list was \
+             issued: run `revoke` with --data at the CA to revoke {node} at every node",
+            data.display(),
+            data.display()
+        ),
+        Some(Listed::NoCertificates) => println!(
+            "revoked {node} at hubs using {} only: {} records no certificate issued to it",
+            data.display(),
+            data.join(ISSUED).display()
+        ),
+        Some(Listed::Already(number)) => println!(
+            "{node} is already revoked (revocation list number {number} in {}); {here}",
+            data.join(CRL_FILE).display()
+        ),
+        Some(Listed::Added {
+            certificates,
+            number,
+        }) => println!(
+            "revoked {node} ({certificates} certificate(s)): revocation list number {number} \
+             in {}; {here}",
+            data.join(CRL_FILE).display()
+        ),
+    }
     Ok(())
+}
+
+/// What [`revoke_in_list`] did.
+enum Listed {
+    /// The registry records no certificate of the node.
+    NoCertificates,
+    /// Every certificate of the node is on the list numbered so already.
+    Already(u64),
+    /// A new list, numbered so, adds this many certificates.
+    Added { certificates: usize, number: u64 },
+}
+
+/// Issues a new revocation list in `ca_dir` that adds every certificate the registry
+/// records for `node`.
+fn revoke_in_list(ca_dir: &Path, node: &NodeId) -> Result<Listed> {
+    let ca = load_ca(ca_dir)?;
+    let old = current_list(ca_dir, &ca)?;
+    let mut entries = old
+        .as_ref()
+        .map(|c| c.entries().to_vec())
+        .unwrap_or_default();
+    let serials: Vec<Vec<u8>> = issued(ca_dir)?
+        .into_iter()
+        .filter(|c| c.node == node.as_str())
+        .map(|c| c.serial)
+        .collect();
+    if serials.is_empty() {
+        return Ok(Listed::NoCertificates);
+    }
+    let now = std::time::SystemTime::now();
+    let mut certificates = 0;
+    for serial in serials {
+        if !entries.iter().any(|e| e.serial == serial) {
+            entries.push(Revoked { serial, at: now });
+            certificates += 1;
+        }
+    }
+    if certificates == 0 {
+        return Ok(Listed::Already(old.as_ref().map_or(0, Crl::number)));
+    }
+    let number = old.as_ref().map_or(1, |c| c.number() + 1);
+    let der = ca.revocation_list(number, &entries)?;
+    let crl = Crl::verify(&der, ca.cert_der()?.as_ref())?;
+    write_private(&ca_dir.join(CRL_FILE), &crl.to_pem())?;
+    Ok(Listed::Added {
+        certificates,
+        number,
+    })
 }

@@ -329,13 +329,15 @@ pub async fn run(
             tracing::warn!(peer = %peer_id, error = %e, "closing connection: protocol error");
             cut_off(&ctx.store, &mut writing).await;
             let _ = queue.push(Bytes::from(e.to_message().encode()));
-            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, queue.deliver()).await;
+            last_words(&conn, &mut queue).await;
             conn.close(CLOSE_PROTOCOL.into(), e.reason.as_bytes());
         }
         Err(DriverError::Revoked) => {
             tracing::warn!(peer = %peer_id, "closing connection: peer revoked");
             cut_off(&ctx.store, &mut writing).await;
-            tell_revoked(&mut queue, &ctx.revocations, lists.peer_holds).await;
+            if tell_revoked(&mut queue, &ctx.revocations, lists.peer_holds) {
+                last_words(&conn, &mut queue).await;
+            }
             conn.close(CLOSE_REVOKED.into(), b"revoked");
         }
         Err(e) => tracing::info!(peer = %peer_id, error = %e, "connection ended"),
@@ -355,18 +357,29 @@ pub async fn run(
 /// it), and gives it a moment to read it: an honest node whose certificate was revoked
 /// (a hub retired, or whose bundle leaked) passes the list on to its own peers, which
 /// then drop it and fail over.
-async fn tell_revoked(queue: &mut SendQueue, revocations: &Revocations, peer_holds: u64) {
+/// Returns whether there was a list to queue.
+fn tell_revoked(queue: &mut SendQueue, revocations: &Revocations, peer_holds: u64) -> bool {
     let Some(crl) = revocations.crl().filter(|c| c.number() > peer_holds) else {
-        return;
+        return false;
     };
     let frame = Message::Revocations {
         crl: crl.der().to_vec(),
     }
     .encode();
-    if queue.push(Bytes::from(frame)).is_err() {
-        return;
-    }
-    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, queue.deliver()).await;
+    queue.push(Bytes::from(frame)).is_ok()
+}
+
+/// Delivers the frames queued last (an error, a revocation list) before the connection is
+/// closed: a close that overtakes them discards what the peer has not read yet. An honest
+/// peer reads to the end of the stream and then closes the connection itself; one that
+/// does not is given [`CLOSE_WRITE_TIMEOUT`].
+async fn last_words(conn: &quinn::Connection, queue: &mut SendQueue) {
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+        if queue.deliver().await.is_ok() {
+            conn.closed().await;
+        }
+    })
+    .await;
 }
 
 /// Abandons the dropped peer's writes still queued at the store, and waits until the
@@ -528,8 +541,7 @@ impl SendQueue {
     }
 
     /// Writes everything queued, ends the stream, and waits until the peer has
-    /// acknowledged all of it: a connection closed before then may never deliver the last
-    /// frames (an error's reason, the list that revokes the peer).
+    /// acknowledged all of it.
     async fn deliver(&mut self) -> Result<(), DriverError> {
         self.finish().await?;
         let _ = self.stream.stopped().await;

@@ -96,6 +96,62 @@ pub enum NetError {
     Revocations(#[from] super::crl::CrlError),
 }
 
+/// Takes up the revocation list kept in the store, and returns its number (0: none).
+fn take_up_kept(store: &Store, bundle: &Bundle, revocations: &Revocations) -> u64 {
+    let kept = match store.revocation_list() {
+        Ok(Some(der)) => der,
+        Ok(None) => return 0,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the revocation list kept in the store");
+            return 0;
+        }
+    };
+    match revocations.offer(&kept, bundle.ca_der()) {
+        Ok(_) => revocations.crl().map_or(0, |c| c.number()),
+        Err(e) => {
+            tracing::error!(error = %e, "the revocation list kept in the store is not valid; ignoring it");
+            0
+        }
+    }
+}
+
+/// Keeps every newer revocation list the node takes up, in the store and in the file the
+/// daemon named, so a restart starts from it even if one of the two is lost. `kept` is the
+/// number already in the store. Runs until the node stops, keeping the last list then.
+async fn keep_revocations(
+    revocations: Revocations,
+    store: Store,
+    mut kept: u64,
+    stop: CancellationToken,
+) {
+    let mut changes = revocations.subscribe();
+    let mut file_written = 0;
+    loop {
+        let stopping = tokio::select! {
+            changed = changes.changed() => changed.is_err(),
+            () = stop.cancelled() => true,
+        };
+        if let Some(crl) = revocations.crl() {
+            if crl.number() > kept {
+                match store.set_revocation_list(crl.der().to_vec()).await {
+                    Ok(()) => kept = crl.number(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot keep the revocation list in the store")
+                    }
+                }
+            }
+            if crl.number() > file_written {
+                let r = revocations.clone();
+                let _ = tokio::task::spawn_blocking(move || r.write_file()).await;
+                file_written = crl.number();
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
 /// Takes up the revocation list `bundle` carries, if it is newer than the one in force.
 fn take_up_bundled(bundle: &Bundle, revocations: &Revocations) -> Result<(), NetError> {
     if let Some(der) = bundle.revocations_der() {
@@ -265,6 +321,7 @@ impl Node {
     /// Binds the endpoint and starts accepting and dialing. Must run inside tokio.
     pub fn start(store: Store, cfg: NodeConfig) -> Result<Self, NetError> {
         let identity = cfg.bundle.identity()?;
+        let kept = take_up_kept(&store, &cfg.bundle, &cfg.revocations);
         take_up_bundled(&cfg.bundle, &cfg.revocations)?;
         let client = tls::client_config(&cfg.bundle, &cfg.revocations)?;
         let mut endpoint = match cfg.listen {
@@ -297,6 +354,12 @@ impl Node {
                 tasks: Mutex::new(JoinSet::new()),
             }),
         };
+        {
+            let (store, revocations) =
+                (node.inner.store.clone(), node.inner.cfg.revocations.clone());
+            let stop = node.inner.cancel.clone();
+            node.spawn(keep_revocations(revocations, store, kept, stop));
+        }
         if node.inner.cfg.listen.is_some() {
             let n = node.clone();
             node.spawn(async move { n.accept_loop().await });
@@ -609,6 +672,8 @@ impl Node {
         scfg.subscriptions = self.inner.cfg.subscriptions.clone();
         scfg.max_inbound_bytes = self.inner.cfg.max_inbound_bytes;
         let session = Session::new(scfg, identity, record, store.last_seq());
+        // Counters add up over reconnects: this connection's frames are the difference.
+        let received_before = counters.messages_received.load(Ordering::Relaxed);
         let ctx = DriverContext {
             store: store.clone(),
             revocations: self.inner.cfg.revocations.clone(),
@@ -634,7 +699,7 @@ impl Node {
                 }
             }
         }
-        counters.messages_received.load(Ordering::Relaxed) > 0
+        counters.messages_received.load(Ordering::Relaxed) > received_before
     }
 }
 

@@ -89,8 +89,9 @@ impl Revocations {
     }
 
     /// Checks the revocation list `der` against the deployment CA `ca` (DER) and puts it in
-    /// force if it is newer than the one in force (a larger CRL number), then writes it
-    /// where [`Revocations::persist_to`] said. A list that fails the check changes nothing.
+    /// force if it is newer than the one in force (a larger CRL number). A list that fails
+    /// the check changes nothing. (The node keeps what it takes up: see
+    /// [`Revocations::write_file`].)
     pub fn offer(&self, der: &[u8], ca: &[u8]) -> Result<Offered, CrlError> {
         if self.crl().is_some_and(|c| c.der() == der) {
             return Ok(Offered::NotNewer);
@@ -114,13 +115,13 @@ impl Revocations {
         }
         tracing::info!(number, "took up a newer revocation list");
         self.notify();
-        self.persist();
         Offered::TakenUp
     }
 
-    /// Writes the list in force to the persist file. The newest list is written whoever
-    /// calls, under the file's lock, so the file never goes back to an older one.
-    fn persist(&self) {
+    /// Writes the list in force to the file [`Revocations::persist_to`] named (durably: it
+    /// fsyncs, so call it off the async threads). The newest list is written whoever calls,
+    /// under the file's lock, so the file never goes back to an older one.
+    pub fn write_file(&self) {
         let Ok(file) = self.inner.crl_file.lock() else {
             return;
         };
@@ -148,12 +149,6 @@ impl Revocations {
                 );
             }
         }
-    }
-
-    /// Writes the list in force to the persist file again (after the file was found
-    /// missing, damaged or older).
-    pub fn rewrite(&self) {
-        self.persist();
     }
 
     /// Records that the lists' `source` is unreadable (`Some(why)`) or readable again
@@ -242,7 +237,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_newer_signed_list_is_taken_up_and_it_is_written_durably() {
+    fn only_a_newer_signed_list_is_taken_up() {
         let ca = Ca::generate("t").expect("ca");
         let ca_der = ca.cert_der().expect("der");
         let id = NodeId::new("edge-1").expect("id");
@@ -258,6 +253,13 @@ mod tests {
         r.persist_to(file.clone());
 
         let first = ca.revocation_list(1, &[]).expect("crl");
+        let written = |r: &Revocations| {
+            r.write_file();
+            let on_disk = std::fs::read_to_string(&file).expect("written");
+            Crl::from_pem(&on_disk, &ca_der)
+                .expect("valid on disk")
+                .number()
+        };
         assert_eq!(r.offer(&first, &ca_der).expect("valid"), Offered::TakenUp);
         let second = ca.revocation_list(2, &[entry]).expect("crl");
         assert_eq!(r.offer(&second, &ca_der).expect("valid"), Offered::TakenUp);
@@ -272,8 +274,6 @@ mod tests {
         assert!(r.offer(&forged, &ca_der).is_err());
         assert_eq!(r.crl().map(|c| c.number()), Some(2));
 
-        let on_disk = std::fs::read_to_string(&file).expect("written");
-        let crl = Crl::from_pem(&on_disk, &ca_der).expect("valid on disk");
-        assert_eq!(crl.number(), 2);
+        assert_eq!(written(&r), 2);
     }
 }

@@ -35,7 +35,7 @@ use crate::error::{ModelError, StoreError};
 use crate::model::{self, json, Conflict, Cursor, DocId, Namespace, NodeId, SyncPeer};
 use crate::sync::{Applied, Apply, EarlyDoc, LoadedDoc};
 use cache::{CachedDoc, DocCache};
-use schema::{DocMeta, CHUNKS, DOCS, FEED, PEERS, SYNC_STATE};
+use schema::{DocMeta, CHUNKS, DOCS, FEED, KEY_REVOCATION_LIST, META, PEERS, SYNC_STATE};
 use writer::{load_chunks, Answer, WriteOp, WriteRequest, Writer};
 
 /// Settings of a [`Store`]. The defaults suit an edge device; hubs raise the caches.
@@ -331,6 +331,23 @@ impl Store {
             cursor,
         };
         self.submit(None, op, None).await.map(|_| ())
+    }
+
+    /// Keeps the deployment's revocation list (a CRL, DER) with the data, so a node that
+    /// lost its `crl.pem` still starts with it.
+    pub async fn set_revocation_list(&self, der: Vec<u8>) -> Result<(), StoreError> {
+        let op = WriteOp::SetMeta {
+            key: KEY_REVOCATION_LIST,
+            value: der,
+        };
+        self.submit(None, op, None).await.map(|_| ())
+    }
+
+    /// The revocation list kept by [`Store::set_revocation_list`], unchecked.
+    pub fn revocation_list(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get(KEY_REVOCATION_LIST)?.map(|v| v.value().to_vec()))
     }
 
     /// Waits until every write queued before this call was committed (or dropped, for a

@@ -3,7 +3,7 @@
 //!
 //! | table    | key                      | value                                   |
 //! |----------|--------------------------|-----------------------------------------|
-//! | `meta`   | `&str` name              | schema version, feed epoch (written once) |
+//! | `meta`   | `&str` name              | schema version, feed epoch (written once); the revocation list (a CRL, DER) |
 //! | `docs`   | `(namespace, doc id)`    | postcard [`DocMeta`]                    |
 //! | `chunks` | `(doc key, chunk no.)`   | Automerge bytes: a snapshot or changes  |
 //! | `feed`   | feed seq                 | `(namespace, doc id)`, once per doc      |
@@ -35,6 +35,7 @@ pub(crate) const SYNC_STATE: TableDefinition<(&str, u64), &[u8]> =
 pub(crate) const SCHEMA_VERSION: u32 = 1;
 pub(crate) const KEY_SCHEMA: &str = "schema_version";
 pub(crate) const KEY_EPOCH: &str = "feed_epoch";
+pub(crate) const KEY_REVOCATION_LIST: &str = "revocation_list";
 
 /// What the store keeps per document besides its Automerge bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

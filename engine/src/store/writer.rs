@@ -23,7 +23,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use super::cache::{CachedDoc, DocCache};
 use super::commit_times::CommitTimes;
 use super::schema::{
-    decode_cursor, encode_cursor, encode_heads, DocMeta, CHUNKS, DOCS, FEED, PEERS, SYNC_STATE,
+    decode_cursor, encode_cursor, encode_heads, DocMeta, CHUNKS, DOCS, FEED, META, PEERS,
+    SYNC_STATE,
 };
 use super::{sync_state, FeedSeq, StoreConfig, WriteOutcome};
 use crate::error::{ModelError, StoreError};
@@ -46,6 +47,9 @@ pub(crate) enum WriteOp {
     ApplySync { peer: SyncPeer, apply: Box<Apply> },
     /// Record how far this node has durably received a peer's feed. Targets no document.
     SetCursor { peer: NodeId, cursor: Cursor },
+    /// Keep a small node-level record (the revocation list) in the `meta` table. Targets
+    /// no document.
+    SetMeta { key: &'static str, value: Vec<u8> },
     /// Nothing: answered once every request queued before it was committed or dropped.
     Barrier,
 }
@@ -216,12 +220,15 @@ impl Writer {
         let mut txn = self.db.begin_write()?;
         let mut seqs = Vec::new();
         let mut any_changed = false;
+        // Cursors alone ride the next durable commit; node records do not wait for one.
+        let mut any_durable = false;
         {
             let mut docs = txn.open_table(DOCS)?;
             let mut chunks = txn.open_table(CHUNKS)?;
             let mut feed = txn.open_table(FEED)?;
             let mut index: HashMap<(Namespace, DocId), usize> = HashMap::new();
             let mut cursors: Vec<(NodeId, Cursor)> = Vec::new();
+            let mut metas: Vec<(&'static str, Vec<u8>)> = Vec::new();
             for req in batch.iter_mut() {
                 let op = std::mem::replace(&mut req.op, WriteOp::Delete);
                 // A peer's message whose session is gone (the peer was cut off) is dropped
@@ -233,8 +240,10 @@ impl Writer {
                     continue;
                 }
                 let Some(key) = req.doc.clone() else {
-                    if let WriteOp::SetCursor { peer, cursor } = op {
-                        cursors.push((peer, cursor));
+                    match op {
+                        WriteOp::SetCursor { peer, cursor } => cursors.push((peer, cursor)),
+                        WriteOp::SetMeta { key, value } => metas.push((key, value)),
+                        _ => {}
                     }
                     pending.push(Ok(Pending {
                         slot: None,
@@ -320,6 +329,14 @@ impl Writer {
                     states.insert((peer.id.as_str(), key), bytes.as_slice())?;
                 }
             }
+            if !metas.is_empty() {
+                // A record of the node (the revocation list) is kept durably at once.
+                any_durable = true;
+                let mut meta = txn.open_table(META)?;
+                for (key, value) in metas {
+                    meta.insert(key, value.as_slice())?;
+                }
+            }
             if !cursors.is_empty() {
                 let mut peers = txn.open_table(PEERS)?;
                 for (peer, cursor) in cursors {
@@ -338,7 +355,7 @@ impl Writer {
                 }
             }
         }
-        txn.set_durability(if any_changed {
+        txn.set_durability(if any_changed || any_durable {
             Durability::Immediate
         } else {
             Durability::None
@@ -548,7 +565,10 @@ fn apply_op(
             }
             w.doc = import(&w.doc, &bytes)?;
         }
-        WriteOp::ApplySync { .. } | WriteOp::SetCursor { .. } | WriteOp::Barrier => {}
+        WriteOp::ApplySync { .. }
+        | WriteOp::SetCursor { .. }
+        | WriteOp::SetMeta { .. }
+        | WriteOp::Barrier => {}
     }
     Ok(w.doc.get_heads())
 }
