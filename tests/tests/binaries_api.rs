@@ -466,6 +466,20 @@ fn data_directories_and_key_files_are_owner_only_under_umask_022() {
     ));
     ok(umask_022(
         "tidesync-hub",
+        &[
+            "enroll",
+            "--data",
+            &s("hub"),
+            "--name",
+            "edge-9",
+            "--role",
+            "edge",
+            "--out",
+            &s("edge-9.pem"),
+        ],
+    ));
+    ok(umask_022(
+        "tidesync-hub",
         &["revoke", "--data", &s("hub"), "--name", "edge-9"],
     ));
     let run_hub = || {
@@ -507,8 +521,15 @@ fn data_directories_and_key_files_are_owner_only_under_umask_022() {
         "edge",
     )
     .unwrap();
+    // The edge is handed the revocation list and keeps it.
+    wait_for("the edge's copy of the list", Duration::from_secs(10), || {
+        p("edge-1/crl.pem").exists()
+    });
     let expected = [
         ("hub", 0o700),
+        ("hub/issued", 0o600),
+        ("hub/crl.pem", 0o600),
+        ("edge-1/crl.pem", 0o600),
         ("hub/ca.pem", 0o600),
         ("hub/ca-key.pem", 0o600),
         ("hub/bundle.pem", 0o600),
