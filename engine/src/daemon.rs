@@ -357,13 +357,27 @@ fn reread_crl(
             if revocations.set_problem("crl", None) {
                 tracing::info!(path = %path.display(), "the revocation list file is valid again");
             }
-            if in_force.is_some_and(|n| n > crl.number()) {
-                tracing::warn!(
-                    path = %path.display(),
-                    found = crl.number(),
-                    in_force,
-                    "an older revocation list was put in place of the newer one; rewriting it"
-                );
+            if let Some(newer) = revocations.crl().filter(|c| c.number() > crl.number()) {
+                let lacking = crl
+                    .entries()
+                    .iter()
+                    .filter(|e| !newer.revokes(&e.serial))
+                    .count();
+                if lacking > 0 {
+                    // Lists of one CA only grow; this one was issued from another copy of
+                    // the CA directory, or with a clock set back.
+                    tracing::error!(
+                        path = %path.display(),
+                        found = crl.number(),
+                        in_force = newer.number(),
+                        lacking,
+                        "the revocation list file revokes certificates the newer list in force \
+                         does not; those are not refused. Run `tidesync-hub revoke` for them \
+                         again at the CA"
+                    );
+                }
+                // Older than the list in force (taken up from the store, a bundle or a
+                // peer since): the file gets the newer one.
                 revocations.write_file();
             } else {
                 revocations.take_up(crl);
@@ -416,7 +430,7 @@ impl Daemon {
             if let Some(crl) = crl {
                 revocations.take_up(crl);
             }
-            revocations.persist_to(path.clone());
+            revocations.persist_to(path.clone(), ca.clone());
         }
         let store =
             Store::open(&cfg.db_path, cfg.store.clone()).map_err(|source| DaemonError::Store {
@@ -475,21 +489,31 @@ impl Daemon {
         if cfg.revocation_file.is_some() || cfg.crl_file.is_some() {
             let (ids_file, crl_file) = (cfg.revocation_file.clone(), cfg.crl_file.clone());
             let stop = cancel.clone();
+            let ca = std::sync::Arc::new(ca);
             tasks.push(tokio::spawn(async move {
                 let mut last_read = None;
                 loop {
-                    // `revoke` writes the list, then the name: read in the other order and
-                    // put in force in the same, a name found here has its list in force
-                    // first, so the connection it cuts off is handed the list.
-                    let ids = ids_file
-                        .as_ref()
-                        .map(|path| (path, reread_revocations(path, &revocations)));
-                    if let Some(path) = &crl_file {
-                        reread_crl(path, &revocations, &ca, &mut last_read);
-                    }
-                    if let Some((path, read)) = ids {
-                        apply_revocations(path, read, &revocations);
-                    }
+                    // File reads, signature checks and fsyncs: off the async threads.
+                    let (ids_file, crl_file) = (ids_file.clone(), crl_file.clone());
+                    let (revocations, ca) = (revocations.clone(), ca.clone());
+                    let mut last = last_read.take();
+                    last_read = tokio::task::spawn_blocking(move || {
+                        // `revoke` writes the list, then the name: read in the other order
+                        // and put in force in the same, a name found here has its list in
+                        // force first, so the connection it cuts off is handed the list.
+                        let ids = ids_file
+                            .as_ref()
+                            .map(|path| (path, reread_revocations(path, &revocations)));
+                        if let Some(path) = &crl_file {
+                            reread_crl(path, &revocations, &ca, &mut last);
+                        }
+                        if let Some((path, read)) = ids {
+                            apply_revocations(path, read, &revocations);
+                        }
+                        last
+                    })
+                    .await
+                    .unwrap_or_default();
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(REVOCATION_POLL) => {}

@@ -14,8 +14,12 @@ pub const FILE_MODE: u32 = 0o600;
 /// renamed over `path`, and the directory synced, so a crash leaves the old file or the
 /// new one and a reader never sees half of it.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    // A name of this writer's own: two processes writing the same file (a running hub and
+    // `revoke`) never write into one temporary file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
+    name.push(format!(".tmp.{}.{n}", std::process::id()));
     let tmp = path.with_file_name(name);
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -45,6 +49,23 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
         fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Holds `dir`'s lock file (`.lock`, created if missing) exclusively until the returned
+/// file is dropped: the read-modify-write of a directory's shared files (the revocation
+/// list, the registry of issued certificates) by a running node and by `tidesync-hub`
+/// commands never interleave.
+pub fn lock_dir(dir: &Path) -> std::io::Result<fs::File> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(FILE_MODE);
+    }
+    let file = opts.open(dir.join(".lock"))?;
+    file.lock()?;
+    Ok(file)
 }
 
 /// Sets the permission bits of `path` (a no-op off Unix).

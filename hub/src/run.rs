@@ -159,6 +159,7 @@ fn enroll(
     if role == Role::Hub && !grants.is_empty() {
         bail!("hubs hold every grant; --grant is for edges");
     }
+    let _lock = files::lock(data)?;
     refuse_revoked(data, &node)?;
     let ca = load_ca(data)?;
     let bundle = ca.issue_for_days(&node, role, &grants, days)?;
@@ -177,6 +178,7 @@ fn enroll(
 fn renew_bundle(data: &Path, out: &Path, days: u32) -> Result<()> {
     let old = tidesync::net::Bundle::read(out)?;
     let identity = old.identity()?;
+    let _lock = files::lock(data)?;
     refuse_revoked(data, &identity.node_id)?;
     let ca = load_ca(data)?;
     let grants: Vec<Grant> = identity.grants.iter().cloned().collect();
@@ -272,8 +274,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.is_empty() {
-        bail!("odd length");
+    if !s.len().is_multiple_of(2) || s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("not hex digits in pairs");
     }
     (0..s.len())
         .step_by(2)
@@ -327,8 +329,12 @@ fn revoke(data: &Path, name: &str) -> Result<()> {
     let path = data.join(REVOKED);
     let mut ids =
         read_revocations(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Held for the whole read-modify-write: a running hub in this directory and other
+    // `enroll` or `revoke` runs wait for it.
+    let _lock = files::lock(data)?;
     let signed = if data.join(CA_KEY).exists() {
-        Some(revoke_in_list(data, &node)?)
+        // The name is revoked below even if no list can be issued.
+        Some(revoke_in_list(data, &node, &ids))
     } else {
         None
     };
@@ -346,6 +352,17 @@ fn revoke(data: &Path, name: &str) -> Result<()> {
             "copy it into the data directory of any running hub (as {CRL_FILE}); from there it \
              reaches every node"
         )
+    };
+    let signed = match signed {
+        Some(Err(e)) => {
+            return Err(e.context(format!(
+                "{node} is revoked at hubs using {} (their `revoked` file), but no signed \
+                 list was issued",
+                data.display()
+            )))
+        }
+        Some(Ok(listed)) => Some(listed),
+        None => None,
     };
     match signed {
         None => println!(
@@ -386,19 +403,25 @@ enum Listed {
 }
 
 /// Issues a new revocation list in `ca_dir` that adds every certificate the registry
-/// records for `node`.
-fn revoke_in_list(ca_dir: &Path, node: &NodeId) -> Result<Listed> {
+/// records for `node`. It also lists every certificate of the names revoked before
+/// (`earlier`, the `revoked` file), so a list issued after `crl.pem` was lost or restored
+/// from an old copy drops none of them.
+fn revoke_in_list(ca_dir: &Path, node: &NodeId, earlier: &[NodeId]) -> Result<Listed> {
     let ca = load_ca(ca_dir)?;
     let old = current_list(ca_dir, &ca)?;
     let mut entries = old
         .as_ref()
         .map(|c| c.entries().to_vec())
         .unwrap_or_default();
-    let serials: Vec<Vec<u8>> = issued(ca_dir)?
-        .into_iter()
-        .filter(|c| c.node == node.as_str())
-        .map(|c| c.serial)
-        .collect();
+    let registry = issued(ca_dir)?;
+    let of = |name: &NodeId| -> Vec<Vec<u8>> {
+        registry
+            .iter()
+            .filter(|c| c.node == name.as_str())
+            .map(|c| c.serial.clone())
+            .collect()
+    };
+    let serials = of(node);
     if serials.is_empty() {
         return Ok(Listed::NoCertificates);
     }
@@ -410,10 +433,27 @@ fn revoke_in_list(ca_dir: &Path, node: &NodeId) -> Result<Listed> {
             certificates += 1;
         }
     }
+    for serial in earlier.iter().flat_map(of) {
+        if !entries.iter().any(|e| e.serial == serial) {
+            entries.push(Revoked { serial, at: now });
+        }
+    }
     if certificates == 0 {
         return Ok(Listed::Already(old.as_ref().map_or(0, Crl::number)));
     }
-    let number = old.as_ref().map_or(1, |c| c.number() + 1);
+    // Numbers follow the clock in milliseconds (and always grow): a list issued from a CA directory whose
+    // crl.pem was lost or restored from an old copy still outnumbers every earlier one.
+    let now_ms = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let next = match &old {
+        Some(c) => c
+            .number()
+            .checked_add(1)
+            .context("the revocation list number is exhausted")?,
+        None => 1,
+    };
+    let number = next.max(now_ms);
     let der = ca.revocation_list(number, &entries)?;
     let crl = Crl::verify(&der, ca.cert_der()?.as_ref())?;
     write_private(&ca_dir.join(CRL_FILE), &crl.to_pem())?;

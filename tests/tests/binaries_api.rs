@@ -522,9 +522,11 @@ fn data_directories_and_key_files_are_owner_only_under_umask_022() {
     )
     .unwrap();
     // The edge is handed the revocation list and keeps it.
-    wait_for("the edge's copy of the list", Duration::from_secs(10), || {
-        p("edge-1/crl.pem").exists()
-    });
+    wait_for(
+        "the edge's copy of the list",
+        Duration::from_secs(10),
+        || p("edge-1/crl.pem").exists(),
+    );
     let expected = [
         ("hub", 0o700),
         ("hub/issued", 0o600),
@@ -825,4 +827,57 @@ fn the_ca_key_can_stay_offline() {
         ],
     );
     assert!(e.is_err());
+}
+
+/// Regression: endpoints were built with quinn's random stateless-reset key, so a hub
+/// killed and restarted on the same port could not reset its edges' old connections, and
+/// they waited out the idle timeout (19.5 s measured) before dialing again. With the key
+/// derived from the node's own key, the restarted hub resets them at their next packet:
+/// at once when the edge has something to send, within a keep-alive (5 s) when idle.
+#[test]
+fn edges_reconnect_at_once_to_a_hub_killed_and_restarted_on_its_port() {
+    let d = Binaries::init().unwrap();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let hub = d.hub_at("hub", &listen, &[]).unwrap();
+    d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
+    d.enroll("edge-2", "edge", &["*=rw"]).unwrap();
+    let busy = d.edge("edge-1", &[&hub], &[]).unwrap();
+    let idle = d.edge("edge-2", &[&hub], &[]).unwrap();
+    let connected = |hub: &Proc, id: &str| {
+        status(hub)["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["node_id"] == id && p["connected"] == true)
+    };
+    wait_for("both edges connected", Duration::from_secs(10), || {
+        connected(&hub, "edge-1") && connected(&hub, "edge-2")
+    });
+
+    hub.kill();
+    let hub = d.hub_at("hub", &listen, &[]).unwrap();
+    let restarted = Instant::now();
+    // edge-1 writes: its next packet meets the new hub, which resets the old connection.
+    ureq::put(&busy.url("/v1/docs/app/after-restart"))
+        .send_json(json!({"a": 1}))
+        .unwrap();
+    wait_for("the busy edge back", Duration::from_secs(2), || {
+        connected(&hub, "edge-1")
+    });
+    let busy_back = restarted.elapsed();
+    wait_for("its write at the hub", Duration::from_secs(2), || {
+        ureq::get(&hub.url("/v1/docs/app/after-restart"))
+            .call()
+            .is_ok()
+    });
+    // edge-2 is idle: its next keep-alive (every 5 s) is reset.
+    wait_for("the idle edge back", Duration::from_secs(8), || {
+        connected(&hub, "edge-2")
+    });
+    println!(
+        "after the restart: busy edge back in {} ms, idle edge in {} ms",
+        busy_back.as_millis(),
+        restarted.elapsed().as_millis()
+    );
+    drop(idle);
 }

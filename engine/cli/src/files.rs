@@ -36,6 +36,12 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Holds `dir`'s lock (see [`tidesync::files::lock_dir`]) until the returned file is
+/// dropped.
+pub fn lock(dir: &Path) -> Result<fs::File> {
+    tidesync::files::lock_dir(dir).with_context(|| format!("cannot lock {}", dir.display()))
+}
+
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     tidesync::files::set_mode(path, mode)
         .with_context(|| format!("cannot set the mode of {}", path.display()))
@@ -65,7 +71,12 @@ mod tests {
         write_private(&key, b"new").expect("write");
         assert_eq!(mode(&key), 0o600);
         assert_eq!(fs::read(&key).expect("read"), b"new");
-        assert!(!dir.join("key.pem.tmp").exists());
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
 
         let db = dir.join("node.redb");
         fs::write(&db, "").expect("write");

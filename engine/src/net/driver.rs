@@ -157,7 +157,16 @@ async fn lists_changed(changes: &mut watch::Receiver<u64>) {
 struct ListExchange {
     ca: Arc<[u8]>,
     peer_holds: u64,
+    /// Offers from the peer in the current window, and when the window began: each
+    /// offer costs a parse and a signature check, and an honest peer offers a list only
+    /// when it takes up a new one.
+    offers: u32,
+    window: Instant,
 }
+
+/// Most lists a peer may offer per [`OFFER_WINDOW`].
+const MAX_OFFERS: u32 = 8;
+const OFFER_WINDOW: Duration = Duration::from_secs(10);
 
 impl ListExchange {
     /// Offers the peer the list in force if it may not hold it yet.
@@ -180,6 +189,17 @@ impl ListExchange {
         let Some(der) = session.take_offered_revocations() else {
             return Ok(());
         };
+        let now = Instant::now();
+        if now.duration_since(self.window) > OFFER_WINDOW {
+            (self.window, self.offers) = (now, 0);
+        }
+        self.offers += 1;
+        if self.offers > MAX_OFFERS {
+            return Err(ProtocolError::protocol(format!(
+                "more than {MAX_OFFERS} revocation lists in {} s",
+                OFFER_WINDOW.as_secs()
+            )));
+        }
         let offered = revocations
             .offer(&der, &self.ca)
             .map_err(|e| ProtocolError::protocol(format!("revocation list: {e}")))?;
@@ -214,6 +234,7 @@ pub async fn run(
     mut revoked: watch::Receiver<u64>,
 ) -> Result<(), DriverError> {
     let peer_id = session.peer().node_id.clone();
+    // `Node::run_connection` refused a peer whose serial cannot be read.
     let serial = super::tls::peer_serial(&conn).unwrap_or_default();
     let peer = PeerCert {
         id: &peer_id,
@@ -247,6 +268,8 @@ pub async fn run(
     let mut lists = ListExchange {
         ca: ctx.ca.clone(),
         peer_holds: 0,
+        offers: 0,
+        window: Instant::now(),
     };
     lists.pass_on(&ctx.revocations, &mut session);
 
@@ -328,6 +351,7 @@ pub async fn run(
             counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %peer_id, error = %e, "closing connection: protocol error");
             cut_off(&ctx.store, &mut writing).await;
+            queue.discard_unsent();
             let _ = queue.push(Bytes::from(e.to_message().encode()));
             last_words(&conn, &mut queue).await;
             conn.close(CLOSE_PROTOCOL.into(), e.reason.as_bytes());
@@ -359,6 +383,7 @@ pub async fn run(
 /// then drop it and fail over.
 /// Returns whether there was a list to queue.
 fn tell_revoked(queue: &mut SendQueue, revocations: &Revocations, peer_holds: u64) -> bool {
+    queue.discard_unsent();
     let Some(crl) = revocations.crl().filter(|c| c.number() > peer_holds) else {
         return false;
     };
@@ -478,6 +503,10 @@ struct SendQueue {
     chunks: VecDeque<Bytes>,
     bytes: usize,
     max_frame: usize,
+    /// Chunks at the front that an urgent frame may not overtake nor a discard drop: the
+    /// first frame (the hello) until it is written, since the peer requires it first.
+    floor: usize,
+    pushed_any: bool,
 }
 
 impl SendQueue {
@@ -487,10 +516,59 @@ impl SendQueue {
             chunks: VecDeque::new(),
             bytes: 0,
             max_frame,
+            floor: 0,
+            pushed_any: false,
         }
     }
 
     fn push(&mut self, payload: Bytes) -> Result<(), ExecError> {
+        let [len, payload] = self.frame(payload)?;
+        self.bytes += len.len() + payload.len();
+        self.chunks.push_back(len);
+        self.chunks.push_back(payload);
+        if !self.pushed_any {
+            self.pushed_any = true;
+            self.floor = 2;
+        }
+        Ok(())
+    }
+
+    /// Queues a frame ahead of every frame not yet begun (a frame partly written is
+    /// finished first, so the stream stays framed): a revocation list must not wait behind
+    /// megabytes of documents.
+    fn push_urgent(&mut self, payload: Bytes) -> Result<(), ExecError> {
+        let [len, payload] = self.frame(payload)?;
+        let at = self.in_progress();
+        self.bytes += len.len() + payload.len();
+        self.chunks.insert(at, payload);
+        self.chunks.insert(at, len);
+        Ok(())
+    }
+
+    /// Drops every frame not yet begun: a peer being cut off gets nothing more than the
+    /// frame on the wire and what is queued after this.
+    fn discard_unsent(&mut self) {
+        self.chunks.truncate(self.in_progress());
+        self.bytes = self.chunks.iter().map(Bytes::len).sum();
+    }
+
+    /// How many chunks at the front belong to a frame partly written. Frames are queued as
+    /// two chunks (length, payload) and chunks leave the queue one by one as written, so an
+    /// odd count means the front payload's length is already out, and a front length
+    /// chunk shorter than 4 bytes is partly out.
+    fn in_progress(&self) -> usize {
+        let begun = if self.chunks.len() % 2 == 1 {
+            1
+        } else if self.chunks.front().is_some_and(|c| c.len() < 4) {
+            2
+        } else {
+            0
+        };
+        begun.max(self.floor).min(self.chunks.len())
+    }
+
+    /// The two chunks of one frame: its 4-byte big-endian length, then the payload.
+    fn frame(&self, payload: Bytes) -> Result<[Bytes; 2], ExecError> {
         let len = u32::try_from(payload.len())
             .ok()
             .filter(|&len| len as usize <= self.max_frame)
@@ -501,11 +579,7 @@ impl SendQueue {
                     self.max_frame
                 ))
             })?;
-        self.bytes += 4 + payload.len();
-        self.chunks
-            .push_back(Bytes::copy_from_slice(&len.to_be_bytes()));
-        self.chunks.push_back(payload);
-        Ok(())
+        Ok([Bytes::copy_from_slice(&len.to_be_bytes()), payload])
     }
 
     fn is_empty(&self) -> bool {
@@ -528,6 +602,7 @@ impl SendQueue {
         // Fully written chunks were emptied; a partly written one keeps its suffix.
         while self.chunks.front().is_some_and(Bytes::is_empty) {
             self.chunks.pop_front();
+            self.floor = self.floor.saturating_sub(1);
         }
         Ok(())
     }
@@ -570,12 +645,17 @@ struct Frames<'a> {
 
 impl Outbox for Frames<'_> {
     async fn send(&mut self, msg: Message) -> Result<(), ExecError> {
+        let urgent = matches!(msg, Message::Revocations { .. });
         let bytes = msg.encode();
         self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_sent
             .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
-        self.queue.push(Bytes::from(bytes))?;
+        if urgent {
+            self.queue.push_urgent(Bytes::from(bytes))?;
+        } else {
+            self.queue.push(Bytes::from(bytes))?;
+        }
         if self.queue.bytes >= WRITE_DURING_DRAIN {
             self.queue
                 .write_ready()

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use serde_json::{json, Value};
 
 use super::counters::{PeerCounters, PeerCounts};
+use super::crl::Crl;
 use super::driver::{self, DriverContext, CLOSE_REPLACED, CLOSE_SHUTDOWN};
 use super::pki::{Bundle, TlsError, SERVER_NAME};
 use super::tls::{self, Revocations};
@@ -106,8 +107,12 @@ fn take_up_kept(store: &Store, bundle: &Bundle, revocations: &Revocations) -> u6
             return 0;
         }
     };
-    match revocations.offer(&kept, bundle.ca_der()) {
-        Ok(_) => revocations.crl().map_or(0, |c| c.number()),
+    match Crl::verify(&kept, bundle.ca_der()) {
+        Ok(crl) => {
+            let number = crl.number();
+            revocations.take_up(crl);
+            number
+        }
         Err(e) => {
             tracing::error!(error = %e, "the revocation list kept in the store is not valid; ignoring it");
             0
@@ -126,11 +131,10 @@ async fn keep_revocations(
 ) {
     let mut changes = revocations.subscribe();
     let mut file_written = 0;
+    // The first round keeps what the node started with (its file, its bundle), which may
+    // be newer than the store's copy.
+    let mut stopping = false;
     loop {
-        let stopping = tokio::select! {
-            changed = changes.changed() => changed.is_err(),
-            () = stop.cancelled() => true,
-        };
         if let Some(crl) = revocations.crl() {
             if crl.number() > kept {
                 match store.set_revocation_list(crl.der().to_vec()).await {
@@ -149,6 +153,10 @@ async fn keep_revocations(
         if stopping {
             return;
         }
+        stopping = tokio::select! {
+            changed = changes.changed() => changed.is_err(),
+            () = stop.cancelled() => true,
+        };
     }
 }
 
@@ -324,17 +332,26 @@ impl Node {
         let kept = take_up_kept(&store, &cfg.bundle, &cfg.revocations);
         take_up_bundled(&cfg.bundle, &cfg.revocations)?;
         let client = tls::client_config(&cfg.bundle, &cfg.revocations)?;
-        let mut endpoint = match cfg.listen {
-            Some(addr) => {
-                let server = tls::server_config(&cfg.bundle, &cfg.revocations)?;
-                quinn::Endpoint::server(server, addr)
-                    .map_err(|source| NetError::Bind { addr, source })?
-            }
-            None => {
-                let addr = SocketAddr::from(([0, 0, 0, 0], 0));
-                quinn::Endpoint::client(addr).map_err(|source| NetError::Bind { addr, source })?
-            }
+        let (addr, server) = match cfg.listen {
+            Some(addr) => (
+                addr,
+                Some(tls::server_config(&cfg.bundle, &cfg.revocations)?),
+            ),
+            None => (SocketAddr::from(([0, 0, 0, 0], 0)), None),
         };
+        let bind = |source| NetError::Bind { addr, source };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| {
+            bind(std::io::Error::other(
+                "no async runtime to run the endpoint on",
+            ))
+        })?;
+        // The endpoint's stateless-reset key comes from the node's key, so a node restarted
+        // on the same address resets its peers' old connections at their next packet
+        // instead of leaving them to the idle timeout.
+        let mut endpoint =
+            quinn::Endpoint::new(tls::endpoint_config(&cfg.bundle), server, socket, runtime)
+                .map_err(bind)?;
         endpoint.set_default_client_config(client.clone());
         let cert_not_after = cfg.bundle.not_after().ok();
         let ca: Arc<[u8]> = Arc::from(cfg.bundle.ca_der().as_ref());
@@ -614,13 +631,11 @@ impl Node {
         };
         // Subscribed before the check, so no revocation after it goes unseen.
         let revoked = self.inner.cfg.revocations.subscribe();
-        let serial = tls::peer_serial(&conn).unwrap_or_default();
-        if self
-            .inner
-            .cfg
-            .revocations
-            .refuses(&identity.node_id, &serial)
-        {
+        // The handshake read the serial already; one that cannot be read is refused.
+        let revocations = &self.inner.cfg.revocations;
+        let refused = tls::peer_serial(&conn)
+            .is_none_or(|serial| revocations.refuses(&identity.node_id, &serial));
+        if refused {
             // The handshake checks this too; a list that changed meanwhile is caught here.
             self.inner
                 .handshake_failures

@@ -24,8 +24,9 @@ use crate::model::{Grant, Grants, Identity, NodeId, Role};
 /// The DNS name in every node certificate; dialers verify it.
 pub const SERVER_NAME: &str = "tidesync.node";
 
-/// Largest bundle file read, in bytes (a bundle is a few KB).
-pub const MAX_BUNDLE_FILE: u64 = 1 << 20;
+/// Largest bundle file read, in bytes: a bundle is a few KB, and the revocation list it
+/// may carry at most `MAX_REVOCATION_LIST` (1 MiB) of DER, 1.4 MiB as PEM.
+pub const MAX_BUNDLE_FILE: u64 = 4 << 20;
 
 /// How long a node certificate is valid unless `enroll --days` says otherwise.
 pub const DEFAULT_VALIDITY_DAYS: u32 = 365;

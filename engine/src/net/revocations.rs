@@ -27,9 +27,11 @@ pub struct Revocations {
 struct Inner {
     ids: RwLock<HashSet<NodeId>>,
     crl: RwLock<Option<Arc<Crl>>>,
-    /// Where a newly taken-up list is written (durably) so a restart keeps it. Held while
-    /// writing, so two writers never leave an older list on disk after a newer one.
-    crl_file: Mutex<Option<PathBuf>>,
+    /// Where a newly taken-up list is written (durably) so a restart keeps it, and the CA
+    /// certificate (DER) that signs lists. Held while writing, so two writers of this
+    /// process never leave an older list on disk after a newer one (other processes are
+    /// kept out by the directory's lock file).
+    crl_file: Mutex<Option<(PathBuf, Vec<u8>)>>,
     /// Why a source of the lists cannot be read, by source, while it cannot.
     problems: RwLock<BTreeMap<&'static str, String>>,
 }
@@ -58,10 +60,11 @@ impl Revocations {
         Self::default()
     }
 
-    /// Writes every list taken up from now on to `path` (durably, owner-only).
-    pub fn persist_to(&self, path: PathBuf) {
+    /// Writes every list taken up from now on to `path` (durably, owner-only), unless the
+    /// file already holds a list signed by `ca` (DER) that is as new.
+    pub fn persist_to(&self, path: PathBuf, ca: Vec<u8>) {
         if let Ok(mut f) = self.inner.crl_file.lock() {
-            *f = Some(path);
+            *f = Some((path, ca));
         }
     }
 
@@ -108,7 +111,20 @@ impl Revocations {
                 *cur = Some(Arc::new(crl));
                 true
             }
-            _ => false,
+            Ok(cur) => {
+                if cur
+                    .as_ref()
+                    .is_some_and(|c| c.number() == number && c.der() != crl.der())
+                {
+                    tracing::error!(
+                        number,
+                        "two different revocation lists carry the same number; this node keeps \
+                         the one it had. Issue a new list with `tidesync-hub revoke` at the CA"
+                    );
+                }
+                false
+            }
+            Err(_) => false,
         };
         if !taken {
             return Offered::NotNewer;
@@ -125,28 +141,39 @@ impl Revocations {
         let Ok(file) = self.inner.crl_file.lock() else {
             return;
         };
-        let Some(path) = file.as_ref() else {
+        let Some((path, ca)) = file.as_ref() else {
             return;
         };
         let Some(crl) = self.crl() else {
             return;
         };
-        match crate::files::write_private(path, crl.to_pem().as_bytes()) {
+        let written = (|| {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let _lock = crate::files::lock_dir(dir.unwrap_or(std::path::Path::new(".")))?;
+            // `revoke` may have put a newer list there since this node read it.
+            let on_disk = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| Crl::from_pem(&text, ca).ok());
+            if on_disk.is_some_and(|d| d.number() >= crl.number()) {
+                return Ok(());
+            }
+            crate::files::write_private(path, crl.to_pem().as_bytes())
+        })();
+        match written {
             Ok(()) => {
                 self.set_problem("crl-write", None);
             }
             Err(e) => {
-                tracing::error!(
-                    path = %path.display(),
-                    error = %e,
-                    number = crl.number(),
-                    "cannot write the revocation list; it is enforced, but a restart would \
-                     start from the older copy"
-                );
-                self.set_problem(
-                    "crl-write",
-                    Some(format!("cannot write {}: {e}", path.display())),
-                );
+                let why = format!("cannot write {}: {e}", path.display());
+                if self.set_problem("crl-write", Some(why)) {
+                    tracing::error!(
+                        path = %path.display(),
+                        error = %e,
+                        number = crl.number(),
+                        "cannot write the revocation list; it is enforced, and kept in the \
+                         database"
+                    );
+                }
             }
         }
     }
@@ -250,7 +277,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let file = dir.path().join("crl.pem");
         let r = Revocations::new();
-        r.persist_to(file.clone());
+        r.persist_to(file.clone(), ca_der.to_vec());
 
         let first = ca.revocation_list(1, &[]).expect("crl");
         let written = |r: &Revocations| {

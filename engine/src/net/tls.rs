@@ -35,13 +35,28 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A node restarted on the same address then answers packets of its old connections with
 /// a valid stateless reset, so peers learn at once that those connections are gone instead
 /// of waiting for the idle timeout. The key never leaves the node.
+///
+/// The connection-id generator's key comes from the node key too: quinn sends a reset
+/// only for connection ids its generator recognizes as its own, and with a random key
+/// (quinn's default) a restarted node recognizes none of its old ones.
 pub fn endpoint_config(bundle: &Bundle) -> quinn::EndpointConfig {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(b"tidesync quic stateless reset v1\0");
-    ctx.update(bundle.key_der().secret_der());
-    let seed = ctx.finish();
+    let derive = |label: &[u8]| {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(label);
+        ctx.update(bundle.key_der().secret_der());
+        ctx.finish()
+    };
+    let seed = derive(b"tidesync quic stateless reset v1\0");
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_ref());
-    quinn::EndpointConfig::new(Arc::new(key))
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    let cid = derive(b"tidesync quic connection ids v1\0");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -33,6 +33,9 @@ enum Scenario {
     Hostile,
     /// Every scenario in turn; one JSON object with each under its name.
     All,
+    /// The attacking process of `hostile` (started by it).
+    #[value(hide = true)]
+    HostileAttacker,
 }
 
 /// Tidesync benchmarks. Each scenario prints a table, then its figures as one JSON line.
@@ -53,6 +56,15 @@ struct Args {
     /// MiB the read-only peer floods in the `hostile` scenario.
     #[arg(long, default_value_t = 1024)]
     flood_mb: u64,
+    /// `hostile-attacker`: the hub to attack.
+    #[arg(long, hide = true)]
+    attack_hub: Option<std::net::SocketAddr>,
+    /// `hostile-attacker`: the flooding peer's bundle.
+    #[arg(long, hide = true)]
+    flood_bundle: Option<std::path::PathBuf>,
+    /// `hostile-attacker`: the attacking peer's bundle.
+    #[arg(long, hide = true)]
+    attack_bundle: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +74,7 @@ async fn main() -> Result<()> {
         let started = Instant::now();
         let mut all = Map::new();
         for s in Scenario::value_variants() {
-            if *s == Scenario::All {
+            if matches!(*s, Scenario::All | Scenario::HostileAttacker) {
                 continue;
             }
             let name = s
@@ -225,6 +237,16 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                 ],
             );
             out
+        }
+        Scenario::HostileAttacker => {
+            let (Some(hub), Some(flood), Some(attack)) =
+                (args.attack_hub, &args.flood_bundle, &args.attack_bundle)
+            else {
+                anyhow::bail!(
+                    "hostile-attacker needs --attack-hub, --flood-bundle, --attack-bundle"
+                );
+            };
+            hostile::attacker(hub, flood, attack, args.flood_mb).await?
         }
         Scenario::Hostile => {
             let out = hostile::hostile(args.flood_mb).await?;
