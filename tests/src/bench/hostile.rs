@@ -28,6 +28,8 @@ use crate::rogue::{hello, Rogue};
 
 /// Timed honest writes before the attack, and at least as many during it.
 const HONEST_WRITES: usize = 200;
+/// Attacking connections at once.
+const ATTACKERS: usize = 8;
 /// Size of one flood frame's change.
 const FLOOD_FRAME: usize = 64 << 10;
 
@@ -177,25 +179,32 @@ pub async fn attacker(
         bloom_attack(&[1, 10, 0x80, 0x80, 0x80, 0x80, 0x04, 0xff, 0xff])?,
         depth_attack()?,
     ];
-    let attacker = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let (mut sent, mut refused) = (0u64, 0u64);
-            while !stop.load(Ordering::Relaxed) {
-                let attack = &attacks[sent as usize % attacks.len()];
-                let Ok(mut r) = connect(&attack_bundle, hub, "attacker").await else {
+    // Several at once: the hub holds each refused connection up to a second for its error
+    // to be read, and one attacker in turn would attack once a second.
+    let attacks = Arc::new(attacks);
+    let attackers: Vec<_> = (0..ATTACKERS)
+        .map(|k| {
+            let (stop, attacks, attack_bundle) =
+                (stop.clone(), attacks.clone(), attack_bundle.clone());
+            tokio::spawn(async move {
+                let (mut sent, mut refused) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let attack = &attacks[(sent as usize + k) % attacks.len()];
+                    let Ok(mut r) = connect(&attack_bundle, hub, "attacker").await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    sent += 1;
+                    if r.send(attack).await.is_ok() && r.closed_within(Duration::from_secs(5)).await
+                    {
+                        refused += 1;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                sent += 1;
-                if r.send(attack).await.is_ok() && r.closed_within(Duration::from_secs(5)).await {
-                    refused += 1;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (sent, refused)
+                (sent, refused)
+            })
         })
-    };
+        .collect();
     let started = Instant::now();
     let mut r = connect(&flood_bundle, hub, "flooder").await?;
     for i in 0..total_frames {
@@ -203,7 +212,12 @@ pub async fn attacker(
     }
     let flood_time = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let (attacks_sent, attacks_refused) = attacker.await?;
+    let (mut attacks_sent, mut attacks_refused) = (0, 0);
+    for a in attackers {
+        let (sent, refused) = a.await?;
+        attacks_sent += sent;
+        attacks_refused += refused;
+    }
     drop(r);
     Ok(json!({
         "flood_mb": round2((total_frames * frame_bytes) as f64 / f64::from(1 << 20)),
