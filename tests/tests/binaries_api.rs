@@ -619,8 +619,14 @@ fn a_renewed_certificate_is_taken_up_by_a_running_edge_without_a_resync() {
     assert_eq!(days(&status(&edge)["cert_days_left"]), 1);
     assert_eq!(days(&peer(&status(&hub), "edge-1")["cert_days_left"]), 1);
     let loaded_before = peer(&status(&edge), "hub")["docs_loaded"].as_u64().unwrap();
-    let cursor_before = peer(&status(&hub), "edge-1")["cursor"].as_u64().unwrap();
-    assert!(cursor_before >= 40, "{cursor_before}");
+    // The hub records its cursor once the edge has said the writes are durable there.
+    let cursor = |hub: &Proc| peer(&status(hub), "edge-1")["cursor"].as_u64().unwrap();
+    wait_for(
+        "the hub's cursor past the writes",
+        Duration::from_secs(5),
+        || cursor(&hub) >= 40,
+    );
+    let cursor_before = cursor(&hub);
 
     let out = run(
         "tidesync-hub",
