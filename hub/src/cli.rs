@@ -54,7 +54,8 @@ pub enum Command {
         /// up within a second (or on SIGHUP), keeping its data and its peers' cursors.
         #[arg(long, conflicts_with_all = ["name", "role"])]
         renew: bool,
-        /// Where to write the bundle (CA certificate, node certificate, node key).
+        /// Where to write the bundle (CA certificate, node certificate, node key, and the
+        /// deployment's current revocation list, so the node refuses revoked peers at once).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
         /// How long the certificate is valid, in days (1 to 36500); a peer refuses it at the handshake
@@ -67,12 +68,15 @@ pub enum Command {
         )]
         days: u32,
     },
-    /// Revoke a node: hubs using DIR refuse it and cut its connections, without a restart.
+    /// Revoke a node (edge or hub): where the CA is, issue a new signed revocation list
+    /// (DIR/crl.pem) that every node takes up from its peers and enforces without a
+    /// restart; the name also goes to DIR/revoked, which hubs running from DIR read.
     Revoke {
-        /// The deployment directory (its `revoked` file lists revoked node ids).
+        /// The directory holding the CA (or, without the CA key, a hub's directory: then
+        /// only that hub's `revoked` file is updated).
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
-        /// The node id to revoke.
+        /// The node id to revoke: every certificate issued to it.
         #[arg(long, value_name = "NODE")]
         name: String,
     },
