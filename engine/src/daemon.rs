@@ -195,16 +195,10 @@ pub const BUNDLE_POLL: Duration = Duration::from_secs(1);
 async fn watch_bundle(path: PathBuf, node: Node, stop: CancellationToken) {
     // Compared by content (a bounded read: a bundle is a few KB), so a rewrite with the same
     // bytes is no renewal and a renewal written within the same second is still seen.
-    let read = |path: &std::path::Path| -> Option<Vec<u8>> {
-        use std::io::Read;
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| {
-                f.take(crate::net::pki::MAX_BUNDLE_FILE + 1)
-                    .read_to_end(&mut bytes)
-            })
-            .ok()?;
-        Some(bytes)
+    let read = |path: &std::path::Path| {
+        read_bounded(path, crate::net::pki::MAX_BUNDLE_FILE + 1)
+            .ok()
+            .flatten()
     };
     let mut last = read(&path);
     #[cfg(unix)]
@@ -295,11 +289,11 @@ fn apply_revocations(
 /// Largest revocation list file read: the DER limit, as base64, with room for headers.
 const MAX_CRL_FILE: u64 = 2 * crate::sync::validate::MAX_REVOCATION_LIST as u64;
 
-/// Reads a file of at most [`MAX_CRL_FILE`] bytes: `Ok(None)` if there is none.
-fn read_bounded(path: &std::path::Path) -> std::io::Result<Option<Vec<u8>>> {
+/// Reads at most `limit` bytes of a file: `Ok(None)` if there is none.
+fn read_bounded(path: &std::path::Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
     use std::io::Read;
     let mut bytes = Vec::new();
-    match std::fs::File::open(path).and_then(|f| f.take(MAX_CRL_FILE).read_to_end(&mut bytes)) {
+    match std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut bytes)) {
         Ok(_) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
@@ -308,7 +302,7 @@ fn read_bounded(path: &std::path::Path) -> std::io::Result<Option<Vec<u8>>> {
 
 /// Reads the node's copy of the revocation list: `Ok(None)` if there is none.
 fn read_crl_file(path: &std::path::Path, ca: &[u8]) -> Result<Option<Crl>, CrlError> {
-    match read_bounded(path) {
+    match read_bounded(path, MAX_CRL_FILE) {
         Ok(Some(bytes)) => parse_crl_file(&bytes, ca).map(Some),
         Ok(None) => Ok(None),
         Err(e) => Err(CrlError::Malformed(e.to_string())),
@@ -331,7 +325,7 @@ fn reread_crl(
     last: &mut Option<Option<Vec<u8>>>,
 ) {
     let in_force = revocations.crl().map(|c| c.number());
-    let bytes = match read_bounded(path) {
+    let bytes = match read_bounded(path, MAX_CRL_FILE) {
         Ok(b) => b,
         Err(e) => {
             let why = format!("{}: {e}", path.display());
@@ -384,15 +378,16 @@ fn reread_crl(
             }
         }
         Ok(None) => {
-            if in_force.is_some() && !had_file {
-                // The first list this node took up: the keeper writes it too.
-                revocations.write_file();
-            } else if in_force.is_some() {
-                tracing::warn!(
-                    path = %path.display(),
-                    in_force,
-                    "the revocation list file is missing; rewriting it from the list in force"
-                );
+            if in_force.is_some() {
+                // Without a file before, this is the first list the node took up (the
+                // keeper writes it too); with one, the file was deleted.
+                if had_file {
+                    tracing::warn!(
+                        path = %path.display(),
+                        in_force,
+                        "the revocation list file is missing; rewriting it from the list in force"
+                    );
+                }
                 revocations.write_file();
             }
         }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -231,4 +231,33 @@ impl Binaries {
         args.extend_from_slice(extra);
         Proc::start("tidesync-edge", &args)
     }
+}
+
+/// Polls `check` every 10 ms until it holds and returns how long that took; panics after
+/// `timeout`, naming `what` was awaited.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
+}
+
+/// `GET /v1/status` of a running node; panics if it does not answer with JSON.
+pub fn status(p: &Proc) -> serde_json::Value {
+    ureq::get(&p.url("/v1/status"))
+        .call()
+        .expect("the node's status")
+        .into_json()
+        .expect("status is JSON")
+}
+
+/// Whether `p`'s status shows a connection to peer `id` up.
+pub fn connected(p: &Proc, id: &str) -> bool {
+    status(p)["peers"].as_array().is_some_and(|peers| {
+        peers
+            .iter()
+            .any(|s| s["node_id"] == id && s["connected"] == true)
+    })
 }

@@ -6,33 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use tidesync_tests::procs::{run, Binaries, Proc};
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    started.elapsed()
-}
-
-fn status(p: &Proc) -> Value {
-    ureq::get(&p.url("/v1/status"))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap()
-}
-
-fn connected(p: &Proc, peer: &str) -> bool {
-    status(p)["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s["node_id"] == peer && s["connected"] == true)
-}
+use serde_json::json;
+use tidesync_tests::procs::{connected, run, status, wait_for, Binaries, Proc};
 
 fn ever_seen(p: &Proc, peer: &str) -> bool {
     status(p)["peers"]

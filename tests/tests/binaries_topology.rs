@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tidesync_tests::procs::{Binaries, Proc};
+use tidesync_tests::procs::{wait_for, Binaries, Proc};
 
 /// A deployment with `edges` enrolled as edges granted everything.
 fn setup(edges: &[&str]) -> Binaries {
@@ -21,15 +21,6 @@ fn get(p: &Proc, path: &str) -> Option<(Value, String)> {
     let resp = ureq::get(&p.url(path)).call().ok()?;
     let etag = resp.header("etag").unwrap_or_default().to_owned();
     Some((resp.into_json().ok()?, etag))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    started.elapsed()
 }
 
 #[test]
