@@ -203,6 +203,13 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
             "Handshakes refused: bad, foreign or revoked certificates, wrong roles",
             failures,
         );
+        let penalized = Counter::<u64>::default();
+        penalized.inc_by(node.penalty_refusals());
+        r.register(
+            "penalty_refusals",
+            "Connections refused because their peer broke the protocol a moment before",
+            penalized,
+        );
     }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {

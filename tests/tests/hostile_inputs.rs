@@ -13,7 +13,7 @@ use std::time::Duration;
 use automerge::sync::{BloomFilter, Have, State, SyncDoc};
 use automerge::transaction::Transactable;
 use tidesync::model::{DocId, Namespace, NsPattern};
-use tidesync::net::driver::CLOSE_PROTOCOL;
+use tidesync::net::driver::{CLOSE_PENALIZED, CLOSE_PROTOCOL};
 use tidesync::sync::{Hello, Message, Role, PROTOCOL_VERSION};
 use tidesync_tests::bench::hostile;
 use tidesync_tests::cluster::{self, Deployment, TestNode};
@@ -100,8 +100,9 @@ async fn a_hostile_bloom_filter_is_refused_before_automerge_reads_it() {
         ),
     ];
     for (i, (attack, bytes)) in attacks.into_iter().enumerate() {
-        // Read access to one document is all it takes.
-        let mut r = rogue(&d, &hub, "reader", "telemetry=ro").await;
+        // Read access to one document is all it takes. (Another name each time: the first
+        // one is refused for a while after its attack.)
+        let mut r = rogue(&d, &hub, &format!("reader-{i}"), "telemetry=ro").await;
         r.send(&sync_with_bloom("honest-0", bloom(&bytes)))
             .await
             .unwrap();
@@ -110,13 +111,74 @@ async fn a_hostile_bloom_filter_is_refused_before_automerge_reads_it() {
     }
 }
 
+/// Whether a connection of `bundle`'s peer is closed at once for its penalty (the close
+/// may come before or after the stream opens).
+async fn penalized(bundle: &tidesync::net::Bundle, hub: &TestNode) -> bool {
+    let closed = match Rogue::connect(bundle, hub.addr()).await {
+        Ok(r) => match tokio::time::timeout(Duration::from_secs(2), r.conn.closed()).await {
+            Ok(closed) => closed,
+            Err(_) => return false,
+        },
+        Err(e) => match e.downcast::<quinn::ConnectionError>() {
+            Ok(closed) => closed,
+            Err(e) => panic!("connecting: {e}"),
+        },
+    };
+    println!("closed: {closed:?}");
+    matches!(closed, quinn::ConnectionError::ApplicationClosed(c)
+        if c.error_code == CLOSE_PENALIZED.into()
+            && String::from_utf8_lossy(&c.reason).contains("after a protocol error"))
+}
+
+/// A peer dropped for a protocol error is refused at its next connections for a while
+/// (doubling with each error), so it cannot repeat an attack as fast as it can reconnect;
+/// other peers, and the same peer once its time is served, connect as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_broke_the_protocol_is_refused_for_a_while() {
+    let (d, hub, edge) = hub_with_honest_edge();
+    let mut r = rogue(&d, &hub, "repeat-offender", "telemetry=ro").await;
+    r.send(&sync_with_bloom("x", bloom(&[1, 0, 7])))
+        .await
+        .unwrap();
+    assert!(refused(&r, "Bloom filter").await, "the attack is refused");
+    let bundle = d
+        .bundle("repeat-offender", Role::Edge, &["telemetry=ro"])
+        .unwrap();
+    assert!(
+        penalized(&bundle, &hub).await,
+        "refused while serving its penalty"
+    );
+    assert!(hub.node.penalty_refusals() >= 1);
+    honest_write_arrives(&edge, &hub, 0).await;
+    // Others are not affected.
+    let mut other = rogue(&d, &hub, "bystander", "telemetry=ro").await;
+    assert!(other.recv(Duration::from_millis(500)).await.is_ok());
+    assert!(!other.closed_within(Duration::from_millis(200)).await);
+    // After the first second, the offender may try again; a second error doubles the time.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let mut r = rogue(&d, &hub, "repeat-offender", "telemetry=ro").await;
+    r.send(&sync_with_bloom("x", bloom(&[1, 0, 7])))
+        .await
+        .unwrap();
+    assert!(
+        refused(&r, "Bloom filter").await,
+        "served: its frames are read again"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(
+        penalized(&bundle, &hub).await,
+        "two seconds after the second error"
+    );
+    honest_write_arrives(&edge, &hub, 1).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_with_too_many_subscriptions_is_refused() {
     let (d, hub, edge) = hub_with_honest_edge();
-    let flood = |n: usize| {
+    let flood = |n: usize, name: &str| {
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
-            node_id: "flooder".into(),
+            node_id: name.into(),
             role: Role::Edge,
             feed_epoch: 7,
             feed_last: 0,
@@ -128,9 +190,10 @@ async fn a_hello_with_too_many_subscriptions_is_refused() {
     };
     // Over the count (small frame), then over the hello size (checked before decoding).
     for (i, n) in [2_000, 20_000].into_iter().enumerate() {
-        let bundle = d.bundle("flooder", Role::Edge, &["*=rw"]).unwrap();
+        let name = format!("flooder-{i}");
+        let bundle = d.bundle(&name, Role::Edge, &["*=rw"]).unwrap();
         let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
-        r.send(&flood(n)).await.unwrap();
+        r.send(&flood(n, &name)).await.unwrap();
         let what = if n < 10_000 {
             "subscriptions"
         } else {

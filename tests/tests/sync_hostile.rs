@@ -21,11 +21,12 @@ async fn honest_write_arrives(edge: &TestNode, hub: &TestNode, i: u32) {
         .unwrap();
 }
 
-async fn rogue(d: &Deployment, hub: &TestNode, say_hello: bool) -> Rogue {
-    let bundle = d.bundle("rogue", Role::Edge, &["*=rw"]).unwrap();
+/// A rogue `name` (one per attack: a peer that broke the protocol is refused for a while).
+async fn rogue(d: &Deployment, hub: &TestNode, name: &str, say_hello: bool) -> Rogue {
+    let bundle = d.bundle(name, Role::Edge, &["*=rw"]).unwrap();
     let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
     if say_hello {
-        r.send(&hello("rogue", Role::Edge)).await.unwrap();
+        r.send(&hello(name, Role::Edge)).await.unwrap();
     }
     r
 }
@@ -41,7 +42,7 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
     let docs_before = hub.store.doc_count().unwrap();
 
     // 1. A frame of random bytes.
-    let mut r = rogue(&d, &hub, false).await;
+    let mut r = rogue(&d, &hub, "rogue-1", false).await;
     let junk: Vec<u8> = (0..rng.range(1, 4096))
         .map(|_| rng.next_u64() as u8)
         .collect();
@@ -53,7 +54,7 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
     honest_write_arrives(&edge, &hub, 1).await;
 
     // 2. A length prefix far over the 16 MiB limit, after a proper hello.
-    let mut r = rogue(&d, &hub, true).await;
+    let mut r = rogue(&d, &hub, "rogue-2", true).await;
     r.send_raw(&0x7fff_fff0u32.to_be_bytes()).await.unwrap();
     r.send_raw(&[0u8; 1024]).await.unwrap();
     assert!(
@@ -63,7 +64,7 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
     honest_write_arrives(&edge, &hub, 2).await;
 
     // 3. A well-formed sync message whose change bytes are not Automerge.
-    let mut r = rogue(&d, &hub, true).await;
+    let mut r = rogue(&d, &hub, "rogue-3", true).await;
     let mut msg = automerge::sync::Message {
         heads: vec![automerge::ChangeHash([7; 32])],
         need: vec![],
@@ -86,7 +87,7 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
     honest_write_arrives(&edge, &hub, 3).await;
 
     // 4. Sync bytes that are not a sync message at all.
-    let mut r = rogue(&d, &hub, true).await;
+    let mut r = rogue(&d, &hub, "rogue-4", true).await;
     msg.heads.clear();
     let mut data = msg.encode();
     data[0] = 0x99;
@@ -103,14 +104,14 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
     );
 
     // 5. A second hello, and a message before any hello.
-    let mut r = rogue(&d, &hub, true).await;
+    let mut r = rogue(&d, &hub, "rogue-5", true).await;
     r.send(&Message::Synced { seq: 1 }).await.unwrap();
-    r.send(&hello("rogue", Role::Edge)).await.unwrap();
+    r.send(&hello("rogue-5", Role::Edge)).await.unwrap();
     assert!(
         r.closed_within(Duration::from_secs(2)).await,
         "second hello: not dropped"
     );
-    let mut r = rogue(&d, &hub, false).await;
+    let mut r = rogue(&d, &hub, "rogue-6", false).await;
     r.send(&Message::Synced { seq: 1 }).await.unwrap();
     assert!(
         r.closed_within(Duration::from_secs(2)).await,
@@ -118,7 +119,7 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
     );
 
     // 6. A hello that lies about who it is.
-    let mut r = rogue(&d, &hub, false).await;
+    let mut r = rogue(&d, &hub, "rogue-7", false).await;
     r.send(&hello("edge-honest", Role::Hub)).await.unwrap();
     assert!(
         r.closed_within(Duration::from_secs(2)).await,
@@ -126,8 +127,10 @@ async fn hostile_frames_drop_only_the_hostile_peer() {
     );
 
     // 7. A hello of an older protocol version: told so as the connection closes.
-    let mut r = rogue(&d, &hub, false).await;
-    r.send_frame(&hello_v1("rogue", Role::Edge)).await.unwrap();
+    let mut r = rogue(&d, &hub, "rogue-8", false).await;
+    r.send_frame(&hello_v1("rogue-8", Role::Edge))
+        .await
+        .unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(2), r.conn.closed())
         .await
         .expect("old version: not dropped");

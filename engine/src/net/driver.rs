@@ -51,6 +51,9 @@ pub const CLOSE_REVOKED: u32 = 2;
 pub const CLOSE_SHUTDOWN: u32 = 3;
 /// Application error code on QUIC close: a newer connection to the same peer replaced it.
 pub const CLOSE_REPLACED: u32 = 4;
+/// Application error code on QUIC close: the peer broke the protocol a moment ago and is
+/// refused for a while (see [`super::penalties`]).
+pub const CLOSE_PENALIZED: u32 = 5;
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]

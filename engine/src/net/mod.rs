@@ -12,6 +12,7 @@ pub mod driver;
 pub mod exec;
 pub mod log_limit;
 pub mod node;
+pub mod penalties;
 pub mod pki;
 pub mod revocations;
 pub mod tls;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 
 use super::counters::{PeerCounters, PeerCounts};
 use super::crl::Crl;
-use super::driver::{self, DriverContext, CLOSE_REPLACED, CLOSE_SHUTDOWN};
+use super::driver::{self, DriverContext, DriverError, CLOSE_REPLACED, CLOSE_SHUTDOWN};
+use super::penalties::Penalties;
 use super::pki::{Bundle, TlsError, SERVER_NAME};
 use super::tls::{self, Revocations};
 use crate::model::{Identity, NodeId, NsPattern, Role};
@@ -268,6 +269,10 @@ struct Inner {
     peers: Mutex<HashMap<NodeId, PeerEntry>>,
     next_conn: AtomicU64,
     handshake_failures: AtomicU64,
+    /// Peers refused for a while after a protocol error.
+    penalties: Penalties,
+    /// Connections refused because their peer was serving a penalty.
+    penalty_refusals: AtomicU64,
     cancel: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
 }
@@ -367,6 +372,8 @@ impl Node {
                 peers: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
                 handshake_failures: AtomicU64::new(0),
+                penalties: Penalties::default(),
+                penalty_refusals: AtomicU64::new(0),
                 cancel: CancellationToken::new(),
                 tasks: Mutex::new(JoinSet::new()),
             }),
@@ -470,6 +477,12 @@ impl Node {
     /// Handshakes refused so far (bad or revoked certificates, wrong roles).
     pub fn handshake_failures(&self) -> u64 {
         self.inner.handshake_failures.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused so far because their peer broke the protocol a moment before
+    /// (see [`super::penalties`]).
+    pub fn penalty_refusals(&self) -> u64 {
+        self.inner.penalty_refusals.load(Ordering::Relaxed)
     }
 
     /// Every peer seen since start, connected or not.
@@ -643,6 +656,17 @@ impl Node {
             conn.close(driver::CLOSE_REVOKED.into(), b"revoked");
             return false;
         }
+        if let Some(left) = self
+            .inner
+            .penalties
+            .refused_for(&identity.node_id, Instant::now())
+        {
+            self.inner.penalty_refusals.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = %identity.node_id, left_ms = left.as_millis() as u64, "refusing a peer that broke the protocol");
+            let reason = format!("refused for {} ms after a protocol error", left.as_millis());
+            conn.close(driver::CLOSE_PENALIZED.into(), reason.as_bytes());
+            return false;
+        }
         let me = &self.inner.identity.node_id;
         let (peer, role) = (identity.node_id.clone(), identity.role);
         let dialed_by = if dialer { me.clone() } else { peer.clone() };
@@ -698,7 +722,7 @@ impl Node {
         };
         // The driver ends itself on shutdown, once its writes at the store are done: when
         // `shutdown` returns, nothing of this node holds the store any more.
-        let _ = driver::run(
+        let ended = driver::run(
             conn.clone(),
             session,
             dialer,
@@ -707,6 +731,10 @@ impl Node {
             revoked,
         )
         .await;
+        if let Err(DriverError::Protocol(_)) = ended {
+            let penalty = self.inner.penalties.strike(&peer, Instant::now());
+            tracing::info!(peer = %peer, penalty_ms = penalty.as_millis() as u64, "peer refused for a while after its protocol error");
+        }
         if let Ok(mut peers) = self.inner.peers.lock() {
             if let Some(e) = peers.get_mut(&peer) {
                 if e.conn_id == conn_id {

@@ -148,6 +148,12 @@ async fn honest_latencies(
     Ok(out)
 }
 
+/// Whether a close is the hub refusing a peer that broke the protocol a moment before.
+fn is_penalty(closed: &quinn::ConnectionError) -> bool {
+    matches!(closed, quinn::ConnectionError::ApplicationClosed(c)
+        if c.error_code == tidesync::net::driver::CLOSE_PENALIZED.into())
+}
+
 /// Connects as `bundle`'s node, past the hello.
 async fn connect(bundle: &Bundle, hub: std::net::SocketAddr, name: &str) -> Result<Rogue> {
     let mut r = Rogue::connect(bundle, hub).await?;
@@ -187,21 +193,30 @@ pub async fn attacker(
             let (stop, attacks, attack_bundle) =
                 (stop.clone(), attacks.clone(), attack_bundle.clone());
             tokio::spawn(async move {
-                let (mut sent, mut refused) = (0u64, 0u64);
+                let (mut sent, mut refused, mut penalized) = (0u64, 0u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
                     let attack = &attacks[(sent as usize + k) % attacks.len()];
-                    let Ok(mut r) = connect(&attack_bundle, hub, "attacker").await else {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    };
                     sent += 1;
-                    if r.send(attack).await.is_ok() && r.closed_within(Duration::from_secs(5)).await
-                    {
-                        refused += 1;
+                    match Rogue::connect(&attack_bundle, hub).await {
+                        Ok(mut r) => {
+                            let _ = r.send(&hello("attacker", Role::Edge)).await;
+                            let _ = r.send(attack).await;
+                            match tokio::time::timeout(Duration::from_secs(5), r.conn.closed())
+                                .await
+                            {
+                                Ok(closed) if is_penalty(&closed) => penalized += 1,
+                                Ok(_) => refused += 1,
+                                Err(_) => {}
+                            }
+                        }
+                        Err(e) => match e.downcast_ref::<quinn::ConnectionError>() {
+                            Some(closed) if is_penalty(closed) => penalized += 1,
+                            _ => sent -= 1,
+                        },
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                (sent, refused)
+                (sent, refused, penalized)
             })
         })
         .collect();
@@ -212,11 +227,12 @@ pub async fn attacker(
     }
     let flood_time = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let (mut attacks_sent, mut attacks_refused) = (0, 0);
+    let (mut attacks_sent, mut attacks_refused, mut attacks_penalized) = (0, 0, 0);
     for a in attackers {
-        let (sent, refused) = a.await?;
+        let (sent, refused, penalized) = a.await?;
         attacks_sent += sent;
         attacks_refused += refused;
+        attacks_penalized += penalized;
     }
     drop(r);
     Ok(json!({
@@ -224,6 +240,7 @@ pub async fn attacker(
         "flood_seconds": round2(flood_time.as_secs_f64()),
         "attacks_sent": attacks_sent,
         "attacks_refused": attacks_refused,
+        "attacks_penalized": attacks_penalized,
     }))
 }
 
@@ -351,6 +368,7 @@ pub async fn hostile(flood_mb: u64) -> Result<Value> {
         "flood_seconds": attack["flood_seconds"],
         "attacks_sent": attack["attacks_sent"],
         "attacks_refused": attack["attacks_refused"],
+        "attacks_penalized": attack["attacks_penalized"],
         "hub_rss_before_mb": round2(rss_before as f64 / 1024.0),
         "rss_growth_mb": round2(growth_kb as f64 / 1024.0),
         "honest_writes": during.len(),
