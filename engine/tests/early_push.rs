@@ -34,6 +34,10 @@ async fn an_early_push_arrives_once_and_the_feed_walk_adds_no_bytes() {
     );
     // The early frame is delivered before A's session even hears of the commit.
     let early_frames: VecDeque<Message> = a.drive().await.into();
+    assert!(
+        matches!(early_frames.front(), Some(Message::SyncAhead { .. })),
+        "sent as a version not committed yet: {early_frames:?}"
+    );
     a.feed_moved();
     let (from_a, _) = exchange(&mut a, &mut b, early_frames).await;
     assert_eq!(

@@ -1,6 +1,7 @@
 //! Randomized multi-node histories over the sans-IO sessions: random writes, frame drops,
-//! duplicates, reordering, disconnects and restarts from the store; after healing, every
-//! node has the same documents and every acknowledged write.
+//! duplicates, reordering, disconnects, restarts from the store, and nodes killed between
+//! a write's early notice and its commit; after healing, every node has the same documents
+//! and every acknowledged write.
 //!
 //! A failure prints its seed; `TIDESYNC_SEED=<seed> TIDESYNC_SIM_HISTORIES=1 cargo test -p
 //! tidesync-tests --test sim` replays exactly that history.
@@ -42,7 +43,14 @@ fn topology(rng: &mut Rng, n: usize) -> (Vec<Role>, Vec<(usize, usize)>) {
     (roles, links)
 }
 
-fn run_history(seed: u64) -> Result<(u64, u64)> {
+/// What one history exercised.
+struct Exercised {
+    frames: u64,
+    early: u64,
+    killed: u64,
+}
+
+fn run_history(seed: u64) -> Result<Exercised> {
     let mut rng = Rng::new(seed);
     let n = rng.range(3, 6) as usize;
     let (roles, links) = topology(&mut rng, n);
@@ -50,14 +58,22 @@ fn run_history(seed: u64) -> Result<(u64, u64)> {
     for _ in 0..rng.range(20, 120) {
         if rng.range(0, 3) == 0 {
             let node = rng.range(0, n as u64) as usize;
-            net.write(node, &mut rng)?;
+            if rng.range(0, 12) == 0 {
+                net.crash_during_write(node, &mut rng)?;
+            } else {
+                net.write(node, &mut rng)?;
+            }
         } else {
             net.step(&mut rng, true)?;
         }
     }
     net.heal()?;
     net.check_converged()?;
-    Ok((net.delivered, net.early_sent))
+    Ok(Exercised {
+        frames: net.delivered,
+        early: net.early_sent,
+        killed: net.killed_in_commit,
+    })
 }
 
 #[test]
@@ -71,6 +87,7 @@ fn random_histories_converge() {
     let next = AtomicU64::new(0);
     let frames = AtomicU64::new(0);
     let early = AtomicU64::new(0);
+    let killed = AtomicU64::new(0);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     // Histories are independent and each is deterministic in its seed: share them out.
     std::thread::scope(|scope| {
@@ -82,9 +99,10 @@ fn random_histories_converge() {
                 }
                 let seed = base.wrapping_add(h);
                 match run_history(seed) {
-                    Ok((f, e)) => {
-                        frames.fetch_add(f, Ordering::Relaxed);
-                        early.fetch_add(e, Ordering::Relaxed);
+                    Ok(x) => {
+                        frames.fetch_add(x.frames, Ordering::Relaxed);
+                        early.fetch_add(x.early, Ordering::Relaxed);
+                        killed.fetch_add(x.killed, Ordering::Relaxed);
                     }
                     Err(e) => panic!(
                         "history {h} failed: {e:#}\nreplay: TIDESYNC_SEED={seed} \
@@ -94,15 +112,20 @@ fn random_histories_converge() {
             });
         }
     });
-    let (frames, early) = (
+    let (frames, early, killed) = (
         frames.load(Ordering::Relaxed),
         early.load(Ordering::Relaxed),
+        killed.load(Ordering::Relaxed),
     );
     println!(
         "{histories} histories from seed {base}, {frames} frames ({early} sent ahead of \
-         their commit), in {:?}",
+         their commit), {killed} nodes killed between notice and commit, in {:?}",
         started.elapsed()
     );
-    // The histories must exercise the early path, or they say nothing about it.
+    // The histories must exercise the early path and the kills, or they say nothing.
     assert!(early > 0, "no change was sent ahead of its commit");
+    assert!(
+        histories < 100 || killed > 0,
+        "no node was killed between notice and commit"
+    );
 }

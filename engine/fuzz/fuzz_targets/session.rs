@@ -97,7 +97,7 @@ impl Harness {
                     );
                     self.synced = seq;
                 }
-                Output::Send(Message::Sync { .. }) => {
+                Output::Send(Message::Sync { .. } | Message::SyncAhead { .. }) => {
                     assert!(self.room, "a sync message without room");
                 }
                 Output::SaveCursor(_) => {

@@ -154,6 +154,7 @@ struct Inner {
     early: broadcast::Sender<Arc<[EarlyDoc]>>,
     feed_epoch: u128,
     writer: Option<JoinHandle<()>>,
+    after_notice: Arc<std::sync::Mutex<Option<writer::AfterNotice>>>,
 }
 
 impl fmt::Debug for Inner {
@@ -192,7 +193,10 @@ impl Store {
         let (requests, rx) = mpsc::unbounded_channel();
         let (early, _) = broadcast::channel(EARLY_CAPACITY);
         let commit_times = Arc::new(CommitTimes::new());
+        let after_notice = Arc::new(std::sync::Mutex::new(None));
         let writer = Writer {
+            after_notice: after_notice.clone(),
+            killed: false,
             commit_times: commit_times.clone(),
             db: db.clone(),
             cache: cache.clone(),
@@ -219,6 +223,7 @@ impl Store {
                 early,
                 feed_epoch,
                 writer: Some(handle),
+                after_notice,
             }),
         })
     }
@@ -548,6 +553,17 @@ impl Store {
     /// and watchers.
     pub fn subscribe(&self) -> watch::Receiver<FeedSeq> {
         self.inner.feed.clone()
+    }
+
+    /// Fault injection for tests: runs `hook` on the writer thread once, right after the
+    /// next early notice is sent and before its batch is written. A copy of the database
+    /// file taken there is what a `kill -9` in that window leaves behind; if `hook`
+    /// returns true the writer stops there, as if killed (later writes fail `Closed`).
+    #[doc(hidden)]
+    pub fn at_next_early_notice(&self, hook: impl FnOnce() -> bool + Send + 'static) {
+        if let Ok(mut h) = self.inner.after_notice.lock() {
+            *h = Some(Box::new(hook));
+        }
     }
 
     /// The documents of each write batch, sent while the batch's fsync runs, before it is

@@ -94,6 +94,9 @@ struct Pending {
     slot: Option<usize>,
     heads: Vec<ChangeHash>,
     sync_state: Option<(SyncPeer, State)>,
+    /// Whether `sync_state` is persisted: not for a peer's uncommitted version (see
+    /// `Apply::provisional`), where the stored state stays as it was.
+    persist_state: bool,
     /// Changes a sync message added to the document.
     new_changes: u64,
 }
@@ -113,7 +116,17 @@ pub(crate) struct Writer {
     pub early_tx: broadcast::Sender<Arc<[EarlyDoc]>>,
     /// Durations of durable commits, for metrics.
     pub commit_times: Arc<CommitTimes>,
+    /// Run once right after the next early notice, before its batch is written (see
+    /// [`super::Store::at_next_early_notice`]).
+    pub after_notice: Arc<std::sync::Mutex<Option<AfterNotice>>>,
+    /// Set when a hook chose to die: the writer stops where it is, like a killed process.
+    pub killed: bool,
 }
+
+/// A fault-injection hook: what runs in the window between an early notice and its commit.
+/// Returning true kills the writer there: the batch is not written, nothing queued after
+/// it is either, and there is no final flush.
+pub type AfterNotice = Box<dyn FnOnce() -> bool + Send>;
 
 impl Writer {
     /// Runs until every sender is gone; then the remaining queue is drained and committed.
@@ -128,6 +141,9 @@ impl Writer {
                 }
             }
             self.commit_batch(&mut batch);
+            if self.killed {
+                return;
+            }
         }
         // Bookkeeping batches commit without fsync; a clean close makes them durable.
         let flushed = || -> Result<(), StoreError> {
@@ -249,6 +265,7 @@ impl Writer {
                         slot: None,
                         heads: Vec::new(),
                         sync_state: None,
+                        persist_state: false,
                         new_changes: 0,
                     }));
                     continue;
@@ -269,6 +286,7 @@ impl Writer {
                         slot: None,
                         heads,
                         sync_state: None,
+                        persist_state: false,
                         new_changes: 0,
                     }),
                 };
@@ -303,6 +321,11 @@ impl Writer {
                     })
                     .collect();
                 let _ = self.early_tx.send(early.into());
+                let hook = self.after_notice.lock().ok().and_then(|mut h| h.take());
+                if hook.is_some_and(|hook| hook()) {
+                    self.killed = true;
+                    return Err(StoreError::Closed);
+                }
             }
             for (w, changed) in working.iter_mut().zip(changed) {
                 if changed {
@@ -317,7 +340,7 @@ impl Writer {
                 .iter()
                 .flatten()
                 .filter_map(|p| {
-                    let (peer, state) = p.sync_state.as_ref()?;
+                    let (peer, state) = p.sync_state.as_ref().filter(|_| p.persist_state)?;
                     let meta = working[p.slot?].meta.as_ref()?;
                     Some((peer, state, meta.key))
                 })
@@ -409,6 +432,7 @@ impl Writer {
             }
         }
         let before = w.doc.get_heads();
+        let persist_state = !apply.provisional;
         if apply.message.changes.is_empty() || apply.read_only {
             w.doc
                 .receive_sync_message(&mut state, apply.message)
@@ -425,6 +449,7 @@ impl Writer {
             slot: None,
             heads: w.doc.get_heads(),
             sync_state: Some((peer, state)),
+            persist_state,
             new_changes,
         })
     }

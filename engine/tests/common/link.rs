@@ -162,7 +162,7 @@ impl Traffic {
 
 fn sync_frame(m: &Message) -> Option<SyncFrame> {
     match m {
-        Message::Sync { id, data, .. } => Some(SyncFrame {
+        Message::Sync { id, data, .. } | Message::SyncAhead { id, data, .. } => Some(SyncFrame {
             id: id.clone(),
             changes: !automerge::sync::Message::decode(data)
                 .unwrap()

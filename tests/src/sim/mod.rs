@@ -65,6 +65,8 @@ pub struct Net {
     pub delivered: u64,
     /// Sync messages sent from early notices, ahead of their commit.
     pub early_sent: u64,
+    /// Nodes killed between a write's early notice and its commit.
+    pub killed_in_commit: u64,
 }
 
 const NAMESPACES: [&str; 2] = ["alpha", "beta"];
@@ -110,6 +112,7 @@ impl Net {
             _dir: dir,
             delivered: 0,
             early_sent: 0,
+            killed_in_commit: 0,
         };
         for l in 0..net.links.len() {
             net.connect(l)?;
@@ -122,13 +125,8 @@ impl Net {
         let Some(store) = self.nodes[node].store.clone() else {
             return Ok(());
         };
-        let ns = Namespace::new(NAMESPACES[rng.range(0, 2) as usize])?;
-        let id = DocId::new(format!("d{}", rng.range(0, DOCS as u64)))?;
-        let field = format!("f{}", rng.range(0, 3));
-        let value = rng.range(0, 1000);
-        let out = self
-            .rt
-            .block_on(store.patch(&ns, &id, json!({ field: value }), None))?;
+        let (ns, id, patch) = random_patch(rng)?;
+        let out = self.rt.block_on(store.patch(&ns, &id, patch, None))?;
         if out.changed {
             // A local change depends on every current head, so it is the only head after.
             if let [h] = out.heads[..] {
@@ -138,6 +136,81 @@ impl Net {
             }
         }
         self.notify(node)
+    }
+
+    /// A local write that `node` dies during: killed after its store sent the early notice
+    /// and before the batch was written. The sessions there get the notice (as the driver
+    /// would, racing the commit) and what they send is in flight: it arrives at the peers.
+    /// Then the node restarts from its file as the kill left it. The write was never
+    /// acknowledged, so it may be lost; but whatever a peer took from it must then come
+    /// back, or the two never converge.
+    pub fn crash_during_write(&mut self, node: usize, rng: &mut Rng) -> Result<()> {
+        let Some(store) = self.nodes[node].store.clone() else {
+            return Ok(());
+        };
+        let path = self.nodes[node].path.clone();
+        let image = path.with_extension("killed");
+        let (from, to) = (path.clone(), image.clone());
+        store.at_next_early_notice(move || std::fs::copy(&from, &to).is_ok());
+        let (ns, id, patch) = random_patch(rng)?;
+        let written = self.rt.block_on(store.patch(&ns, &id, patch, None));
+        drop(store);
+        if written.is_ok() {
+            // Nothing changed, so no notice and no crash: disarm, and carry on.
+            if let Some(s) = &self.nodes[node].store {
+                s.at_next_early_notice(|| false);
+            }
+            return self.notify(node);
+        }
+        self.killed_in_commit += 1;
+        // The notice reaches the sessions; the store is dead, so only what they send from
+        // memory and reads gets out.
+        let mut notices = Vec::new();
+        if let Some(rx) = self.nodes[node].early.as_mut() {
+            while let Ok(docs) = rx.try_recv() {
+                notices.push(docs);
+            }
+        }
+        let store = self.nodes[node].store.clone().context("running")?;
+        for l in 0..self.links.len() {
+            for side in 0..2 {
+                if self.links[l].ends[side] != node {
+                    continue;
+                }
+                let link = &mut self.links[l];
+                let Some(session) = link.sessions[side].as_mut() else {
+                    continue;
+                };
+                for docs in &notices {
+                    for d in docs.iter() {
+                        session.handle_early(d);
+                    }
+                }
+                let counters = PeerCounters::default();
+                let exec = Exec {
+                    store: &store,
+                    counters: &counters,
+                };
+                let mut outbox = Frames(&mut link.queues[1 - side]);
+                // Writes fail: the process is gone. What was queued still went out.
+                let _ = self
+                    .rt
+                    .block_on(exec.drain(session, &mut outbox, &mut Writes::Inline));
+                // Killed: nothing more at this end; what is in flight arrives.
+                link.sessions[side] = None;
+                link.queues[side].clear();
+                while !self.links[l].queues[1 - side].is_empty() {
+                    self.deliver(l, 1 - side, 0)?;
+                }
+                self.disconnect(l);
+            }
+        }
+        drop(store);
+        self.nodes[node].store = None;
+        self.nodes[node].early = None;
+        self.nodes[node].old_early.clear();
+        std::fs::rename(&image, &path).context("the killed node's file")?;
+        self.start(node)
     }
 
     /// One random network event: mostly in-order delivery, sometimes chaos.
@@ -442,6 +515,15 @@ impl Outbox for Frames<'_> {
         self.0.push_back(msg);
         Ok(())
     }
+}
+
+/// One field of one document, at random.
+fn random_patch(rng: &mut Rng) -> Result<(Namespace, DocId, serde_json::Value)> {
+    let ns = Namespace::new(NAMESPACES[rng.range(0, 2) as usize])?;
+    let id = DocId::new(format!("d{}", rng.range(0, DOCS as u64)))?;
+    let field = format!("f{}", rng.range(0, 3));
+    let value = rng.range(0, 1000);
+    Ok((ns, id, json!({ field: value })))
 }
 
 fn sim_store_config() -> StoreConfig {

@@ -9,8 +9,8 @@ use crate::model::{Cursor, NsPattern, Role};
 
 /// Version of this message set. A peer with another version is refused at hello (see
 /// [`Message::hello_version`]). 2 added [`Hello::feed_last`]; 3 added
-/// [`Message::Revocations`].
-pub const PROTOCOL_VERSION: u16 = 3;
+/// [`Message::Revocations`]; 4 added [`Message::SyncAhead`].
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// ALPN protocol name negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"tidesync/1";
@@ -83,6 +83,19 @@ pub enum Message {
     Revocations {
         /// The CRL, DER, at most `validate::MAX_REVOCATION_LIST` bytes.
         crl: Vec<u8>,
+    },
+    /// A [`Message::Sync`] generated from a version the sender has not committed yet: sent
+    /// from an early notice, while the sender's fsync runs. The receiver applies it as
+    /// usual but does not persist that the two share its heads: a sender killed before its
+    /// commit lacks them, and a receiver whose stored state said otherwise would never send
+    /// them back (both sides would think the document in sync).
+    SyncAhead {
+        /// The document's namespace.
+        ns: String,
+        /// The document's id.
+        id: String,
+        /// The encoded Automerge sync message.
+        data: Vec<u8>,
     },
 }
 
@@ -161,6 +174,11 @@ mod tests {
             Message::Synced { seq: 77 },
             Message::Revocations {
                 crl: vec![0x30, 0x82, 1, 2],
+            },
+            Message::SyncAhead {
+                ns: "models".into(),
+                id: "b".into(),
+                data: vec![0x42, 3],
             },
             Message::Error {
                 code: ErrorCode::Forbidden,

@@ -57,6 +57,10 @@ pub struct Apply {
     pub read_only: bool,
     /// The peer's message.
     pub message: automerge::sync::Message,
+    /// The peer had not committed the version it sent ([`crate::sync::Message::SyncAhead`]):
+    /// keep the persisted sync state as it was, so that a restart never takes the heads
+    /// for shared before the peer has them for sure.
+    pub provisional: bool,
 }
 
 /// Notable things that happened in a session.

@@ -142,6 +142,14 @@ struct DocSync {
     applying: Cost,
     /// A message to the peer was due while there was no room to send: `Some(early)`.
     owed: Option<bool>,
+    /// `doc` came from an early notice and may not be committed yet: what is generated
+    /// from it goes out as [`Message::SyncAhead`].
+    uncommitted: bool,
+    /// `state` holds heads of a peer's [`Message::SyncAhead`] that the store did not
+    /// persist, and the feed walk is about to offer the document back (the apply changed
+    /// it): the entry stays until then, so the walk judges it from memory instead of from
+    /// the older stored state, which would send the peer its own change back.
+    unstored: bool,
 }
 
 /// What one peer message counts against the inbound budget until it is committed.
@@ -151,6 +159,8 @@ struct Cost {
     bytes: usize,
     /// The ops its changes hold ([`op_count::count_ops`]).
     ops: u64,
+    /// Sent from a version the peer had not committed ([`Message::SyncAhead`]).
+    provisional: bool,
 }
 
 /// The driver's work under way for one document.
@@ -477,7 +487,8 @@ impl Session {
             _ if self.peer_hello.is_none() => {
                 Err(ProtocolError::protocol("the first message must be a hello"))
             }
-            Message::Sync { ns, id, data } => self.on_sync(ns, id, &data),
+            Message::Sync { ns, id, data } => self.on_sync(ns, id, &data, false),
+            Message::SyncAhead { ns, id, data } => self.on_sync(ns, id, &data, true),
             Message::Synced { seq } => {
                 let epoch = self.peer_epoch();
                 if self.record.is_none_or(|r| r.epoch != epoch || r.seq < seq) {
@@ -556,7 +567,13 @@ impl Session {
         Ok(())
     }
 
-    fn on_sync(&mut self, ns: String, id: String, data: &[u8]) -> Result<(), ProtocolError> {
+    fn on_sync(
+        &mut self,
+        ns: String,
+        id: String,
+        data: &[u8],
+        provisional: bool,
+    ) -> Result<(), ProtocolError> {
         self.stats.sync_received += 1;
         let (Ok(n), Ok(d)) = (Namespace::new(ns.as_str()), DocId::new(id.as_str())) else {
             return Err(ProtocolError::new(
@@ -609,6 +626,7 @@ impl Session {
         let cost = Cost {
             bytes: data.len(),
             ops,
+            provisional,
         };
         self.inbound += 1;
         self.inbound_bytes += cost.bytes;
@@ -653,6 +671,7 @@ impl Session {
             state: entry.state.take(),
             read_only,
             message,
+            provisional: cost.provisional,
         })));
     }
 
@@ -661,15 +680,18 @@ impl Session {
     pub fn handle_applied(&mut self, ns: Namespace, id: DocId, applied: Applied) {
         let key = (ns, id);
         self.stats.changes_received += applied.changes_applied;
+        let wanted = self.wants(&key.0);
         let entry = self.docs.entry(key.clone()).or_default();
         if entry.phase == Phase::Applying {
             self.inbound = self.inbound.saturating_sub(1);
             let cost = std::mem::take(&mut entry.applying);
             self.inbound_bytes = self.inbound_bytes.saturating_sub(cost.bytes);
             self.inbound_ops = self.inbound_ops.saturating_sub(cost.ops);
+            entry.unstored = cost.provisional && applied.changes_applied > 0 && wanted;
         }
         entry.phase = Phase::Idle;
         entry.doc = Some(applied.doc);
+        entry.uncommitted = false;
         entry.state = Some(applied.state);
         self.resume(&key, false);
         self.progress();
@@ -756,6 +778,7 @@ impl Session {
             return;
         }
         entry.doc = Some(early.doc.clone());
+        entry.uncommitted = true;
         if entry.state.is_none() {
             entry.phase = Phase::LoadingState { peer_lacks };
             self.outputs.push_back(Output::LoadSyncState {
@@ -796,6 +819,7 @@ impl Session {
         let key = (ns, id);
         let entry = self.docs.entry(key.clone()).or_default();
         entry.phase = Phase::Idle;
+        entry.uncommitted = false;
         match loaded {
             Some(l) => {
                 entry.doc = Some(l.doc);
@@ -953,10 +977,11 @@ impl Session {
                         entry.offer = Offer::Early;
                     }
                 }
-                self.outputs.push_back(Output::Send(Message::Sync {
-                    ns: key.0.to_string(),
-                    id: key.1.to_string(),
-                    data: msg.encode(),
+                let (ns, id, data) = (key.0.to_string(), key.1.to_string(), msg.encode());
+                self.outputs.push_back(Output::Send(if entry.uncommitted {
+                    Message::SyncAhead { ns, id, data }
+                } else {
+                    Message::Sync { ns, id, data }
                 }));
             }
         }
@@ -982,6 +1007,9 @@ impl Session {
             (doc, _) => doc.is_none(),
         };
         if done {
+            if matches!(entry.offer, Offer::Sending { .. } | Offer::Queued { .. }) {
+                entry.unstored = false;
+            }
             match std::mem::take(&mut entry.offer) {
                 Offer::Sending { seq, .. } => {
                     self.unfinished.remove(&seq);
@@ -996,7 +1024,11 @@ impl Session {
                 Offer::None | Offer::Early => {}
             }
         }
-        if matches!(entry.offer, Offer::None) && entry.inbox.is_empty() && entry.owed.is_none() {
+        if matches!(entry.offer, Offer::None)
+            && entry.inbox.is_empty()
+            && entry.owed.is_none()
+            && !entry.unstored
+        {
             self.docs.remove(key);
         }
     }
@@ -1131,7 +1163,8 @@ mod tests {
         );
         hub.handle_sync_state(ns.clone(), id.clone(), None);
         let out = outputs(&mut hub);
-        let [Output::Send(Message::Sync { data, .. })] = &out[..] else {
+        // Marked as a version not committed yet.
+        let [Output::Send(Message::SyncAhead { data, .. })] = &out[..] else {
             panic!("one early frame: {out:?}");
         };
         let first = automerge::sync::Message::decode(data).expect("decodes");
@@ -1151,8 +1184,11 @@ mod tests {
         hub.handle_feed(vec![entry], FeedSeq(1));
         let out = outputs(&mut hub);
         assert!(
-            out.iter()
-                .all(|o| !matches!(o, Output::Load { .. } | Output::Send(Message::Sync { .. }))),
+            out.iter().all(|o| !matches!(
+                o,
+                Output::Load { .. }
+                    | Output::Send(Message::Sync { .. } | Message::SyncAhead { .. })
+            )),
             "the walk loaded or resent it: {out:?}"
         );
         assert!(!hub.is_caught_up(), "not yet acknowledged");
