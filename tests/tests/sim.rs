@@ -48,6 +48,8 @@ struct Exercised {
     frames: u64,
     early: u64,
     killed: u64,
+    restored: u64,
+    found: u64,
 }
 
 fn run_history(seed: u64) -> Result<Exercised> {
@@ -58,10 +60,11 @@ fn run_history(seed: u64) -> Result<Exercised> {
     for _ in 0..rng.range(20, 120) {
         if rng.range(0, 3) == 0 {
             let node = rng.range(0, n as u64) as usize;
-            if rng.range(0, 12) == 0 {
-                net.crash_during_write(node, &mut rng)?;
-            } else {
-                net.write(node, &mut rng)?;
+            match rng.range(0, 100) {
+                0..=7 => net.crash_during_write(node, &mut rng)?,
+                8..=13 => net.copy_file(node)?,
+                14..=19 => net.restore_copy(node)?,
+                _ => net.write(node, &mut rng)?,
             }
         } else {
             net.step(&mut rng, true)?;
@@ -73,6 +76,8 @@ fn run_history(seed: u64) -> Result<Exercised> {
         frames: net.delivered,
         early: net.early_sent,
         killed: net.killed_in_commit,
+        restored: net.restored,
+        found: net.went_back_found,
     })
 }
 
@@ -88,6 +93,8 @@ fn random_histories_converge() {
     let frames = AtomicU64::new(0);
     let early = AtomicU64::new(0);
     let killed = AtomicU64::new(0);
+    let restored = AtomicU64::new(0);
+    let found = AtomicU64::new(0);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     // Histories are independent and each is deterministic in its seed: share them out.
     std::thread::scope(|scope| {
@@ -103,6 +110,8 @@ fn random_histories_converge() {
                         frames.fetch_add(x.frames, Ordering::Relaxed);
                         early.fetch_add(x.early, Ordering::Relaxed);
                         killed.fetch_add(x.killed, Ordering::Relaxed);
+                        restored.fetch_add(x.restored, Ordering::Relaxed);
+                        found.fetch_add(x.found, Ordering::Relaxed);
                     }
                     Err(e) => panic!(
                         "history {h} failed: {e:#}\nreplay: TIDESYNC_SEED={seed} \
@@ -117,15 +126,21 @@ fn random_histories_converge() {
         early.load(Ordering::Relaxed),
         killed.load(Ordering::Relaxed),
     );
+    let (restored, found) = (
+        restored.load(Ordering::Relaxed),
+        found.load(Ordering::Relaxed),
+    );
     println!(
         "{histories} histories from seed {base}, {frames} frames ({early} sent ahead of \
-         their commit), {killed} nodes killed between notice and commit, in {:?}",
+         their commit), {killed} nodes killed between notice and commit, {restored} \
+         restored from an old copy ({found} found by a peer's cursor past the feed's end), \
+         in {:?}",
         started.elapsed()
     );
     // The histories must exercise the early path and the kills, or they say nothing.
     assert!(early > 0, "no change was sent ahead of its commit");
     assert!(
-        histories < 100 || killed > 0,
-        "no node was killed between notice and commit"
+        histories < 100 || (killed > 0 && restored > 0 && found > 0),
+        "kills {killed}, restores {restored}, found gone back {found}: a fault not exercised"
     );
 }

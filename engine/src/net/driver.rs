@@ -54,6 +54,8 @@ pub const CLOSE_REPLACED: u32 = 4;
 /// Application error code on QUIC close: the peer broke the protocol a moment ago and is
 /// refused for a while (see [`super::penalties`]).
 pub const CLOSE_PENALIZED: u32 = 5;
+/// Application error code on QUIC close: this node moved to a new feed epoch; reconnect.
+pub const CLOSE_NEW_EPOCH: u32 = 6;
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,10 @@ pub enum DriverError {
     /// The peer's certificate was revoked.
     #[error("peer revoked")]
     Revoked,
+    /// This node's feed went back (`Session::feed_went_back`): the node must move to a new
+    /// feed epoch before it syncs on.
+    #[error("this node's feed went back (restored from an old copy?)")]
+    FeedWentBack,
 }
 
 impl From<ExecError> for DriverError {
@@ -447,6 +453,9 @@ fn on_frame(
         _ => ProtocolError::protocol(format!("undecodable frame of {} bytes: {e}", frame.len())),
     })?;
     session.handle_message(msg)?;
+    if session.feed_went_back() {
+        return Err(DriverError::FeedWentBack);
+    }
     Ok(Flow::Open)
 }
 

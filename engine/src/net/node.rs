@@ -25,7 +25,7 @@ use super::pki::{Bundle, TlsError, SERVER_NAME};
 use super::tls::{self, Revocations};
 use crate::model::{Identity, NodeId, NsPattern, Role};
 use crate::store::Store;
-use crate::sync::{Session, SessionConfig};
+use crate::sync::{ErrorCode, Session, SessionConfig};
 
 /// How long a dial waits for the handshake before moving to the next address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -731,7 +731,11 @@ impl Node {
             revoked,
         )
         .await;
-        if let Err(DriverError::Protocol(_)) = ended {
+        if let Err(DriverError::FeedWentBack) = ended {
+            self.move_to_new_epoch().await;
+        }
+        // A version mismatch or a feed that went back is no attack.
+        if matches!(&ended, Err(DriverError::Protocol(e)) if e.code == ErrorCode::Protocol) {
             let penalty = self.inner.penalties.strike(&peer, Instant::now());
             tracing::info!(peer = %peer, penalty_ms = penalty.as_millis() as u64, "peer refused for a while after its protocol error");
         }
@@ -743,6 +747,35 @@ impl Node {
             }
         }
         counters.messages_received.load(Ordering::Relaxed) > received_before
+    }
+}
+
+impl Node {
+    /// A peer found this node's feed gone back (restored from an old copy): moves the
+    /// store to a new feed epoch and closes every connection, so that each peer, on
+    /// reconnecting, walks the whole feed again and sets aside the sync states it kept
+    /// for the old epoch.
+    async fn move_to_new_epoch(&self) {
+        let old = self.inner.store.feed_epoch();
+        match self.inner.store.renew_feed_epoch().await {
+            Ok(new) => tracing::warn!(
+                old = %format_args!("{old:032x}"),
+                new = %format_args!("{new:032x}"),
+                "this node's feed went back (restored from an old copy?): moved to a new \
+                 feed epoch; every peer syncs it again"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "moving to a new feed epoch failed");
+                return;
+            }
+        }
+        let conns: Vec<quinn::Connection> = match self.inner.peers.lock() {
+            Ok(peers) => peers.values().filter_map(|e| e.conn.clone()).collect(),
+            Err(_) => return,
+        };
+        for c in conns {
+            c.close(driver::CLOSE_NEW_EPOCH.into(), b"new feed epoch");
+        }
     }
 }
 

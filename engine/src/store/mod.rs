@@ -152,7 +152,8 @@ struct Inner {
     requests: Option<mpsc::UnboundedSender<WriteRequest>>,
     feed: watch::Receiver<FeedSeq>,
     early: broadcast::Sender<Arc<[EarlyDoc]>>,
-    feed_epoch: u128,
+    /// Changes only by [`Store::renew_feed_epoch`].
+    feed_epoch: std::sync::RwLock<u128>,
     writer: Option<JoinHandle<()>>,
     after_notice: Arc<std::sync::Mutex<Option<writer::AfterNotice>>>,
 }
@@ -160,7 +161,10 @@ struct Inner {
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
-            .field("feed_epoch", &format_args!("{:032x}", self.feed_epoch))
+            .field(
+                "feed_epoch",
+                &format_args!("{:032x}", self.feed_epoch.read().map_or(0, |e| *e)),
+            )
             .field("last_seq", &*self.feed.borrow())
             .field("cache", &self.cache)
             .finish()
@@ -221,7 +225,7 @@ impl Store {
                 requests: Some(requests),
                 feed,
                 early,
-                feed_epoch,
+                feed_epoch: std::sync::RwLock::new(feed_epoch),
                 writer: Some(handle),
                 after_notice,
             }),
@@ -231,7 +235,29 @@ impl Store {
     /// The random id this database was created with. It changes only when the database is
     /// recreated, which tells peers to start their cursors into this feed over.
     pub fn feed_epoch(&self) -> u128 {
-        self.inner.feed_epoch
+        self.inner.feed_epoch.read().map_or(0, |e| *e)
+    }
+
+    /// Moves the feed to a new random epoch, durably. Peers then start their cursors into
+    /// this feed over, and set aside the sync states they stored for the old epoch: what
+    /// a node restored from an old copy needs, since their cursors may skip the writes it
+    /// makes under reused feed positions, and their states may claim changes it lost.
+    /// Connections opened before must be closed: their hellos named the old epoch.
+    pub async fn renew_feed_epoch(&self) -> Result<u128, StoreError> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).map_err(|e| {
+            StoreError::WriteFailed(format!("no randomness for the feed epoch: {e}"))
+        })?;
+        let op = WriteOp::SetMeta {
+            key: schema::KEY_EPOCH,
+            value: bytes.to_vec(),
+        };
+        self.submit(None, op, None).await?;
+        let epoch = u128::from_le_bytes(bytes);
+        if let Ok(mut e) = self.inner.feed_epoch.write() {
+            *e = epoch;
+        }
+        Ok(epoch)
     }
 
     /// Replaces the content of a document (creating it), emitting ops only for what changed.

@@ -365,15 +365,23 @@ impl Writer {
                 for (peer, cursor) in cursors {
                     // Saves may arrive out of order; within one epoch a cursor only moves
                     // forward.
-                    let stale = match peers.get(peer.as_str())? {
-                        Some(v) => {
-                            let old = decode_cursor(v.value())?;
-                            old.epoch == cursor.epoch && old.seq >= cursor.seq
-                        }
-                        None => false,
+                    let old = match peers.get(peer.as_str())? {
+                        Some(v) => Some(decode_cursor(v.value())?),
+                        None => None,
                     };
+                    let stale = old.is_some_and(|o| o.epoch == cursor.epoch && o.seq >= cursor.seq);
                     if !stale {
                         peers.insert(peer.as_str(), encode_cursor(&cursor).as_slice())?;
+                    }
+                    // The peer's feed moved to another epoch (it was restored, or recreated):
+                    // every sync state kept for it may claim changes it no longer has, even
+                    // one kept under the epoch it moved back to. Start over.
+                    if old.is_some_and(|o| o.epoch != cursor.epoch) {
+                        let mut states = txn.open_table(SYNC_STATE)?;
+                        states
+                            .retain_in((peer.as_str(), 0)..=(peer.as_str(), u64::MAX), |_, _| {
+                                false
+                            })?;
                     }
                 }
             }

@@ -42,6 +42,18 @@ pub struct SimNode {
     old_early: VecDeque<Arc<[EarlyDoc]>>,
     /// Change hashes of every write the store acknowledged, with the document.
     pub acked: Vec<(Namespace, DocId, automerge::ChangeHash)>,
+    /// The last copy of the file (see [`Net::copy_file`]).
+    copy: Option<Copied>,
+}
+
+/// What a copy of a node's file holds.
+#[derive(Debug, Clone, Copy)]
+struct Copied {
+    /// How many of the node's acknowledged writes.
+    acked: usize,
+    /// Its feed epoch and last position.
+    epoch: u128,
+    last_seq: u64,
 }
 
 /// A connection between two nodes: `sessions[0]` runs at `ends[0]`.
@@ -67,6 +79,12 @@ pub struct Net {
     pub early_sent: u64,
     /// Nodes killed between a write's early notice and its commit.
     pub killed_in_commit: u64,
+    /// Nodes restored from an old copy of their file.
+    pub restored: u64,
+    /// Feed epochs renewed (restores, and feeds found gone back).
+    pub epochs_renewed: u64,
+    /// Of those, found by a peer's cursor past the feed's end.
+    pub went_back_found: u64,
 }
 
 const NAMESPACES: [&str; 2] = ["alpha", "beta"];
@@ -95,6 +113,7 @@ impl Net {
                 old_early: VecDeque::new(),
                 store: Some(store),
                 acked: Vec::new(),
+                copy: None,
             });
         }
         let links = edges
@@ -113,6 +132,9 @@ impl Net {
             delivered: 0,
             early_sent: 0,
             killed_in_commit: 0,
+            restored: 0,
+            epochs_renewed: 0,
+            went_back_found: 0,
         };
         for l in 0..net.links.len() {
             net.connect(l)?;
@@ -211,6 +233,102 @@ impl Net {
         self.nodes[node].old_early.clear();
         std::fs::rename(&image, &path).context("the killed node's file")?;
         self.start(node)
+    }
+
+    /// Copies `node`'s file as it is now (as a backup or disk image of the running node
+    /// would), for [`Net::restore_copy`].
+    pub fn copy_file(&mut self, node: usize) -> Result<()> {
+        let Some(store) = &self.nodes[node].store else {
+            return Ok(());
+        };
+        let copy = Copied {
+            acked: self.nodes[node].acked.len(),
+            epoch: store.feed_epoch(),
+            last_seq: store.last_seq().0,
+        };
+        let path = &self.nodes[node].path;
+        std::fs::copy(path, path.with_extension("copy")).context("copying a node's file")?;
+        self.nodes[node].copy = Some(copy);
+        Ok(())
+    }
+
+    /// Stops `node` and starts it again from its last copy: it lacks every write since
+    /// the copy. Writes it acknowledged since that no other node holds are lost with it;
+    /// the rest must come back. Two cases:
+    /// - A peer holds a cursor past the copy's feed end: restored as a disk image would
+    ///   be, under the same feed epoch. The restored node's first hellos arrive before
+    ///   anything else it does, so that peer finds the feed gone back while it is still
+    ///   behind, and the node moves to a new epoch.
+    /// - Otherwise nothing shows that the feed went back (peers' sync states may still
+    ///   claim changes it lost): restored as a restore of a backup is, which moves the
+    ///   node to a new feed epoch before it connects.
+    pub fn restore_copy(&mut self, node: usize) -> Result<()> {
+        let Some(copy) = self.nodes[node].copy else {
+            return Ok(());
+        };
+        let copied = copy.acked;
+        let me = self.nodes[node].id.clone();
+        let shows = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.store.as_ref())
+            .filter_map(|s| s.peer_cursor(&me).ok().flatten())
+            .any(|c| c.epoch == copy.epoch && c.seq > copy.last_seq);
+        for l in 0..self.links.len() {
+            if self.links[l].ends.contains(&node) {
+                self.disconnect(l);
+            }
+        }
+        self.nodes[node].store = None;
+        self.nodes[node].early = None;
+        self.nodes[node].old_early.clear();
+        let path = self.nodes[node].path.clone();
+        std::fs::copy(path.with_extension("copy"), &path).context("restoring a copy")?;
+        let since: Vec<_> = self.nodes[node].acked.drain(copied..).collect();
+        for (ns, id, hash) in since {
+            let elsewhere = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != node)
+                .filter_map(|(_, n)| n.store.as_ref())
+                .any(|s| holds_change(s, &ns, &id, &hash));
+            if elsewhere {
+                self.nodes[node].acked.push((ns, id, hash));
+            }
+        }
+        self.restored += 1;
+        self.start(node)?;
+        if !shows {
+            return self.new_epoch(node);
+        }
+        for l in 0..self.links.len() {
+            if self.links[l].ends.contains(&node) {
+                for dir in 0..2 {
+                    if matches!(self.links[l].queues[dir].front(), Some(Message::Hello(_))) {
+                        self.deliver(l, dir, 0)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `node` to a new feed epoch and reconnects its links, as the node does when a
+    /// peer finds its feed gone back.
+    fn new_epoch(&mut self, node: usize) -> Result<()> {
+        let Some(store) = self.nodes[node].store.clone() else {
+            return Ok(());
+        };
+        self.rt.block_on(store.renew_feed_epoch())?;
+        self.epochs_renewed += 1;
+        for l in 0..self.links.len() {
+            if self.links[l].ends.contains(&node) {
+                self.disconnect(l);
+                self.connect(l)?;
+            }
+        }
+        Ok(())
     }
 
     /// One random network event: mostly in-order delivery, sometimes chaos.
@@ -347,10 +465,23 @@ impl Net {
             return Ok(());
         };
         if let Err(e) = session.handle_message(msg) {
-            // A protocol error closes the connection, as the driver does.
-            let _ = e;
-            self.disconnect(l);
+            // A protocol error closes the connection, as the driver does, after the error
+            // frame (and whatever was queued before it) reached the other end.
+            self.links[l].sessions[dir] = None;
+            self.links[l].queues[dir].clear();
+            let other = 1 - dir;
+            self.links[l].queues[other].push_back(e.to_message());
+            while self.links[l].sessions[dir].is_none() && !self.links[l].queues[other].is_empty() {
+                self.deliver(l, other, 0)?;
+            }
+            if self.links[l].sessions[dir].is_none() {
+                self.disconnect(l);
+            }
             return Ok(());
+        }
+        if session.feed_went_back() {
+            self.went_back_found += 1;
+            return self.new_epoch(self.links[l].ends[dir]);
         }
         self.drive(l, dir)
     }
@@ -515,6 +646,16 @@ impl Outbox for Frames<'_> {
         self.0.push_back(msg);
         Ok(())
     }
+}
+
+/// Whether `store`'s copy of `ns/id` holds the change `hash`.
+fn holds_change(store: &Store, ns: &Namespace, id: &DocId, hash: &automerge::ChangeHash) -> bool {
+    store
+        .export(ns, id)
+        .ok()
+        .flatten()
+        .and_then(|d| automerge::Automerge::load(&d.bytes).ok())
+        .is_some_and(|doc| doc.get_change_by_hash(hash).is_some())
 }
 
 /// One field of one document, at random.

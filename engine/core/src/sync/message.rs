@@ -46,6 +46,10 @@ pub enum ErrorCode {
     Forbidden,
     /// The node failed to store what it received. Fatal.
     Internal,
+    /// The receiver's feed went back: the sender's cursor into it, in the same epoch, is
+    /// past its end (the receiver was restored from an old copy). The receiver moves to a
+    /// new feed epoch, so every peer walks its feed again. Fatal.
+    FeedBehind,
 }
 
 /// Everything that travels between two nodes after the TLS handshake.

@@ -278,6 +278,12 @@ pub struct Session {
     /// Every document the peer has, it got from or gave to this node: a document with no
     /// sync state stored for the peer is one it lacks (see [`Session::peer_lacks`]).
     peer_lacks_unshared: bool,
+    /// This node's feed went back (see [`Session::feed_went_back`]).
+    feed_went_back: bool,
+    /// The peer's feed epoch is not the one of the stored cursor: the sync states stored
+    /// for it may claim changes it no longer has (the store drops them with the cursor
+    /// save; until then, and for this session, none is used).
+    states_set_aside: bool,
     outputs: VecDeque<Output>,
     /// The local feed has been read up to here.
     walked: FeedSeq,
@@ -345,6 +351,8 @@ impl Session {
             record,
             peer_hello: None,
             peer_lacks_unshared: false,
+            feed_went_back: false,
+            states_set_aside: false,
             outputs: VecDeque::new(),
             walked: FeedSeq(0),
             local_last,
@@ -416,6 +424,15 @@ impl Session {
     /// How many local feed positions the peer is behind (0 when caught up).
     pub fn lag(&self) -> u64 {
         self.local_last.0.saturating_sub(self.synced_through().0)
+    }
+
+    /// Whether this node's feed went back, as the peer sees it: the peer holds a cursor
+    /// into it, in the same epoch, past its end (it was restored from an old copy or an
+    /// image). Every peer's cursor may then skip the writes made since under reused feed
+    /// positions, and peers' stored sync states may claim changes this node lost, so the
+    /// node must move to a new feed epoch (and reconnect) before it goes on.
+    pub fn feed_went_back(&self) -> bool {
+        self.feed_went_back
     }
 
     /// Whether the local feed was sent and acknowledged up to what was last known.
@@ -518,6 +535,10 @@ impl Session {
                 });
                 match code {
                     ErrorCode::Forbidden => Ok(()),
+                    ErrorCode::FeedBehind => {
+                        self.feed_went_back = true;
+                        Ok(())
+                    }
                     _ => Err(ProtocolError::new(code, format!("peer closed: {reason}"))),
                 }
             }
@@ -550,10 +571,33 @@ impl Session {
             .resume
             .filter(|c| c.epoch == self.cfg.feed_epoch && c.seq <= self.local_last.0)
             .map_or(FeedSeq(0), |c| FeedSeq(c.seq));
+        // Past the end in this epoch: this node's feed went back, and other peers' cursors
+        // are stale too (see [`Session::feed_went_back`]).
+        if hello
+            .resume
+            .is_some_and(|c| c.epoch == self.cfg.feed_epoch && c.seq > self.local_last.0)
+        {
+            self.feed_went_back = true;
+        }
+        // The peer's feed went back: tell it, so that it moves to a new epoch.
+        if let Some(r) = self
+            .record
+            .filter(|r| r.epoch == hello.feed_epoch && r.seq > hello.feed_last)
+        {
+            return Err(ProtocolError::new(
+                ErrorCode::FeedBehind,
+                format!(
+                    "your feed went back: it ends at {} and this node has received it up \
+                     to {} in the same epoch; restored from an old copy?",
+                    hello.feed_last, r.seq
+                ),
+            ));
+        }
         self.peer_lacks_unshared = self.knows_everything_of(&hello);
         self.walked = start;
         self.synced_sent = start;
         if self.record.is_some_and(|r| r.epoch != hello.feed_epoch) {
+            self.states_set_aside = true;
             let record = Cursor {
                 epoch: hello.feed_epoch,
                 seq: 0,
@@ -665,10 +709,15 @@ impl Session {
         };
         entry.phase = Phase::Applying;
         entry.applying = cost;
+        // Without a state in memory the store would use the stored one.
+        let state = match entry.state.take() {
+            None if self.states_set_aside => Some(State::new()),
+            state => state,
+        };
         self.outputs.push_back(Output::Apply(Box::new(Apply {
             ns: key.0.clone(),
             id: key.1.clone(),
-            state: entry.state.take(),
+            state,
             read_only,
             message,
             provisional: cost.provisional,
@@ -804,6 +853,7 @@ impl Session {
         };
         entry.phase = Phase::Idle;
         if entry.state.is_none() {
+            let persisted = persisted.filter(|_| !self.states_set_aside);
             entry.state = Some(start_state(persisted, peer_lacks, read_only));
         }
         self.resume(&key, true);
@@ -824,7 +874,8 @@ impl Session {
             Some(l) => {
                 entry.doc = Some(l.doc);
                 if entry.state.is_none() {
-                    entry.state = Some(start_state(l.state, lacks, read_only));
+                    let persisted = l.state.filter(|_| !self.states_set_aside);
+                    entry.state = Some(start_state(persisted, lacks, read_only));
                 }
             }
             // Absent: nothing to send, and its offer is done.
