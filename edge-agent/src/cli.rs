@@ -46,7 +46,7 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Client commands: status, doc, watch.
+    /// Client commands: status, doc, watch, backup, restore.
     #[command(flatten)]
     Client(tidesync_cli::client::ClientCommand),
 }

@@ -36,6 +36,13 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// Whether the database is open in another process (a running node holds it).
+    pub fn is_in_use(&self) -> bool {
+        matches!(self, Self::Storage(redb::Error::DatabaseAlreadyOpen))
+    }
+}
+
 macro_rules! redb_errors_into_store_error {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {

@@ -149,9 +149,14 @@ impl Drop for Proc {
 pub const SUBCOMMANDS: [(&str, &[&str]); 2] = [
     (
         "tidesync-hub",
-        &["init", "enroll", "revoke", "run", "status", "doc", "watch"],
+        &[
+            "init", "enroll", "revoke", "run", "status", "doc", "watch", "backup", "restore",
+        ],
     ),
-    ("tidesync-edge", &["run", "status", "doc", "watch"]),
+    (
+        "tidesync-edge",
+        &["run", "status", "doc", "watch", "backup", "restore"],
+    ),
 ];
 
 /// A deployment made with the real binaries in a temporary directory: `tidesync-hub init`
@@ -170,6 +175,19 @@ impl Binaries {
         };
         run("tidesync-hub", &["init", "--data", &d.path("hub")])?;
         Ok(d)
+    }
+
+    /// A new deployment with its first hub running and edge `name` (granted everything)
+    /// connected to it.
+    pub fn hub_and_edge(name: &str) -> Result<(Self, Proc, Proc)> {
+        let d = Self::init()?;
+        let hub = d.hub(&[])?;
+        d.enroll(name, "edge", &["*=rw"])?;
+        let edge = d.edge(name, &[&hub], &[])?;
+        wait_for("the edge connected", Duration::from_secs(10), || {
+            connected(&hub, name)
+        });
+        Ok((d, hub, edge))
     }
 
     /// `p` inside the deployment's directory.

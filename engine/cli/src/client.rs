@@ -1,5 +1,5 @@
-//! The client subcommands both binaries share: `status`, `doc …` and `watch`, talking to a
-//! node's HTTP API.
+//! The client subcommands both binaries share: `status`, `doc …`, `watch` and `backup`,
+//! talking to a node's HTTP API, and `restore`, which works on a stopped node's files.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -52,6 +52,31 @@ pub enum ClientCommand {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Save a consistent copy of the node's database to FILE, without stopping it: from
+    /// the running node's API, or, when the node in --data is stopped, from its file.
+    Backup {
+        /// The node's data directory. If the node is stopped, the copy is read from its
+        /// `node.redb`; if it runs, from its API (--api).
+        #[arg(long, value_name = "DIR")]
+        data: Option<std::path::PathBuf>,
+        /// Where to write the copy (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Make DIR's database a copy saved by `backup`, for a stopped node. The node rejoins
+    /// under a new feed epoch: its peers sync it again from the start, so it gets back
+    /// everything they hold that the copy lacks. The database it replaces is kept as
+    /// `node.redb.before-restore`.
+    Restore {
+        /// The copy `backup` wrote.
+        #[arg(long, value_name = "FILE")]
+        from: std::path::PathBuf,
+        /// The node's data directory (its `node.redb` is replaced).
+        #[arg(long, value_name = "DIR")]
+        data: std::path::PathBuf,
+    },
 }
 
 impl ClientCommand {
@@ -61,6 +86,8 @@ impl ClientCommand {
             Self::Status { opts } => status(&opts, default_api),
             Self::Doc { cmd, opts } => doc(cmd, &opts, default_api),
             Self::Watch { since, opts } => watch(&opts, default_api, since),
+            Self::Backup { data, out, opts } => backup(data.as_deref(), &out, &opts, default_api),
+            Self::Restore { from, data } => restore(&from, &data),
         }
     }
 }
@@ -228,6 +255,115 @@ impl Api {
                 .map_err(|e| ClientError::Input(format!("the API sent invalid JSON: {e}")))
         })
     }
+}
+
+/// `backup`: from the stopped node's file if `data` names one, else from the API.
+fn backup(
+    data: Option<&std::path::Path>,
+    out: &std::path::Path,
+    opts: &ClientOpts,
+    default_api: SocketAddr,
+) -> Result<(), ClientError> {
+    if out.exists() {
+        return Err(ClientError::Input(format!(
+            "{} exists already; choose a new file",
+            out.display()
+        )));
+    }
+    if let Some(dir) = data {
+        match tidesync::store::Store::backup_file(&dir.join("node.redb"), out) {
+            Ok(s) => {
+                println!(
+                    "saved {} ({} documents) from the stopped node's {}",
+                    out.display(),
+                    s.docs,
+                    dir.join("node.redb").display()
+                );
+                return Ok(());
+            }
+            Err(e) if e.is_in_use() => {}
+            Err(e) => {
+                return Err(ClientError::Input(format!(
+                    "reading {}: {e}",
+                    dir.display()
+                )))
+            }
+        }
+    }
+    let api = Api::new(opts, default_api);
+    let path = "/v1/backup";
+    let partial = out.with_extension("partial");
+    let written = api.run(path, async {
+        use std::io::Write;
+        let resp = api
+            .send("GET", path, None, "application/octet-stream")
+            .await?;
+        let expected: Option<u64> = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let docs = resp
+            .headers()
+            .get("x-tidesync-backup-docs")
+            .and_then(|v| v.to_str().ok().map(str::to_owned));
+        let file_error =
+            |e: std::io::Error| ClientError::Input(format!("writing {}: {e}", partial.display()));
+        let mut file = std::fs::File::create(&partial).map_err(file_error)?;
+        let mut body = resp.into_body();
+        let mut len = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| api.unreachable(path, e))?;
+            if let Some(chunk) = frame.data_ref() {
+                file.write_all(chunk).map_err(file_error)?;
+                len += chunk.len() as u64;
+            }
+        }
+        if expected.is_some_and(|n| n != len) {
+            return Err(api.unreachable(path, format!("the copy was cut off after {len} bytes")));
+        }
+        file.sync_all().map_err(file_error)?;
+        Ok((len, docs))
+    });
+    let (len, docs) = match written {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, out)
+        .map_err(|e| ClientError::Input(format!("writing {}: {e}", out.display())))?;
+    println!(
+        "saved {} ({len} bytes, {} documents) from the running node at {}",
+        out.display(),
+        docs.as_deref().unwrap_or("?"),
+        api.addr
+    );
+    Ok(())
+}
+
+/// `restore`: puts the copy in place and moves it to a new feed epoch.
+fn restore(from: &std::path::Path, data: &std::path::Path) -> Result<(), ClientError> {
+    if !from.is_file() {
+        return Err(ClientError::Input(format!(
+            "{} is not a file",
+            from.display()
+        )));
+    }
+    let db = data.join("node.redb");
+    let epoch = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ClientError::Input(e.to_string()))?
+        .block_on(tidesync::store::Store::restore(from, &db))
+        .map_err(|e| ClientError::Input(format!("restoring {}: {e}", db.display())))?;
+    println!(
+        "restored {} from {}; new feed epoch {epoch:032x}: peers will sync this node again \
+         from the start",
+        db.display(),
+        from.display()
+    );
+    Ok(())
 }
 
 fn body_arg(arg: Option<String>) -> Result<String, ClientError> {

@@ -5,6 +5,7 @@
 //! owns no state of its own: the store and the node are shared with the rest of the
 //! process.
 
+mod backup;
 pub mod error;
 pub mod guard;
 pub mod serve;
@@ -71,6 +72,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
+        .route("/v1/backup", get(backup::backup))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

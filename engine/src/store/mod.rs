@@ -11,6 +11,7 @@
 //! committed with `Durability::Immediate`. A process killed at any moment loses nothing
 //! that was acknowledged.
 
+mod backup;
 mod cache;
 mod commit_times;
 mod compact;
@@ -19,6 +20,7 @@ mod sync_state;
 mod writer;
 
 pub use crate::model::{FeedEntry, FeedSeq};
+pub use backup::BackupSummary;
 pub use commit_times::{CommitTimes, CommitTimesSnapshot};
 
 use std::fmt;
@@ -152,6 +154,8 @@ struct Inner {
     requests: Option<mpsc::UnboundedSender<WriteRequest>>,
     feed: watch::Receiver<FeedSeq>,
     early: broadcast::Sender<Arc<[EarlyDoc]>>,
+    /// The database file.
+    path: std::path::PathBuf,
     /// Changes only by [`Store::renew_feed_epoch`].
     feed_epoch: std::sync::RwLock<u128>,
     writer: Option<JoinHandle<()>>,
@@ -226,6 +230,7 @@ impl Store {
                 feed,
                 early,
                 feed_epoch: std::sync::RwLock::new(feed_epoch),
+                path: path.as_ref().to_path_buf(),
                 writer: Some(handle),
                 after_notice,
             }),
@@ -236,6 +241,57 @@ impl Store {
     /// recreated, which tells peers to start their cursors into this feed over.
     pub fn feed_epoch(&self) -> u128 {
         self.inner.feed_epoch.read().map_or(0, |e| *e)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// A consistent copy of this store, written to the new file `out` while writes go on:
+    /// it holds exactly the commits before the call.
+    pub fn backup_to(&self, out: &Path) -> Result<BackupSummary, StoreError> {
+        let snapshot = self.inner.db.begin_read()?;
+        backup::copy_snapshot(&snapshot, out)
+    }
+
+    /// A copy of the store file `db` of a stopped node, written to the new file `out`.
+    pub fn backup_file(db: &Path, out: &Path) -> Result<BackupSummary, StoreError> {
+        backup::copy_file(db, out)
+    }
+
+    /// Puts the copy `from` (made by [`Store::backup_to`] or [`Store::backup_file`]) in
+    /// place of the store file `db` of a stopped node, and moves it to a new feed epoch, so
+    /// that peers walk its feed again and set aside what they stored against the old one:
+    /// it then gets back everything another node holds. The file it replaces is kept as
+    /// `db.before-restore`. Returns the new epoch.
+    pub async fn restore(from: &Path, db: &Path) -> Result<u128, StoreError> {
+        if db.exists() {
+            // Fails while the node runs: redb holds its file locked.
+            drop(redb::Database::open(db).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::WriteFailed(format!(
+                    "{} is in use: stop the node before restoring",
+                    db.display()
+                )),
+                e => e.into(),
+            })?);
+        }
+        let staged = db.with_extension("restoring");
+        let _ = std::fs::remove_file(&staged);
+        std::fs::copy(from, &staged).map_err(|e| backup::io_error("copying to", &staged, e))?;
+        let epoch = {
+            let store = Store::open(&staged, StoreConfig::default())?;
+            store.renew_feed_epoch().await?
+        };
+        if db.exists() {
+            let kept = db.with_extension("redb.before-restore");
+            std::fs::rename(db, &kept).map_err(|e| backup::io_error("keeping", &kept, e))?;
+        }
+        std::fs::rename(&staged, db).map_err(|e| backup::io_error("moving into place", db, e))?;
+        if let Some(dir) = db.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(epoch)
     }
 
     /// Moves the feed to a new random epoch, durably. Peers then start their cursors into
