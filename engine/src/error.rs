@@ -34,6 +34,14 @@ pub enum StoreError {
     /// The store's writer has stopped (the store is shutting down or failed).
     #[error("the store is closed")]
     Closed,
+    /// The disk is full: nothing is written until space is freed (the store then goes on
+    /// by itself).
+    #[error("no space left for the store: {0}")]
+    NoSpace(String),
+    /// A storage fault (an I/O error) stops writes until the database could be opened
+    /// again, which the store retries at each write.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {

@@ -73,6 +73,12 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
     );
     gauge(
         &mut r,
+        "store_fault",
+        "1 while a storage fault (a full disk, an I/O error) stops writes; /v1/health says why",
+        i64::from(store.fault().is_some()),
+    );
+    gauge(
+        &mut r,
         "feed_last_seq",
         "Position of the latest local commit in the change feed",
         store.last_seq().0 as i64,

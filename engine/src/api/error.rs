@@ -59,7 +59,10 @@ impl From<StoreError> for ApiError {
                     crate::model::format_heads(&current)
                 ),
             ),
-            StoreError::Closed => Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            StoreError::Closed | StoreError::Unavailable(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+            StoreError::NoSpace(_) => Self::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
             other => {
                 // The details (paths, storage errors) are for the operator, not the client:
                 // the client gets an id to quote, the log has the rest.

@@ -148,12 +148,28 @@ fn heads_json(heads: &[automerge::ChangeHash]) -> Value {
     json!(heads.iter().map(ToString::to_string).collect::<Vec<_>>())
 }
 
-async fn health(State(state): State<ApiState>) -> Json<Value> {
-    Json(json!({
-        "status": "ok",
-        "node_id": state.node_id.as_str(),
-        "role": state.role.as_str(),
-    }))
+/// 200 while the node can write; 503 with the reason while a storage fault stops writes
+/// (the store recovers by itself once the cause is gone).
+async fn health(State(state): State<ApiState>) -> Response {
+    match state.store.fault() {
+        None => Json(json!({
+            "status": "ok",
+            "node_id": state.node_id.as_str(),
+            "role": state.role.as_str(),
+        }))
+        .into_response(),
+        Some(f) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "storage fault",
+                "reason": f.reason,
+                "no_space": f.no_space,
+                "node_id": state.node_id.as_str(),
+                "role": state.role.as_str(),
+            })),
+        )
+            .into_response(),
+    }
 }
 
 async fn list_docs(
@@ -383,6 +399,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "node_id": state.node_id.as_str(),
         "role": state.role.as_str(),
         "feed_epoch": format!("{:032x}", state.store.feed_epoch()),
+        "store_fault": state.store.fault().map(|f| json!({"reason": f.reason, "no_space": f.no_space})),
         "last_seq": state.store.last_seq().0,
         "docs": state.store.doc_count()?,
         "cert_days_left": state

@@ -86,6 +86,11 @@ impl DocCache {
         self.inner.remove(&key);
     }
 
+    /// Forgets everything (after the database was opened again).
+    pub fn clear(&self) {
+        self.inner.clear();
+    }
+
     /// Documents and estimated bytes held.
     pub fn usage(&self) -> (usize, u64) {
         (self.inner.len(), self.inner.weight())

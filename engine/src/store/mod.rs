@@ -15,6 +15,7 @@ mod backup;
 mod cache;
 mod commit_times;
 mod compact;
+mod db;
 mod schema;
 mod sync_state;
 mod writer;
@@ -22,6 +23,7 @@ mod writer;
 pub use crate::model::{FeedEntry, FeedSeq};
 pub use backup::BackupSummary;
 pub use commit_times::{CommitTimes, CommitTimesSnapshot};
+pub use db::Fault;
 
 use std::fmt;
 use std::path::Path;
@@ -29,7 +31,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use automerge::{ActorId, Automerge, ChangeHash};
-use redb::{Database, ReadableDatabase, ReadableTableMetadata};
+use redb::{ReadableDatabase, ReadableTableMetadata};
 use serde_json::{Map, Value as Json};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -149,7 +151,7 @@ pub struct Store {
 
 struct Inner {
     commit_times: Arc<CommitTimes>,
-    db: Arc<Database>,
+    db: Arc<db::Db>,
     cache: Arc<DocCache>,
     requests: Option<mpsc::UnboundedSender<WriteRequest>>,
     feed: watch::Receiver<FeedSeq>,
@@ -195,7 +197,11 @@ impl Store {
             .set_cache_size(cfg.redb_cache_bytes)
             .create(path.as_ref())?;
         let (feed_epoch, next_seq, next_doc_key) = schema::init_tables(&db)?;
-        let db = Arc::new(db);
+        let db = Arc::new(db::Db::new(
+            db,
+            path.as_ref().to_path_buf(),
+            cfg.redb_cache_bytes,
+        ));
         let cache = Arc::new(DocCache::new(cfg.doc_cache_bytes));
         let (feed_tx, feed) = watch::channel(FeedSeq(next_seq - 1));
         let (requests, rx) = mpsc::unbounded_channel();
@@ -243,6 +249,11 @@ impl Store {
         self.inner.feed_epoch.read().map_or(0, |e| *e)
     }
 
+    /// The storage fault that stops writes, while it lasts (see [`Fault`]).
+    pub fn fault(&self) -> Option<Fault> {
+        self.inner.db.fault()
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
@@ -251,7 +262,7 @@ impl Store {
     /// A consistent copy of this store, written to the new file `out` while writes go on:
     /// it holds exactly the commits before the call.
     pub fn backup_to(&self, out: &Path) -> Result<BackupSummary, StoreError> {
-        let snapshot = self.inner.db.begin_read()?;
+        let snapshot = self.inner.db.get()?.begin_read()?;
         backup::copy_snapshot(&snapshot, out)
     }
 
@@ -432,7 +443,7 @@ impl Store {
 
     /// The revocation list kept by [`Store::set_revocation_list`], unchecked.
     pub fn revocation_list(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.inner.db.get()?.begin_read()?;
         let meta = txn.open_table(META)?;
         Ok(meta.get(KEY_REVOCATION_LIST)?.map(|v| v.value().to_vec()))
     }
@@ -445,7 +456,7 @@ impl Store {
 
     /// How far this node has durably received `peer`'s feed.
     pub fn peer_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.inner.db.get()?.begin_read()?;
         let peers = txn.open_table(PEERS)?;
         peers
             .get(peer.as_str())?
@@ -469,7 +480,7 @@ impl Store {
         let (Some(doc), Some((key, stored_bytes))) = (doc, found) else {
             return Ok(None);
         };
-        let state = read_sync_state(&self.inner.db.begin_read()?, peer, key)?;
+        let state = read_sync_state(&self.inner.db.get()?.begin_read()?, peer, key)?;
         Ok(Some(LoadedDoc {
             doc,
             state,
@@ -530,7 +541,7 @@ impl Store {
         id: &DocId,
         f: impl FnOnce(&DocMeta, Arc<Automerge>) -> T,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.inner.db.get()?.begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let Some(raw) = docs.get((ns.as_str(), id.as_str()))? else {
             return Ok(None);
@@ -561,7 +572,7 @@ impl Store {
         ns: &Namespace,
         id: &DocId,
     ) -> Result<Option<DocStorage>, StoreError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.inner.db.get()?.begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let Some(raw) = docs.get((ns.as_str(), id.as_str()))? else {
             return Ok(None);
@@ -576,7 +587,7 @@ impl Store {
 
     /// Every document of a namespace, deleted ones included, in id order.
     pub fn list(&self, ns: &Namespace) -> Result<Vec<DocSummary>, StoreError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.inner.db.get()?.begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let mut out = Vec::new();
         for entry in docs.range((ns.as_str(), "")..)? {
@@ -604,7 +615,7 @@ impl Store {
         since: FeedSeq,
         limit: usize,
     ) -> Result<Vec<FeedEntry>, StoreError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.inner.db.get()?.begin_read()?;
         let feed = txn.open_table(FEED)?;
         let docs = txn.open_table(DOCS)?;
         let mut out = Vec::new();
@@ -665,7 +676,7 @@ impl Store {
         ns: &Namespace,
         id: &DocId,
     ) -> Result<Option<automerge::sync::State>, StoreError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.inner.db.get()?.begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let Some(raw) = docs.get((ns.as_str(), id.as_str()))? else {
             return Ok(None);
@@ -675,7 +686,7 @@ impl Store {
 
     /// How many documents the store holds, deleted ones included.
     pub fn doc_count(&self) -> Result<u64, StoreError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.inner.db.get()?.begin_read()?;
         Ok(txn.open_table(DOCS)?.len()?)
     }
 

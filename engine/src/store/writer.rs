@@ -105,7 +105,7 @@ struct Pending {
 const EARLY_MAX_DOCS: usize = 32;
 
 pub(crate) struct Writer {
-    pub db: Arc<Database>,
+    pub db: Arc<super::db::Db>,
     pub cache: Arc<DocCache>,
     pub cfg: StoreConfig,
     pub actor: ActorId,
@@ -147,7 +147,7 @@ impl Writer {
         }
         // Bookkeeping batches commit without fsync; a clean close makes them durable.
         let flushed = || -> Result<(), StoreError> {
-            let mut txn = self.db.begin_write()?;
+            let mut txn = self.db.get()?.begin_write()?;
             txn.set_durability(Durability::Immediate)?;
             txn.commit()?;
             Ok(())
@@ -158,13 +158,36 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<WriteRequest>) {
+        let db = match self.db.get() {
+            Ok(db) => db,
+            // A storage fault took the database away: try again now.
+            Err(_) => match self.reopened() {
+                Ok(db) => db,
+                Err(e) => {
+                    let fault = self.db.fault();
+                    for req in batch.drain(..) {
+                        let err = fault.as_ref().map_or_else(
+                            || StoreError::WriteFailed(e.to_string()),
+                            |f| f.to_error(),
+                        );
+                        let _ = req.reply.send(Err(err));
+                    }
+                    return;
+                }
+            },
+        };
         let (next_seq, next_doc_key) = (self.next_seq, self.next_doc_key);
         let mut working: Vec<Working> = Vec::new();
         let mut pending: Vec<Result<Pending, StoreError>> = Vec::with_capacity(batch.len());
-        let result = self.apply_and_commit(batch, &mut working, &mut pending);
+        let result = self.apply_and_commit(&db, batch, &mut working, &mut pending);
         let replies = batch.drain(..).map(|r| r.reply);
         match result {
             Ok(seqs) => {
+                // Bookkeeping commits may fit on a full disk; only a document written
+                // shows the space is back.
+                if seqs.iter().any(|(_, changed)| *changed) {
+                    self.db.committed();
+                }
                 let docs: Vec<Option<Arc<Automerge>>> = working
                     .into_iter()
                     .map(|w| {
@@ -217,9 +240,23 @@ impl Writer {
                         self.cache.remove(meta.key);
                     }
                 }
+                // redb refuses every later write after an I/O failure: open it again.
+                let went_on = self.db.after_failure(db, &e);
+                if went_on.is_some() && self.db.fault().is_none() {
+                    if let Err(e) = self.reinit() {
+                        tracing::error!(error = %e, "reading the reopened database failed");
+                    }
+                }
                 let msg = e.to_string();
+                let fault = self.db.fault();
+                let full = super::db::no_space(&e);
                 for reply in replies {
-                    let _ = reply.send(Err(StoreError::WriteFailed(msg.clone())));
+                    let err = match &fault {
+                        Some(f) => f.to_error(),
+                        None if full => StoreError::NoSpace(msg.clone()),
+                        None => StoreError::WriteFailed(msg.clone()),
+                    };
+                    let _ = reply.send(Err(err));
                 }
             }
         }
@@ -227,13 +264,32 @@ impl Writer {
 
     /// Applies the batch inside one write transaction and commits it. Returns, per working
     /// document, its feed seq and whether the batch changed it.
+    /// Opens the database again after a storage fault, and reads the counters back.
+    fn reopened(&mut self) -> Result<Arc<Database>, StoreError> {
+        let db = self.db.reopen()?;
+        self.reinit()?;
+        Ok(db)
+    }
+
+    /// After the database was opened again: the counters follow what is committed, and
+    /// the cache forgets what it held.
+    fn reinit(&mut self) -> Result<(), StoreError> {
+        let db = self.db.get()?;
+        let (_, next_seq, next_doc_key) = super::schema::init_tables(&db)?;
+        self.next_seq = next_seq;
+        self.next_doc_key = next_doc_key;
+        self.cache.clear();
+        Ok(())
+    }
+
     fn apply_and_commit(
         &mut self,
+        db: &Database,
         batch: &mut [WriteRequest],
         working: &mut Vec<Working>,
         pending: &mut Vec<Result<Pending, StoreError>>,
     ) -> Result<Vec<(u64, bool)>, StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = db.begin_write()?;
         let mut seqs = Vec::new();
         let mut any_changed = false;
         // Cursors alone ride the next durable commit; node records do not wait for one.

@@ -49,8 +49,6 @@ pub struct SimNode {
 /// What a copy of a node's file holds.
 #[derive(Debug, Clone, Copy)]
 struct Copied {
-    /// How many of the node's acknowledged writes.
-    acked: usize,
     /// Its feed epoch and last position.
     epoch: u128,
     last_seq: u64,
@@ -242,7 +240,6 @@ impl Net {
             return Ok(());
         };
         let copy = Copied {
-            acked: self.nodes[node].acked.len(),
             epoch: store.feed_epoch(),
             last_seq: store.last_seq().0,
         };
@@ -253,8 +250,8 @@ impl Net {
     }
 
     /// Stops `node` and starts it again from its last copy: it lacks every write since
-    /// the copy. Writes it acknowledged since that no other node holds are lost with it;
-    /// the rest must come back. Two cases:
+    /// the copy. Writes that no node holds any more are lost with it; the rest must come
+    /// back. Two cases:
     /// - A peer holds a cursor past the copy's feed end: restored as a disk image would
     ///   be, under the same feed epoch. The restored node's first hellos arrive before
     ///   anything else it does, so that peer finds the feed gone back while it is still
@@ -266,7 +263,6 @@ impl Net {
         let Some(copy) = self.nodes[node].copy else {
             return Ok(());
         };
-        let copied = copy.acked;
         let me = self.nodes[node].id.clone();
         let shows = self
             .nodes
@@ -284,21 +280,9 @@ impl Net {
         self.nodes[node].old_early.clear();
         let path = self.nodes[node].path.clone();
         std::fs::copy(path.with_extension("copy"), &path).context("restoring a copy")?;
-        let since: Vec<_> = self.nodes[node].acked.drain(copied..).collect();
-        for (ns, id, hash) in since {
-            let elsewhere = self
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != node)
-                .filter_map(|(_, n)| n.store.as_ref())
-                .any(|s| holds_change(s, &ns, &id, &hash));
-            if elsewhere {
-                self.nodes[node].acked.push((ns, id, hash));
-            }
-        }
         self.restored += 1;
         self.start(node)?;
+        self.forget_lost_writes();
         if !shows {
             return self.new_epoch(node);
         }
@@ -312,6 +296,17 @@ impl Net {
             }
         }
         Ok(())
+    }
+
+    /// After a restore: acknowledged writes that no node holds any more (the restored one
+    /// had them alone, or only nodes restored since) are lost with the copies; every other
+    /// one must reach every node.
+    fn forget_lost_writes(&mut self) {
+        let stores: Vec<Store> = self.nodes.iter().filter_map(|n| n.store.clone()).collect();
+        for node in &mut self.nodes {
+            node.acked
+                .retain(|(ns, id, hash)| stores.iter().any(|s| holds_change(s, ns, id, hash)));
+        }
     }
 
     /// Moves `node` to a new feed epoch and reconnects its links, as the node does when a

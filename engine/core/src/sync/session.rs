@@ -709,11 +709,11 @@ impl Session {
         };
         entry.phase = Phase::Applying;
         entry.applying = cost;
-        // Without a state in memory the store would use the stored one.
-        let state = match entry.state.take() {
-            None if self.states_set_aside => Some(State::new()),
-            state => state,
-        };
+        // Without a state in memory the store uses the stored one, of the peer's current
+        // epoch only; the states of another epoch are dropped by the cursor save queued at
+        // the hello, before any apply. (A fresh state here would answer every message anew:
+        // two nodes doing so would never stop.)
+        let state = entry.state.take();
         self.outputs.push_back(Output::Apply(Box::new(Apply {
             ns: key.0.clone(),
             id: key.1.clone(),
