@@ -499,3 +499,47 @@ async fn a_peer_cannot_flood_the_log() {
     );
     assert_eq!(docs_stored(&hub, "w"), 0, "a read-only peer stores nothing");
 }
+
+/// Any peer can claim a node's feed went back (a cursor past its end in the hello, or a
+/// `FeedBehind` error), and each renewal of the feed epoch makes every peer walk the
+/// whole feed again: a node renews at most once per `MIN_EPOCH_RENEWAL_GAP`, however
+/// often it is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_that_the_feed_went_back_renew_the_epoch_at_most_once() {
+    let (d, hub, edge) = hub_with_honest_edge();
+    honest_write_arrives(&edge, &hub, 0).await;
+    let mut epochs = vec![hub.store.feed_epoch()];
+    for i in 0..4u64 {
+        let name = format!("liar-{i}");
+        let bundle = d.bundle(&name, Role::Edge, &["telemetry=ro"]).unwrap();
+        let mut r = Rogue::connect(&bundle, hub.addr()).await.unwrap();
+        r.send(&Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            node_id: name.clone(),
+            role: Role::Edge,
+            feed_epoch: 7,
+            feed_last: 0,
+            resume: Some(tidesync::model::Cursor {
+                epoch: hub.store.feed_epoch(),
+                seq: 1_000_000 + i,
+            }),
+            subscriptions: vec![NsPattern::all()],
+        }))
+        .await
+        .unwrap();
+        if i % 2 == 1 {
+            r.send(&Message::Error {
+                code: tidesync::sync::ErrorCode::FeedBehind,
+                reason: "your feed went back".into(),
+            })
+            .await
+            .unwrap();
+        }
+        assert!(r.closed_within(Duration::from_secs(3)).await, "closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        epochs.push(hub.store.feed_epoch());
+        honest_write_arrives(&edge, &hub, i as u32 + 1).await;
+    }
+    epochs.dedup();
+    assert_eq!(epochs.len(), 2, "one renewal, not four: {epochs:x?}");
+}

@@ -273,6 +273,8 @@ struct Inner {
     penalties: Penalties,
     /// Connections refused because their peer was serving a penalty.
     penalty_refusals: AtomicU64,
+    /// When this node last moved to a new feed epoch (see [`MIN_EPOCH_RENEWAL_GAP`]).
+    last_renewal: Mutex<Option<Instant>>,
     cancel: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
 }
@@ -374,6 +376,7 @@ impl Node {
                 handshake_failures: AtomicU64::new(0),
                 penalties: Penalties::default(),
                 penalty_refusals: AtomicU64::new(0),
+                last_renewal: Mutex::new(None),
                 cancel: CancellationToken::new(),
                 tasks: Mutex::new(JoinSet::new()),
             }),
@@ -750,12 +753,32 @@ impl Node {
     }
 }
 
+/// Shortest time between two feed epoch renewals of one node.
+pub const MIN_EPOCH_RENEWAL_GAP: Duration = Duration::from_secs(600);
+
 impl Node {
     /// A peer found this node's feed gone back (restored from an old copy): moves the
     /// store to a new feed epoch and closes every connection, so that each peer, on
     /// reconnecting, walks the whole feed again and sets aside the sync states it kept
     /// for the old epoch.
     async fn move_to_new_epoch(&self) {
+        // Any peer can claim the feed went back (a resume past its end, `FeedBehind`), and
+        // each renewal makes every peer walk the whole feed again: at most one per gap. A
+        // peer's session still walks from the start when its cursor is past the end.
+        if let Ok(mut last) = self.inner.last_renewal.lock() {
+            if let Some(ago) = last
+                .map(|t| t.elapsed())
+                .filter(|a| *a < MIN_EPOCH_RENEWAL_GAP)
+            {
+                tracing::warn!(
+                    renewed_s_ago = ago.as_secs(),
+                    "a peer says this node's feed went back; the feed epoch was renewed \
+                     moments ago, so not again"
+                );
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         let old = self.inner.store.feed_epoch();
         match self.inner.store.renew_feed_epoch().await {
             Ok(new) => tracing::warn!(
