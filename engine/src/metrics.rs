@@ -24,6 +24,12 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     registry.register(name, help, g);
 }
 
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
 fn per_peer_counter(registry: &mut Registry, name: &str, help: &str, values: &[(PeerLabels, u64)]) {
     let family = Family::<PeerLabels, Counter>::default();
     for (labels, v) in values {
@@ -202,19 +208,17 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
                 .filter_map(|p| Some((label(p), seconds_left(p.cert_not_after?))))
                 .collect::<Vec<_>>(),
         );
-        let failures = Counter::<u64>::default();
-        failures.inc_by(node.handshake_failures());
-        r.register(
+        counter(
+            &mut r,
             "handshake_failures",
             "Handshakes refused: bad, foreign or revoked certificates, wrong roles",
-            failures,
+            node.handshake_failures(),
         );
-        let penalized = Counter::<u64>::default();
-        penalized.inc_by(node.penalty_refusals());
-        r.register(
+        counter(
+            &mut r,
             "penalty_refusals",
             "Connections refused because their peer broke the protocol a moment before",
-            penalized,
+            node.penalty_refusals(),
         );
     }
     let mut out = String::new();

@@ -69,44 +69,38 @@ impl Db {
         self.fault.lock().ok().and_then(|f| f.clone())
     }
 
-    /// After a failed commit: if `db` refuses new write transactions (a latched I/O
-    /// failure), records the fault, takes the handle away and tries to open the file
-    /// again. Returns the database to go on with, if there is one.
-    pub fn after_failure(&self, db: Arc<Database>, cause: &StoreError) -> Option<Arc<Database>> {
-        match db.begin_write() {
-            Ok(probe) => {
-                drop(probe);
-                // Still usable, but a full disk fails every write until space is freed:
-                // say so until a commit succeeds.
-                if no_space(cause) {
-                    self.set_fault(Fault {
-                        reason: format!("the last commit failed: {cause}"),
-                        no_space: true,
-                    });
-                }
-                return Some(db);
-            }
-            Err(e) => {
-                let no_space = no_space(cause) || no_space(&StoreError::from(e));
-                let fault = Fault {
-                    reason: format!("the last commit failed: {cause}"),
-                    no_space,
-                };
-                tracing::error!(reason = %fault.reason, no_space, "storage fault: writes are refused until the database is opened again");
-                self.set_fault(fault);
-            }
+    /// After a failed commit. A full disk is a fault until a document is written again
+    /// (the database itself may still be usable). If `db` refuses new write transactions
+    /// (a latched I/O failure), that is a fault too: the handle is taken away and the file
+    /// opened again. Returns whether it was opened again.
+    pub fn after_failure(&self, db: Arc<Database>, cause: &StoreError) -> bool {
+        let refused = db.begin_write().err().map(StoreError::from);
+        let no_space = no_space(cause) || refused.as_ref().is_some_and(no_space);
+        if refused.is_some() || no_space {
+            self.set_fault(Fault {
+                reason: format!("the last commit failed: {cause}"),
+                no_space,
+            });
+        }
+        if refused.is_none() {
+            return false;
         }
         self.take_away(db);
-        self.reopen().ok()
+        self.reopen().is_ok()
     }
 
     fn set_fault(&self, fault: Fault) {
         if let Ok(mut f) = self.fault.lock() {
             if f.is_none() {
-                tracing::error!(reason = %fault.reason, "storage fault: writes fail until it is over");
+                tracing::error!(reason = %fault.reason, no_space = fault.no_space, "storage fault: writes fail until it is over");
             }
             *f = Some(fault);
         }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 
     /// A commit that wrote documents succeeded: whatever fault there was is over.

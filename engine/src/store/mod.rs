@@ -156,8 +156,6 @@ struct Inner {
     requests: Option<mpsc::UnboundedSender<WriteRequest>>,
     feed: watch::Receiver<FeedSeq>,
     early: broadcast::Sender<Arc<[EarlyDoc]>>,
-    /// The database file.
-    path: std::path::PathBuf,
     /// Changes only by [`Store::renew_feed_epoch`].
     feed_epoch: std::sync::RwLock<u128>,
     writer: Option<JoinHandle<()>>,
@@ -236,7 +234,6 @@ impl Store {
                 feed,
                 early,
                 feed_epoch: std::sync::RwLock::new(feed_epoch),
-                path: path.as_ref().to_path_buf(),
                 writer: Some(handle),
                 after_notice,
             }),
@@ -256,7 +253,7 @@ impl Store {
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        self.inner.db.path()
     }
 
     /// A consistent copy of this store, written to the new file `out` while writes go on:

@@ -164,13 +164,8 @@ impl Writer {
             Err(_) => match self.reopened() {
                 Ok(db) => db,
                 Err(e) => {
-                    let fault = self.db.fault();
                     for req in batch.drain(..) {
-                        let err = fault.as_ref().map_or_else(
-                            || StoreError::WriteFailed(e.to_string()),
-                            |f| f.to_error(),
-                        );
-                        let _ = req.reply.send(Err(err));
+                        let _ = req.reply.send(Err(self.failure(&e)));
                     }
                     return;
                 }
@@ -241,29 +236,27 @@ impl Writer {
                     }
                 }
                 // redb refuses every later write after an I/O failure: open it again.
-                let went_on = self.db.after_failure(db, &e);
-                if went_on.is_some() && self.db.fault().is_none() {
+                if self.db.after_failure(db, &e) {
                     if let Err(e) = self.reinit() {
                         tracing::error!(error = %e, "reading the reopened database failed");
                     }
                 }
-                let msg = e.to_string();
-                let fault = self.db.fault();
-                let full = super::db::no_space(&e);
                 for reply in replies {
-                    let err = match &fault {
-                        Some(f) => f.to_error(),
-                        None if full => StoreError::NoSpace(msg.clone()),
-                        None => StoreError::WriteFailed(msg.clone()),
-                    };
-                    let _ = reply.send(Err(err));
+                    let _ = reply.send(Err(self.failure(&e)));
                 }
             }
         }
     }
 
-    /// Applies the batch inside one write transaction and commits it. Returns, per working
-    /// document, its feed seq and whether the batch changed it.
+    /// What a failed batch's writes are answered: the storage fault while there is one
+    /// (507 for a full disk, else 503), else the failure itself.
+    fn failure(&self, e: &StoreError) -> StoreError {
+        match self.db.fault() {
+            Some(f) => f.to_error(),
+            None => StoreError::WriteFailed(e.to_string()),
+        }
+    }
+
     /// Opens the database again after a storage fault, and reads the counters back.
     fn reopened(&mut self) -> Result<Arc<Database>, StoreError> {
         let db = self.db.reopen()?;
@@ -282,6 +275,8 @@ impl Writer {
         Ok(())
     }
 
+    /// Applies the batch inside one write transaction and commits it. Returns, per working
+    /// document, its feed seq and whether the batch changed it.
     fn apply_and_commit(
         &mut self,
         db: &Database,

@@ -197,8 +197,7 @@ impl Net {
                 if self.links[l].ends[side] != node {
                     continue;
                 }
-                let link = &mut self.links[l];
-                let Some(session) = link.sessions[side].as_mut() else {
+                let Some(session) = self.links[l].sessions[side].as_mut() else {
                     continue;
                 };
                 for docs in &notices {
@@ -206,17 +205,10 @@ impl Net {
                         session.handle_early(d);
                     }
                 }
-                let counters = PeerCounters::default();
-                let exec = Exec {
-                    store: &store,
-                    counters: &counters,
-                };
-                let mut outbox = Frames(&mut link.queues[1 - side]);
                 // Writes fail: the process is gone. What was queued still went out.
-                let _ = self
-                    .rt
-                    .block_on(exec.drain(session, &mut outbox, &mut Writes::Inline));
+                let _ = self.drain(l, side, &store);
                 // Killed: nothing more at this end; what is in flight arrives.
+                let link = &mut self.links[l];
                 link.sessions[side] = None;
                 link.queues[side].clear();
                 while !self.links[l].queues[1 - side].is_empty() {
@@ -608,20 +600,7 @@ impl Net {
             return Ok(());
         };
         let before = store.last_seq();
-        let link = &mut self.links[l];
-        let Some(session) = link.sessions[side].as_mut() else {
-            return Ok(());
-        };
-        let counters = PeerCounters::default();
-        let exec = Exec {
-            store: &store,
-            counters: &counters,
-        };
-        let mut outbox = Frames(&mut link.queues[1 - side]);
-        let drained = self
-            .rt
-            .block_on(exec.drain(session, &mut outbox, &mut Writes::Inline));
-        match drained {
+        match self.drain(l, side, &store) {
             Ok(()) => {}
             Err(ExecError::Protocol(_)) => self.disconnect(l),
             Err(e) => return Err(e.into()),
@@ -630,6 +609,23 @@ impl Net {
             self.notify(node)?;
         }
         Ok(())
+    }
+
+    /// Hands the outputs of the session at `ends[side]` of link `l` to `store`'s executor,
+    /// writes awaited in turn; its frames go to the link's queue towards the other end.
+    fn drain(&mut self, l: usize, side: usize, store: &Store) -> Result<(), ExecError> {
+        let link = &mut self.links[l];
+        let Some(session) = link.sessions[side].as_mut() else {
+            return Ok(());
+        };
+        let counters = PeerCounters::default();
+        let exec = Exec {
+            store,
+            counters: &counters,
+        };
+        let mut outbox = Frames(&mut link.queues[1 - side]);
+        self.rt
+            .block_on(exec.drain(session, &mut outbox, &mut Writes::Inline))
     }
 }
 
