@@ -74,6 +74,7 @@ fn run(cli: Cli) -> Result<()> {
                 crl_file: Some(base.data.join(tidesync::daemon::CRL_FILE)),
                 max_body: base.common.max_body,
                 store: base.common.store,
+                timers: base.common.timers,
             };
             serve(cfg, &base.data, Some(2))
         }

@@ -60,6 +60,8 @@ pub struct DaemonConfig {
     pub max_body: usize,
     /// Store settings.
     pub store: StoreConfig,
+    /// Keep-alive and idle timeout of the node's connections.
+    pub timers: crate::net::tls::Timers,
 }
 
 /// Failures to start a node process.
@@ -139,6 +141,7 @@ pub enum DaemonError {
 ///     crl_file: None,
 ///     max_body: tidesync::daemon::DEFAULT_MAX_BODY,
 ///     store: StoreConfig::default(),
+///     timers: Default::default(),
 /// })
 /// .await?;
 /// // The real addresses, also for port 0, as the binaries print them.
@@ -438,6 +441,7 @@ impl Daemon {
         ncfg.failover = cfg.failover;
         ncfg.subscriptions = cfg.subscriptions.clone();
         ncfg.revocations = revocations.clone();
+        ncfg.timers = cfg.timers;
         let node = Node::start(store.clone(), ncfg)?;
         let quic_addr = node.local_addr().map_err(|source| DaemonError::Api {
             addr: cfg.api,

@@ -37,6 +37,7 @@ async fn node(token: Option<&str>, limits: ServeLimits) -> (Daemon, tempfile::Te
         crl_file: None,
         max_body: tidesync::daemon::DEFAULT_MAX_BODY,
         store: StoreConfig::default(),
+        timers: Default::default(),
     })
     .await
     .unwrap();

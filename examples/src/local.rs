@@ -88,6 +88,7 @@ impl Local {
             crl_file: None,
             max_body: 16 << 20,
             store: StoreConfig::with_cache_budget(32 << 20),
+            timers: Default::default(),
         })
     }
 

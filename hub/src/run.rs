@@ -79,6 +79,7 @@ pub fn run(command: Command) -> Result<()> {
                 crl_file: Some(base.data.join(CRL_FILE)),
                 max_body: base.common.max_body,
                 store: base.common.store,
+                timers: base.common.timers,
             };
             serve(cfg, &base.data, None)
         }

@@ -49,7 +49,11 @@ impl Rogue {
     /// Dials `addr` with `bundle`'s identity and opens the sync stream.
     pub async fn connect(bundle: &Bundle, addr: SocketAddr) -> Result<Self> {
         let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        endpoint.set_default_client_config(tls::client_config(bundle, &Revocations::new())?);
+        endpoint.set_default_client_config(tls::client_config(
+            bundle,
+            &Revocations::new(),
+            tls::Timers::default(),
+        )?);
         let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
         let (send, recv) = conn.open_bi().await?;
         Ok(Self {

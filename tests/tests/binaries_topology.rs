@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tidesync_tests::procs::{wait_for, Binaries, Proc};
+use tidesync_tests::procs::{connected, wait_for, Binaries, Proc};
 
 /// A deployment with `edges` enrolled as edges granted everything.
 fn setup(edges: &[&str]) -> Binaries {
@@ -79,6 +79,47 @@ fn edges_work_offline_and_converge_with_conflicts_visible_everywhere() {
         values.sort();
         assert_eq!(values, ["from-1", "from-2"]);
     }
+}
+
+/// Idle edges learn of a restarted hub from its stateless reset, drawn by their next
+/// keep-alive (1.5 s): without the node-derived reset key they waited for the 15 s idle
+/// timeout, and with the earlier 5 s keep-alive an idle edge took 5.1 s.
+#[test]
+fn idle_edges_are_back_within_two_seconds_of_a_hub_restart() {
+    let d = setup(&["edge-1", "edge-2"]);
+    let hub = d.hub(&[]).unwrap();
+    let listen = hub.quic.to_string();
+    let edges = [
+        d.edge("edge-1", &[&hub], &[]).unwrap(),
+        d.edge("edge-2", &[&hub], &[]).unwrap(),
+    ];
+    wait_for("both edges connected", Duration::from_secs(10), || {
+        connected(&hub, "edge-1") && connected(&hub, "edge-2")
+    });
+    // Idle for longer than a keep-alive, so nothing but keep-alives is in flight.
+    std::thread::sleep(Duration::from_secs(2));
+    hub.kill();
+    let killed = Instant::now();
+    let hub = d.hub_at("hub", &listen, &[]).unwrap();
+    let ready = Instant::now();
+    let took = wait_for("both edges back", Duration::from_secs(15), || {
+        connected(&hub, "edge-1") && connected(&hub, "edge-2")
+    });
+    println!(
+        "idle edges back {took:?} after the restarted hub was ready ({:?} after the kill)",
+        killed.elapsed()
+    );
+    for e in &edges {
+        assert!(connected(e, "hub"), "the edge sees the hub again");
+    }
+    // 1.5 s keep-alive, a 100 ms (±50 %) first backoff and a loopback handshake: under 2 s
+    // by design; the bound leaves room for a loaded machine and still fails on the old
+    // 5 s keep-alive or the idle timeout.
+    assert!(
+        took < Duration::from_millis(4500),
+        "idle edges took {took:?} to come back ({:?} since ready)",
+        ready.elapsed()
+    );
 }
 
 #[test]

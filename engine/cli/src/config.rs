@@ -4,10 +4,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::duration::parse_duration;
 use tidesync::api::serve::ServeLimits;
 pub use tidesync::daemon::DEFAULT_MAX_BODY;
+use tidesync::net::tls::Timers;
 use tidesync::store::StoreConfig;
 
 /// Cache memory in MiB when neither `--cache-mb` nor the file says: bounds the process
@@ -48,6 +52,12 @@ pub struct RunFile {
     pub max_body: Option<usize>,
     /// `--cache-mb`.
     pub cache_mb: Option<u64>,
+    /// `--keep-alive`, as `"1.5s"` or seconds.
+    #[serde(default, with = "crate::duration::serde_opt")]
+    pub keep_alive: Option<Duration>,
+    /// `--idle-timeout`, as `"15s"` or seconds.
+    #[serde(default, with = "crate::duration::serde_opt")]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A config file that cannot be used.
@@ -107,6 +117,16 @@ pub struct CommonRunFlags {
     /// documents loaded, less bounds the process tighter [default: 32].
     #[arg(long, value_name = "MIB")]
     pub cache_mb: Option<u64>,
+    /// How often this node pings a quiet connection it dialed (500ms, 1.5s, 30s, …). It
+    /// bounds how long an idle edge takes to notice a restarted hub; on a metered or
+    /// sleepy link a longer one saves bytes and wake-ups [default: 1.5s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub keep_alive: Option<Duration>,
+    /// How long a connection lives without hearing from its peer: how fast a silently
+    /// dead peer is noticed. At least three keep-alives; QUIC uses the smaller of both
+    /// sides' values [default: 15s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// The common settings once flags, file and defaults are applied, in that order.
@@ -122,6 +142,8 @@ pub struct CommonRun {
     pub max_body: usize,
     /// Store settings, with the caches sized from `cache_mb`.
     pub store: StoreConfig,
+    /// Keep-alive and idle timeout of connections.
+    pub timers: Timers,
 }
 
 impl CommonRunFlags {
@@ -138,6 +160,21 @@ impl CommonRunFlags {
                 (None, None) => None,
             },
         };
+        let defaults = Timers::default();
+        let timers = Timers {
+            keep_alive: self
+                .keep_alive
+                .or(file.keep_alive)
+                .unwrap_or(defaults.keep_alive),
+            idle_timeout: self
+                .idle_timeout
+                .or(file.idle_timeout)
+                .unwrap_or(defaults.idle_timeout),
+        };
+        timers.check().map_err(|reason| ConfigError {
+            path: PathBuf::from("--keep-alive/--idle-timeout"),
+            reason,
+        })?;
         let mut api_limits = ServeLimits::default();
         if let Some(n) = self.max_api_connections.or(file.max_api_connections) {
             api_limits.max_connections = n;
@@ -148,6 +185,7 @@ impl CommonRunFlags {
             api_limits,
             max_body: self.max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY),
             store: StoreConfig::with_cache_budget(cache_mb << 20),
+            timers,
         })
     }
 }
@@ -198,7 +236,8 @@ mod tests {
         std::fs::write(
             &path,
             "data = \"/var/lib/tidesync\"\nlisten = \"0.0.0.0:7443\"\napi = \"127.0.0.1:0\"\n\
-             peers = [\"10.0.0.2:7443\"]\ntoken = \"t\"\nmax_body = 1024\ncache_mb = 64\n",
+             peers = [\"10.0.0.2:7443\"]\ntoken = \"t\"\nmax_body = 1024\ncache_mb = 64\n\
+             keep_alive = \"5s\"\nidle_timeout = 30\n",
         )
         .expect("write");
         let f = RunFile::read(&path).expect("read");
@@ -216,9 +255,18 @@ mod tests {
             max_api_connections: None,
             max_body: Some(2048),
             cache_mb: None,
+            keep_alive: None,
+            idle_timeout: None,
         }
         .resolve(&f)
         .expect("resolve");
+        assert_eq!(
+            common.timers,
+            Timers {
+                keep_alive: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(30)
+            }
+        );
         assert_eq!(
             common.token.as_deref(),
             Some("t"),
@@ -228,6 +276,22 @@ mod tests {
         assert_eq!(
             common.store.doc_cache_bytes,
             StoreConfig::with_cache_budget(64 << 20).doc_cache_bytes
+        );
+        let too_short = CommonRunFlags {
+            token: None,
+            token_file: None,
+            api_hosts: Vec::new(),
+            max_api_connections: None,
+            max_body: None,
+            cache_mb: None,
+            keep_alive: Some(Duration::from_secs(11)),
+            idle_timeout: None,
+        }
+        .resolve(&f)
+        .expect_err("an idle timeout of three keep-alives at least");
+        assert!(
+            too_short.reason.contains("three keep-alives"),
+            "{too_short}"
         );
         assert_eq!(list_or(vec![1], vec![2]), vec![1]);
         assert_eq!(list_or(Vec::new(), vec![2]), vec![2]);

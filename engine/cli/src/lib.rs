@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod config;
+pub mod duration;
 pub mod files;
 pub mod logging;
 pub mod run;

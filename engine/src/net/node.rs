@@ -55,6 +55,8 @@ pub struct NodeConfig {
     /// Bytes of one peer's sync messages received and not yet committed, past which the
     /// node stops reading from it (flow control then holds the peer).
     pub max_inbound_bytes: usize,
+    /// Keep-alive and idle timeout of connections.
+    pub timers: tls::Timers,
 }
 
 impl NodeConfig {
@@ -71,6 +73,7 @@ impl NodeConfig {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             max_inbound_bytes: 32 << 20,
+            timers: tls::Timers::default(),
         }
     }
 }
@@ -338,11 +341,15 @@ impl Node {
         let identity = cfg.bundle.identity()?;
         let kept = take_up_kept(&store, &cfg.bundle, &cfg.revocations);
         take_up_bundled(&cfg.bundle, &cfg.revocations)?;
-        let client = tls::client_config(&cfg.bundle, &cfg.revocations)?;
+        let client = tls::client_config(&cfg.bundle, &cfg.revocations, cfg.timers)?;
         let (addr, server) = match cfg.listen {
             Some(addr) => (
                 addr,
-                Some(tls::server_config(&cfg.bundle, &cfg.revocations)?),
+                Some(tls::server_config(
+                    &cfg.bundle,
+                    &cfg.revocations,
+                    cfg.timers,
+                )?),
             ),
             None => (SocketAddr::from(([0, 0, 0, 0], 0)), None),
         };
@@ -453,9 +460,11 @@ impl Node {
             )));
         }
         take_up_bundled(bundle, &self.inner.cfg.revocations)?;
-        let client = tls::client_config(bundle, &self.inner.cfg.revocations)?;
+        let client =
+            tls::client_config(bundle, &self.inner.cfg.revocations, self.inner.cfg.timers)?;
         if self.inner.cfg.listen.is_some() {
-            let server = tls::server_config(bundle, &self.inner.cfg.revocations)?;
+            let server =
+                tls::server_config(bundle, &self.inner.cfg.revocations, self.inner.cfg.timers)?;
             self.inner.endpoint.set_server_config(Some(server));
         }
         if let Ok(mut c) = self.inner.client.write() {

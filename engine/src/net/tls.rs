@@ -27,8 +27,50 @@ use crate::sync::ALPN;
 /// How long a connection lives without hearing from the peer: how fast a dead peer (a
 /// crash, a cut cable) is noticed when nothing tells us.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// How often a quiet connection sends a keep-alive.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How often a quiet connection sends a keep-alive. It bounds how long an idle edge takes
+/// to notice a restarted hub (the keep-alive draws the hub's stateless reset), and each
+/// one costs the hub a wake-up: 1.5 s keeps a hub restart under 2 s for every edge.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(1500);
+
+/// Connection timers, settable per node for long or lossy links.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timers {
+    /// How often the dialing side pings a quiet connection.
+    pub keep_alive: Duration,
+    /// How long a connection lives without hearing from the peer (QUIC takes the smaller
+    /// of both sides' values).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self {
+            keep_alive: KEEP_ALIVE,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl Timers {
+    /// Refuses timers that would drop healthy idle connections (the idle timeout must
+    /// outlast two keep-alives, so one lost ping is not fatal) or that QUIC cannot carry.
+    pub fn check(&self) -> Result<(), String> {
+        if self.keep_alive < Duration::from_millis(100) {
+            return Err("the keep-alive must be at least 100 ms".into());
+        }
+        if self.idle_timeout < self.keep_alive * 3 {
+            return Err(format!(
+                "the idle timeout ({:?}) must be at least three keep-alives ({:?})",
+                self.idle_timeout,
+                self.keep_alive * 3
+            ));
+        }
+        if self.idle_timeout > Duration::from_secs(600) {
+            return Err("the idle timeout can be at most 10 min".into());
+        }
+        Ok(())
+    }
+}
 
 /// The endpoint config, with a stateless-reset key derived from the node's private key.
 ///
@@ -102,7 +144,7 @@ pub const STREAM_WINDOW: u32 = 1_250_000;
 /// either way (quinn allows 100 of each, and streams nobody reads would buffer data). The
 /// connection's receive window is the one stream's, so a peer can never have more than
 /// [`STREAM_WINDOW`] in flight that this node has not read.
-fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
+fn transport(keep_alive: Option<Duration>, idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     let dialer = keep_alive.is_some();
     t.max_concurrent_bidi_streams(u32::from(!dialer).into());
@@ -117,8 +159,8 @@ fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
         ack.ack_eliciting_threshold(0u32.into());
         t.ack_frequency_config(Some(ack));
     }
-    // 30 s always fits quinn's VarInt; the fallback is never taken.
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    // `Timers::check` keeps it well inside quinn's VarInt; the fallback is never taken.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
     Arc::new(t)
 }
 
@@ -126,6 +168,7 @@ fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
 pub fn server_config(
     bundle: &Bundle,
     revocations: &Revocations,
+    timers: Timers,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let inner = WebPkiClientVerifier::builder_with_provider(roots(bundle)?, provider())
         .build()
@@ -146,7 +189,7 @@ pub fn server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(transport(None));
+    server.transport_config(transport(None, timers.idle_timeout));
     Ok(server)
 }
 
@@ -154,6 +197,7 @@ pub fn server_config(
 pub fn client_config(
     bundle: &Bundle,
     revocations: &Revocations,
+    timers: Timers,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let inner = WebPkiServerVerifier::builder_with_provider(roots(bundle)?, provider())
         .build()
@@ -171,7 +215,7 @@ pub fn client_config(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(transport(Some(KEEP_ALIVE)));
+    client.transport_config(transport(Some(timers.keep_alive), timers.idle_timeout));
     Ok(client)
 }
 

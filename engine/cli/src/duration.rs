@@ -1,0 +1,74 @@
+//! Durations as operators write them: `500ms`, `1.5s`, `10m`, `2h`, `7d`, or a bare number
+//! of seconds, in flags and in the TOML file alike.
+
+use std::time::Duration;
+
+/// Reads a duration; the error says what was expected.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let seconds_per_unit = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use ms, s, m, h or d (for example 1.5s)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (for example 500ms, 1.5s, 10m)"))?;
+    Duration::try_from_secs_f64(value * seconds_per_unit)
+        .map_err(|_| format!("{text:?} is out of range"))
+}
+
+/// Serde helper: an optional duration written as a string or a number of seconds.
+pub mod serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// Reads `"1.5s"` or `1.5` into `Some(Duration)`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Seconds(f64),
+        }
+        let text = match Option::<Raw>::deserialize(d)? {
+            None => return Ok(None),
+            Some(Raw::Text(t)) => t,
+            Some(Raw::Seconds(s)) => s.to_string(),
+        };
+        super::parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_units_operators_write_and_refuses_the_rest() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1e999s").is_err());
+    }
+}
