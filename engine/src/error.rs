@@ -42,6 +42,17 @@ pub enum StoreError {
     /// again, which the store retries at each write.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The document's stored bytes do not load; it is set aside (see `/v1/status`) and
+    /// nothing else is affected.
+    #[error("document {ns}/{id} is quarantined: its stored bytes do not load ({reason})")]
+    Quarantined {
+        /// Its namespace.
+        ns: String,
+        /// Its id.
+        id: String,
+        /// Why it did not load.
+        reason: String,
+    },
 }
 
 impl StoreError {

@@ -85,6 +85,18 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
     );
     gauge(
         &mut r,
+        "docs_quarantined",
+        "Documents set aside because their stored bytes do not load; /v1/status lists them",
+        store.quarantined_count() as i64,
+    );
+    counter(
+        &mut r,
+        "store_writer_panics",
+        "Write batches that panicked (a defect); the writer went on from the committed state",
+        store.writer_panics(),
+    );
+    gauge(
+        &mut r,
         "feed_last_seq",
         "Position of the latest local commit in the change feed",
         store.last_seq().0 as i64,

@@ -426,6 +426,20 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
             ago
         );
     }
+    if let Some(fault) = s["store_fault"].as_object() {
+        println!(
+            "STORE FAULT: {} (writes are refused until it clears)",
+            fault.get("reason").and_then(|r| r.as_str()).unwrap_or("?")
+        );
+    }
+    for q in s["quarantined"].as_array().into_iter().flatten() {
+        println!(
+            "QUARANTINED {}/{}: {}",
+            q["ns"].as_str().unwrap_or("?"),
+            q["id"].as_str().unwrap_or("?"),
+            q["reason"].as_str().unwrap_or("?")
+        );
+    }
     Ok(())
 }
 

@@ -63,6 +63,14 @@ impl From<StoreError> for ApiError {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
             StoreError::NoSpace(_) => Self::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+            // Another node still serves it; the reason is in this node's status and log.
+            StoreError::Quarantined { ns, id, .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "document {ns}/{id} is quarantined on this node: its stored copy does \
+                     not load (see /v1/status); other nodes still serve it"
+                ),
+            ),
             other => {
                 // The details (paths, storage errors) are for the operator, not the client:
                 // the client gets an id to quote, the log has the rest.

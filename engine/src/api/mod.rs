@@ -400,6 +400,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "role": state.role.as_str(),
         "feed_epoch": format!("{:032x}", state.store.feed_epoch()),
         "store_fault": state.store.fault().map(|f| json!({"reason": f.reason, "no_space": f.no_space})),
+        "quarantined": state.store.quarantined(),
         "last_seq": state.store.last_seq().0,
         "docs": state.store.doc_count()?,
         "cert_days_left": state

@@ -111,7 +111,12 @@ impl Exec<'_> {
                 }
                 Output::Load { ns, id } => {
                     self.counters.docs_loaded.fetch_add(1, Ordering::Relaxed);
-                    let loaded = self.store.load_for_sync(&ns, &id, &peer)?;
+                    let loaded = match self.store.load_for_sync(&ns, &id, &peer) {
+                        Ok(loaded) => loaded,
+                        // Set aside here (its stored bytes do not load): nothing to send.
+                        Err(StoreError::Quarantined { .. }) => None,
+                        Err(e) => return Err(e.into()),
+                    };
                     session.handle_loaded(ns, id, loaded);
                 }
                 Output::LoadSyncState { ns, id } => {
@@ -141,6 +146,16 @@ impl Exec<'_> {
     /// is the peer's protocol error; any other store failure is this node's (`Internal`).
     pub fn finish(&self, session: &mut Session, done: WriteDone) -> Result<(), ExecError> {
         match done {
+            WriteDone::Applied {
+                ns,
+                id,
+                result: Err(StoreError::Quarantined { .. }),
+            } => {
+                // The peer's message is for a document set aside here: dropped, and the
+                // session goes on with every other document.
+                session.handle_set_aside(ns, id);
+                Ok(())
+            }
             WriteDone::Applied { ns, id, result } => {
                 let applied = result.map_err(|e| match e {
                     StoreError::Model(e) => ProtocolError::protocol(format!("{ns}/{id}: {e}")),

@@ -16,6 +16,7 @@ mod cache;
 mod commit_times;
 mod compact;
 mod db;
+mod quarantine;
 mod schema;
 mod sync_state;
 mod writer;
@@ -24,6 +25,7 @@ pub use crate::model::{FeedEntry, FeedSeq};
 pub use backup::BackupSummary;
 pub use commit_times::{CommitTimes, CommitTimesSnapshot};
 pub use db::Fault;
+pub use quarantine::Quarantined;
 
 use std::fmt;
 use std::path::Path;
@@ -160,6 +162,8 @@ struct Inner {
     feed_epoch: std::sync::RwLock<u128>,
     writer: Option<JoinHandle<()>>,
     after_notice: Arc<std::sync::Mutex<Option<writer::AfterNotice>>>,
+    quarantine: Arc<quarantine::Quarantine>,
+    writer_panics: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl fmt::Debug for Inner {
@@ -206,7 +210,11 @@ impl Store {
         let (early, _) = broadcast::channel(EARLY_CAPACITY);
         let commit_times = Arc::new(CommitTimes::new());
         let after_notice = Arc::new(std::sync::Mutex::new(None));
+        let quarantine = Arc::new(quarantine::Quarantine::default());
+        let writer_panics = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
+            quarantine: quarantine.clone(),
+            panics: writer_panics.clone(),
             after_notice: after_notice.clone(),
             killed: false,
             commit_times: commit_times.clone(),
@@ -236,6 +244,8 @@ impl Store {
                 feed_epoch: std::sync::RwLock::new(feed_epoch),
                 writer: Some(handle),
                 after_notice,
+                quarantine,
+                writer_panics,
             }),
         })
     }
@@ -266,6 +276,38 @@ impl Store {
     /// A copy of the store file `db` of a stopped node, written to the new file `out`.
     pub fn backup_file(db: &Path, out: &Path) -> Result<BackupSummary, StoreError> {
         backup::copy_file(db, out)
+    }
+
+    /// Fault injection for tests: overwrites the stored bytes of document `ns/id` in the
+    /// store file `db` of a stopped node with bytes that do not load (same lengths), as
+    /// bit rot that the file's own checks do not catch would. Returns the bytes damaged.
+    #[doc(hidden)]
+    pub fn damage_document(db: &Path, ns: &Namespace, id: &DocId) -> Result<u64, StoreError> {
+        use redb::ReadableTable;
+        let db = redb::Database::open(db)?;
+        let txn = db.begin_write()?;
+        let mut damaged = 0u64;
+        {
+            let docs = txn.open_table(DOCS)?;
+            let meta = match docs.get((ns.as_str(), id.as_str()))? {
+                Some(raw) => DocMeta::decode(raw.value())?,
+                None => return Err(StoreError::NotFound),
+            };
+            let mut chunks = txn.open_table(CHUNKS)?;
+            for n in meta.first_chunk..meta.next_chunk {
+                let len = match chunks.get((meta.key, n))? {
+                    Some(v) => v.value().len(),
+                    None => continue,
+                };
+                let garbage: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(37) ^ 0x5a)
+                    .collect();
+                chunks.insert((meta.key, n), garbage.as_slice())?;
+                damaged += len as u64;
+            }
+        }
+        txn.commit()?;
+        Ok(damaged)
     }
 
     /// Puts the copy `from` (made by [`Store::backup_to`] or [`Store::backup_file`]) in
@@ -538,17 +580,21 @@ impl Store {
         id: &DocId,
         f: impl FnOnce(&DocMeta, Arc<Automerge>) -> T,
     ) -> Result<Option<T>, StoreError> {
+        let quarantine = &self.inner.quarantine;
+        quarantine.check(ns, id)?;
         let txn = self.inner.db.get()?.begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let Some(raw) = docs.get((ns.as_str(), id.as_str()))? else {
             return Ok(None);
         };
-        let meta = DocMeta::decode(raw.value())?;
+        let meta = DocMeta::decode(raw.value()).map_err(|e| quarantine.on_load_error(ns, id, e))?;
         let doc = match self.inner.cache.get(meta.key, meta.seq) {
             Some(doc) => doc,
             None => {
                 let chunks = txn.open_table(CHUNKS)?;
-                let doc = Arc::new(load_chunks(&chunks, &meta)?);
+                let doc =
+                    load_chunks(&chunks, &meta).map_err(|e| quarantine.on_load_error(ns, id, e))?;
+                let doc = Arc::new(doc);
                 self.inner.cache.insert(
                     meta.key,
                     CachedDoc {
@@ -593,9 +639,16 @@ impl Store {
             if entry_ns != ns.as_str() {
                 break;
             }
-            let meta = DocMeta::decode(v.value())?;
+            let id = stored_id(id)?;
+            let meta = match DocMeta::decode(v.value()) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    self.inner.quarantine.on_load_error(ns, &id, e);
+                    continue;
+                }
+            };
             out.push(DocSummary {
-                id: stored_id(id)?,
+                id,
                 heads: meta.heads(),
                 deleted: meta.deleted,
                 seq: FeedSeq(meta.seq),
@@ -616,22 +669,51 @@ impl Store {
         let feed = txn.open_table(FEED)?;
         let docs = txn.open_table(DOCS)?;
         let mut out = Vec::new();
-        for entry in feed.range(since.0.saturating_add(1)..)?.take(limit) {
+        for entry in feed.range(since.0.saturating_add(1)..)? {
+            if out.len() >= limit {
+                break;
+            }
             let (seq, name) = entry?;
             let (ns, id) = name.value();
             let raw = docs
                 .get((ns, id))?
                 .ok_or_else(|| StoreError::Corrupt(format!("feed names missing doc {ns}/{id}")))?;
-            let meta = DocMeta::decode(raw.value())?;
+            let (ns, id) = (Namespace::new(ns).map_err(corrupt_name)?, stored_id(id)?);
+            // A document whose record is damaged is set aside, not a reason to stop the
+            // walk: every reader after it would stop at the same place.
+            let meta = match DocMeta::decode(raw.value()) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    self.inner.quarantine.on_load_error(&ns, &id, e);
+                    continue;
+                }
+            };
             out.push(FeedEntry {
                 seq: FeedSeq(seq.value()),
-                ns: Namespace::new(ns).map_err(corrupt_name)?,
-                id: stored_id(id)?,
+                ns,
+                id,
                 heads: meta.heads(),
                 deleted: meta.deleted,
             });
         }
         Ok(out)
+    }
+
+    /// The documents set aside because their stored bytes do not load.
+    pub fn quarantined(&self) -> Vec<Quarantined> {
+        self.inner.quarantine.list()
+    }
+
+    /// How many documents are set aside.
+    pub fn quarantined_count(&self) -> usize {
+        self.inner.quarantine.len()
+    }
+
+    /// Times the writer thread panicked and recovered (a defect; each is logged).
+    pub fn writer_panics(&self) -> u64 {
+        self.inner
+            .writer_panics
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The feed position of the latest committed write.

@@ -12,6 +12,8 @@
 //! the touched documents are dropped, so memory never runs ahead of the disk.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use automerge::sync::{State, SyncDoc};
@@ -121,6 +123,10 @@ pub(crate) struct Writer {
     pub after_notice: Arc<std::sync::Mutex<Option<AfterNotice>>>,
     /// Set when a hook chose to die: the writer stops where it is, like a killed process.
     pub killed: bool,
+    /// Documents whose stored bytes do not load.
+    pub quarantine: Arc<super::quarantine::Quarantine>,
+    /// Batches that panicked (see [`Writer::run`]).
+    pub panics: Arc<AtomicU64>,
 }
 
 /// A fault-injection hook: what runs in the window between an early notice and its commit.
@@ -140,7 +146,14 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_batch(&mut batch);
+            // A panic is a defect, but it must not end the store: without this every later
+            // write would fail `Closed` until a restart. The batch's transaction is dropped
+            // uncommitted, so nothing of it is stored; its requests are answered with an
+            // error and the writer starts again from what is committed.
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.commit_batch(&mut batch)));
+            if let Err(panic) = outcome {
+                self.recover_from_panic(&mut batch, panic.as_ref());
+            }
             if self.killed {
                 return;
             }
@@ -248,6 +261,37 @@ impl Writer {
         }
     }
 
+    /// After a batch panicked: answer what it still held, and start again from the
+    /// committed state under a new actor (changes of the batch may have gone out in an
+    /// early notice, and an (actor, seq) must never name two different changes).
+    fn recover_from_panic(
+        &mut self,
+        batch: &mut Vec<WriteRequest>,
+        panic: &(dyn std::any::Any + Send),
+    ) {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        self.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            panic = %what,
+            requests = batch.len(),
+            "the store writer panicked in a batch; nothing of it was stored, and the writer \
+             goes on from the committed state (this is a defect: please report it)"
+        );
+        self.actor = ActorId::random();
+        if let Err(e) = self.reinit() {
+            tracing::error!(error = %e, "reading the committed state after the panic failed");
+        }
+        for req in batch.drain(..) {
+            let _ = req.reply.send(Err(StoreError::WriteFailed(format!(
+                "internal error while writing ({what}); the write is not acknowledged"
+            ))));
+        }
+    }
+
     /// What a failed batch's writes are answered: the storage fault while there is one
     /// (507 for a full disk, else 503), else the failure itself.
     fn failure(&self, e: &StoreError) -> StoreError {
@@ -323,12 +367,19 @@ impl Writer {
                 };
                 let slot = match index.get(&key) {
                     Some(&slot) => slot,
-                    None => {
-                        let w = self.load_working(&docs, &chunks, &key.0, &key.1)?;
-                        working.push(w);
-                        index.insert(key, working.len() - 1);
-                        working.len() - 1
-                    }
+                    None => match self.load_working(&docs, &chunks, &key.0, &key.1) {
+                        Ok(w) => {
+                            working.push(w);
+                            index.insert(key, working.len() - 1);
+                            working.len() - 1
+                        }
+                        // A damaged document fails its own requests, not the batch.
+                        Err(e @ StoreError::Quarantined { .. }) => {
+                            pending.push(Err(e));
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    },
                 };
                 let w = &mut working[slot];
                 let result = match op {
@@ -520,15 +571,17 @@ impl Writer {
         ns: &Namespace,
         id: &DocId,
     ) -> Result<Working, StoreError> {
+        self.quarantine.check(ns, id)?;
+        let set_aside = |e| self.quarantine.on_load_error(ns, id, e);
         let meta = match docs.get((ns.as_str(), id.as_str()))? {
-            Some(v) => Some(DocMeta::decode(v.value())?),
+            Some(v) => Some(DocMeta::decode(v.value()).map_err(set_aside)?),
             None => None,
         };
         let mut doc = match &meta {
             None => Automerge::new(),
             Some(m) => match self.cache.take(m.key, m.seq) {
                 Some(arc) => Arc::try_unwrap(arc).unwrap_or_else(|shared| (*shared).clone()),
-                None => load_chunks(chunks, m)?,
+                None => load_chunks(chunks, m).map_err(set_aside)?,
             },
         };
         doc.set_actor(self.actor.clone());

@@ -9,8 +9,9 @@ use crate::model::{Cursor, NsPattern, Role};
 
 /// Version of this message set. A peer with another version is refused at hello (see
 /// [`Message::hello_version`]). 2 added [`Hello::feed_last`]; 3 added
-/// [`Message::Revocations`]; 4 added [`Message::SyncAhead`].
-pub const PROTOCOL_VERSION: u16 = 4;
+/// [`Message::Revocations`]; 4 added [`Message::SyncAhead`]; 5 added
+/// [`Message::SetAside`].
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// ALPN protocol name negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"tidesync/1";
@@ -100,6 +101,15 @@ pub enum Message {
         id: String,
         /// The encoded Automerge sync message.
         data: Vec<u8>,
+    },
+    /// The sender cannot take this document: its own copy is set aside (its stored bytes
+    /// do not load), so it drops what it gets of it. The receiver stops waiting for an
+    /// acknowledgement of it, so one damaged copy does not hold back the sender's cursor.
+    SetAside {
+        /// The document's namespace.
+        ns: String,
+        /// The document's id.
+        id: String,
     },
 }
 

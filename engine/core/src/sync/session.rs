@@ -506,6 +506,17 @@ impl Session {
             }
             Message::Sync { ns, id, data } => self.on_sync(ns, id, &data, false),
             Message::SyncAhead { ns, id, data } => self.on_sync(ns, id, &data, true),
+            Message::SetAside { ns, id } => {
+                let (Ok(n), Ok(d)) = (Namespace::new(ns.as_str()), DocId::new(id.as_str())) else {
+                    return Err(ProtocolError::protocol(format!(
+                        "invalid document name {}/{}",
+                        peer_text(&ns),
+                        peer_text(&id)
+                    )));
+                };
+                self.on_peer_set_aside((n, d));
+                Ok(())
+            }
             Message::Synced { seq } => {
                 let epoch = self.peer_epoch();
                 if self.record.is_none_or(|r| r.epoch != epoch || r.seq < seq) {
@@ -744,6 +755,62 @@ impl Session {
         entry.state = Some(applied.state);
         self.resume(&key, false);
         self.progress();
+    }
+
+    /// The answer to [`Output::Apply`] when the store has set the document aside (its
+    /// stored bytes do not load): the message and any queued behind it are dropped, and
+    /// the document is left alone; every other document goes on. The peer keeps its copy,
+    /// and its later messages for this document are dropped the same way.
+    pub fn handle_set_aside(&mut self, ns: Namespace, id: DocId) {
+        let key = (ns, id);
+        let Some(entry) = self.docs.get_mut(&key) else {
+            return;
+        };
+        let mut released = entry
+            .inbox
+            .drain(..)
+            .map(|(_, cost)| cost)
+            .collect::<Vec<_>>();
+        if entry.phase == Phase::Applying {
+            released.push(std::mem::take(&mut entry.applying));
+        }
+        for cost in released {
+            self.inbound = self.inbound.saturating_sub(1);
+            self.inbound_bytes = self.inbound_bytes.saturating_sub(cost.bytes);
+            self.inbound_ops = self.inbound_ops.saturating_sub(cost.ops);
+        }
+        entry.phase = Phase::Idle;
+        entry.doc = None;
+        entry.state = None;
+        entry.uncommitted = false;
+        entry.unstored = false;
+        self.outputs.push_back(Output::Send(Message::SetAside {
+            ns: key.0.to_string(),
+            id: key.1.to_string(),
+        }));
+        self.check_done(&key);
+        self.progress();
+    }
+
+    /// The peer cannot take a document (its copy is set aside): its offer ends here
+    /// unacknowledged, so the peer's cursor into this feed can move past it. The peer
+    /// gets it again when it changes; this only hurts the peer that says so.
+    fn on_peer_set_aside(&mut self, key: DocKey) {
+        let Some(entry) = self.docs.get_mut(&key) else {
+            return;
+        };
+        match std::mem::take(&mut entry.offer) {
+            Offer::Sending { seq, .. } => {
+                self.unfinished.remove(&seq);
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+            Offer::Queued { seq, .. } => {
+                self.unfinished.remove(&seq);
+            }
+            Offer::None | Offer::Early => {}
+        }
+        entry.unstored = false;
+        self.check_done(&key);
     }
 
     /// The answer to [`Output::ReadFeed`]: entries after the asked position, and the local
