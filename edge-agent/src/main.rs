@@ -75,6 +75,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_body: base.common.max_body,
                 store: base.common.store,
                 timers: base.common.timers,
+                forget_peers_after: base.common.forget_peers_after,
             };
             serve(cfg, &base.data, Some(2))
         }

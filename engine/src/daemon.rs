@@ -62,6 +62,8 @@ pub struct DaemonConfig {
     pub store: StoreConfig,
     /// Keep-alive and idle timeout of the node's connections.
     pub timers: crate::net::tls::Timers,
+    /// Forget peers unseen for this long (see [`NodeConfig::forget_peers_after`]).
+    pub forget_peers_after: Option<std::time::Duration>,
 }
 
 /// Failures to start a node process.
@@ -142,6 +144,7 @@ pub enum DaemonError {
 ///     max_body: tidesync::daemon::DEFAULT_MAX_BODY,
 ///     store: StoreConfig::default(),
 ///     timers: Default::default(),
+///     forget_peers_after: None,
 /// })
 /// .await?;
 /// // The real addresses, also for port 0, as the binaries print them.
@@ -442,6 +445,7 @@ impl Daemon {
         ncfg.subscriptions = cfg.subscriptions.clone();
         ncfg.revocations = revocations.clone();
         ncfg.timers = cfg.timers;
+        ncfg.forget_peers_after = cfg.forget_peers_after;
         let node = Node::start(store.clone(), ncfg)?;
         let quic_addr = node.local_addr().map_err(|source| DaemonError::Api {
             addr: cfg.api,

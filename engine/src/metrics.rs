@@ -232,6 +232,12 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
             "Connections refused because their peer broke the protocol a moment before",
             node.penalty_refusals(),
         );
+        counter(
+            &mut r,
+            "peers_forgotten",
+            "Peers whose cursors and sync states were dropped after they went unseen for --forget-peers-after",
+            node.peers_forgotten(),
+        );
     }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {

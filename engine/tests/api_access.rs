@@ -38,6 +38,7 @@ async fn node(token: Option<&str>, limits: ServeLimits) -> (Daemon, tempfile::Te
         max_body: tidesync::daemon::DEFAULT_MAX_BODY,
         store: StoreConfig::default(),
         timers: Default::default(),
+        forget_peers_after: None,
     })
     .await
     .unwrap();

@@ -89,6 +89,7 @@ impl Local {
             max_body: 16 << 20,
             store: StoreConfig::with_cache_budget(32 << 20),
             timers: Default::default(),
+            forget_peers_after: None,
         })
     }
 

@@ -80,6 +80,7 @@ pub fn run(command: Command) -> Result<()> {
                 max_body: base.common.max_body,
                 store: base.common.store,
                 timers: base.common.timers,
+                forget_peers_after: base.common.forget_peers_after,
             };
             serve(cfg, &base.data, None)
         }

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::duration::parse_duration;
+use crate::duration::{parse_duration, parse_or_never, OrNever};
 use tidesync::api::serve::ServeLimits;
 pub use tidesync::daemon::DEFAULT_MAX_BODY;
+use tidesync::net::node::DEFAULT_FORGET_PEERS_AFTER;
 use tidesync::net::tls::Timers;
 use tidesync::store::StoreConfig;
 
@@ -58,6 +59,9 @@ pub struct RunFile {
     /// `--idle-timeout`, as `"15s"` or seconds.
     #[serde(default, with = "crate::duration::serde_opt")]
     pub idle_timeout: Option<Duration>,
+    /// `--forget-peers-after`, as `"90d"` or `"never"`.
+    #[serde(default, with = "crate::duration::serde_or_never")]
+    pub forget_peers_after: Option<OrNever>,
 }
 
 /// A config file that cannot be used.
@@ -127,6 +131,11 @@ pub struct CommonRunFlags {
     /// sides' values [default: 15s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// Forget a peer unseen for this long (30d, 90d, never): its cursor and sync states
+    /// are dropped, so a hub met by many short-lived devices does not keep their rows for
+    /// ever. A forgotten peer that comes back syncs from scratch [default: 90d].
+    #[arg(long, value_name = "DURATION", value_parser = parse_or_never)]
+    pub forget_peers_after: Option<OrNever>,
 }
 
 /// The common settings once flags, file and defaults are applied, in that order.
@@ -144,6 +153,8 @@ pub struct CommonRun {
     pub store: StoreConfig,
     /// Keep-alive and idle timeout of connections.
     pub timers: Timers,
+    /// Forget peers unseen for this long; `None`: never.
+    pub forget_peers_after: Option<Duration>,
 }
 
 impl CommonRunFlags {
@@ -186,6 +197,10 @@ impl CommonRunFlags {
             max_body: self.max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY),
             store: StoreConfig::with_cache_budget(cache_mb << 20),
             timers,
+            forget_peers_after: self
+                .forget_peers_after
+                .or(file.forget_peers_after)
+                .map_or(Some(DEFAULT_FORGET_PEERS_AFTER), |o| o.0),
         })
     }
 }
@@ -257,6 +272,7 @@ mod tests {
             cache_mb: None,
             keep_alive: None,
             idle_timeout: None,
+            forget_peers_after: None,
         }
         .resolve(&f)
         .expect("resolve");
@@ -286,6 +302,7 @@ mod tests {
             cache_mb: None,
             keep_alive: Some(Duration::from_secs(11)),
             idle_timeout: None,
+            forget_peers_after: None,
         }
         .resolve(&f)
         .expect_err("an idle timeout of three keep-alives at least");

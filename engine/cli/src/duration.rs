@@ -29,6 +29,47 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{text:?} is out of range"))
 }
 
+/// A duration, or `never`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrNever(pub Option<Duration>);
+
+/// Reads a duration of at least a minute, or `never`.
+pub fn parse_or_never(text: &str) -> Result<OrNever, String> {
+    if text.trim() == "never" {
+        return Ok(OrNever(None));
+    }
+    let d = parse_duration(text)?;
+    if d < Duration::from_secs(60) {
+        return Err(format!("{text:?} is too short: at least 1m, or never"));
+    }
+    Ok(OrNever(Some(d)))
+}
+
+/// Serde helper: an optional [`OrNever`], written like the flag.
+pub mod serde_or_never {
+    use serde::{Deserialize, Deserializer};
+
+    use super::OrNever;
+
+    /// Reads `"30d"`, `"never"` or a number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OrNever>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Seconds(f64),
+        }
+        let text = match Option::<Raw>::deserialize(d)? {
+            None => return Ok(None),
+            Some(Raw::Text(t)) => t,
+            Some(Raw::Seconds(s)) => s.to_string(),
+        };
+        super::parse_or_never(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Serde helper: an optional duration written as a string or a number of seconds.
 pub mod serde_opt {
     use std::time::Duration;
@@ -70,5 +111,11 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("1e999s").is_err());
+        assert_eq!(parse_or_never("never"), Ok(OrNever(None)));
+        assert_eq!(
+            parse_or_never("30d"),
+            Ok(OrNever(Some(Duration::from_secs(30 * 86_400))))
+        );
+        assert!(parse_or_never("5s").is_err());
     }
 }

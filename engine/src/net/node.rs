@@ -30,6 +30,13 @@ use crate::sync::{ErrorCode, Session, SessionConfig};
 /// How long a dial waits for the handshake before moving to the next address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a peer may stay away before its rows are dropped, by default: long enough
+/// for any device that is merely switched off for a holiday.
+pub const DEFAULT_FORGET_PEERS_AFTER: Duration = Duration::from_secs(90 * 86_400);
+
+/// Longest time between two looks for peers to forget.
+const FORGET_SWEEP: Duration = Duration::from_secs(3600);
+
 /// Settings of a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -57,6 +64,9 @@ pub struct NodeConfig {
     pub max_inbound_bytes: usize,
     /// Keep-alive and idle timeout of connections.
     pub timers: tls::Timers,
+    /// Forget peers unseen for this long (their cursors and sync states); `None` keeps
+    /// them for ever.
+    pub forget_peers_after: Option<Duration>,
 }
 
 impl NodeConfig {
@@ -74,6 +84,7 @@ impl NodeConfig {
             max_backoff: Duration::from_secs(10),
             max_inbound_bytes: 32 << 20,
             timers: tls::Timers::default(),
+            forget_peers_after: Some(DEFAULT_FORGET_PEERS_AFTER),
         }
     }
 }
@@ -276,6 +287,8 @@ struct Inner {
     penalties: Penalties,
     /// Connections refused because their peer was serving a penalty.
     penalty_refusals: AtomicU64,
+    /// Peers dropped by [`Node::forget_unseen_peers`].
+    peers_forgotten: AtomicU64,
     /// When this node last moved to a new feed epoch (see [`MIN_EPOCH_RENEWAL_GAP`]).
     last_renewal: Mutex<Option<Instant>>,
     cancel: CancellationToken,
@@ -383,6 +396,7 @@ impl Node {
                 handshake_failures: AtomicU64::new(0),
                 penalties: Penalties::default(),
                 penalty_refusals: AtomicU64::new(0),
+                peers_forgotten: AtomicU64::new(0),
                 last_renewal: Mutex::new(None),
                 cancel: CancellationToken::new(),
                 tasks: Mutex::new(JoinSet::new()),
@@ -397,6 +411,9 @@ impl Node {
         if node.inner.cfg.listen.is_some() {
             let n = node.clone();
             node.spawn(async move { n.accept_loop().await });
+        }
+        if let Some(unseen_for) = node.inner.cfg.forget_peers_after {
+            node.spawn(node.clone().forget_loop(unseen_for));
         }
         if node.inner.cfg.failover {
             let n = node.clone();
@@ -495,6 +512,71 @@ impl Node {
     /// (see [`super::penalties`]).
     pub fn penalty_refusals(&self) -> u64 {
         self.inner.penalty_refusals.load(Ordering::Relaxed)
+    }
+
+    /// Peers forgotten so far (see [`Node::forget_unseen_peers`]).
+    pub fn peers_forgotten(&self) -> u64 {
+        self.inner.peers_forgotten.load(Ordering::Relaxed)
+    }
+
+    /// Drops the rows kept for peers unseen for `unseen_for` (their cursors and sync
+    /// states: a hub met by thousands of short-lived edges would keep them for ever), and
+    /// their entries in [`Node::peers`]. A forgotten peer that comes back syncs from
+    /// scratch. Runs by itself every hour (or a quarter of `unseen_for`, if shorter) when
+    /// [`NodeConfig::forget_peers_after`] is set. Returns the peers forgotten.
+    pub async fn forget_unseen_peers(&self, unseen_for: Duration) -> Vec<NodeId> {
+        let connected: Vec<NodeId> = self
+            .inner
+            .peers
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .filter(|(_, e)| e.conn.is_some())
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let forgotten = match self
+            .inner
+            .store
+            .forget_peers_unseen_for(unseen_for, &connected)
+            .await
+        {
+            Ok(forgotten) => forgotten,
+            Err(e) => {
+                tracing::warn!(error = %e, "forgetting peers unseen for long failed; trying again later");
+                return Vec::new();
+            }
+        };
+        if let Ok(mut peers) = self.inner.peers.lock() {
+            for peer in &forgotten {
+                if peers.get(peer).is_some_and(|e| e.conn.is_none()) {
+                    peers.remove(peer);
+                }
+            }
+        }
+        for peer in &forgotten {
+            tracing::info!(
+                peer = %peer,
+                unseen_for_s = unseen_for.as_secs(),
+                "forgot a peer unseen for long (its cursor and sync states); if it comes back, it syncs from scratch"
+            );
+        }
+        self.inner
+            .peers_forgotten
+            .fetch_add(forgotten.len() as u64, Ordering::Relaxed);
+        forgotten
+    }
+
+    async fn forget_loop(self, unseen_for: Duration) {
+        let every = (unseen_for / 4).clamp(Duration::from_secs(1), FORGET_SWEEP);
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.forget_unseen_peers(unseen_for).await;
+        }
     }
 
     /// Every peer seen since start, connected or not.
@@ -718,6 +800,9 @@ impl Node {
             counters
         };
         let store = &self.inner.store;
+        if let Err(e) = store.peer_seen(&peer).await {
+            tracing::warn!(peer = %peer, error = %e, "recording when the peer was seen failed");
+        }
         let record = store.peer_cursor(&peer).ok().flatten();
         let mut scfg = SessionConfig::new(me.clone(), self.inner.identity.role, store.feed_epoch());
         scfg.subscriptions = self.inner.cfg.subscriptions.clone();
@@ -757,6 +842,10 @@ impl Node {
                     e.conn = None;
                 }
             }
+        }
+        // Seen until now: the unseen time counts from the end of the last connection.
+        if let Err(e) = store.peer_seen(&peer).await {
+            tracing::debug!(peer = %peer, error = %e, "recording when the peer was seen failed");
         }
         counters.messages_received.load(Ordering::Relaxed) > received_before
     }

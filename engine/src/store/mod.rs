@@ -57,6 +57,11 @@ pub struct StoreConfig {
     pub max_batch: usize,
     /// Change chunks below this many bytes are never compacted into a snapshot.
     pub compact_min_bytes: u64,
+    /// Longest a run of bookkeeping-only commits (cursors, sync states; not fsynced) goes
+    /// before one is made durable: until then redb keeps what they freed in memory.
+    pub flush_bookkeeping_every: std::time::Duration,
+    /// Most bookkeeping-only commits in a row before one is made durable.
+    pub flush_bookkeeping_after: u32,
 }
 
 impl Default for StoreConfig {
@@ -67,6 +72,8 @@ impl Default for StoreConfig {
             redb_cache_bytes: 32 * 1024 * 1024,
             max_batch: 1024,
             compact_min_bytes: 4096,
+            flush_bookkeeping_every: std::time::Duration::from_secs(5),
+            flush_bookkeeping_after: 1024,
         }
     }
 }
@@ -93,6 +100,12 @@ pub struct WriteOutcome {
     pub seq: FeedSeq,
     /// False when the write changed nothing (no ops were emitted).
     pub changed: bool,
+}
+
+fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// How many batches an early subscriber may fall behind before it misses some. Small:
@@ -215,6 +228,8 @@ impl Store {
         let writer = Writer {
             quarantine: quarantine.clone(),
             panics: writer_panics.clone(),
+            unflushed: 0,
+            last_durable: std::time::Instant::now(),
             after_notice: after_notice.clone(),
             killed: false,
             commit_times: commit_times.clone(),
@@ -468,6 +483,68 @@ impl Store {
             cursor,
         };
         self.submit(None, op, None).await.map(|_| ())
+    }
+
+    /// Records that `peer` was seen (connected, or just disconnected) now.
+    pub async fn peer_seen(&self, peer: &NodeId) -> Result<(), StoreError> {
+        let op = WriteOp::PeerSeen {
+            peer: peer.clone(),
+            unix_s: unix_now_s(),
+        };
+        self.submit(None, op, None).await.map(|_| ())
+    }
+
+    /// Drops everything kept for peers last seen more than `unseen_for` ago, except
+    /// `keep` (the connected ones): their cursors and sync states, so a node that
+    /// met thousands of short-lived peers does not keep their rows for ever. A forgotten
+    /// peer that comes back syncs from scratch. A peer with rows but no record of when it
+    /// was seen (kept by an older version) is recorded as seen now. Returns the peers
+    /// forgotten.
+    pub async fn forget_peers_unseen_for(
+        &self,
+        unseen_for: std::time::Duration,
+        keep: &[NodeId],
+    ) -> Result<Vec<NodeId>, StoreError> {
+        let now = unix_now_s();
+        let unseen_before = now.saturating_sub(unseen_for.as_secs());
+        use redb::ReadableTable;
+        let mut known: std::collections::BTreeMap<String, Option<u64>> = Default::default();
+        {
+            let txn = self.inner.db.get()?.begin_read()?;
+            for entry in txn.open_table(PEERS)?.iter()? {
+                known.insert(entry?.0.value().to_owned(), None);
+            }
+            for entry in txn.open_table(schema::PEER_SEEN)?.iter()? {
+                let (k, v) = entry?;
+                known.insert(k.value().to_owned(), Some(v.value()));
+            }
+        }
+        let mut forgotten = Vec::new();
+        for (name, seen) in known {
+            let Ok(peer) = NodeId::new(&name) else {
+                continue;
+            };
+            if keep.contains(&peer) {
+                continue;
+            }
+            match seen {
+                None => {
+                    let op = WriteOp::PeerSeen { peer, unix_s: now };
+                    self.submit(None, op, None).await?;
+                }
+                Some(s) if s < unseen_before => {
+                    let op = WriteOp::ForgetPeer {
+                        peer: peer.clone(),
+                        unseen_before,
+                    };
+                    if self.submit(None, op, None).await?.outcome.changed {
+                        forgotten.push(peer);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(forgotten)
     }
 
     /// Keeps the deployment's revocation list (a CRL, DER) with the data, so a node that

@@ -28,6 +28,9 @@ pub(crate) const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::n
 pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
 pub(crate) const FEED: TableDefinition<u64, (&str, &str)> = TableDefinition::new("feed");
 pub(crate) const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
+/// When each peer was last seen (Unix seconds): peers unseen for long are forgotten.
+/// Added to schema 1 without a version change: older builds never open it.
+pub(crate) const PEER_SEEN: TableDefinition<&str, u64> = TableDefinition::new("peer_seen");
 pub(crate) const SYNC_STATE: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("sync_state");
 
@@ -133,6 +136,7 @@ pub(crate) fn init_tables(db: &Database) -> Result<(u128, u64, u64), StoreError>
         txn.open_table(DOCS)?;
         txn.open_table(PEERS)?;
         txn.open_table(SYNC_STATE)?;
+        txn.open_table(PEER_SEEN)?;
         let schema = meta.get(KEY_SCHEMA)?.map(|v| v.value().to_vec());
         let epoch: [u8; 16] = match schema {
             None => {

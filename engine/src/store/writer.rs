@@ -26,7 +26,7 @@ use super::cache::{CachedDoc, DocCache};
 use super::commit_times::CommitTimes;
 use super::schema::{
     decode_cursor, encode_cursor, encode_heads, DocMeta, CHUNKS, DOCS, FEED, META, PEERS,
-    SYNC_STATE,
+    PEER_SEEN, SYNC_STATE,
 };
 use super::{sync_state, FeedSeq, StoreConfig, WriteOutcome};
 use crate::error::{ModelError, StoreError};
@@ -52,6 +52,12 @@ pub(crate) enum WriteOp {
     /// Keep a small node-level record (the revocation list) in the `meta` table. Targets
     /// no document.
     SetMeta { key: &'static str, value: Vec<u8> },
+    /// Record that a peer was seen now (connected or disconnected). Targets no document.
+    PeerSeen { peer: NodeId, unix_s: u64 },
+    /// Drop every row kept for a peer (its cursor, its sync states, when it was seen) if
+    /// it was last seen before `unseen_before` (Unix seconds) and saved no cursor in this
+    /// batch. Targets no document; answered `changed` if it was dropped.
+    ForgetPeer { peer: NodeId, unseen_before: u64 },
     /// Nothing: answered once every request queued before it was committed or dropped.
     Barrier,
 }
@@ -101,6 +107,22 @@ struct Pending {
     persist_state: bool,
     /// Changes a sync message added to the document.
     new_changes: u64,
+    /// A [`WriteOp::ForgetPeer`] dropped the peer's rows.
+    forgot: bool,
+}
+
+impl Pending {
+    /// The result of a request that targets no document.
+    fn bookkeeping() -> Self {
+        Self {
+            slot: None,
+            heads: Vec::new(),
+            sync_state: None,
+            persist_state: false,
+            new_changes: 0,
+            forgot: false,
+        }
+    }
 }
 
 /// Most documents a batch may change and still give an early notice.
@@ -127,6 +149,10 @@ pub(crate) struct Writer {
     pub quarantine: Arc<super::quarantine::Quarantine>,
     /// Batches that panicked (see [`Writer::run`]).
     pub panics: Arc<AtomicU64>,
+    /// Bookkeeping-only commits since the last durable one.
+    pub unflushed: u32,
+    /// When the last durable commit was made.
+    pub last_durable: std::time::Instant,
 }
 
 /// A fault-injection hook: what runs in the window between an early notice and its commit.
@@ -218,7 +244,7 @@ impl Writer {
                 self.feed_tx.send_replace(FeedSeq(self.next_seq - 1));
                 for (reply, p) in replies.zip(pending) {
                     let _ = reply.send(p.map(|p| {
-                        let (seq, changed) = p.slot.map_or((0, false), |s| seqs[s]);
+                        let (seq, changed) = p.slot.map_or((0, p.forgot), |s| seqs[s]);
                         let doc = p.slot.and_then(|s| docs[s].clone());
                         Answer {
                             outcome: WriteOutcome {
@@ -340,6 +366,8 @@ impl Writer {
             let mut index: HashMap<(Namespace, DocId), usize> = HashMap::new();
             let mut cursors: Vec<(NodeId, Cursor)> = Vec::new();
             let mut metas: Vec<(&'static str, Vec<u8>)> = Vec::new();
+            let mut seen: Vec<(NodeId, u64)> = Vec::new();
+            let mut forgets: Vec<(NodeId, u64, usize)> = Vec::new();
             for req in batch.iter_mut() {
                 let op = std::mem::replace(&mut req.op, WriteOp::Delete);
                 // A peer's message whose session is gone (the peer was cut off) is dropped
@@ -354,15 +382,14 @@ impl Writer {
                     match op {
                         WriteOp::SetCursor { peer, cursor } => cursors.push((peer, cursor)),
                         WriteOp::SetMeta { key, value } => metas.push((key, value)),
+                        WriteOp::PeerSeen { peer, unix_s } => seen.push((peer, unix_s)),
+                        WriteOp::ForgetPeer {
+                            peer,
+                            unseen_before,
+                        } => forgets.push((peer, unseen_before, pending.len())),
                         _ => {}
                     }
-                    pending.push(Ok(Pending {
-                        slot: None,
-                        heads: Vec::new(),
-                        sync_state: None,
-                        persist_state: false,
-                        new_changes: 0,
-                    }));
+                    pending.push(Ok(Pending::bookkeeping()));
                     continue;
                 };
                 let slot = match index.get(&key) {
@@ -385,11 +412,8 @@ impl Writer {
                 let result = match op {
                     WriteOp::ApplySync { peer, apply } => self.apply_sync(&txn, w, peer, *apply),
                     op => apply_op(w, op, req.if_match.take(), &self.cfg).map(|heads| Pending {
-                        slot: None,
                         heads,
-                        sync_state: None,
-                        persist_state: false,
-                        new_changes: 0,
+                        ..Pending::bookkeeping()
                     }),
                 };
                 pending.push(result.map(|p| Pending {
@@ -464,7 +488,8 @@ impl Writer {
             }
             if !cursors.is_empty() {
                 let mut peers = txn.open_table(PEERS)?;
-                for (peer, cursor) in cursors {
+                for (peer, cursor) in &cursors {
+                    let (peer, cursor) = (peer, *cursor);
                     // Saves may arrive out of order; within one epoch a cursor only moves
                     // forward.
                     let old = match peers.get(peer.as_str())? {
@@ -487,8 +512,40 @@ impl Writer {
                     }
                 }
             }
+            if !seen.is_empty() {
+                let mut table = txn.open_table(PEER_SEEN)?;
+                for (peer, unix_s) in &seen {
+                    let before = table.get(peer.as_str())?.map_or(0, |v| v.value());
+                    table.insert(peer.as_str(), before.max(*unix_s))?;
+                }
+            }
+            for (peer, unseen_before, at) in forgets {
+                // A peer active in this very batch is not forgotten.
+                let active =
+                    cursors.iter().any(|(p, _)| *p == peer) || seen.iter().any(|(p, _)| *p == peer);
+                let last_seen = txn
+                    .open_table(PEER_SEEN)?
+                    .get(peer.as_str())?
+                    .map(|v| v.value());
+                if active || last_seen.is_none_or(|s| s >= unseen_before) {
+                    continue;
+                }
+                any_durable = true;
+                txn.open_table(PEERS)?.remove(peer.as_str())?;
+                txn.open_table(PEER_SEEN)?.remove(peer.as_str())?;
+                txn.open_table(SYNC_STATE)?
+                    .retain_in((peer.as_str(), 0)..=(peer.as_str(), u64::MAX), |_, _| false)?;
+                if let Some(Ok(p)) = pending.get_mut(at) {
+                    p.forgot = true;
+                }
+            }
         }
-        txn.set_durability(if any_changed || any_durable {
+        // redb holds what non-durable commits free in memory until a durable one: a node
+        // that only exchanges acknowledgements for hours would grow without this.
+        let flush = self.unflushed >= self.cfg.flush_bookkeeping_after
+            || self.last_durable.elapsed() >= self.cfg.flush_bookkeeping_every;
+        let durable = any_changed || any_durable || flush;
+        txn.set_durability(if durable {
             Durability::Immediate
         } else {
             Durability::None
@@ -497,6 +554,12 @@ impl Writer {
         txn.commit()?;
         if any_changed {
             self.commit_times.observe(started.elapsed());
+        }
+        if durable {
+            self.unflushed = 0;
+            self.last_durable = started;
+        } else {
+            self.unflushed += 1;
         }
         Ok(seqs)
     }
@@ -556,11 +619,11 @@ impl Writer {
         }
         let new_changes = w.doc.get_changes(&before).len() as u64;
         Ok(Pending {
-            slot: None,
             heads: w.doc.get_heads(),
             sync_state: Some((peer, state)),
             persist_state,
             new_changes,
+            ..Pending::bookkeeping()
         })
     }
 
@@ -705,6 +768,8 @@ fn apply_op(
         WriteOp::ApplySync { .. }
         | WriteOp::SetCursor { .. }
         | WriteOp::SetMeta { .. }
+        | WriteOp::PeerSeen { .. }
+        | WriteOp::ForgetPeer { .. }
         | WriteOp::Barrier => {}
     }
     Ok(w.doc.get_heads())
