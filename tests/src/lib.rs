@@ -1,6 +1,7 @@
 //! Shared helpers for cross-process tests, simulation and benchmarks.
 
 pub mod bench;
+pub mod chaos;
 pub mod cluster;
 pub mod procs;
 pub mod rogue;

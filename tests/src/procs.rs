@@ -232,8 +232,15 @@ impl Binaries {
     /// Runs enrolled edge `name` against `hubs`, in that order of failover, with `extra`
     /// flags.
     pub fn edge(&self, name: &str, hubs: &[&Proc], extra: &[&str]) -> Result<Proc> {
+        let addrs: Vec<SocketAddr> = hubs.iter().map(|h| h.quic).collect();
+        self.edge_at(name, &addrs, extra)
+    }
+
+    /// Runs enrolled edge `name` dialing `hubs` (hubs, or proxies in front of them), in
+    /// that order of failover, with `extra` flags.
+    pub fn edge_at(&self, name: &str, hubs: &[SocketAddr], extra: &[&str]) -> Result<Proc> {
         let (data, bundle) = (self.path(name), self.path(&format!("{name}.pem")));
-        let addrs: Vec<String> = hubs.iter().map(|h| h.quic.to_string()).collect();
+        let addrs: Vec<String> = hubs.iter().map(SocketAddr::to_string).collect();
         let mut args = vec![
             "run",
             "--data",

@@ -34,6 +34,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// for any device that is merely switched off for a holiday.
 pub const DEFAULT_FORGET_PEERS_AFTER: Duration = Duration::from_secs(90 * 86_400);
 
+/// How often a dialed connection is checked for silence (see `Node::watch_silence`).
+const SILENCE_CHECK: Duration = Duration::from_millis(250);
+
 /// Longest time between two looks for peers to forget.
 const FORGET_SWEEP: Duration = Duration::from_secs(3600);
 
@@ -698,10 +701,18 @@ impl Node {
                 };
                 match conn {
                     Ok(conn) => {
-                        // Only a connection that carried a session resets the backoff: a
-                        // peer that refuses us after the handshake is not hammered.
-                        if self.run_connection(conn, true).await {
-                            backoff = cfg.min_backoff;
+                        let mut next = Some(conn);
+                        while let Some(conn) = next.take() {
+                            let (carried, fresh) = tokio::join!(
+                                self.run_connection(conn.clone(), true),
+                                self.watch_silence(&conn, addr)
+                            );
+                            // Only a connection that carried a session resets the backoff:
+                            // a peer that refuses us after the handshake is not hammered.
+                            if carried {
+                                backoff = cfg.min_backoff;
+                            }
+                            next = fresh;
                         }
                         // After a connection ends, start again from the first address.
                         break;
@@ -721,6 +732,59 @@ impl Node {
             tokio::select! {
                 _ = self.inner.cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Watches a dialed connection for silence: a healthy one hears at least an
+    /// acknowledgement per keep-alive. After two keep-alives of nothing, it dials `addr`
+    /// afresh; if that handshake succeeds, the peer is there under a new connection (it
+    /// restarted, or a partition healed) while the old one waits out QUIC's retransmission
+    /// backoff, which doubles up to the idle timeout: the old one is closed and the fresh
+    /// one returned, to be run at once. If the dial fails the old one is kept (it may come
+    /// back when a partition heals) and watched again. Returns `None` once the connection
+    /// ends by itself.
+    async fn watch_silence(
+        &self,
+        conn: &quinn::Connection,
+        addr: SocketAddr,
+    ) -> Option<quinn::Connection> {
+        let silence = self.inner.cfg.timers.keep_alive * 2 + Duration::from_millis(500);
+        let mut last_rx = conn.stats().udp_rx.datagrams;
+        let mut heard = Instant::now();
+        loop {
+            tokio::select! {
+                _ = conn.closed() => return None,
+                _ = self.inner.cancel.cancelled() => return None,
+                _ = tokio::time::sleep(SILENCE_CHECK) => {}
+            }
+            let rx = conn.stats().udp_rx.datagrams;
+            if rx != last_rx || heard.elapsed() < silence {
+                if rx != last_rx {
+                    (last_rx, heard) = (rx, Instant::now());
+                }
+                continue;
+            }
+            let client = self.inner.client.read().ok()?.clone();
+            let Ok(connecting) = self.inner.endpoint.connect_with(client, addr, SERVER_NAME) else {
+                heard = Instant::now();
+                continue;
+            };
+            let fresh = tokio::select! {
+                _ = conn.closed() => return None,
+                _ = self.inner.cancel.cancelled() => return None,
+                c = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => c,
+            };
+            match fresh {
+                Ok(Ok(fresh)) => {
+                    tracing::info!(%addr, silent_ms = heard.elapsed().as_millis() as u64, "the peer went silent and answered a fresh dial (restarted?): moving to the new connection");
+                    conn.close(
+                        CLOSE_REPLACED.into(),
+                        b"silent; replaced by a fresh connection",
+                    );
+                    return Some(fresh);
+                }
+                _ => heard = Instant::now(),
             }
         }
     }

@@ -31,7 +31,12 @@ enum Scenario {
     /// A read-only peer floods 1 GiB while another sends the Bloom and depth attacks; the
     /// hub's memory growth and an honest edge's write latency, with and without the attack.
     Hostile,
-    /// Every scenario in turn; one JSON object with each under its name.
+    /// Real hub and edge processes behind UDP impairment proxies under a seeded schedule of
+    /// every fault kind (delay, loss, reordering, partitions, SIGSTOP, kill -9 and
+    /// restart) while every node writes: acknowledged writes lost, documents divergent,
+    /// and the longest convergence after a heal. `--minutes`, `--hubs`, `--soak-edges`.
+    Soak,
+    /// Every scenario in turn (but `soak`); one JSON object with each under its name.
     All,
     /// The attacking process of `hostile` (started by it).
     #[value(hide = true)]
@@ -53,6 +58,18 @@ struct Args {
     /// Edges in the `connections` scenario.
     #[arg(long, default_value_t = 1000)]
     edges: usize,
+    /// Minutes the `soak` scenario injects faults.
+    #[arg(long, default_value_t = 5.0)]
+    minutes: f64,
+    /// Hubs in the `soak` scenario.
+    #[arg(long, default_value_t = 2)]
+    hubs: usize,
+    /// Edges in the `soak` scenario.
+    #[arg(long, default_value_t = 4)]
+    soak_edges: usize,
+    /// Seed of the `soak` scenario's faults and writes (replays a run) [default: the clock].
+    #[arg(long)]
+    seed: Option<u64>,
     /// MiB the read-only peer floods in the `hostile` scenario.
     #[arg(long, default_value_t = 1024)]
     flood_mb: u64,
@@ -74,7 +91,10 @@ async fn main() -> Result<()> {
         let started = Instant::now();
         let mut all = Map::new();
         for s in Scenario::value_variants() {
-            if matches!(*s, Scenario::All | Scenario::HostileAttacker) {
+            if matches!(
+                *s,
+                Scenario::All | Scenario::HostileAttacker | Scenario::Soak
+            ) {
                 continue;
             }
             let name = s
@@ -263,6 +283,39 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                     ("idle p99 ms", "honest_idle_p99_ms"),
                     ("ratio", "p99_ratio"),
                     ("hub up", "hub_up"),
+                ],
+            );
+            out
+        }
+        Scenario::Soak => {
+            let cfg = tidesync_tests::chaos::soak::SoakConfig {
+                duration: Duration::from_secs_f64(args.minutes * 60.0),
+                hubs: args.hubs,
+                edges: args.soak_edges,
+                seed: args
+                    .seed
+                    .unwrap_or_else(|| tidesync_tests::Rng::from_env_or_time().seed()),
+                converge_within: Duration::from_secs(5),
+            };
+            println!(
+                "soak: {} hubs, {} edges, {} min, seed {}",
+                cfg.hubs, cfg.edges, args.minutes, cfg.seed
+            );
+            let report = tokio::task::spawn_blocking({
+                let cfg = cfg.clone();
+                move || tidesync_tests::chaos::soak::run(&cfg, |line| println!("{line}"))
+            })
+            .await??;
+            let out = report.to_json(&cfg);
+            table(
+                &out,
+                &[
+                    ("acked", "acked"),
+                    ("lost", "lost"),
+                    ("divergent", "divergent"),
+                    ("heals", "heals"),
+                    ("max converge ms", "max_converge_ms"),
+                    ("slow heals", "slow_heals"),
                 ],
             );
             out

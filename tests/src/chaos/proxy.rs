@@ -1,0 +1,185 @@
+//! A UDP impairment proxy: one per link between two real node processes. A node dials the
+//! proxy's address instead of its peer's; every datagram is forwarded (from a socket of
+//! its own per client, so the peer sees one address per client) after the link's current
+//! impairments: delay with jitter (which also reorders), random loss, and a partition in
+//! either direction. The faults change while the link carries traffic.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::net::UdpSocket;
+
+use crate::Rng;
+
+/// What a link does to datagrams right now.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Impairment {
+    /// Added to every datagram.
+    pub delay: Duration,
+    /// Up to this much more, at random per datagram (datagrams then overtake each other).
+    pub jitter: Duration,
+    /// Share of datagrams dropped, 0.0 to 1.0.
+    pub loss: f64,
+    /// Drop everything from the dialing node to its peer.
+    pub block_up: bool,
+    /// Drop everything from the peer to the dialing node.
+    pub block_down: bool,
+}
+
+impl Impairment {
+    /// No impairment.
+    pub const CLEAR: Self = Self {
+        delay: Duration::ZERO,
+        jitter: Duration::ZERO,
+        loss: 0.0,
+        block_up: false,
+        block_down: false,
+    };
+}
+
+struct Shared {
+    now: Mutex<Impairment>,
+    rng: Mutex<Rng>,
+}
+
+impl Shared {
+    /// How long to hold a datagram going up (`true`) or down, or `None` to drop it.
+    fn fate(&self, up: bool) -> Option<Duration> {
+        let imp = self.now.lock().map(|i| *i).unwrap_or(Impairment::CLEAR);
+        if (up && imp.block_up) || (!up && imp.block_down) {
+            return None;
+        }
+        let mut rng = self.rng.lock().ok()?;
+        if imp.loss > 0.0 && (rng.next_u64() % 10_000) as f64 / 10_000.0 < imp.loss {
+            return None;
+        }
+        let jitter = imp.jitter.as_micros() as u64;
+        Some(imp.delay + Duration::from_micros(rng.range(0, jitter + 1)))
+    }
+}
+
+/// A running proxy in front of one node's QUIC address.
+pub struct Link {
+    /// Where the dialing node sends its datagrams.
+    pub listen: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("listen", &self.listen)
+            .finish()
+    }
+}
+
+impl Link {
+    /// Starts a proxy on 127.0.0.1 (an OS-picked port) forwarding to `target`, on the
+    /// runtime `rt`.
+    pub fn start(rt: &tokio::runtime::Handle, target: SocketAddr, seed: u64) -> Result<Self> {
+        let std_front = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        std_front.set_nonblocking(true)?;
+        let listen = std_front.local_addr()?;
+        let shared = Arc::new(Shared {
+            now: Mutex::new(Impairment::CLEAR),
+            rng: Mutex::new(Rng::new(seed)),
+        });
+        let s = shared.clone();
+        let task = rt.spawn(async move {
+            if let Ok(front) = UdpSocket::from_std(std_front) {
+                forward(Arc::new(front), target, s).await;
+            }
+        });
+        Ok(Self {
+            listen,
+            shared,
+            task,
+        })
+    }
+
+    /// Sets the link's impairment from now on.
+    pub fn set(&self, imp: Impairment) {
+        if let Ok(mut now) = self.shared.now.lock() {
+            *now = imp;
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Datagrams larger than any QUIC packet a node sends.
+const MAX_DATAGRAM: usize = 65_536;
+
+async fn forward(front: Arc<UdpSocket>, target: SocketAddr, shared: Arc<Shared>) {
+    let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut downs = tokio::task::JoinSet::new();
+    loop {
+        let Ok((n, from)) = front.recv_from(&mut buf).await else {
+            continue;
+        };
+        let up = match clients.get(&from) {
+            Some(s) => s.clone(),
+            None => {
+                let Ok(sock) = UdpSocket::bind("127.0.0.1:0").await else {
+                    continue;
+                };
+                if sock.connect(target).await.is_err() {
+                    continue;
+                }
+                let sock = Arc::new(sock);
+                clients.insert(from, sock.clone());
+                downs.spawn(back(sock.clone(), front.clone(), from, shared.clone()));
+                sock
+            }
+        };
+        let Some(hold) = shared.fate(true) else {
+            continue;
+        };
+        let packet = buf[..n].to_vec();
+        if hold.is_zero() {
+            let _ = up.send(&packet).await;
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                let _ = up.send(&packet).await;
+            });
+        }
+    }
+}
+
+/// The peer's datagrams back to one client.
+async fn back(up: Arc<UdpSocket>, front: Arc<UdpSocket>, client: SocketAddr, shared: Arc<Shared>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        // A refused send (the peer's port closed while it restarts) is not the end.
+        let n = match up.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        let Some(hold) = shared.fate(false) else {
+            continue;
+        };
+        let packet = buf[..n].to_vec();
+        let front = front.clone();
+        if hold.is_zero() {
+            let _ = front.send_to(&packet, client).await;
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                let _ = front.send_to(&packet, client).await;
+            });
+        }
+    }
+}
