@@ -64,6 +64,8 @@ pub struct DaemonConfig {
     pub timers: crate::net::tls::Timers,
     /// Forget peers unseen for this long (see [`NodeConfig::forget_peers_after`]).
     pub forget_peers_after: Option<std::time::Duration>,
+    /// Replicas a write waits for by default, per namespace pattern (first match).
+    pub replica_defaults: Vec<(NsPattern, usize)>,
 }
 
 /// Failures to start a node process.
@@ -145,6 +147,7 @@ pub enum DaemonError {
 ///     store: StoreConfig::default(),
 ///     timers: Default::default(),
 ///     forget_peers_after: None,
+///     replica_defaults: Vec::new(),
 /// })
 /// .await?;
 /// // The real addresses, also for port 0, as the binaries print them.
@@ -466,6 +469,7 @@ impl Daemon {
             crate::model::Role::Edge => identity.grants.clone(),
         };
         let app = api::router(ApiState {
+            replica_defaults: cfg.replica_defaults.clone(),
             store: store.clone(),
             node: Some(node.clone()),
             node_id: identity.node_id.clone(),

@@ -232,6 +232,17 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
             "Connections refused because their peer broke the protocol a moment before",
             node.penalty_refusals(),
         );
+        r.register(
+            "replication_seconds",
+            "Time from a write's commit to its Kth replica, for writes with ?replicas=K that reached K",
+            CommitHistogram(node.replicas().times().snapshot()),
+        );
+        counter(
+            &mut r,
+            "replication_timeouts",
+            "Writes with ?replicas=K answered 202: fewer than K replicas confirmed in time",
+            node.replicas().timeouts(),
+        );
         counter(
             &mut r,
             "peers_forgotten",

@@ -111,6 +111,9 @@ pub enum DocCommand {
         /// The JSON object.
         #[arg(value_name = "JSON")]
         body: Option<String>,
+        /// Synchronous replication of this write.
+        #[command(flatten)]
+        replicas: ReplicaArgs,
     },
     /// Apply an RFC 7386 merge patch (argument, or standard input if absent or -).
     Patch {
@@ -121,6 +124,9 @@ pub enum DocCommand {
         /// The merge patch.
         #[arg(value_name = "JSON")]
         body: Option<String>,
+        /// Synchronous replication of this write.
+        #[command(flatten)]
+        replicas: ReplicaArgs,
     },
     /// Delete a document (a tombstone that syncs like any write).
     Rm {
@@ -128,12 +134,39 @@ pub enum DocCommand {
         ns: String,
         /// Document id.
         id: String,
+        /// Synchronous replication of this write.
+        #[command(flatten)]
+        replicas: ReplicaArgs,
     },
     /// List a namespace's documents.
     Ls {
         /// Namespace.
         ns: String,
     },
+}
+
+/// Synchronous replication for one write.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplicaArgs {
+    /// Answer only once K other nodes (on an edge: hubs) have durably stored the write;
+    /// if the timeout passes first the write is still durable here and replicating, and
+    /// the command says how many confirmed.
+    #[arg(long, value_name = "K")]
+    pub replicas: Option<usize>,
+    /// How long to wait for the replicas, in milliseconds [default: 5000].
+    #[arg(long, value_name = "MS", requires = "replicas")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl ReplicaArgs {
+    /// The query string for the write's URL.
+    fn query(&self) -> String {
+        match (self.replicas, self.timeout_ms) {
+            (Some(k), Some(t)) => format!("?replicas={k}&timeout_ms={t}"),
+            (Some(k), None) => format!("?replicas={k}"),
+            _ => String::new(),
+        }
+    }
 }
 
 /// A client subcommand's failure, with the API's own message when there is one.
@@ -450,19 +483,32 @@ pub fn doc(cmd: DocCommand, opts: &ClientOpts, default_api: SocketAddr) -> Resul
         DocCommand::Get { ns, id } => {
             print_json(&api.json("GET", &format!("/v1/docs/{ns}/{id}"), None)?)
         }
-        DocCommand::Put { ns, id, body } => {
+        DocCommand::Put {
+            ns,
+            id,
+            body,
+            replicas,
+        } => {
             let body = body_arg(body)?;
-            let out = api.json("PUT", &format!("/v1/docs/{ns}/{id}"), Some(&body))?;
-            written(&out, opts.json);
+            let path = format!("/v1/docs/{ns}/{id}{}", replicas.query());
+            let out = api.json("PUT", &path, Some(&body))?;
+            written(&out, opts.json, replicas.replicas);
         }
-        DocCommand::Patch { ns, id, body } => {
+        DocCommand::Patch {
+            ns,
+            id,
+            body,
+            replicas,
+        } => {
             let body = body_arg(body)?;
-            let out = api.json("PATCH", &format!("/v1/docs/{ns}/{id}"), Some(&body))?;
-            written(&out, opts.json);
+            let path = format!("/v1/docs/{ns}/{id}{}", replicas.query());
+            let out = api.json("PATCH", &path, Some(&body))?;
+            written(&out, opts.json, replicas.replicas);
         }
-        DocCommand::Rm { ns, id } => {
-            let out = api.json("DELETE", &format!("/v1/docs/{ns}/{id}"), None)?;
-            written(&out, opts.json);
+        DocCommand::Rm { ns, id, replicas } => {
+            let path = format!("/v1/docs/{ns}/{id}{}", replicas.query());
+            let out = api.json("DELETE", &path, None)?;
+            written(&out, opts.json, replicas.replicas);
         }
         DocCommand::Ls { ns } => {
             let out = api.json("GET", &format!("/v1/docs/{ns}"), None)?;
@@ -483,11 +529,21 @@ pub fn doc(cmd: DocCommand, opts: &ClientOpts, default_api: SocketAddr) -> Resul
     Ok(())
 }
 
-fn written(out: &Value, json: bool) {
+fn written(out: &Value, json: bool, wanted: Option<usize>) {
     if json {
         print_json(out);
-    } else {
-        println!("ok, seq {}", out["seq"]);
+        return;
+    }
+    match (wanted, out["replicas"].as_u64()) {
+        (Some(k), Some(n)) if (n as usize) < k => {
+            println!("stored here, seq {}", out["seq"]);
+            eprintln!(
+                "only {n} of {k} replicas confirmed in time; the write is durable here and \
+                 still replicating"
+            );
+        }
+        (_, Some(n)) => println!("ok, seq {}, on {n} replicas", out["seq"]),
+        _ => println!("ok, seq {}", out["seq"]),
     }
 }
 

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::duration::{parse_duration, parse_or_never, OrNever};
 use tidesync::api::serve::ServeLimits;
 pub use tidesync::daemon::DEFAULT_MAX_BODY;
+use tidesync::model::NsPattern;
 use tidesync::net::node::DEFAULT_FORGET_PEERS_AFTER;
 use tidesync::net::tls::Timers;
 use tidesync::store::StoreConfig;
@@ -62,6 +63,19 @@ pub struct RunFile {
     /// `--forget-peers-after`, as `"90d"` or `"never"`.
     #[serde(default, with = "crate::duration::serde_or_never")]
     pub forget_peers_after: Option<OrNever>,
+    /// `[[namespace]]` tables: settings of the namespaces matching their patterns.
+    #[serde(default)]
+    pub namespace: Vec<NamespaceSettings>,
+}
+
+/// A `[[namespace]]` table of the config file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSettings {
+    /// Namespace patterns (`orders`, `orders.*`, `*`) these settings apply to.
+    pub namespaces: Vec<String>,
+    /// Replicas a write waits for unless the request says (`?replicas=K`); 0: none.
+    pub replicas: Option<usize>,
 }
 
 /// A config file that cannot be used.
@@ -155,6 +169,8 @@ pub struct CommonRun {
     pub timers: Timers,
     /// Forget peers unseen for this long; `None`: never.
     pub forget_peers_after: Option<Duration>,
+    /// Replicas writes wait for by default, per namespace pattern, in file order.
+    pub replica_defaults: Vec<(NsPattern, usize)>,
 }
 
 impl CommonRunFlags {
@@ -186,6 +202,26 @@ impl CommonRunFlags {
             path: PathBuf::from("--keep-alive/--idle-timeout"),
             reason,
         })?;
+        let mut replica_defaults = Vec::new();
+        for table in &file.namespace {
+            let Some(k) = table.replicas else { continue };
+            if k > tidesync::api::replication::MAX_REPLICAS {
+                return Err(ConfigError {
+                    path: PathBuf::from("[[namespace]] replicas"),
+                    reason: format!(
+                        "{k} is more than {}",
+                        tidesync::api::replication::MAX_REPLICAS
+                    ),
+                });
+            }
+            for p in &table.namespaces {
+                let pattern = NsPattern::new(p.as_str()).map_err(|e| ConfigError {
+                    path: PathBuf::from("[[namespace]] namespaces"),
+                    reason: format!("{p:?}: {e}"),
+                })?;
+                replica_defaults.push((pattern, k));
+            }
+        }
         let mut api_limits = ServeLimits::default();
         if let Some(n) = self.max_api_connections.or(file.max_api_connections) {
             api_limits.max_connections = n;
@@ -201,6 +237,7 @@ impl CommonRunFlags {
                 .forget_peers_after
                 .or(file.forget_peers_after)
                 .map_or(Some(DEFAULT_FORGET_PEERS_AFTER), |o| o.0),
+            replica_defaults,
         })
     }
 }
@@ -252,7 +289,8 @@ mod tests {
             &path,
             "data = \"/var/lib/tidesync\"\nlisten = \"0.0.0.0:7443\"\napi = \"127.0.0.1:0\"\n\
              peers = [\"10.0.0.2:7443\"]\ntoken = \"t\"\nmax_body = 1024\ncache_mb = 64\n\
-             keep_alive = \"5s\"\nidle_timeout = 30\n",
+             keep_alive = \"5s\"\nidle_timeout = 30\n\
+             [[namespace]]\nnamespaces = [\"orders.*\"]\nreplicas = 1\n",
         )
         .expect("write");
         let f = RunFile::read(&path).expect("read");
@@ -276,6 +314,8 @@ mod tests {
         }
         .resolve(&f)
         .expect("resolve");
+        assert_eq!(common.replica_defaults.len(), 1);
+        assert_eq!(common.replica_defaults[0].1, 1);
         assert_eq!(
             common.timers,
             Timers {

@@ -8,6 +8,7 @@
 mod backup;
 pub mod error;
 pub mod guard;
+pub mod replication;
 pub mod serve;
 
 use std::convert::Infallible;
@@ -26,11 +27,12 @@ use futures_util::stream::{self, Stream};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::model::Role;
 use crate::model::{format_heads, parse_heads, DocId, Grants, Namespace, NodeId};
+use crate::model::{NsPattern, Role};
 use crate::net::{Node, PeerStatus};
 use crate::store::{FeedSeq, Store, WriteOutcome};
 use error::ApiError;
+use replication::{answer_write, wait_for_heads, ReadQuery, WriteQuery};
 
 /// What the API serves.
 #[derive(Clone, Debug)]
@@ -51,6 +53,19 @@ pub struct ApiState {
     pub hosts: Vec<String>,
     /// Largest request body, in bytes.
     pub max_body: usize,
+    /// Replicas a write waits for by default, per namespace pattern (the first that
+    /// matches); `?replicas=` wins.
+    pub replica_defaults: Vec<(NsPattern, usize)>,
+}
+
+impl ApiState {
+    /// Replicas a write to `ns` waits for when the request does not say.
+    pub fn default_replicas(&self, ns: &Namespace) -> usize {
+        self.replica_defaults
+            .iter()
+            .find(|(p, _)| p.matches(ns))
+            .map_or(0, |(_, k)| *k)
+    }
 }
 
 /// The API's routes over `state`.
@@ -127,13 +142,16 @@ fn check_writable(state: &ApiState, ns: &Namespace) -> Result<(), ApiError> {
     }
 }
 
-fn written(w: WriteOutcome) -> Response {
+fn written(w: WriteOutcome, replicas: Option<usize>) -> Response {
     let etag = etag(&w.heads);
-    let mut resp = Json(json!({
+    let mut body = json!({
         "heads": w.heads.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "seq": w.seq.0,
-    }))
-    .into_response();
+    });
+    if let (Some(n), Some(obj)) = (replicas, body.as_object_mut()) {
+        obj.insert("replicas".into(), json!(n));
+    }
+    let mut resp = Json(body).into_response();
     if let Ok(v) = HeaderValue::from_str(&etag) {
         resp.headers_mut().insert(header::ETAG, v);
     }
@@ -189,8 +207,10 @@ async fn list_docs(
 async fn get_doc(
     State(state): State<ApiState>,
     Path((ns, id)): Path<(String, String)>,
+    Query(q): Query<ReadQuery>,
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
+    wait_for_heads(&state, &ns, &id, &q).await?;
     let doc = state.store.get(&ns, &id)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -207,6 +227,7 @@ async fn get_doc(
 async fn put_doc(
     State(state): State<ApiState>,
     Path((ns, id)): Path<(String, String)>,
+    Query(q): Query<WriteQuery>,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -217,12 +238,13 @@ async fn put_doc(
         .store
         .put(&ns, &id, content, if_match(&headers)?)
         .await?;
-    Ok(written(w))
+    answer_write(&state, &ns, &id, w, &q).await
 }
 
 async fn patch_doc(
     State(state): State<ApiState>,
     Path((ns, id)): Path<(String, String)>,
+    Query(q): Query<WriteQuery>,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -233,18 +255,19 @@ async fn patch_doc(
         .store
         .patch(&ns, &id, patch, if_match(&headers)?)
         .await?;
-    Ok(written(w))
+    answer_write(&state, &ns, &id, w, &q).await
 }
 
 async fn delete_doc(
     State(state): State<ApiState>,
     Path((ns, id)): Path<(String, String)>,
+    Query(q): Query<WriteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
     check_writable(&state, &ns)?;
     let w = state.store.delete(&ns, &id, if_match(&headers)?).await?;
-    Ok(written(w))
+    answer_write(&state, &ns, &id, w, &q).await
 }
 
 async fn conflicts(
@@ -290,13 +313,14 @@ async fn get_automerge(
 async fn post_automerge(
     State(state): State<ApiState>,
     Path((ns, id)): Path<(String, String)>,
+    Query(q): Query<WriteQuery>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
     check_writable(&state, &ns)?;
     let bytes = body(bytes)?;
     let w = state.store.import(&ns, &id, bytes.to_vec()).await?;
-    Ok(written(w))
+    answer_write(&state, &ns, &id, w, &q).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -106,6 +106,8 @@ pub struct DriverContext {
     pub max_frame: usize,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
+    /// Where the peer's durable acknowledgements go, for writes waiting for replicas.
+    pub replicas: Arc<super::replicas::Replicas>,
 }
 
 type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
@@ -271,6 +273,7 @@ pub async fn run(
     let exec = Exec {
         store: &ctx.store,
         counters: &counters,
+        replicas: Some(&ctx.replicas),
     };
     let mut writing: Writing = JoinSet::new();
     let mut log = LogLimit::new(Instant::now());

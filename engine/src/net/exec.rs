@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use tokio::task::JoinSet;
 
 use super::counters::PeerCounters;
+use super::replicas::Replicas;
 use crate::error::StoreError;
 use crate::model::{Cursor, DocId, Namespace, SyncPeer};
 use crate::store::Store;
@@ -56,6 +57,9 @@ pub enum WriteDone {
         id: DocId,
         /// The committed result.
         result: Result<Applied, StoreError>,
+        /// The message came from a version its sender had not committed
+        /// ([`crate::sync::Message::SyncAhead`]): its heads prove nothing durable.
+        provisional: bool,
     },
     /// A cursor was saved (or not).
     CursorSaved(Result<(), StoreError>),
@@ -84,6 +88,9 @@ pub struct Exec<'a> {
     pub store: &'a Store,
     /// The peer's counters.
     pub counters: &'a PeerCounters,
+    /// Where the peer's durable acknowledgements are reported, for writes that wait for
+    /// replicas; `None` where nothing waits (simulations, tests).
+    pub replicas: Option<&'a Replicas>,
 }
 
 impl Exec<'_> {
@@ -150,18 +157,31 @@ impl Exec<'_> {
                 ns,
                 id,
                 result: Err(StoreError::Quarantined { .. }),
+                ..
             } => {
                 // The peer's message is for a document set aside here: dropped, and the
                 // session goes on with every other document.
                 session.handle_set_aside(ns, id);
                 Ok(())
             }
-            WriteDone::Applied { ns, id, result } => {
+            WriteDone::Applied {
+                ns,
+                id,
+                result,
+                provisional,
+            } => {
                 let applied = result.map_err(|e| match e {
                     StoreError::Model(e) => ProtocolError::protocol(format!("{ns}/{id}: {e}")),
                     e => ProtocolError::internal(e.to_string()),
                 })?;
                 self.counters.syncs_applied.fetch_add(1, Ordering::Relaxed);
+                // The peer replied after its own commit: it holds the heads it names.
+                if let (Some(replicas), Some(theirs), false) =
+                    (self.replicas, &applied.state.their_heads, provisional)
+                {
+                    let peer = session.sync_peer();
+                    replicas.peer_committed(&peer.id, &ns, &id, theirs, &applied.doc);
+                }
                 self.counters
                     .changes_applied
                     .fetch_add(applied.changes_applied, Ordering::Relaxed);
@@ -193,9 +213,14 @@ impl Exec<'_> {
 }
 
 async fn apply_sync(store: Store, peer: SyncPeer, apply: Apply) -> WriteDone {
-    let (ns, id) = (apply.ns.clone(), apply.id.clone());
+    let (ns, id, provisional) = (apply.ns.clone(), apply.id.clone(), apply.provisional);
     let result = store.apply_sync(&peer, apply).await;
-    WriteDone::Applied { ns, id, result }
+    WriteDone::Applied {
+        ns,
+        id,
+        result,
+        provisional,
+    }
 }
 
 async fn save_cursor(store: Store, peer: SyncPeer, cursor: Cursor) -> WriteDone {

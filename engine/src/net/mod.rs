@@ -14,6 +14,7 @@ pub mod log_limit;
 pub mod node;
 pub mod penalties;
 pub mod pki;
+pub mod replicas;
 pub mod revocations;
 pub mod tls;
 

@@ -292,6 +292,8 @@ struct Inner {
     penalty_refusals: AtomicU64,
     /// Peers dropped by [`Node::forget_unseen_peers`].
     peers_forgotten: AtomicU64,
+    /// Which peers hold which versions, for writes waiting for replicas.
+    replicas: Arc<super::replicas::Replicas>,
     /// When this node last moved to a new feed epoch (see [`MIN_EPOCH_RENEWAL_GAP`]).
     last_renewal: Mutex<Option<Instant>>,
     cancel: CancellationToken,
@@ -400,6 +402,7 @@ impl Node {
                 penalties: Penalties::default(),
                 penalty_refusals: AtomicU64::new(0),
                 peers_forgotten: AtomicU64::new(0),
+                replicas: Arc::default(),
                 last_renewal: Mutex::new(None),
                 cancel: CancellationToken::new(),
                 tasks: Mutex::new(JoinSet::new()),
@@ -515,6 +518,12 @@ impl Node {
     /// (see [`super::penalties`]).
     pub fn penalty_refusals(&self) -> u64 {
         self.inner.penalty_refusals.load(Ordering::Relaxed)
+    }
+
+    /// Which peers hold which versions of documents: what writes with `?replicas=K`
+    /// wait on.
+    pub fn replicas(&self) -> &super::replicas::Replicas {
+        &self.inner.replicas
     }
 
     /// Peers forgotten so far (see [`Node::forget_unseen_peers`]).
@@ -880,6 +889,7 @@ impl Node {
             ca: self.inner.ca.clone(),
             max_frame: self.inner.cfg.max_frame,
             shutdown: self.inner.cancel.clone(),
+            replicas: self.inner.replicas.clone(),
         };
         // The driver ends itself on shutdown, once its writes at the store are done: when
         // `shutdown` returns, nothing of this node holds the store any more.

@@ -604,6 +604,25 @@ impl Store {
         }))
     }
 
+    /// The document as committed (deleted ones too), or `None` if absent.
+    pub fn doc(&self, ns: &Namespace, id: &DocId) -> Result<Option<Arc<Automerge>>, StoreError> {
+        self.with_doc_arc(ns, id, |_, doc| doc)
+    }
+
+    /// Whether the committed document holds every change of `heads` (false if absent).
+    pub fn holds_heads(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        heads: &[ChangeHash],
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .with_doc(ns, id, |_, doc| {
+                automerge::ReadDoc::get_missing_deps(doc, heads).is_empty()
+            })?
+            .unwrap_or(false))
+    }
+
     /// The document's content, or `None` if it is absent or deleted.
     pub fn get(&self, ns: &Namespace, id: &DocId) -> Result<Option<DocSnapshot>, StoreError> {
         let read = self.with_doc(ns, id, |meta, doc| {

@@ -86,6 +86,7 @@ impl End {
         let exec = Exec {
             store: &self.store,
             counters: &self.counters,
+            replicas: None,
         };
         let mut frames = Frames(&mut self.outbox);
         exec.drain(&mut self.session, &mut frames, &mut Writes::Inline)

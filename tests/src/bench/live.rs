@@ -95,6 +95,26 @@ pub async fn latency(writes: usize) -> Result<Value> {
         }
     }
     converged(&a.store, &[&hub.store, &b.store], &ns, LATENCY_DOCS).await?;
+    // Synchronous replication: from the write at A until the hub's durable commit of it
+    // is confirmed back at A (what `?replicas=1` waits for before its 200).
+    let mut replicas1 = Vec::with_capacity(writes);
+    for k in 0..writes + 20 {
+        let id = &ids[k % ids.len()];
+        let started = Instant::now();
+        let w = a.store.patch(&ns, id, json!({"r": k + 1}), None).await?;
+        let doc = a.store.doc(&ns, id)?.unwrap_or_default();
+        let confirmed = a
+            .node
+            .replicas()
+            .wait(&ns, id, &w.heads, 1, Duration::from_secs(5), &doc)
+            .await;
+        if confirmed < 1 {
+            anyhow::bail!("write {k} was not confirmed by the hub within 5 s");
+        }
+        if k >= 20 {
+            replicas1.push(started.elapsed());
+        }
+    }
     b.stop().await;
     a.stop().await;
     hub.stop().await;
@@ -112,6 +132,8 @@ pub async fn latency(writes: usize) -> Result<Value> {
         "direct_limit_us": raw["direct_limit_us"],
         "ratio_to_limit": if limit_us > 0.0 { round2(micros(p50) / limit_us) } else { 0.0 },
         "limit_steps_us": raw["steps_us"],
+        "replicas1_p50_us": micros(percentile(&mut replicas1, 50.0)),
+        "replicas1_p99_us": micros(percentile(&mut replicas1, 99.0)),
     });
     Ok(out)
 }

@@ -134,6 +134,8 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                     ("A→H p50 µs", "direct_p50_us"),
                     ("p99 µs", "direct_p99_us"),
                     ("limit µs", "direct_limit_us"),
+                    ("replicas=1 p50 µs", "replicas1_p50_us"),
+                    ("p99 µs", "replicas1_p99_us"),
                 ],
             );
             out

@@ -622,6 +622,7 @@ impl Net {
         let exec = Exec {
             store,
             counters: &counters,
+            replicas: None,
         };
         let mut outbox = Frames(&mut link.queues[1 - side]);
         self.rt

@@ -1,0 +1,180 @@
+//! Where each write is durable: which peers hold a version of a document, for writes that
+//! wait for K replicas (`?replicas=K`, synchronous replication).
+//!
+//! A peer answers a sync message only after its store committed what the message carried
+//! (with fsync), and every message names the sender's heads. So a peer message that is
+//! not a [`crate::sync::Message::SyncAhead`] (which comes from a version its sender has
+//! not committed yet) and whose heads include a write says that peer holds the write
+//! durably. The connection drivers report each applied peer message here; a waiting
+//! write counts the distinct peers whose heads include its own. Acknowledgements that
+//! arrive before the write's waiter (early push makes that common) are kept for the most
+//! recent documents.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use automerge::{Automerge, ChangeHash, ReadDoc};
+use tokio::sync::watch;
+
+use crate::model::{DocId, Namespace, NodeId};
+use crate::store::CommitTimes;
+
+/// Documents whose latest acknowledgements per peer are kept for late waiters.
+const RECENT_DOCS: usize = 4096;
+
+type DocKey = (Namespace, DocId);
+
+struct Waiter {
+    id: u64,
+    heads: Vec<ChangeHash>,
+    confirmed: BTreeSet<NodeId>,
+    tx: watch::Sender<usize>,
+}
+
+#[derive(Default)]
+struct Inner {
+    waiting: HashMap<DocKey, Vec<Waiter>>,
+    /// Each peer's latest committed heads of recently acknowledged documents.
+    recent: HashMap<DocKey, Vec<(NodeId, Vec<ChangeHash>)>>,
+    order: VecDeque<DocKey>,
+    next_id: u64,
+}
+
+/// The peers known to hold each recent version, and the writes waiting for them.
+#[derive(Default)]
+pub struct Replicas {
+    inner: Mutex<Inner>,
+    /// Time from a write's commit here to its Kth replica.
+    times: CommitTimes,
+    /// Writes answered before K replicas confirmed (HTTP 202).
+    timeouts: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicas").finish_non_exhaustive()
+    }
+}
+
+/// Whether `theirs` (a peer's heads) include every change of `mine`, judged in `doc`,
+/// which holds both.
+pub fn includes(doc: &Automerge, theirs: &[ChangeHash], mine: &[ChangeHash]) -> bool {
+    if mine.iter().all(|h| theirs.contains(h)) {
+        return true;
+    }
+    // Graph lookups only: hashes the document lacks.
+    if !doc.get_missing_deps(theirs).is_empty() || !doc.get_missing_deps(mine).is_empty() {
+        return false;
+    }
+    // The changes their heads do not reach: none of ours may be among them.
+    let beyond = doc.get_changes_meta(theirs);
+    !beyond.iter().any(|c| mine.contains(&c.hash))
+}
+
+impl Replicas {
+    /// A peer's message for `ns/id` was applied: the peer durably holds `theirs`, judged
+    /// in `doc` (this node's version right after the apply, which holds them).
+    pub fn peer_committed(
+        &self,
+        peer: &NodeId,
+        ns: &Namespace,
+        id: &DocId,
+        theirs: &[ChangeHash],
+        doc: &Arc<Automerge>,
+    ) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let key = (ns.clone(), id.clone());
+        if let Some(waiters) = inner.waiting.get_mut(&key) {
+            for w in waiters.iter_mut() {
+                if !w.confirmed.contains(peer) && includes(doc, theirs, &w.heads) {
+                    w.confirmed.insert(peer.clone());
+                    w.tx.send_replace(w.confirmed.len());
+                }
+            }
+        }
+        let fresh = !inner.recent.contains_key(&key);
+        let acks = inner.recent.entry(key.clone()).or_default();
+        acks.retain(|(p, _)| p != peer);
+        acks.push((peer.clone(), theirs.to_vec()));
+        if fresh {
+            inner.order.push_back(key);
+            while inner.order.len() > RECENT_DOCS {
+                if let Some(old) = inner.order.pop_front() {
+                    inner.recent.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Waits until `want` peers hold `heads` of `ns/id` (a version committed here), or
+    /// `timeout`. `doc` is the document as stored now: acknowledgements that came before
+    /// this call are judged in it. Returns how many peers hold the version.
+    pub async fn wait(
+        &self,
+        ns: &Namespace,
+        id: &DocId,
+        heads: &[ChangeHash],
+        want: usize,
+        timeout: Duration,
+        doc: &Automerge,
+    ) -> usize {
+        let started = Instant::now();
+        let key = (ns.clone(), id.clone());
+        let (waiter_id, mut rx) = {
+            let Ok(mut inner) = self.inner.lock() else {
+                return 0;
+            };
+            // Acknowledgements that came before this waiter.
+            let mut confirmed = BTreeSet::new();
+            if let Some(acks) = inner.recent.get(&key) {
+                for (peer, theirs) in acks {
+                    if includes(doc, theirs, heads) {
+                        confirmed.insert(peer.clone());
+                    }
+                }
+            }
+            let (tx, rx) = watch::channel(confirmed.len());
+            inner.next_id += 1;
+            let waiter_id = inner.next_id;
+            inner.waiting.entry(key.clone()).or_default().push(Waiter {
+                id: waiter_id,
+                heads: heads.to_vec(),
+                confirmed,
+                tx,
+            });
+            (waiter_id, rx)
+        };
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|n| *n >= want))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        let confirmed = *rx.borrow();
+        if let Ok(mut inner) = self.inner.lock() {
+            if let Some(waiters) = inner.waiting.get_mut(&key) {
+                waiters.retain(|w| w.id != waiter_id);
+                if waiters.is_empty() {
+                    inner.waiting.remove(&key);
+                }
+            }
+        }
+        if reached {
+            self.times.observe(started.elapsed());
+        } else {
+            self.timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        confirmed
+    }
+
+    /// Times from commit to the Kth replica, of writes that reached K.
+    pub fn times(&self) -> &CommitTimes {
+        &self.times
+    }
+
+    /// Writes answered before K replicas confirmed.
+    pub fn timeouts(&self) -> u64 {
+        self.timeouts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
