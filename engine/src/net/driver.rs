@@ -698,6 +698,8 @@ impl Outbox for Frames<'_> {
             }
             Event::Connected { .. } => tracing::info!(%peer, "session started"),
             Event::CaughtUp => tracing::debug!(%peer, "peer caught up"),
+            // Counted by the executor (`Exec::drain`) before it reaches here.
+            Event::PeerHolds { .. } => {}
         }
     }
 }

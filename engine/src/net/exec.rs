@@ -138,6 +138,11 @@ impl Exec<'_> {
                     let write = save_cursor(self.store.clone(), peer.clone(), cursor);
                     self.run(session, writes, write).await?;
                 }
+                Output::Event(Event::PeerHolds { ns, id, heads }) => {
+                    if let Some(replicas) = self.replicas {
+                        replicas.peer_holds(&peer.id, &ns, &id, &heads);
+                    }
+                }
                 Output::Event(event) => {
                     if matches!(event, Event::Rejected { .. }) {
                         self.counters.rejected.fetch_add(1, Ordering::Relaxed);

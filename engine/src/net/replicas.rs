@@ -41,6 +41,24 @@ struct Inner {
     next_id: u64,
 }
 
+impl Inner {
+    /// Keeps a peer's latest heads of a document for waiters that come later.
+    fn remember(&mut self, key: DocKey, peer: &NodeId, theirs: &[ChangeHash]) {
+        let fresh = !self.recent.contains_key(&key);
+        let acks = self.recent.entry(key.clone()).or_default();
+        acks.retain(|(p, _)| p != peer);
+        acks.push((peer.clone(), theirs.to_vec()));
+        if fresh {
+            self.order.push_back(key);
+            while self.order.len() > RECENT_DOCS {
+                if let Some(old) = self.order.pop_front() {
+                    self.recent.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 /// The peers known to hold each recent version, and the writes waiting for them.
 #[derive(Default)]
 pub struct Replicas {
@@ -95,18 +113,27 @@ impl Replicas {
                 }
             }
         }
-        let fresh = !inner.recent.contains_key(&key);
-        let acks = inner.recent.entry(key.clone()).or_default();
-        acks.retain(|(p, _)| p != peer);
-        acks.push((peer.clone(), theirs.to_vec()));
-        if fresh {
-            inner.order.push_back(key);
-            while inner.order.len() > RECENT_DOCS {
-                if let Some(old) = inner.order.pop_front() {
-                    inner.recent.remove(&old);
+        inner.remember(key, peer, theirs);
+    }
+
+    /// A peer's message for `ns/id` named `theirs`, the heads of a version it committed;
+    /// nothing is applied yet. Confirms the writes whose heads are among them (an
+    /// acknowledgement of the write itself, the common case), a round trip through this
+    /// node's store earlier than [`Replicas::peer_committed`], which judges the rest.
+    pub fn peer_holds(&self, peer: &NodeId, ns: &Namespace, id: &DocId, theirs: &[ChangeHash]) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let key = (ns.clone(), id.clone());
+        if let Some(waiters) = inner.waiting.get_mut(&key) {
+            for w in waiters.iter_mut() {
+                if !w.confirmed.contains(peer) && w.heads.iter().all(|h| theirs.contains(h)) {
+                    w.confirmed.insert(peer.clone());
+                    w.tx.send_replace(w.confirmed.len());
                 }
             }
         }
+        inner.remember(key, peer, theirs);
     }
 
     /// Waits until `want` peers hold `heads` of `ns/id` (a version committed here), or

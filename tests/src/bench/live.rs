@@ -122,6 +122,8 @@ pub async fn latency(writes: usize) -> Result<Value> {
     let raw = raw_path::measure(300).await?;
     let p50 = percentile(&mut via_hub, 50.0);
     let limit_us = raw["limit_us"].as_f64().unwrap_or(0.0);
+    let replicas1_limit = raw["direct_limit_us"].as_f64().unwrap_or(0.0)
+        + raw["steps_us"]["one_way"].as_f64().unwrap_or(0.0);
     let out = json!({
         "writes": writes,
         "p50_us": micros(p50),
@@ -134,6 +136,13 @@ pub async fn latency(writes: usize) -> Result<Value> {
         "limit_steps_us": raw["steps_us"],
         "replicas1_p50_us": micros(percentile(&mut replicas1, 50.0)),
         "replicas1_p99_us": micros(percentile(&mut replicas1, 99.0)),
+        // The same path raw: the edge's commit, a hop, the hub's commit, a hop back.
+        "replicas1_limit_us": replicas1_limit,
+        "replicas1_ratio": if replicas1_limit > 0.0 {
+            round2(micros(percentile(&mut replicas1, 50.0)) / replicas1_limit)
+        } else {
+            0.0
+        },
     });
     Ok(out)
 }

@@ -136,6 +136,7 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                     ("limit µs", "direct_limit_us"),
                     ("replicas=1 p50 µs", "replicas1_p50_us"),
                     ("p99 µs", "replicas1_p99_us"),
+                    ("limit µs", "replicas1_limit_us"),
                 ],
             );
             out

@@ -82,6 +82,17 @@ pub enum Event {
         /// What was refused.
         reason: String,
     },
+    /// The peer's message named heads of a version it has committed (not a
+    /// [`crate::sync::Message::SyncAhead`]): it durably holds them. What writes waiting
+    /// for replicas count.
+    PeerHolds {
+        /// Namespace.
+        ns: Namespace,
+        /// Document id.
+        id: DocId,
+        /// The peer's heads.
+        heads: Vec<automerge::ChangeHash>,
+    },
     /// The peer reported a refusal of ours.
     PeerError {
         /// Its code.

@@ -677,6 +677,15 @@ impl Session {
                 )));
             }
         }
+        if !provisional {
+            // The peer generated this from a committed version: it durably holds these
+            // heads now, before this node has applied anything.
+            self.outputs.push_back(Output::Event(Event::PeerHolds {
+                ns: n.clone(),
+                id: d.clone(),
+                heads: message.heads.clone(),
+            }));
+        }
         let key = (n, d);
         let cost = Cost {
             bytes: data.len(),
