@@ -712,10 +712,18 @@ impl Node {
                     Ok(conn) => {
                         let mut next = Some(conn);
                         while let Some(conn) = next.take() {
-                            let (carried, fresh) = tokio::join!(
-                                self.run_connection(conn.clone(), true),
-                                self.watch_silence(&conn, addr)
-                            );
+                            // The watch ends with the connection's session: a handle it
+                            // kept would keep the connection open.
+                            let (carried, fresh) = {
+                                let run = self.run_connection(conn.clone(), true);
+                                let watch = self.watch_silence(&conn, addr);
+                                tokio::pin!(run, watch);
+                                tokio::select! {
+                                    carried = &mut run => (carried, None),
+                                    fresh = &mut watch => (run.await, fresh),
+                                }
+                            };
+                            drop(conn);
                             // Only a connection that carried a session resets the backoff:
                             // a peer that refuses us after the handshake is not hammered.
                             if carried {
