@@ -45,28 +45,37 @@ pub fn parse_or_never(text: &str) -> Result<OrNever, String> {
     Ok(OrNever(Some(d)))
 }
 
-/// Serde helper: an optional [`OrNever`], written like the flag.
-pub mod serde_or_never {
+/// Serde helpers: optional durations in the config file, written like the flags (a
+/// string such as `"1.5s"`) or as a number of seconds.
+mod serde_text {
     use serde::{Deserialize, Deserializer};
 
-    use super::OrNever;
-
-    /// Reads `"30d"`, `"never"` or a number of seconds.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OrNever>, D::Error> {
+    /// The value as text, whichever way it was written; `None` if absent.
+    pub fn read<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Raw {
             Text(String),
             Seconds(f64),
         }
-        let text = match Option::<Raw>::deserialize(d)? {
-            None => return Ok(None),
-            Some(Raw::Text(t)) => t,
-            Some(Raw::Seconds(s)) => s.to_string(),
-        };
-        super::parse_or_never(&text)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
+        Ok(Option::<Raw>::deserialize(d)?.map(|raw| match raw {
+            Raw::Text(t) => t,
+            Raw::Seconds(s) => s.to_string(),
+        }))
+    }
+}
+
+/// Serde helper: an optional [`OrNever`], written like the flag.
+pub mod serde_or_never {
+    use serde::Deserializer;
+
+    use super::OrNever;
+
+    /// Reads `"30d"`, `"never"` or a number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OrNever>, D::Error> {
+        super::serde_text::read(d)?
+            .map(|text| super::parse_or_never(&text).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -74,24 +83,13 @@ pub mod serde_or_never {
 pub mod serde_opt {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::Deserializer;
 
     /// Reads `"1.5s"` or `1.5` into `Some(Duration)`.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Seconds(f64),
-        }
-        let text = match Option::<Raw>::deserialize(d)? {
-            None => return Ok(None),
-            Some(Raw::Text(t)) => t,
-            Some(Raw::Seconds(s)) => s.to_string(),
-        };
-        super::parse_duration(&text)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
+        super::serde_text::read(d)?
+            .map(|text| super::parse_duration(&text).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 

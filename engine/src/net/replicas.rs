@@ -42,6 +42,16 @@ struct Inner {
 }
 
 impl Inner {
+    /// Counts `peer` for each waiter of `key` whose heads it holds (`holds` judges them).
+    fn confirm(&mut self, key: &DocKey, peer: &NodeId, holds: impl Fn(&[ChangeHash]) -> bool) {
+        for w in self.waiting.get_mut(key).into_iter().flatten() {
+            if !w.confirmed.contains(peer) && holds(&w.heads) {
+                w.confirmed.insert(peer.clone());
+                w.tx.send_replace(w.confirmed.len());
+            }
+        }
+    }
+
     /// Keeps a peer's latest heads of a document for waiters that come later.
     fn remember(&mut self, key: DocKey, peer: &NodeId, theirs: &[ChangeHash]) {
         let fresh = !self.recent.contains_key(&key);
@@ -105,14 +115,7 @@ impl Replicas {
             return;
         };
         let key = (ns.clone(), id.clone());
-        if let Some(waiters) = inner.waiting.get_mut(&key) {
-            for w in waiters.iter_mut() {
-                if !w.confirmed.contains(peer) && includes(doc, theirs, &w.heads) {
-                    w.confirmed.insert(peer.clone());
-                    w.tx.send_replace(w.confirmed.len());
-                }
-            }
-        }
+        inner.confirm(&key, peer, |mine| includes(doc, theirs, mine));
         inner.remember(key, peer, theirs);
     }
 
@@ -125,14 +128,7 @@ impl Replicas {
             return;
         };
         let key = (ns.clone(), id.clone());
-        if let Some(waiters) = inner.waiting.get_mut(&key) {
-            for w in waiters.iter_mut() {
-                if !w.confirmed.contains(peer) && w.heads.iter().all(|h| theirs.contains(h)) {
-                    w.confirmed.insert(peer.clone());
-                    w.tx.send_replace(w.confirmed.len());
-                }
-            }
-        }
+        inner.confirm(&key, peer, |mine| mine.iter().all(|h| theirs.contains(h)));
         inner.remember(key, peer, theirs);
     }
 
