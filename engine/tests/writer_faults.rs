@@ -44,6 +44,58 @@ async fn a_batch_that_panics_fails_alone_and_the_store_writes_on() {
     assert!(store.get(&ns, &b).unwrap().is_some());
 }
 
+/// A panic applying one document's write (a defect reached by what one peer sent, say)
+/// fails that document's requests only: writes to other documents in the same batch
+/// commit. Before, the whole batch failed, so one peer resending a bad message kept
+/// failing everybody's writes.
+#[tokio::test]
+async fn a_panic_applying_one_document_fails_only_its_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb"), StoreConfig::default()).unwrap();
+    let (ns, a) = names("a");
+    store.put(&ns, &a, json!({"v": 1}), None).await.unwrap();
+    let ids: Vec<DocId> = (0..8)
+        .map(|i| DocId::new(format!("b{i}")).unwrap())
+        .collect();
+    for _ in 0..20 {
+        store.panic_when_writing(&ns, &a);
+        // Queued together, so they share batches with the write that panics.
+        let writes = std::iter::once(a.clone())
+            .chain(ids.iter().cloned())
+            .map(|id| {
+                let store = store.clone();
+                let ns = ns.clone();
+                async move {
+                    let r = store.patch(&ns, &id, json!({"v": 2}), None).await;
+                    (id, r)
+                }
+            });
+        let results = futures_util::future::join_all(writes).await;
+        for (id, r) in results {
+            if id == a {
+                match r {
+                    Err(StoreError::WriteFailed(reason)) => {
+                        assert!(reason.contains("injected fault"), "{reason}")
+                    }
+                    other => panic!("the write that panicked must fail: {other:?}"),
+                }
+            } else {
+                r.unwrap_or_else(|e| panic!("{id} shared a batch with the panic: {e}"));
+            }
+        }
+        assert_eq!(store.get(&ns, &a).unwrap().unwrap().content["v"], 1);
+    }
+    assert_eq!(store.writer_panics(), 20);
+    store.patch(&ns, &a, json!({"v": 3}), None).await.unwrap();
+    let path = store.path().to_owned();
+    drop(store);
+    let store = Store::open(&path, StoreConfig::default()).unwrap();
+    assert_eq!(store.get(&ns, &a).unwrap().unwrap().content["v"], 3);
+    for id in &ids {
+        assert_eq!(store.get(&ns, id).unwrap().unwrap().content["v"], 2);
+    }
+}
+
 #[tokio::test]
 async fn a_damaged_document_fails_its_own_requests_only() {
     let dir = tempfile::tempdir().unwrap();

@@ -103,6 +103,15 @@ fn a_write_with_replicas_1_is_at_the_hub_when_the_200_arrives_and_202_when_cut_o
         Some(json!({ "never": true })),
     );
     assert_eq!(code, 400, "{body}");
+    let (code, _, body) = call(
+        "PUT",
+        &edge.url("/v1/docs/app/other?replicas=65"),
+        Some(json!({ "never": true })),
+    );
+    assert_eq!(code, 400, "{body}");
+    // Neither was stored: a refused request is not half done.
+    assert!(call("GET", &edge.url("/v1/docs/app/cfg"), None).2["never"].is_null());
+    assert_eq!(call("GET", &edge.url("/v1/docs/app/other"), None).0, 404);
     let metrics = ureq::get(&edge.url("/metrics"))
         .call()
         .unwrap()

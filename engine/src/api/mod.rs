@@ -233,12 +233,13 @@ async fn put_doc(
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
     check_writable(&state, &ns)?;
+    let wait = q.checked(&state, &ns)?;
     let content = json_body(bytes)?;
     let w = state
         .store
         .put(&ns, &id, content, if_match(&headers)?)
         .await?;
-    answer_write(&state, &ns, &id, w, &q).await
+    answer_write(&state, &ns, &id, w, wait).await
 }
 
 async fn patch_doc(
@@ -250,12 +251,13 @@ async fn patch_doc(
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
     check_writable(&state, &ns)?;
+    let wait = q.checked(&state, &ns)?;
     let patch = json_body(bytes)?;
     let w = state
         .store
         .patch(&ns, &id, patch, if_match(&headers)?)
         .await?;
-    answer_write(&state, &ns, &id, w, &q).await
+    answer_write(&state, &ns, &id, w, wait).await
 }
 
 async fn delete_doc(
@@ -266,8 +268,9 @@ async fn delete_doc(
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
     check_writable(&state, &ns)?;
+    let wait = q.checked(&state, &ns)?;
     let w = state.store.delete(&ns, &id, if_match(&headers)?).await?;
-    answer_write(&state, &ns, &id, w, &q).await
+    answer_write(&state, &ns, &id, w, wait).await
 }
 
 async fn conflicts(
@@ -318,9 +321,10 @@ async fn post_automerge(
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
     check_writable(&state, &ns)?;
+    let wait = q.checked(&state, &ns)?;
     let bytes = body(bytes)?;
     let w = state.store.import(&ns, &id, bytes.to_vec()).await?;
-    answer_write(&state, &ns, &id, w, &q).await
+    answer_write(&state, &ns, &id, w, wait).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,8 +19,7 @@ pub const DEFAULT_WAIT_MS: u64 = 5_000;
 /// Longest wait a request may ask for: each waiting request holds one of the API's
 /// connections.
 pub const MAX_WAIT_MS: u64 = 120_000;
-/// Most replicas a write may wait for.
-pub const MAX_REPLICAS: usize = 64;
+pub use crate::net::replicas::MAX_REPLICAS;
 
 /// `?replicas=K&timeout_ms=T` on writes.
 #[derive(Debug, Default, Deserialize)]
@@ -51,6 +50,30 @@ fn wait_time(timeout_ms: Option<u64>) -> Result<Duration, ApiError> {
     Ok(Duration::from_millis(ms))
 }
 
+/// What a write waits for once committed, checked before the write is made so a bad
+/// query stores nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaWait {
+    want: usize,
+    timeout: Duration,
+}
+
+impl WriteQuery {
+    /// The wait this query asks for in `ns` (the namespace's default when it names no
+    /// count), or a 400 that names the bad parameter.
+    pub fn checked(&self, state: &ApiState, ns: &Namespace) -> Result<ReplicaWait, ApiError> {
+        let want = self.replicas.unwrap_or_else(|| state.default_replicas(ns));
+        if want > MAX_REPLICAS {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("replicas is at most {MAX_REPLICAS}"),
+            ));
+        }
+        let timeout = wait_time(self.timeout_ms)?;
+        Ok(ReplicaWait { want, timeout })
+    }
+}
+
 /// The answer to a committed write: at once without `replicas`; else once `replicas`
 /// peers hold it (200), or after `timeout_ms` with the count reached (202: durable here,
 /// still replicating). Both carry `"replicas": n`.
@@ -59,19 +82,12 @@ pub async fn answer_write(
     ns: &Namespace,
     id: &DocId,
     w: WriteOutcome,
-    q: &WriteQuery,
+    wait: ReplicaWait,
 ) -> Result<Response, ApiError> {
-    let want = q.replicas.unwrap_or_else(|| state.default_replicas(ns));
+    let ReplicaWait { want, timeout } = wait;
     if want == 0 {
         return Ok(super::written(w, None));
     }
-    if want > MAX_REPLICAS {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("replicas is at most {MAX_REPLICAS}"),
-        ));
-    }
-    let timeout = wait_time(q.timeout_ms)?;
     let confirmed = match (&state.node, state.store.doc(ns, id)?) {
         (Some(node), Some(doc)) => {
             node.replicas()

@@ -918,16 +918,18 @@ impl Node {
             let penalty = self.inner.penalties.strike(&peer, Instant::now());
             tracing::info!(peer = %peer, penalty_ms = penalty.as_millis() as u64, "peer refused for a while after its protocol error");
         }
+        // Seen until now: the unseen time counts from the end of the last connection.
+        // Recorded while the peer still shows as connected, so a sweep in between never
+        // judges it by when this connection began.
+        if let Err(e) = store.peer_seen(&peer).await {
+            tracing::debug!(peer = %peer, error = %e, "recording when the peer was seen failed");
+        }
         if let Ok(mut peers) = self.inner.peers.lock() {
             if let Some(e) = peers.get_mut(&peer) {
                 if e.conn_id == conn_id {
                     e.conn = None;
                 }
             }
-        }
-        // Seen until now: the unseen time counts from the end of the last connection.
-        if let Err(e) = store.peer_seen(&peer).await {
-            tracing::debug!(peer = %peer, error = %e, "recording when the peer was seen failed");
         }
         counters.messages_received.load(Ordering::Relaxed) > received_before
     }

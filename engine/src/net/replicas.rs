@@ -14,14 +14,22 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash};
 use tokio::sync::watch;
 
+use crate::model::automerge_bytes::holds_all;
 use crate::model::{DocId, Namespace, NodeId};
 use crate::store::CommitTimes;
 
 /// Documents whose latest acknowledgements per peer are kept for late waiters.
 const RECENT_DOCS: usize = 4096;
+/// Most replicas a write may wait for.
+pub const MAX_REPLICAS: usize = 64;
+/// Peers remembered per recent document (the latest ones): no write waits for more.
+const RECENT_PEERS: usize = MAX_REPLICAS;
+/// Longest heads remembered: a peer that names more (a document with many concurrent
+/// branches) is judged only by waiters that are already there.
+const RECENT_HEADS: usize = 16;
 
 type DocKey = (Namespace, DocId);
 
@@ -54,16 +62,43 @@ impl Inner {
 
     /// Keeps a peer's latest heads of a document for waiters that come later.
     fn remember(&mut self, key: DocKey, peer: &NodeId, theirs: &[ChangeHash]) {
+        if theirs.len() > RECENT_HEADS {
+            return;
+        }
         let fresh = !self.recent.contains_key(&key);
         let acks = self.recent.entry(key.clone()).or_default();
         acks.retain(|(p, _)| p != peer);
         acks.push((peer.clone(), theirs.to_vec()));
+        if acks.len() > RECENT_PEERS {
+            acks.remove(0);
+        }
         if fresh {
             self.order.push_back(key);
             while self.order.len() > RECENT_DOCS {
                 if let Some(old) = self.order.pop_front() {
                     self.recent.remove(&old);
                 }
+            }
+        }
+    }
+}
+
+/// Removes a waiter when its request ends, however it ends.
+struct Leave<'a> {
+    inner: &'a Mutex<Inner>,
+    key: DocKey,
+    id: u64,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        if let Some(waiters) = inner.waiting.get_mut(&self.key) {
+            waiters.retain(|w| w.id != self.id);
+            if waiters.is_empty() {
+                inner.waiting.remove(&self.key);
             }
         }
     }
@@ -92,7 +127,7 @@ pub fn includes(doc: &Automerge, theirs: &[ChangeHash], mine: &[ChangeHash]) -> 
         return true;
     }
     // Graph lookups only: hashes the document lacks.
-    if !doc.get_missing_deps(theirs).is_empty() || !doc.get_missing_deps(mine).is_empty() {
+    if !holds_all(doc, theirs) || !holds_all(doc, mine) {
         return false;
     }
     // The changes their heads do not reach: none of ours may be among them.
@@ -170,18 +205,16 @@ impl Replicas {
             });
             (waiter_id, rx)
         };
+        // Leaves with the request, also when its client goes away mid-wait.
+        let _leave = Leave {
+            inner: &self.inner,
+            key,
+            id: waiter_id,
+        };
         let reached = tokio::time::timeout(timeout, rx.wait_for(|n| *n >= want))
             .await
             .is_ok_and(|r| r.is_ok());
         let confirmed = *rx.borrow();
-        if let Ok(mut inner) = self.inner.lock() {
-            if let Some(waiters) = inner.waiting.get_mut(&key) {
-                waiters.retain(|w| w.id != waiter_id);
-                if waiters.is_empty() {
-                    inner.waiting.remove(&key);
-                }
-            }
-        }
         if reached {
             self.times.observe(started.elapsed());
         } else {

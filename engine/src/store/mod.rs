@@ -174,7 +174,7 @@ struct Inner {
     /// Changes only by [`Store::renew_feed_epoch`].
     feed_epoch: std::sync::RwLock<u128>,
     writer: Option<JoinHandle<()>>,
-    after_notice: Arc<std::sync::Mutex<Option<writer::AfterNotice>>>,
+    hooks: Arc<writer::FaultHooks>,
     quarantine: Arc<quarantine::Quarantine>,
     writer_panics: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -222,7 +222,7 @@ impl Store {
         let (requests, rx) = mpsc::unbounded_channel();
         let (early, _) = broadcast::channel(EARLY_CAPACITY);
         let commit_times = Arc::new(CommitTimes::new());
-        let after_notice = Arc::new(std::sync::Mutex::new(None));
+        let hooks = Arc::new(writer::FaultHooks::default());
         let quarantine = Arc::new(quarantine::Quarantine::default());
         let writer_panics = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
@@ -230,7 +230,7 @@ impl Store {
             panics: writer_panics.clone(),
             unflushed: 0,
             last_durable: std::time::Instant::now(),
-            after_notice: after_notice.clone(),
+            hooks: hooks.clone(),
             killed: false,
             commit_times: commit_times.clone(),
             db: db.clone(),
@@ -258,7 +258,7 @@ impl Store {
                 early,
                 feed_epoch: std::sync::RwLock::new(feed_epoch),
                 writer: Some(handle),
-                after_notice,
+                hooks,
                 quarantine,
                 writer_panics,
             }),
@@ -519,7 +519,8 @@ impl Store {
                 known.insert(k.value().to_owned(), Some(v.value()));
             }
         }
-        let mut forgotten = Vec::new();
+        // Submitted together, so they share commits: one fsync for many peers.
+        let mut ops = Vec::new();
         for (name, seen) in known {
             let Ok(peer) = NodeId::new(&name) else {
                 continue;
@@ -528,20 +529,26 @@ impl Store {
                 continue;
             }
             match seen {
-                None => {
-                    let op = WriteOp::PeerSeen { peer, unix_s: now };
-                    self.submit(None, op, None).await?;
-                }
+                None => ops.push((None, WriteOp::PeerSeen { peer, unix_s: now })),
                 Some(s) if s < unseen_before => {
                     let op = WriteOp::ForgetPeer {
                         peer: peer.clone(),
                         unseen_before,
                     };
-                    if self.submit(None, op, None).await?.outcome.changed {
-                        forgotten.push(peer);
-                    }
+                    ops.push((Some(peer), op));
                 }
                 Some(_) => {}
+            }
+        }
+        let answers = futures_util::future::join_all(
+            ops.into_iter()
+                .map(|(peer, op)| async move { (peer, self.submit(None, op, None).await) }),
+        )
+        .await;
+        let mut forgotten = Vec::new();
+        for (peer, answer) in answers {
+            if answer?.outcome.changed {
+                forgotten.extend(peer);
             }
         }
         Ok(forgotten)
@@ -618,7 +625,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         Ok(self
             .with_doc(ns, id, |_, doc| {
-                automerge::ReadDoc::get_missing_deps(doc, heads).is_empty()
+                model::automerge_bytes::holds_all(doc, heads)
             })?
             .unwrap_or(false))
     }
@@ -829,8 +836,17 @@ impl Store {
     /// returns true the writer stops there, as if killed (later writes fail `Closed`).
     #[doc(hidden)]
     pub fn at_next_early_notice(&self, hook: impl FnOnce() -> bool + Send + 'static) {
-        if let Ok(mut h) = self.inner.after_notice.lock() {
+        if let Ok(mut h) = self.inner.hooks.after_notice.lock() {
             *h = Some(Box::new(hook));
+        }
+    }
+
+    /// Fault injection for tests: the writer panics while applying the next write of
+    /// `ns/id`, as a defect in the apply code would.
+    #[doc(hidden)]
+    pub fn panic_when_writing(&self, ns: &Namespace, id: &DocId) {
+        if let Ok(mut p) = self.inner.hooks.panic_on.lock() {
+            *p = Some((ns.clone(), id.clone()));
         }
     }
 

@@ -140,9 +140,8 @@ pub(crate) struct Writer {
     pub early_tx: broadcast::Sender<Arc<[EarlyDoc]>>,
     /// Durations of durable commits, for metrics.
     pub commit_times: Arc<CommitTimes>,
-    /// Run once right after the next early notice, before its batch is written (see
-    /// [`super::Store::at_next_early_notice`]).
-    pub after_notice: Arc<std::sync::Mutex<Option<AfterNotice>>>,
+    /// Faults tests inject.
+    pub hooks: Arc<FaultHooks>,
     /// Set when a hook chose to die: the writer stops where it is, like a killed process.
     pub killed: bool,
     /// Documents whose stored bytes do not load.
@@ -153,6 +152,16 @@ pub(crate) struct Writer {
     pub unflushed: u32,
     /// When the last durable commit was made.
     pub last_durable: std::time::Instant,
+}
+
+/// Faults tests inject into the writer.
+#[derive(Default)]
+pub struct FaultHooks {
+    /// Runs once right after the next early notice, before its batch is written (see
+    /// [`super::Store::at_next_early_notice`]).
+    pub after_notice: std::sync::Mutex<Option<AfterNotice>>,
+    /// The next write of this document panics (see [`super::Store::panic_when_writing`]).
+    pub panic_on: std::sync::Mutex<Option<(Namespace, DocId)>>,
 }
 
 /// A fault-injection hook: what runs in the window between an early notice and its commit.
@@ -172,10 +181,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // A panic is a defect, but it must not end the store: without this every later
-            // write would fail `Closed` until a restart. The batch's transaction is dropped
-            // uncommitted, so nothing of it is stored; its requests are answered with an
-            // error and the writer starts again from what is committed.
+            // Panics in the batch's work are caught closer in (see `commit_batch`); one
+            // here, after the commit, would otherwise end the store: every later write
+            // would fail `Closed` until a restart.
             let outcome = catch_unwind(AssertUnwindSafe(|| self.commit_batch(&mut batch)));
             if let Err(panic) = outcome {
                 self.recover_from_panic(&mut batch, panic.as_ref());
@@ -213,7 +221,18 @@ impl Writer {
         let (next_seq, next_doc_key) = (self.next_seq, self.next_doc_key);
         let mut working: Vec<Working> = Vec::new();
         let mut pending: Vec<Result<Pending, StoreError>> = Vec::with_capacity(batch.len());
-        let result = self.apply_and_commit(&db, batch, &mut working, &mut pending);
+        // A panic is a defect, but it must not end the store. Inside the transaction it is
+        // dropped uncommitted, so nothing of the batch is stored: it fails like a batch
+        // whose commit failed, and the writer goes on from what is committed.
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            self.apply_and_commit(&db, batch, &mut working, &mut pending)
+        }))
+        .unwrap_or_else(|panic| {
+            self.cache.clear();
+            Err(StoreError::WriteFailed(
+                self.panicked(panic.as_ref(), batch.len()),
+            ))
+        });
         let replies = batch.drain(..).map(|r| r.reply);
         match result {
             Ok(seqs) => {
@@ -287,14 +306,9 @@ impl Writer {
         }
     }
 
-    /// After a batch panicked: answer what it still held, and start again from the
-    /// committed state under a new actor (changes of the batch may have gone out in an
-    /// early notice, and an (actor, seq) must never name two different changes).
-    fn recover_from_panic(
-        &mut self,
-        batch: &mut Vec<WriteRequest>,
-        panic: &(dyn std::any::Any + Send),
-    ) {
+    /// Counts and logs a caught panic that cost `requests` writes; returns the reason
+    /// they are answered.
+    fn panicked(&self, panic: &(dyn std::any::Any + Send), requests: usize) -> String {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| (*s).to_owned())
@@ -303,18 +317,41 @@ impl Writer {
         self.panics.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             panic = %what,
-            requests = batch.len(),
-            "the store writer panicked in a batch; nothing of it was stored, and the writer \
-             goes on from the committed state (this is a defect: please report it)"
+            requests,
+            "the store writer panicked; those writes were not stored, and the writer goes \
+             on from the committed state (this is a defect: please report it)"
         );
+        format!("internal error while writing ({what}); the write is not acknowledged")
+    }
+
+    /// The fault a test asked for with [`super::Store::panic_when_writing`].
+    fn panic_if_asked(&self, key: &(Namespace, DocId)) {
+        let asked = self
+            .hooks
+            .panic_on
+            .lock()
+            .ok()
+            .and_then(|mut p| p.take_if(|k| k == key));
+        if asked.is_some() {
+            panic!("injected fault while writing {}/{}", key.0, key.1);
+        }
+    }
+
+    /// After a panic past the commit (a defect in answering): the requests not yet answered
+    /// are told so, and the writer starts again from the committed state under a new actor
+    /// (an (actor, seq) must never name two different changes).
+    fn recover_from_panic(
+        &mut self,
+        batch: &mut Vec<WriteRequest>,
+        panic: &(dyn std::any::Any + Send),
+    ) {
+        let failed = self.panicked(panic, batch.len());
         self.actor = ActorId::random();
         if let Err(e) = self.reinit() {
             tracing::error!(error = %e, "reading the committed state after the panic failed");
         }
         for req in batch.drain(..) {
-            let _ = req.reply.send(Err(StoreError::WriteFailed(format!(
-                "internal error while writing ({what}); the write is not acknowledged"
-            ))));
+            let _ = req.reply.send(Err(StoreError::WriteFailed(failed.clone())));
         }
     }
 
@@ -397,7 +434,7 @@ impl Writer {
                     None => match self.load_working(&docs, &chunks, &key.0, &key.1) {
                         Ok(w) => {
                             working.push(w);
-                            index.insert(key, working.len() - 1);
+                            index.insert(key.clone(), working.len() - 1);
                             working.len() - 1
                         }
                         // A damaged document fails its own requests, not the batch.
@@ -408,13 +445,35 @@ impl Writer {
                         Err(e) => return Err(e),
                     },
                 };
-                let w = &mut working[slot];
-                let result = match op {
-                    WriteOp::ApplySync { peer, apply } => self.apply_sync(&txn, w, peer, *apply),
-                    op => apply_op(w, op, req.if_match.take(), &self.cfg).map(|heads| Pending {
-                        heads,
-                        ..Pending::bookkeeping()
-                    }),
+                let if_match = req.if_match.take();
+                // A panic here is a defect in the apply code, often reached by what one
+                // peer sent: it costs this document's requests in the batch, not the
+                // batch. The document goes back to its stored version.
+                let applied = catch_unwind(AssertUnwindSafe(|| {
+                    self.panic_if_asked(&key);
+                    let w = &mut working[slot];
+                    match op {
+                        WriteOp::ApplySync { peer, apply } => {
+                            self.apply_sync(&txn, w, peer, *apply)
+                        }
+                        op => apply_op(w, op, if_match, &self.cfg).map(|heads| Pending {
+                            heads,
+                            ..Pending::bookkeeping()
+                        }),
+                    }
+                }));
+                let result = match applied {
+                    Ok(result) => result,
+                    Err(panic) => {
+                        let failed = self.panicked(panic.as_ref(), 1);
+                        working[slot] = self.load_working(&docs, &chunks, &key.0, &key.1)?;
+                        for p in pending.iter_mut() {
+                            if matches!(p, Ok(p) if p.slot == Some(slot)) {
+                                *p = Err(StoreError::WriteFailed(failed.clone()));
+                            }
+                        }
+                        Err(StoreError::WriteFailed(failed))
+                    }
                 };
                 pending.push(result.map(|p| Pending {
                     slot: Some(slot),
@@ -447,7 +506,12 @@ impl Writer {
                     })
                     .collect();
                 let _ = self.early_tx.send(early.into());
-                let hook = self.after_notice.lock().ok().and_then(|mut h| h.take());
+                let hook = self
+                    .hooks
+                    .after_notice
+                    .lock()
+                    .ok()
+                    .and_then(|mut h| h.take());
                 if hook.is_some_and(|hook| hook()) {
                     self.killed = true;
                     return Err(StoreError::Closed);

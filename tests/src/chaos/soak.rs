@@ -17,7 +17,7 @@ use crate::Rng;
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct SoakConfig {
-    /// How long faults are injected.
+    /// How long faults are injected; the run goes on until every kind was injected once.
     pub duration: Duration,
     /// Hubs (peered in a line through proxies), at least 1.
     pub hubs: usize,
@@ -392,7 +392,8 @@ pub fn run(cfg: &SoakConfig, progress: impl Fn(&str)) -> Result<SoakReport> {
     let mut report = SoakReport::default();
     let started = Instant::now();
     let mut order: Vec<&'static str> = Vec::new();
-    while started.elapsed() < cfg.duration {
+    // At least one round: every kind is injected however short the run.
+    while started.elapsed() < cfg.duration || report.faults.len() < FAULTS.len() {
         if order.is_empty() {
             order = FAULTS.to_vec();
             // A seeded shuffle: every kind once per round.

@@ -250,6 +250,16 @@ pub fn check_new_depth(doc: &Automerge, before: &[ChangeHash]) -> Result<(), Mod
     Ok(())
 }
 
+/// Whether `doc` holds every change in `hashes` (applied, not waiting for dependencies):
+/// a lookup in its change graph per hash. `get_change_by_hash` would rebuild each change
+/// from the op set, which costs the whole document, and a peer can give a document
+/// thousands of heads; `get_missing_deps` also reports what queued changes lack.
+pub fn holds_all(doc: &Automerge, hashes: &[ChangeHash]) -> bool {
+    hashes
+        .iter()
+        .all(|h| doc.get_change_meta_by_hash(h).is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,7 +57,8 @@ use super::output::{Apply, Event, Output};
 use super::state::{heads_known, start_state};
 use super::validate::{self, peer_text};
 use crate::error::{ModelError, ProtocolError};
-use crate::model::{automerge_bytes, op_count};
+use crate::model::automerge_bytes::{self, holds_all};
+use crate::model::op_count;
 use crate::model::{
     Cursor, DocId, FeedEntry, FeedSeq, Identity, Namespace, NodeId, NsPattern, Role, SyncPeer,
 };
@@ -150,6 +151,8 @@ struct DocSync {
     /// it): the entry stays until then, so the walk judges it from memory instead of from
     /// the older stored state, which would send the peer its own change back.
     unstored: bool,
+    /// The peer is owed [`Message::SetAside`] for this document: it fell due without room.
+    tell_set_aside: bool,
 }
 
 /// What one peer message counts against the inbound budget until it is committed.
@@ -217,16 +220,6 @@ impl DocSync {
 }
 
 type DocKey = (Namespace, DocId);
-
-/// Whether `doc` holds every change in `hashes` (applied, not waiting for dependencies):
-/// a lookup in its change graph per hash. `get_change_by_hash` would rebuild each change
-/// from the op set, which costs the whole document, and a peer can give a document
-/// thousands of heads; `get_missing_deps` also reports what queued changes lack.
-fn holds_all(doc: &Automerge, hashes: &[ChangeHash]) -> bool {
-    hashes
-        .iter()
-        .all(|h| doc.get_change_meta_by_hash(h).is_some())
-}
 
 /// Owed messages generated per call of [`Session::set_can_send`] with room.
 const OWED_PER_ROOM: usize = 16;
@@ -464,9 +457,15 @@ impl Session {
             let Some(key) = self.owed.pop_front() else {
                 break;
             };
-            let Some(early) = self.docs.get_mut(&key).and_then(|e| e.owed.take()) else {
+            let Some(entry) = self.docs.get_mut(&key) else {
                 continue;
             };
+            let Some(early) = entry.owed.take() else {
+                continue;
+            };
+            if std::mem::take(&mut entry.tell_set_aside) {
+                self.send_set_aside(&key);
+            }
             self.generate(&key, early);
         }
         self.progress();
@@ -793,12 +792,25 @@ impl Session {
         entry.state = None;
         entry.uncommitted = false;
         entry.unstored = false;
+        if self.can_send {
+            self.send_set_aside(&key);
+        } else {
+            // Owed once, however many of the peer's messages it answers.
+            entry.tell_set_aside = true;
+            if entry.owed.is_none() {
+                entry.owed = Some(false);
+                self.owed.push_back(key.clone());
+            }
+        }
+        self.check_done(&key);
+        self.progress();
+    }
+
+    fn send_set_aside(&mut self, key: &DocKey) {
         self.outputs.push_back(Output::Send(Message::SetAside {
             ns: key.0.to_string(),
             id: key.1.to_string(),
         }));
-        self.check_done(&key);
-        self.progress();
     }
 
     /// The peer cannot take a document (its copy is set aside): its offer ends here
@@ -819,6 +831,13 @@ impl Session {
             Offer::None | Offer::Early => {}
         }
         entry.unstored = false;
+        if entry.phase == Phase::Idle {
+            // What was sent is not in the peer's store: a later offer starts afresh from
+            // the stored version and state instead of a state that counts it as sent.
+            entry.doc = None;
+            entry.state = None;
+            entry.uncommitted = false;
+        }
         self.check_done(&key);
     }
 
@@ -1592,5 +1611,89 @@ mod tests {
         assert_eq!(saves(&mut hub), vec![100], "the newest, once");
         hub.handle_cursor_saved();
         assert!(outputs(&mut hub).is_empty());
+    }
+
+    fn set_aside(id: &str) -> Message {
+        Message::SetAside {
+            ns: "cfg".into(),
+            id: id.into(),
+        }
+    }
+
+    /// A peer that set aside a document sent early, then offered again by the feed walk,
+    /// gets the walk's version and can end that offer too: the session catches up.
+    #[test]
+    fn a_document_the_peer_set_aside_after_an_early_send_does_not_hold_the_walk() {
+        let mut hub = connected_hub(8, 0);
+        let a = acknowledged(1).doc;
+        let (ns, id) = names("a");
+        hub.handle_early(&EarlyDoc {
+            ns: ns.clone(),
+            id: id.clone(),
+            doc: a.clone(),
+            stored_bytes: 0,
+        });
+        assert!(matches!(
+            outputs(&mut hub).as_slice(),
+            [Output::LoadSyncState { .. }]
+        ));
+        hub.handle_sync_state(ns.clone(), id.clone(), None);
+        let out = outputs(&mut hub);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Send(Message::SyncAhead { .. }))),
+            "sent early: {out:?}"
+        );
+        hub.handle_message(set_aside("a")).expect("set aside");
+        outputs(&mut hub);
+        hub.handle_feed(vec![entry(1, "a", a.get_heads())], FeedSeq(1));
+        let mut out = outputs(&mut hub);
+        if out.iter().any(|o| matches!(o, Output::Load { .. })) {
+            hub.handle_loaded(
+                ns.clone(),
+                id.clone(),
+                Some(LoadedDoc {
+                    doc: a.clone(),
+                    state: None,
+                    stored_bytes: 10,
+                }),
+            );
+            out = outputs(&mut hub);
+        }
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Send(Message::Sync { .. }))),
+            "the walk's offer is sent: {out:?}"
+        );
+        hub.handle_message(set_aside("a")).expect("set aside");
+        outputs(&mut hub);
+        assert!(hub.is_caught_up(), "lag {}", hub.lag());
+    }
+
+    /// Set-aside answers to a peer that does not read are owed once per document, like
+    /// every other reply: a flood of messages for a damaged document queues nothing.
+    #[test]
+    fn set_aside_answers_without_room_are_owed_once_per_document() {
+        let mut hub = connected_hub(8, 0);
+        hub.set_can_send(false);
+        let (ns, id) = names("a");
+        for _ in 0..3 {
+            hub.handle_message(peer_sync("a")).expect("sync");
+            outputs(&mut hub);
+            hub.handle_set_aside(ns.clone(), id.clone());
+            let out = outputs(&mut hub);
+            assert!(
+                !out.iter().any(|o| matches!(o, Output::Send(_))),
+                "sent without room: {out:?}"
+            );
+        }
+        hub.set_can_send(true);
+        let out = outputs(&mut hub);
+        let told = out
+            .iter()
+            .filter(|o| matches!(o, Output::Send(Message::SetAside { .. })))
+            .count();
+        assert_eq!(told, 1, "told once: {out:?}");
+        assert!(hub.owed.is_empty());
     }
 }
