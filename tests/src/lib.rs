@@ -1,5 +1,6 @@
 //! Shared helpers for cross-process tests, simulation and benchmarks.
 
+pub mod audit_pair;
 pub mod bench;
 pub mod chaos;
 pub mod cluster;

@@ -5,6 +5,7 @@
 //! owns no state of its own: the store and the node are shared with the rest of the
 //! process.
 
+mod audit;
 mod backup;
 pub mod error;
 pub mod guard;
@@ -88,6 +89,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
         .route("/v1/backup", get(backup::backup))
+        .route("/v1/audit", axum::routing::post(audit::audit))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -109,7 +111,7 @@ fn names(ns: &str, id: &str) -> Result<(Namespace, DocId), ApiError> {
     Ok((Namespace::new(ns)?, DocId::new(id)?))
 }
 
-fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| ApiError::new(e.status(), e.body_text()))
 }
 

@@ -102,6 +102,26 @@ peer_counters! {
         "peer_lag_feed_positions",
         "Local feed positions the peer has not acknowledged"
     );
+    /// Consistency audits of the peer this node started and completed.
+    audits: Counter("peer_audits", "Consistency audits of the peer this node completed");
+    /// Documents audits found differing between this node and the peer.
+    audit_differing: Counter(
+        "peer_audit_differing",
+        "Documents consistency audits found differing between this node and the peer"
+    );
+    /// Documents audits found differing that are now the same on both sides.
+    audit_repaired: Counter(
+        "peer_audit_repaired",
+        "Documents consistency audits found differing and repaired"
+    );
+    /// Unix seconds of the last completed audit (0: never).
+    audit_last_unix_s: Gauge(
+        "peer_audit_last_timestamp_seconds",
+        "Unix time of the last consistency audit of the peer completed (0: never)"
+    );
+    /// Unix milliseconds of the last audit of this node the peer started and this node
+    /// answered: a peer may start one per `MIN_AUDIT_GAP`.
+    audit_answered_ms: StatusOnly;
     /// Automerge sync messages received and applied.
     syncs_applied: StatusOnly;
     /// Documents loaded from the store for this peer.

@@ -29,18 +29,21 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
+use super::audit::{AuditError, AuditRequest};
 use super::counters::PeerCounters;
 use super::exec::{Exec, ExecError, Outbox, WriteDone, Writes};
 use super::log_limit::LogLimit;
 use super::revocations::{Offered, Revocations};
 use crate::model::NodeId;
 use crate::store::Store;
-use crate::sync::{validate, EarlyDoc, Event, Message, ProtocolError, Session, PROTOCOL_VERSION};
+use crate::sync::{
+    validate, AuditReport, EarlyDoc, Event, Message, ProtocolError, Session, PROTOCOL_VERSION,
+};
 use crate::StoreError;
 
 /// Application error code on QUIC close: a protocol error was sent first.
@@ -243,6 +246,7 @@ pub async fn run(
     ctx: DriverContext,
     counters: Arc<PeerCounters>,
     mut revoked: watch::Receiver<u64>,
+    mut audits: mpsc::Receiver<AuditRequest>,
 ) -> Result<(), DriverError> {
     let peer_id = session.peer().node_id.clone();
     // `Node::run_connection` refused a peer whose serial cannot be read.
@@ -286,6 +290,9 @@ pub async fn run(
     lists.pass_on(&ctx.revocations, &mut session);
 
     let mut seen_synced = 0;
+    // The audit of the peer under way, if any: where its outcome goes.
+    let mut auditing: Option<oneshot::Sender<Result<AuditReport, AuditError>>> = None;
+    let mut audit_events = Vec::new();
     let result: Result<(), DriverError> = async {
         loop {
             let mut outbox = Frames {
@@ -293,6 +300,7 @@ pub async fn run(
                 counters: &counters,
                 peer: &peer_id,
                 log: &mut log,
+                audit_events: &mut audit_events,
             };
             exec.drain(
                 &mut session,
@@ -300,6 +308,22 @@ pub async fn run(
                 &mut Writes::Spawned(&mut writing),
             )
             .await?;
+            for event in audit_events.drain(..) {
+                let outcome = match event {
+                    Event::AuditDone(report) => {
+                        super::audit::count(&counters, &report);
+                        Ok(report)
+                    }
+                    Event::AuditFailed { reason } => Err(AuditError::Refused {
+                        peer: peer_id.to_string(),
+                        reason,
+                    }),
+                    _ => continue,
+                };
+                if let Some(reply) = auditing.take() {
+                    let _ = reply.send(outcome);
+                }
+            }
             let synced = session.stats().docs_synced;
             if synced > seen_synced {
                 counters
@@ -351,6 +375,17 @@ pub async fn run(
                         return Err(DriverError::Revoked);
                     }
                     lists.pass_on(&ctx.revocations, &mut session);
+                }
+                Some(request) = audits.recv() => {
+                    let busy = auditing.as_ref().is_some_and(|r| !r.is_closed());
+                    if busy {
+                        let _ = request.reply.send(Err(AuditError::Busy(peer_id.to_string())));
+                    } else if session.start_audit(request.namespaces).is_some() {
+                        auditing = Some(request.reply);
+                    } else {
+                        // The hello is not exchanged yet, or an abandoned audit still runs.
+                        let _ = request.reply.send(Err(AuditError::Busy(peer_id.to_string())));
+                    }
                 }
                 () = ctx.shutdown.cancelled() => return Ok(()),
             }
@@ -656,6 +691,8 @@ struct Frames<'a> {
     peer: &'a NodeId,
     /// The connection's budget of warning lines.
     log: &'a mut LogLimit,
+    /// Audit outcomes, for the driver to hand to whoever asked.
+    audit_events: &'a mut Vec<Event>,
 }
 
 impl Outbox for Frames<'_> {
@@ -700,6 +737,7 @@ impl Outbox for Frames<'_> {
             Event::CaughtUp => tracing::debug!(%peer, "peer caught up"),
             // Counted by the executor (`Exec::drain`) before it reaches here.
             Event::PeerHolds { .. } => {}
+            Event::AuditDone(_) | Event::AuditFailed { .. } => self.audit_events.push(event),
         }
     }
 }

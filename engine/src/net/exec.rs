@@ -138,6 +138,24 @@ impl Exec<'_> {
                     let write = save_cursor(self.store.clone(), peer.clone(), cursor);
                     self.run(session, writes, write).await?;
                 }
+                Output::LoadAuditItems {
+                    starter,
+                    namespaces,
+                } => {
+                    if !starter && !super::audit::may_answer(self.counters) {
+                        session.refuse_audit(&format!(
+                            "at most one audit per {} ms",
+                            super::audit::MIN_AUDIT_GAP.as_millis()
+                        ));
+                        continue;
+                    }
+                    // A scan of every document's record: off the connection's task.
+                    let store = self.store.clone();
+                    let items = tokio::task::spawn_blocking(move || store.audit_items(&namespaces))
+                        .await
+                        .map_err(|e| ExecError::Stream(format!("audit items: {e}")))??;
+                    session.handle_audit_items(starter, items);
+                }
                 Output::Event(Event::PeerHolds { ns, id, heads }) => {
                     if let Some(replicas) = self.replicas {
                         replicas.peer_holds(&peer.id, &ns, &id, &heads);

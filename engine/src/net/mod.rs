@@ -6,6 +6,7 @@
 //! knows both a session and the store: `store` never sees the protocol, and `sync` never
 //! sees the disk.
 
+pub mod audit;
 pub mod counters;
 pub mod crl;
 pub mod driver;

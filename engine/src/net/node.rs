@@ -12,11 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use serde_json::{json, Value};
 
+use super::audit::{self, AuditError, AuditOutcome, AuditRequest};
 use super::counters::{PeerCounters, PeerCounts};
 use super::crl::Crl;
 use super::driver::{self, DriverContext, DriverError, CLOSE_REPLACED, CLOSE_SHUTDOWN};
@@ -36,6 +38,9 @@ pub const DEFAULT_FORGET_PEERS_AFTER: Duration = Duration::from_secs(90 * 86_400
 
 /// How often a dialed connection is checked for silence (see `Node::watch_silence`).
 const SILENCE_CHECK: Duration = Duration::from_millis(250);
+
+/// How often a node audits the peers it dialed, unless configured.
+pub const DEFAULT_AUDIT_EVERY: Duration = Duration::from_secs(24 * 3600);
 
 /// Longest time between two looks for peers to forget.
 const FORGET_SWEEP: Duration = Duration::from_secs(3600);
@@ -70,6 +75,9 @@ pub struct NodeConfig {
     /// Forget peers unseen for this long (their cursors and sync states); `None` keeps
     /// them for ever.
     pub forget_peers_after: Option<Duration>,
+    /// Audit each peer this node dialed this often (see [`Node::audit`]); `None`: only
+    /// when asked.
+    pub audit_every: Option<Duration>,
 }
 
 impl NodeConfig {
@@ -88,6 +96,7 @@ impl NodeConfig {
             max_inbound_bytes: 32 << 20,
             timers: tls::Timers::default(),
             forget_peers_after: Some(DEFAULT_FORGET_PEERS_AFTER),
+            audit_every: Some(DEFAULT_AUDIT_EVERY),
         }
     }
 }
@@ -270,6 +279,8 @@ struct PeerEntry {
     counters: Arc<PeerCounters>,
     /// When the certificate the peer last connected with expires.
     cert_not_after: Option<SystemTime>,
+    /// Hands audits to the connection's driver.
+    audits: mpsc::Sender<AuditRequest>,
 }
 
 struct Inner {
@@ -420,6 +431,9 @@ impl Node {
         }
         if let Some(unseen_for) = node.inner.cfg.forget_peers_after {
             node.spawn(node.clone().forget_loop(unseen_for));
+        }
+        if let Some(every) = node.inner.cfg.audit_every {
+            node.spawn(node.clone().audit_loop(every));
         }
         if node.inner.cfg.failover {
             let n = node.clone();
@@ -578,6 +592,85 @@ impl Node {
             .peers_forgotten
             .fetch_add(forgotten.len() as u64, Ordering::Relaxed);
         forgotten
+    }
+
+    /// Compares what this node and `peer` hold in `namespaces` (empty: all they share) and
+    /// repairs every difference (see [`crate::sync::audit`]); answers once the repairs are
+    /// done, or after `timeout`.
+    pub async fn audit(
+        &self,
+        peer: &NodeId,
+        namespaces: Vec<NsPattern>,
+        timeout: Duration,
+    ) -> Result<AuditOutcome, AuditError> {
+        let started = Instant::now();
+        let sender = self
+            .inner
+            .peers
+            .lock()
+            .ok()
+            .and_then(|p| {
+                p.get(peer)
+                    .filter(|e| e.conn.is_some())
+                    .map(|e| e.audits.clone())
+            })
+            .ok_or_else(|| AuditError::NotConnected(peer.to_string()))?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .try_send(AuditRequest { namespaces, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => AuditError::Busy(peer.to_string()),
+                mpsc::error::TrySendError::Closed(_) => AuditError::Ended(peer.to_string()),
+            })?;
+        let report = match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(outcome)) => outcome?,
+            Ok(Err(_)) => return Err(AuditError::Ended(peer.to_string())),
+            Err(_) => {
+                return Err(AuditError::TimedOut {
+                    peer: peer.to_string(),
+                    after: timeout,
+                })
+            }
+        };
+        let outcome = audit::outcome(peer, &report, started.elapsed());
+        tracing::info!(
+            peer = %peer,
+            compared = outcome.compared,
+            differing = outcome.differing,
+            repaired = outcome.repaired,
+            ms = outcome.ms,
+            "audit done"
+        );
+        Ok(outcome)
+    }
+
+    /// Audits every connected peer this node dialed, every `every`: the dialing side
+    /// audits, so a link is audited once.
+    async fn audit_loop(self, every: Duration) {
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let me = self.inner.identity.node_id.clone();
+            let dialed: Vec<NodeId> = self
+                .inner
+                .peers
+                .lock()
+                .map(|p| {
+                    p.iter()
+                        .filter(|(_, e)| e.conn.is_some() && e.dialed_by == me)
+                        .map(|(id, _)| id.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for peer in dialed {
+                let timeout = every.min(audit::DEFAULT_AUDIT_TIMEOUT);
+                if let Err(e) = self.audit(&peer, Vec::new(), timeout).await {
+                    tracing::warn!(peer = %peer, error = %e, "periodic audit failed; trying again next time");
+                }
+            }
+        }
     }
 
     async fn forget_loop(self, unseen_for: Duration) {
@@ -846,6 +939,7 @@ impl Node {
         let (peer, role) = (identity.node_id.clone(), identity.role);
         let dialed_by = if dialer { me.clone() } else { peer.clone() };
         let conn_id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (audits_tx, audits_rx) = mpsc::channel(4);
         let counters = {
             let Ok(mut peers) = self.inner.peers.lock() else {
                 return false;
@@ -876,6 +970,7 @@ impl Node {
                     addr: conn.remote_address(),
                     counters: counters.clone(),
                     cert_not_after: tls::peer_cert_not_after(&conn),
+                    audits: audits_tx,
                 },
             );
             counters
@@ -908,6 +1003,7 @@ impl Node {
             ctx,
             counters.clone(),
             revoked,
+            audits_rx,
         )
         .await;
         if let Err(DriverError::FeedWentBack) = ended {

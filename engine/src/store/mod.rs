@@ -731,6 +731,39 @@ impl Store {
         }))
     }
 
+    /// Every document in a namespace matching `namespaces`, deleted ones included, with
+    /// its heads: what an audit compares. One read transaction, a scan of the documents'
+    /// records only (never their bytes).
+    pub fn audit_items(
+        &self,
+        namespaces: &[model::NsPattern],
+    ) -> Result<Vec<(Namespace, DocId, Vec<ChangeHash>)>, StoreError> {
+        use redb::ReadableTable;
+        let txn = self.inner.db.get()?.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let mut out = Vec::new();
+        let mut current: Option<(String, Option<Namespace>)> = None;
+        for entry in docs.iter()? {
+            let (k, v) = entry?;
+            let (ns_text, id) = k.value();
+            // Namespaces come in order: each is judged once.
+            if current.as_ref().is_none_or(|(text, _)| text != ns_text) {
+                let ns = Namespace::new(ns_text)
+                    .ok()
+                    .filter(|ns| namespaces.iter().any(|p| p.matches(ns)));
+                current = Some((ns_text.to_owned(), ns));
+            }
+            let Some((_, Some(ns))) = &current else {
+                continue;
+            };
+            let Ok(meta) = DocMeta::decode(v.value()) else {
+                continue;
+            };
+            out.push((ns.clone(), stored_id(id)?, meta.heads()));
+        }
+        Ok(out)
+    }
+
     /// Every document of a namespace, deleted ones included, in id order.
     pub fn list(&self, ns: &Namespace) -> Result<Vec<DocSummary>, StoreError> {
         let txn = self.inner.db.get()?.begin_read()?;

@@ -5,13 +5,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::audit::{Claim, ItemTag};
 use crate::model::{Cursor, NsPattern, Role};
 
 /// Version of this message set. A peer with another version is refused at hello (see
 /// [`Message::hello_version`]). 2 added [`Hello::feed_last`]; 3 added
 /// [`Message::Revocations`]; 4 added [`Message::SyncAhead`]; 5 added
-/// [`Message::SetAside`].
-pub const PROTOCOL_VERSION: u16 = 5;
+/// [`Message::SetAside`]; 6 added the audit messages ([`Message::AuditStart`],
+/// [`Message::AuditStep`], [`Message::AuditEnd`]).
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// ALPN protocol name negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"tidesync/1";
@@ -110,6 +112,40 @@ pub enum Message {
         ns: String,
         /// The document's id.
         id: String,
+    },
+    /// Starts a consistency audit of the documents both sides share in `namespaces` (see
+    /// [`crate::sync::audit`]): the sender's first claims.
+    AuditStart {
+        /// Chosen by the sender; names the audit in the messages that follow.
+        audit: u32,
+        /// Namespaces compared (within what the two sides share).
+        namespaces: Vec<NsPattern>,
+        /// The sender's claims.
+        claims: Vec<Claim>,
+    },
+    /// The answer to the other side's last audit message.
+    AuditStep {
+        /// The audit.
+        audit: u32,
+        /// Whether the sender started the audit.
+        from_starter: bool,
+        /// Claims to answer; none: the sender has nothing more to compare.
+        claims: Vec<Claim>,
+        /// Items of the receiver's last claims that the sender lacks: the receiver sends
+        /// those documents.
+        lacking: Vec<ItemTag>,
+    },
+    /// The answering side's last word on an audit: what it found and repaired, or why it
+    /// will not take part.
+    AuditEnd {
+        /// The audit.
+        audit: u32,
+        /// Differences the sender found.
+        found: u64,
+        /// Of the documents the sender had to send, those the receiver now holds.
+        repaired: u64,
+        /// Set when the sender refuses the audit (one is already running, or too soon).
+        refused: Option<String>,
     },
 }
 

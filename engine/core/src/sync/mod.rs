@@ -10,8 +10,10 @@
 //! - `session`: one peer's [`Session`];
 //! - `output`: what a session asks of its driver; `input`: what the driver hands back;
 //! - `state`: the Automerge sync state a document's exchange starts from;
-//! - `validate`: the bounds every peer input is checked against before it is used.
+//! - `validate`: the bounds every peer input is checked against before it is used;
+//! - `audit`: the consistency audit's range-based set reconciliation.
 
+pub mod audit;
 pub mod input;
 pub mod message;
 pub mod output;
@@ -24,5 +26,5 @@ pub use crate::model::{Cursor, Identity, Role, SyncPeer};
 pub use input::{Applied, EarlyDoc, LoadedDoc};
 pub use message::{ErrorCode, Hello, Message, ALPN, PROTOCOL_VERSION};
 pub use output::{Apply, Event, Output};
-pub use session::{Session, SessionConfig, SessionStats};
+pub use session::{AuditReport, Session, SessionConfig, SessionStats};
 pub use state::warm as warm_sync_state;

@@ -39,6 +39,14 @@ pub enum Output {
     Apply(Box<Apply>),
     /// Persist how far this node has durably received the peer's feed.
     SaveCursor(Cursor),
+    /// Answer with `Session::handle_audit_items`: every document this node holds in a
+    /// namespace matching `namespaces`, with its heads, for an audit.
+    LoadAuditItems {
+        /// Whether the audit is the one this node started (else the peer's).
+        starter: bool,
+        /// Namespaces compared.
+        namespaces: Vec<crate::model::NsPattern>,
+    },
     /// Something worth telling the node.
     Event(Event),
 }
@@ -92,6 +100,13 @@ pub enum Event {
         id: DocId,
         /// The peer's heads.
         heads: Vec<automerge::ChangeHash>,
+    },
+    /// An audit this node started is over: what it found and repaired.
+    AuditDone(crate::sync::session::AuditReport),
+    /// An audit this node started could not run (the peer refused it).
+    AuditFailed {
+        /// Why.
+        reason: String,
     },
     /// The peer reported a refusal of ours.
     PeerError {

@@ -153,6 +153,9 @@ struct DocSync {
     unstored: bool,
     /// The peer is owed [`Message::SetAside`] for this document: it fell due without room.
     tell_set_aside: bool,
+    /// An audit found the document differing: its next exchange starts from a fresh sync
+    /// state, not the stored one (which claims the peer holds what it may not).
+    fresh: bool,
 }
 
 /// What one peer message counts against the inbound budget until it is committed.
@@ -200,6 +203,8 @@ enum Offer {
         seq: FeedSeq,
         heads: Vec<ChangeHash>,
     },
+    /// An audit found it differing: kept until the peer holds this node's version.
+    Repair,
 }
 
 impl DocSync {
@@ -220,6 +225,9 @@ impl DocSync {
 }
 
 type DocKey = (Namespace, DocId);
+
+mod audit_run;
+pub use audit_run::{AuditReport, MAX_AUDIT_PATTERNS};
 
 /// Owed messages generated per call of [`Session::set_can_send`] with room.
 const OWED_PER_ROOM: usize = 16;
@@ -307,6 +315,8 @@ pub struct Session {
     next_cursor: Option<Cursor>,
     /// The revocation list the peer last offered, until the driver takes it.
     offered_revocations: Option<Vec<u8>>,
+    /// The audit this node started with the peer, and the one it answers.
+    audits: audit_run::Audits,
 }
 
 impl std::fmt::Debug for Session {
@@ -365,6 +375,7 @@ impl Session {
             saving_cursor: false,
             next_cursor: None,
             offered_revocations: None,
+            audits: audit_run::Audits::default(),
         };
         s.outputs.push_back(Output::Send(Message::Hello(hello)));
         s
@@ -505,6 +516,26 @@ impl Session {
             }
             Message::Sync { ns, id, data } => self.on_sync(ns, id, &data, false),
             Message::SyncAhead { ns, id, data } => self.on_sync(ns, id, &data, true),
+            Message::AuditStart {
+                audit,
+                namespaces,
+                claims,
+            } => self.on_audit_start(audit, namespaces, claims),
+            Message::AuditStep {
+                audit,
+                from_starter,
+                claims,
+                lacking,
+            } => self.on_audit_step(audit, from_starter, claims, lacking),
+            Message::AuditEnd {
+                audit,
+                found,
+                repaired,
+                refused,
+            } => {
+                self.on_audit_end(audit, found, repaired, refused);
+                Ok(())
+            }
             Message::SetAside { ns, id } => {
                 let (Ok(n), Ok(d)) = (Namespace::new(ns.as_str()), DocId::new(id.as_str())) else {
                     return Err(ProtocolError::protocol(format!(
@@ -828,7 +859,7 @@ impl Session {
             Offer::Queued { seq, .. } => {
                 self.unfinished.remove(&seq);
             }
-            Offer::None | Offer::Early => {}
+            Offer::None | Offer::Early | Offer::Repair => {}
         }
         entry.unstored = false;
         if entry.phase == Phase::Idle {
@@ -866,7 +897,7 @@ impl Session {
                     entry.offer = Offer::Queued { seq, heads };
                     false
                 }
-                Offer::None | Offer::Early => {
+                Offer::None | Offer::Early | Offer::Repair => {
                     entry.offer = Offer::Queued { seq, heads };
                     self.queue.push_back(key.clone());
                     false
@@ -969,7 +1000,8 @@ impl Session {
             Some(l) => {
                 entry.doc = Some(l.doc);
                 if entry.state.is_none() {
-                    let persisted = l.state.filter(|_| !self.states_set_aside);
+                    let fresh = std::mem::take(&mut entry.fresh);
+                    let persisted = l.state.filter(|_| !self.states_set_aside && !fresh);
                     entry.state = Some(start_state(persisted, lacks, read_only));
                 }
             }
@@ -1017,6 +1049,7 @@ impl Session {
     /// the queue is short, and `Synced` when the lowest unfinished offer moved.
     fn progress(&mut self) {
         self.pump();
+        self.pump_repairs();
         self.read_more();
         self.advance_synced();
     }
@@ -1085,6 +1118,10 @@ impl Session {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
+        if entry.fresh && entry.inbox.is_empty() {
+            self.restart_fresh(key);
+            return;
+        }
         let sending = matches!(entry.offer, Offer::Sending { .. });
         if !entry.inbox.is_empty() {
             self.apply_next(key);
@@ -1167,9 +1204,14 @@ impl Session {
                     self.unfinished.remove(&seq);
                     self.stats.docs_synced += 1;
                 }
-                Offer::None | Offer::Early => {}
+                Offer::None | Offer::Early | Offer::Repair => {}
             }
+            let held = entry.doc.is_some();
+            self.audit_sent(key, held);
         }
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
         if matches!(entry.offer, Offer::None)
             && entry.inbox.is_empty()
             && entry.owed.is_none()

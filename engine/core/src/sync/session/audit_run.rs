@@ -1,0 +1,408 @@
+//! A session's consistency audits: the one this node started with the peer and the one it
+//! answers, each a [`Reconciler`] plus the repairs it found. A repair is the normal
+//! per-document sync, started from a fresh sync state so the stored one (which may claim
+//! the peer holds what it does not) cannot hide the difference; it is done once the peer
+//! holds this node's version.
+
+use std::collections::{HashSet, VecDeque};
+
+use automerge::ChangeHash;
+
+use super::{DocKey, Offer, Phase, Session};
+use crate::error::ProtocolError;
+use crate::model::{DocId, Namespace, NsPattern};
+use crate::sync::audit::{Claim, ItemTag, Reconciler};
+use crate::sync::{Event, Message, Output};
+
+/// Most namespace patterns an audit may name.
+pub const MAX_AUDIT_PATTERNS: usize = 64;
+
+/// What an audit this node started found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Documents compared on this side.
+    pub compared: u64,
+    /// Documents found differing (by either side).
+    pub differing: u64,
+    /// Of those, documents now the same on both sides.
+    pub repaired: u64,
+    /// Round trips of the reconciliation.
+    pub rounds: u32,
+    /// Bytes of audit messages, both ways (repairs are normal sync traffic).
+    pub bytes: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Audits {
+    next_id: u32,
+    mine: Option<Run>,
+    theirs: Option<Run>,
+    /// Repairs waiting for room, and those under way (sent from a fresh state).
+    queue: VecDeque<DocKey>,
+    active: HashSet<DocKey>,
+}
+
+struct Run {
+    id: u32,
+    namespaces: Vec<NsPattern>,
+    /// `None` while this side's items load.
+    rec: Option<Reconciler>,
+    /// The peer's opening claims, until the items are loaded.
+    opening: Vec<Claim>,
+    /// No claims are left either way.
+    reconciled: bool,
+    /// Documents this side sends that the peer does not hold yet.
+    repairing: HashSet<DocKey>,
+    repaired: u64,
+    rounds: u32,
+    bytes: u64,
+    /// The answering side's count of what it found and repaired (started runs only).
+    peer_end: Option<(u64, u64)>,
+}
+
+impl Run {
+    fn new(id: u32, namespaces: Vec<NsPattern>) -> Self {
+        Self {
+            id,
+            namespaces,
+            rec: None,
+            opening: Vec::new(),
+            reconciled: false,
+            repairing: HashSet::new(),
+            repaired: 0,
+            rounds: 0,
+            bytes: 0,
+            peer_end: None,
+        }
+    }
+}
+
+/// A frame's size on the wire: the message and its 4-byte length.
+fn wire_size(msg: &Message) -> u64 {
+    msg.encode().len() as u64 + 4
+}
+
+impl Session {
+    /// Starts an audit of what this node and the peer hold in `namespaces` (within what
+    /// they share): answered with [`Event::AuditDone`] once every difference found is
+    /// repaired, or [`Event::AuditFailed`]. One at a time; `None` if one is running.
+    pub fn start_audit(&mut self, namespaces: Vec<NsPattern>) -> Option<u32> {
+        if self.audits.mine.is_some() || self.peer_hello.is_none() {
+            return None;
+        }
+        let namespaces = if namespaces.is_empty() {
+            vec![NsPattern::all()]
+        } else {
+            namespaces
+        };
+        self.audits.next_id = self.audits.next_id.wrapping_add(1);
+        let id = self.audits.next_id;
+        self.audits.mine = Some(Run::new(id, namespaces.clone()));
+        self.outputs.push_back(Output::LoadAuditItems {
+            starter: true,
+            namespaces,
+        });
+        Some(id)
+    }
+
+    /// The answer to [`Output::LoadAuditItems`]: the documents this node holds in the
+    /// audit's namespaces (others are ignored) and their heads.
+    pub fn handle_audit_items(
+        &mut self,
+        starter: bool,
+        docs: Vec<(Namespace, DocId, Vec<ChangeHash>)>,
+    ) {
+        let Some(run) = self.run(starter) else {
+            return;
+        };
+        let patterns = run.namespaces.clone();
+        let shared: Vec<_> = docs
+            .into_iter()
+            .filter(|(ns, _, _)| patterns.iter().any(|p| p.matches(ns)) && self.shares(ns))
+            .collect();
+        let rec = Reconciler::new(shared);
+        let Some(run) = self.run(starter) else {
+            return;
+        };
+        if starter {
+            let msg = Message::AuditStart {
+                audit: run.id,
+                namespaces: run.namespaces.clone(),
+                claims: rec.opening(),
+            };
+            run.rec = Some(rec);
+            run.rounds += 1;
+            run.bytes += wire_size(&msg);
+            self.outputs.push_back(Output::Send(msg));
+        } else {
+            run.rec = Some(rec);
+            let opening = std::mem::take(&mut run.opening);
+            if let Err(e) = self.answer_claims(false, opening, Vec::new()) {
+                self.refuse_theirs(&e.to_string());
+            }
+        }
+        self.check_audits();
+        self.progress();
+    }
+
+    /// The driver will not load the items of the peer's audit now (one came too soon).
+    pub fn refuse_audit(&mut self, reason: &str) {
+        self.refuse_theirs(reason);
+    }
+
+    fn refuse_theirs(&mut self, reason: &str) {
+        if let Some(run) = self.audits.theirs.take() {
+            self.outputs.push_back(Output::Send(Message::AuditEnd {
+                audit: run.id,
+                found: 0,
+                repaired: 0,
+                refused: Some(reason.to_owned()),
+            }));
+        }
+    }
+
+    fn run(&mut self, starter: bool) -> Option<&mut Run> {
+        if starter {
+            self.audits.mine.as_mut()
+        } else {
+            self.audits.theirs.as_mut()
+        }
+    }
+
+    /// Whether documents of `ns` sync between the two sides, either way.
+    fn shares(&self, ns: &Namespace) -> bool {
+        let mine = self.cfg.subscriptions.iter().any(|p| p.matches(ns));
+        self.wants(ns) || (mine && self.peer.grants.can_write(ns))
+    }
+
+    pub(super) fn on_audit_start(
+        &mut self,
+        audit: u32,
+        namespaces: Vec<NsPattern>,
+        claims: Vec<Claim>,
+    ) -> Result<(), ProtocolError> {
+        if namespaces.len() > MAX_AUDIT_PATTERNS {
+            return Err(ProtocolError::protocol("too many namespaces in an audit"));
+        }
+        if claims.len() > crate::sync::audit::MAX_CLAIMS {
+            return Err(ProtocolError::protocol("too many claims in one audit step"));
+        }
+        if self.audits.theirs.is_some() {
+            self.outputs.push_back(Output::Send(Message::AuditEnd {
+                audit,
+                found: 0,
+                repaired: 0,
+                refused: Some("an audit by this peer is already running".into()),
+            }));
+            return Ok(());
+        }
+        let mut run = Run::new(audit, namespaces.clone());
+        run.opening = claims;
+        self.audits.theirs = Some(run);
+        self.outputs.push_back(Output::LoadAuditItems {
+            starter: false,
+            namespaces,
+        });
+        Ok(())
+    }
+
+    pub(super) fn on_audit_step(
+        &mut self,
+        audit: u32,
+        from_starter: bool,
+        claims: Vec<Claim>,
+        lacking: Vec<ItemTag>,
+    ) -> Result<(), ProtocolError> {
+        // A step from the starter belongs to the audit this node answers, and back.
+        let starter = !from_starter;
+        let size = if starter {
+            wire_size(&Message::AuditStep {
+                audit,
+                from_starter,
+                claims: claims.clone(),
+                lacking: lacking.clone(),
+            })
+        } else {
+            0
+        };
+        let Some(run) = self
+            .run(starter)
+            .filter(|r| r.id == audit && r.rec.is_some())
+        else {
+            // A step of an audit that ended or was refused.
+            return Ok(());
+        };
+        run.bytes += size;
+        self.answer_claims(starter, claims, lacking)?;
+        self.check_audits();
+        Ok(())
+    }
+
+    pub(super) fn on_audit_end(
+        &mut self,
+        audit: u32,
+        found: u64,
+        repaired: u64,
+        refused: Option<String>,
+    ) {
+        let Some(run) = self.audits.mine.as_mut().filter(|r| r.id == audit) else {
+            return;
+        };
+        run.bytes += wire_size(&Message::AuditEnd {
+            audit,
+            found,
+            repaired,
+            refused: refused.clone(),
+        });
+        if let Some(reason) = refused {
+            self.audits.mine = None;
+            self.outputs
+                .push_back(Output::Event(Event::AuditFailed { reason }));
+            return;
+        }
+        run.peer_end = Some((found, repaired));
+        self.check_audits();
+    }
+
+    /// Answers the peer's claims in one audit, and starts the repairs they show.
+    fn answer_claims(
+        &mut self,
+        starter: bool,
+        claims: Vec<Claim>,
+        lacking: Vec<ItemTag>,
+    ) -> Result<(), ProtocolError> {
+        let Some(run) = self.run(starter) else {
+            return Ok(());
+        };
+        let Some(rec) = run.rec.as_mut() else {
+            return Ok(());
+        };
+        rec.peer_lacks(&lacking)?;
+        let last = claims.is_empty();
+        let step = if last {
+            None
+        } else {
+            Some(rec.answer(&claims)?)
+        };
+        let to_send = rec.take_to_send();
+        if let Some(step) = step {
+            run.reconciled = step.claims.is_empty();
+            let msg = Message::AuditStep {
+                audit: run.id,
+                from_starter: starter,
+                claims: step.claims,
+                lacking: step.lacking,
+            };
+            if starter {
+                run.rounds += 1;
+                run.bytes += wire_size(&msg);
+            }
+            self.outputs.push_back(Output::Send(msg));
+        } else {
+            run.reconciled = true;
+        }
+        for key in to_send {
+            self.repair(starter, key);
+        }
+        Ok(())
+    }
+
+    /// Sends this node's version of a document the audit found differing.
+    fn repair(&mut self, starter: bool, key: DocKey) {
+        let Some(run) = self.run(starter) else {
+            return;
+        };
+        if run.repairing.insert(key.clone()) {
+            self.audits.queue.push_back(key);
+        }
+    }
+
+    /// Starts queued repairs while fewer than the in-flight window are under way.
+    pub(super) fn pump_repairs(&mut self) {
+        while self.audits.active.len() < self.cfg.max_docs_in_flight {
+            let Some(key) = self.audits.queue.pop_front() else {
+                break;
+            };
+            if !self.audits.active.insert(key.clone()) {
+                continue;
+            }
+            let entry = self.docs.entry(key.clone()).or_default();
+            entry.fresh = true;
+            if matches!(entry.offer, Offer::None | Offer::Early) {
+                entry.offer = Offer::Repair;
+            }
+            if entry.phase == Phase::Idle {
+                self.restart_fresh(&key);
+            }
+        }
+    }
+
+    /// Loads the document again to send it from a fresh sync state.
+    pub(super) fn restart_fresh(&mut self, key: &DocKey) {
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        entry.state = None;
+        entry.phase = Phase::Loading;
+        self.outputs.push_back(Output::Load {
+            ns: key.0.clone(),
+            id: key.1.clone(),
+        });
+    }
+
+    /// The peer holds this node's version of `key` (`held`: this node has the document),
+    /// or the document is gone: a repair under way is over. Only a repair under way: before
+    /// it, "the peer holds it" is judged from a state the audit does not trust.
+    pub(super) fn audit_sent(&mut self, key: &DocKey, held: bool) {
+        if self.audits.active.is_empty() || !self.audits.active.remove(key) {
+            return;
+        }
+        for run in [self.audits.mine.as_mut(), self.audits.theirs.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if run.repairing.remove(key) {
+                run.repaired += u64::from(held);
+            }
+        }
+        self.check_audits();
+    }
+
+    /// Ends the audits whose comparison and repairs are over.
+    fn check_audits(&mut self) {
+        let done = |r: &Run| r.rec.is_some() && r.reconciled && r.repairing.is_empty();
+        if self.audits.theirs.as_ref().is_some_and(done) {
+            if let Some(run) = self.audits.theirs.take() {
+                let found = run.rec.as_ref().map_or(0, Reconciler::found);
+                self.outputs.push_back(Output::Send(Message::AuditEnd {
+                    audit: run.id,
+                    found,
+                    repaired: run.repaired,
+                    refused: None,
+                }));
+            }
+        }
+        if self
+            .audits
+            .mine
+            .as_ref()
+            .is_some_and(|r| done(r) && r.peer_end.is_some())
+        {
+            if let Some(run) = self.audits.mine.take() {
+                let (peer_found, peer_repaired) = run.peer_end.unwrap_or_default();
+                let (compared, found) = run
+                    .rec
+                    .as_ref()
+                    .map_or((0, 0), |r| (r.len() as u64, r.found()));
+                self.outputs
+                    .push_back(Output::Event(Event::AuditDone(AuditReport {
+                        compared,
+                        differing: found + peer_found,
+                        repaired: run.repaired + peer_repaired,
+                        rounds: run.rounds,
+                        bytes: run.bytes,
+                    })));
+            }
+        }
+    }
+}
