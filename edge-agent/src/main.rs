@@ -76,6 +76,7 @@ fn run(cli: Cli) -> Result<()> {
                 store: base.common.store,
                 timers: base.common.timers,
                 forget_peers_after: base.common.forget_peers_after,
+                audit_every: base.common.audit_every,
                 replica_defaults: base.common.replica_defaults,
             };
             serve(cfg, &base.data, Some(2))

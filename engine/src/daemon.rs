@@ -64,6 +64,8 @@ pub struct DaemonConfig {
     pub timers: crate::net::tls::Timers,
     /// Forget peers unseen for this long (see [`NodeConfig::forget_peers_after`]).
     pub forget_peers_after: Option<std::time::Duration>,
+    /// Audit dialed peers this often (see [`NodeConfig::audit_every`]).
+    pub audit_every: Option<std::time::Duration>,
     /// Replicas a write waits for by default, per namespace pattern (first match).
     pub replica_defaults: Vec<(NsPattern, usize)>,
 }
@@ -147,6 +149,7 @@ pub enum DaemonError {
 ///     store: StoreConfig::default(),
 ///     timers: Default::default(),
 ///     forget_peers_after: None,
+///     audit_every: None,
 ///     replica_defaults: Vec::new(),
 /// })
 /// .await?;
@@ -449,6 +452,7 @@ impl Daemon {
         ncfg.revocations = revocations.clone();
         ncfg.timers = cfg.timers;
         ncfg.forget_peers_after = cfg.forget_peers_after;
+        ncfg.audit_every = cfg.audit_every;
         let node = Node::start(store.clone(), ncfg)?;
         let quic_addr = node.local_addr().map_err(|source| DaemonError::Api {
             addr: cfg.api,

@@ -39,6 +39,7 @@ async fn node(token: Option<&str>, limits: ServeLimits) -> (Daemon, tempfile::Te
         store: StoreConfig::default(),
         timers: Default::default(),
         forget_peers_after: None,
+        audit_every: None,
         replica_defaults: Vec::new(),
     })
     .await

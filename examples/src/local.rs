@@ -90,6 +90,7 @@ impl Local {
             store: StoreConfig::with_cache_budget(32 << 20),
             timers: Default::default(),
             forget_peers_after: None,
+            audit_every: None,
             replica_defaults: Vec::new(),
         })
     }

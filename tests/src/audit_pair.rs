@@ -24,9 +24,8 @@ fn doc_id(i: usize) -> Result<DocId> {
 }
 
 /// Fills `a` and `b` (new redb files of nodes `a_id` and `b_id`) with `shared` documents
-/// holding the same changes, then makes `differing` differences: three in four are writes
-/// to a shared document on `a` alone, one in four a document only `b` holds. Returns the
-/// ids that differ.
+/// holding the same changes, then makes `differing` differences (see [`diverge`]).
+/// Returns the ids that differ.
 pub async fn prepare(
     a: &Path,
     a_id: &NodeId,
@@ -35,7 +34,12 @@ pub async fn prepare(
     shared: usize,
     differing: usize,
 ) -> Result<Differing> {
-    ensure!(differing <= shared, "more differences than documents");
+    fill(a, b, shared).await?;
+    diverge(a, a_id, b, b_id, shared, differing).await
+}
+
+/// Fills `a` and `b` with `shared` documents holding the same changes.
+pub async fn fill(a: &Path, b: &Path, shared: usize) -> Result<()> {
     let ns = Namespace::new(NS)?;
     let sa = Store::open(a, StoreConfig::default())?;
     let sb = Store::open(b, StoreConfig::default())?;
@@ -60,6 +64,25 @@ pub async fn prepare(
         )
         .await?;
     }
+    Ok(())
+}
+
+/// Makes `differing` differences between two filled stores that the feed walk will not
+/// repair: three in four are writes to a shared document on `a` alone, one in four a
+/// document only `b` holds; then each side's cursor into the other's feed is set to its
+/// end. Returns the ids that differ.
+pub async fn diverge(
+    a: &Path,
+    a_id: &NodeId,
+    b: &Path,
+    b_id: &NodeId,
+    shared: usize,
+    differing: usize,
+) -> Result<Differing> {
+    ensure!(differing <= shared, "more differences than documents");
+    let ns = Namespace::new(NS)?;
+    let sa = Store::open(a, StoreConfig::default())?;
+    let sb = Store::open(b, StoreConfig::default())?;
     let mut differ = Vec::new();
     for i in 0..differing {
         if i % 4 == 3 {

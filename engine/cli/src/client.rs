@@ -44,6 +44,22 @@ pub enum ClientCommand {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Compare this node's documents with a connected peer's, without shipping them, and
+    /// repair every difference by syncing exactly those documents. Waits for the repairs.
+    Audit {
+        /// The peer's node id (it must be connected).
+        #[arg(long, value_name = "NODE")]
+        peer: String,
+        /// Only namespaces matching PATTERN (repeatable) [default: every namespace the two
+        /// nodes share].
+        #[arg(long = "ns", value_name = "PATTERN")]
+        namespaces: Vec<String>,
+        /// Give up after this long, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 600_000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// Print changes as they arrive.
     Watch {
         /// Start after this feed position (0: everything).
@@ -86,6 +102,12 @@ impl ClientCommand {
             Self::Status { opts } => status(&opts, default_api),
             Self::Doc { cmd, opts } => doc(cmd, &opts, default_api),
             Self::Watch { since, opts } => watch(&opts, default_api, since),
+            Self::Audit {
+                peer,
+                namespaces,
+                timeout_ms,
+                opts,
+            } => audit(&opts, default_api, &peer, namespaces, timeout_ms),
             Self::Backup { data, out, opts } => backup(data.as_deref(), &out, &opts, default_api),
             Self::Restore { from, data } => restore(&from, &data),
         }
@@ -459,6 +481,20 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
             ago
         );
     }
+    for p in s["peers"].as_array().into_iter().flatten() {
+        let last = p["audit_last_unix_s"].as_u64().unwrap_or(0);
+        if last == 0 {
+            continue;
+        }
+        println!(
+            "AUDIT {}: last {}s ago; {} audits found {} documents differing, {} repaired",
+            p["node_id"].as_str().unwrap_or("?"),
+            (now_ms / 1000).saturating_sub(last),
+            p["audits"],
+            p["audit_differing"],
+            p["audit_repaired"]
+        );
+    }
     if let Some(fault) = s["store_fault"].as_object() {
         println!(
             "STORE FAULT: {} (writes are refused until it clears)",
@@ -473,6 +509,38 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
             q["reason"].as_str().unwrap_or("?")
         );
     }
+    Ok(())
+}
+
+/// `audit`: runs an audit of `peer` and prints what it found and repaired.
+pub fn audit(
+    opts: &ClientOpts,
+    default_api: SocketAddr,
+    peer: &str,
+    namespaces: Vec<String>,
+    timeout_ms: u64,
+) -> Result<(), ClientError> {
+    let body = serde_json::json!({
+        "peer": peer,
+        "namespaces": namespaces,
+        "timeout_ms": timeout_ms,
+    })
+    .to_string();
+    let out = Api::new(opts, default_api).json("POST", "/v1/audit", Some(&body))?;
+    if opts.json {
+        print_json(&out);
+        return Ok(());
+    }
+    println!(
+        "audit of {}: {} documents compared, {} differing, {} repaired ({} round trips, {} bytes, {} ms)",
+        out["peer"].as_str().unwrap_or(peer),
+        out["compared"],
+        out["differing"],
+        out["repaired"],
+        out["rounds"],
+        out["bytes"],
+        out["ms"]
+    );
     Ok(())
 }
 

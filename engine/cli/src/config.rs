@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::duration::{parse_duration, parse_or_never, OrNever};
+use crate::duration::{parse_duration, parse_every_or_never, parse_or_never, OrNever};
 use tidesync::api::serve::ServeLimits;
 pub use tidesync::daemon::DEFAULT_MAX_BODY;
 use tidesync::model::NsPattern;
-use tidesync::net::node::DEFAULT_FORGET_PEERS_AFTER;
+use tidesync::net::node::{DEFAULT_AUDIT_EVERY, DEFAULT_FORGET_PEERS_AFTER};
 use tidesync::net::tls::Timers;
 use tidesync::store::StoreConfig;
 
@@ -63,6 +63,9 @@ pub struct RunFile {
     /// `--forget-peers-after`, as `"90d"` or `"never"`.
     #[serde(default, with = "crate::duration::serde_or_never")]
     pub forget_peers_after: Option<OrNever>,
+    /// `--audit-every`, as `"24h"` or `"never"`.
+    #[serde(default, with = "crate::duration::serde_every_or_never")]
+    pub audit_every: Option<OrNever>,
     /// `[[namespace]]` tables: settings of the namespaces matching their patterns.
     #[serde(default)]
     pub namespace: Vec<NamespaceSettings>,
@@ -150,6 +153,11 @@ pub struct CommonRunFlags {
     /// ever. A forgotten peer that comes back syncs from scratch [default: 90d].
     #[arg(long, value_name = "DURATION", value_parser = parse_or_never)]
     pub forget_peers_after: Option<OrNever>,
+    /// Audit each peer this node dialed this often (1h, 24h, never): compare what both
+    /// hold without shipping it, and repair every difference. Also `audit` on demand
+    /// [default: 24h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_every_or_never)]
+    pub audit_every: Option<OrNever>,
 }
 
 /// The common settings once flags, file and defaults are applied, in that order.
@@ -169,6 +177,8 @@ pub struct CommonRun {
     pub timers: Timers,
     /// Forget peers unseen for this long; `None`: never.
     pub forget_peers_after: Option<Duration>,
+    /// Audit dialed peers this often; `None`: only on demand.
+    pub audit_every: Option<Duration>,
     /// Replicas writes wait for by default, per namespace pattern, in file order.
     pub replica_defaults: Vec<(NsPattern, usize)>,
 }
@@ -237,6 +247,10 @@ impl CommonRunFlags {
                 .forget_peers_after
                 .or(file.forget_peers_after)
                 .map_or(Some(DEFAULT_FORGET_PEERS_AFTER), |o| o.0),
+            audit_every: self
+                .audit_every
+                .or(file.audit_every)
+                .map_or(Some(DEFAULT_AUDIT_EVERY), |o| o.0),
             replica_defaults,
         })
     }
@@ -311,6 +325,7 @@ mod tests {
             keep_alive: None,
             idle_timeout: None,
             forget_peers_after: None,
+            audit_every: None,
         }
         .resolve(&f)
         .expect("resolve");
@@ -343,6 +358,7 @@ mod tests {
             keep_alive: Some(Duration::from_secs(11)),
             idle_timeout: None,
             forget_peers_after: None,
+            audit_every: None,
         }
         .resolve(&f)
         .expect_err("an idle timeout of three keep-alives at least");

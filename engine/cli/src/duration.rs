@@ -33,14 +33,25 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrNever(pub Option<Duration>);
 
-/// Reads a duration of at least a minute, or `never`.
+/// Reads a duration of at least a minute, or `never` (how long to keep what is unseen).
 pub fn parse_or_never(text: &str) -> Result<OrNever, String> {
+    or_never(text, Duration::from_secs(60), "1m")
+}
+
+/// Reads a duration of at least a second, or `never` (how often to do something).
+pub fn parse_every_or_never(text: &str) -> Result<OrNever, String> {
+    or_never(text, Duration::from_secs(1), "1s")
+}
+
+fn or_never(text: &str, least: Duration, least_text: &str) -> Result<OrNever, String> {
     if text.trim() == "never" {
         return Ok(OrNever(None));
     }
     let d = parse_duration(text)?;
-    if d < Duration::from_secs(60) {
-        return Err(format!("{text:?} is too short: at least 1m, or never"));
+    if d < least {
+        return Err(format!(
+            "{text:?} is too short: at least {least_text}, or never"
+        ));
     }
     Ok(OrNever(Some(d)))
 }
@@ -75,6 +86,20 @@ pub mod serde_or_never {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OrNever>, D::Error> {
         super::serde_text::read(d)?
             .map(|text| super::parse_or_never(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Serde helper: like [`serde_or_never`], for [`super::parse_every_or_never`].
+pub mod serde_every_or_never {
+    use serde::Deserializer;
+
+    use super::OrNever;
+
+    /// Reads `"24h"`, `"never"` or a number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OrNever>, D::Error> {
+        super::serde_text::read(d)?
+            .map(|text| super::parse_every_or_never(&text).map_err(serde::de::Error::custom))
             .transpose()
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde_json::{Map, Value};
-use tidesync_tests::bench::{hostile, live, scale, sync, write};
+use tidesync_tests::bench::{audit, hostile, live, scale, sync, write};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -36,6 +36,9 @@ enum Scenario {
     /// restart) while every node writes: acknowledged writes lost, documents divergent,
     /// and the longest convergence after a heal. `--minutes`, `--hubs`, `--soak-edges`.
     Soak,
+    /// Two hubs sharing 100,000 documents with 0, 10 and 1,000 differences the feed walk
+    /// cannot see: one consistency audit each (`--audit-docs`).
+    Audit,
     /// Every scenario in turn (but `soak`); one JSON object with each under its name.
     All,
     /// The attacking process of `hostile` (started by it).
@@ -58,6 +61,9 @@ struct Args {
     /// Edges in the `connections` scenario.
     #[arg(long, default_value_t = 1000)]
     edges: usize,
+    /// Documents the two hubs of the `audit` scenario share.
+    #[arg(long, default_value_t = 100_000)]
+    audit_docs: usize,
     /// Minutes the `soak` scenario injects faults.
     #[arg(long, default_value_t = 5.0)]
     minutes: f64,
@@ -323,6 +329,7 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
             );
             out
         }
+        Scenario::Audit => audit::run(args.audit_docs).await?,
         Scenario::All => unreachable!("handled by main"),
     })
 }

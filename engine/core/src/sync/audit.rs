@@ -7,11 +7,13 @@
 //! Each item sits at a position given by the hash of its name, and carries a fingerprint,
 //! the hash of its name and heads. A range of positions is summed up by the sum of its
 //! fingerprints: equal sums, equal ranges. The ranges are fixed: level `l` cuts the
-//! position space into `4^l` equal ranges, so a claim names its range by `(level, index)`
-//! and no bound ever travels. One side claims a fingerprint for a range; the other, if
-//! its own differs, answers with the fingerprints of the four sub-ranges, or, once its
-//! range holds few items, with the items themselves (a short tag each). The side that
-//! gets items compares them with its own: every difference in that range is found there.
+//! position space into `4^l` equal ranges. Nothing names a range on the wire: each side
+//! remembers the ranges it claimed in its last message, in order, and the answer marks
+//! the differing ones in a bitmap and answers each of those, in the same order, with the
+//! fingerprints of its four sub-ranges (claims in their turn), or, once the answering
+//! side holds few items there, with the items themselves (a short tag each). The side
+//! that gets items compares them with its own: every difference in that range is found
+//! there.
 //!
 //! It repairs nothing: it reports which documents this side should send (it holds them,
 //! and the peer lacks them or holds other heads) and which the peer should send (this
@@ -31,47 +33,41 @@ const BRANCH_BITS: u32 = 2;
 /// listed whatever their number.
 pub const MAX_LEVEL: u8 = 24;
 /// A differing range with at most this many items here is answered with its items (a tag
-/// each, 8 bytes) rather than four fingerprints (20 bytes).
+/// each, 8 bytes) rather than four fingerprints (16 bytes, and more to come below them).
 pub const LEAF_ITEMS: usize = 3;
 /// Most item tags one claim may list.
 pub const MAX_LISTED: usize = 1024;
 /// Most claims, and most lacking tags, in one audit message.
 pub const MAX_CLAIMS: usize = 1 << 16;
 
-/// A range's fingerprint on the wire: 40 bits of the sum.
-pub type RangePrint = [u8; 5];
+/// A range's fingerprint on the wire: 32 bits of the sum. Every hash is keyed with the
+/// audit's random salt, so two different ranges that happen to match fool one audit, not
+/// every audit after it.
+pub type RangePrint = [u8; 4];
 /// An item on the wire: 32 bits of its position (the bits its range does not fix) and 32
 /// bits of its fingerprint.
 pub type ItemTag = [u8; 8];
 
-/// What one side says of one range.
+/// The answer for one range the other side claimed and this side holds differently.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claim {
-    /// The range's level: `4^level` ranges cut the position space.
-    pub level: u8,
-    /// The range at that level, below `4^level`.
-    pub index: u64,
-    /// What the sender holds there.
-    pub body: ClaimBody,
-}
-
-/// The content of a [`Claim`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ClaimBody {
-    /// The range's fingerprint.
-    Print(RangePrint),
-    /// The fingerprints of the range's four sub-ranges (at `level + 1`).
+pub enum Answer {
+    /// The fingerprints of the range's four sub-ranges: this side's claims for them.
     Split([RangePrint; 4]),
-    /// Every item the sender holds in the range.
+    /// Every item this side holds in the range.
     Items(Vec<ItemTag>),
 }
 
-/// One side's answer to the other's claims.
-#[derive(Debug, Default)]
+/// One audit message after the opening: the answer to the other side's claims.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
-    /// Claims for the peer to answer; none once this side has nothing left to compare.
-    pub claims: Vec<Claim>,
-    /// Items the peer holds and this side lacks: the peer should send them.
+    /// One bit per range the receiver claimed in its last message, in order (least
+    /// significant bit first): set where the sender holds it differently.
+    pub differ: Vec<u8>,
+    /// For each set bit, in order, the sender's answer for that range. None: the sender
+    /// claims nothing more, and the audit's comparison is over.
+    pub answers: Vec<Answer>,
+    /// Items of the receiver's last listings that the sender lacks: the receiver sends
+    /// those documents.
     pub lacking: Vec<ItemTag>,
 }
 
@@ -90,6 +86,9 @@ pub struct Reconciler {
     to_send: Vec<(Namespace, DocId)>,
     /// Differences found on this side (each found on one side only).
     found: u64,
+    /// The ranges this side claimed in its last message, in order: what the peer's next
+    /// step answers.
+    claimed: Vec<(u8, u64)>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -101,8 +100,9 @@ impl std::fmt::Debug for Reconciler {
     }
 }
 
-fn hash64(parts: &[&[u8]]) -> u64 {
+fn hash64(salt: u64, parts: &[&[u8]]) -> u64 {
     let mut h = blake3::Hasher::new();
+    h.update(&salt.to_le_bytes());
     for p in parts {
         h.update(&(p.len() as u32).to_le_bytes());
         h.update(p);
@@ -114,17 +114,17 @@ fn hash64(parts: &[&[u8]]) -> u64 {
 }
 
 /// Where a document sits, from its name alone.
-fn position(ns: &Namespace, id: &DocId) -> u64 {
-    hash64(&[ns.as_str().as_bytes(), id.as_str().as_bytes()])
+fn position(salt: u64, ns: &Namespace, id: &DocId) -> u64 {
+    hash64(salt, &[ns.as_str().as_bytes(), id.as_str().as_bytes()])
 }
 
 /// What a document holds: its name and its heads, in order.
-fn print(ns: &Namespace, id: &DocId, heads: &[ChangeHash]) -> u64 {
+fn print(salt: u64, ns: &Namespace, id: &DocId, heads: &[ChangeHash]) -> u64 {
     let mut heads: Vec<&[u8]> = heads.iter().map(|h| h.0.as_slice()).collect();
     heads.sort_unstable();
     let mut parts: Vec<&[u8]> = vec![ns.as_str().as_bytes(), id.as_str().as_bytes()];
     parts.extend(heads);
-    hash64(&parts)
+    hash64(salt, &parts)
 }
 
 /// The first position of range `(level, index)`, and the first after it (`None`: the end
@@ -139,24 +139,15 @@ fn span(level: u8, index: u64) -> (u64, Option<u64>) {
     (start, end)
 }
 
-fn check_range(level: u8, index: u64) -> Result<(), ProtocolError> {
-    let ranges = 1u64 << (BRANCH_BITS * u32::from(level.min(MAX_LEVEL)));
-    if level > MAX_LEVEL || index >= ranges {
-        return Err(ProtocolError::protocol(format!(
-            "audit range {index} at level {level} does not exist"
-        )));
-    }
-    Ok(())
-}
-
 impl Reconciler {
-    /// This side's documents and their heads, in any order.
-    pub fn new(docs: Vec<(Namespace, DocId, Vec<ChangeHash>)>) -> Self {
+    /// This side's documents and their heads, in any order, hashed with the audit's
+    /// `salt` (the same on both sides).
+    pub fn new(docs: Vec<(Namespace, DocId, Vec<ChangeHash>)>, salt: u64) -> Self {
         let mut items: Vec<Item> = docs
             .into_iter()
             .map(|(ns, id, heads)| Item {
-                position: position(&ns, &id),
-                print: print(&ns, &id, &heads),
+                position: position(salt, &ns, &id),
+                print: print(salt, &ns, &id, &heads),
                 key: (ns, id),
             })
             .collect();
@@ -173,6 +164,7 @@ impl Reconciler {
             sums,
             to_send: Vec::new(),
             found: 0,
+            claimed: Vec::new(),
         }
     }
 
@@ -196,25 +188,126 @@ impl Reconciler {
         std::mem::take(&mut self.to_send)
     }
 
-    /// The first claim: the fingerprint of everything.
-    pub fn opening(&self) -> Vec<Claim> {
-        vec![Claim {
-            level: 0,
-            index: 0,
-            body: ClaimBody::Print(self.range_print(0, 0)),
-        }]
+    /// The opening claim: the fingerprint of everything.
+    pub fn opening(&mut self) -> RangePrint {
+        self.claimed = vec![(0, 0)];
+        self.range_print(0, 0)
+    }
+
+    /// The answer to the peer's opening claim.
+    pub fn answer_opening(&mut self, root: RangePrint) -> Step {
+        let mut step = Step::default();
+        self.claimed.clear();
+        self.compare_print(0, 0, root, 0, &mut step);
+        step
+    }
+
+    /// Takes the peer's answer to this side's last claims: compares what it claims in
+    /// turn, notes the documents to send, and returns this side's answer. `None` when the
+    /// peer answered nothing: the comparison is over, and nothing is sent back. A step
+    /// with answers is always answered, if only with what this side lacks, so a side that
+    /// sends one knows when the comparison is over.
+    pub fn answer(&mut self, theirs: &Step) -> Result<Option<Step>, ProtocolError> {
+        if theirs.answers.len() > MAX_CLAIMS || theirs.lacking.len() > MAX_CLAIMS {
+            return Err(ProtocolError::protocol("too large an audit step"));
+        }
+        if theirs.differ.len() != self.claimed.len().div_ceil(8) {
+            return Err(ProtocolError::protocol(
+                "audit step answers other ranges than claimed",
+            ));
+        }
+        self.peer_lacks(&theirs.lacking);
+        let claimed = std::mem::take(&mut self.claimed);
+        let differing = claimed
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| theirs.differ[k / 8] & (1 << (k % 8)) != 0)
+            .map(|(_, r)| *r);
+        let mut answers = theirs.answers.iter();
+        let mut step = Step::default();
+        let mut bit = 0usize;
+        for (level, index) in differing {
+            let Some(answer) = answers.next() else {
+                return Err(ProtocolError::protocol("an audit step lacks answers"));
+            };
+            match answer {
+                Answer::Split(prints) => {
+                    if level >= MAX_LEVEL {
+                        return Err(ProtocolError::protocol(
+                            "audit range split past the last level",
+                        ));
+                    }
+                    for (c, print) in prints.iter().enumerate() {
+                        let child = (index << BRANCH_BITS) | c as u64;
+                        self.compare_print(level + 1, child, *print, bit, &mut step);
+                        bit += 1;
+                    }
+                }
+                Answer::Items(tags) => {
+                    if tags.len() > MAX_LISTED {
+                        return Err(ProtocolError::protocol("too many items in one audit range"));
+                    }
+                    self.compare_items(level, index, tags, &mut step.lacking);
+                }
+            }
+        }
+        if answers.next().is_some() {
+            return Err(ProtocolError::protocol(
+                "an audit step has more answers than ranges",
+            ));
+        }
+        if self.claimed.len() > MAX_CLAIMS {
+            return Err(ProtocolError::protocol("too many ranges in one audit step"));
+        }
+        if theirs.answers.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(step))
+    }
+
+    /// The peer claims `theirs` for a range, the `bit`th it claimed in its message:
+    /// marks it and answers it in `step` if this side holds it differently.
+    fn compare_print(
+        &mut self,
+        level: u8,
+        index: u64,
+        theirs: RangePrint,
+        bit: usize,
+        step: &mut Step,
+    ) {
+        if step.differ.len() <= bit / 8 {
+            step.differ.resize(bit / 8 + 1, 0);
+        }
+        if self.range_print(level, index) == theirs {
+            return;
+        }
+        step.differ[bit / 8] |= 1 << (bit % 8);
+        let range = self.range(level, index);
+        let answer = if range.len() <= LEAF_ITEMS || level >= MAX_LEVEL {
+            Answer::Items(
+                self.items[range]
+                    .iter()
+                    .take(MAX_LISTED)
+                    .map(|i| tag(i.position, i.print))
+                    .collect(),
+            )
+        } else {
+            let mut prints = [[0u8; 4]; 4];
+            for (c, p) in prints.iter_mut().enumerate() {
+                let child = (index << BRANCH_BITS) | c as u64;
+                *p = self.range_print(level + 1, child);
+                self.claimed.push((level + 1, child));
+            }
+            Answer::Split(prints)
+        };
+        step.answers.push(answer);
     }
 
     /// The peer lacks the documents of these tags (this side listed them): they are to
     /// be sent. Tags of no document here are ignored.
-    pub fn peer_lacks(&mut self, tags: &[ItemTag]) -> Result<(), ProtocolError> {
-        if tags.len() > MAX_CLAIMS {
-            return Err(ProtocolError::protocol(
-                "too many lacking documents in one audit step",
-            ));
-        }
+    fn peer_lacks(&mut self, tags: &[ItemTag]) {
         if tags.is_empty() {
-            return Ok(());
+            return;
         }
         let wanted: HashSet<ItemTag> = tags.iter().copied().collect();
         // One scan per step the peer sends; a tag is 64 bits, so a stray match is rare.
@@ -223,67 +316,6 @@ impl Reconciler {
                 self.to_send.push(item.key.clone());
             }
         }
-        Ok(())
-    }
-
-    /// Answers the peer's claims.
-    pub fn answer(&mut self, claims: &[Claim]) -> Result<Step, ProtocolError> {
-        if claims.len() > MAX_CLAIMS {
-            return Err(ProtocolError::protocol("too many claims in one audit step"));
-        }
-        let mut step = Step::default();
-        for claim in claims {
-            check_range(claim.level, claim.index)?;
-            match &claim.body {
-                ClaimBody::Print(theirs) => {
-                    if self.range_print(claim.level, claim.index) != *theirs {
-                        step.claims.push(self.differing(claim.level, claim.index));
-                    }
-                }
-                ClaimBody::Split(prints) => {
-                    if claim.level >= MAX_LEVEL {
-                        return Err(ProtocolError::protocol(
-                            "audit range split past the last level",
-                        ));
-                    }
-                    for (c, theirs) in prints.iter().enumerate() {
-                        let index = (claim.index << BRANCH_BITS) | c as u64;
-                        if self.range_print(claim.level + 1, index) != *theirs {
-                            step.claims.push(self.differing(claim.level + 1, index));
-                        }
-                    }
-                }
-                ClaimBody::Items(tags) => {
-                    if tags.len() > MAX_LISTED {
-                        return Err(ProtocolError::protocol("too many items in one audit range"));
-                    }
-                    self.compare_items(claim.level, claim.index, tags, &mut step.lacking);
-                }
-            }
-        }
-        Ok(step)
-    }
-
-    /// What this side claims of a range found differing: its items if few, else the
-    /// fingerprints of its sub-ranges.
-    fn differing(&self, level: u8, index: u64) -> Claim {
-        let range = self.range(level, index);
-        let body = if range.len() <= LEAF_ITEMS || level >= MAX_LEVEL {
-            ClaimBody::Items(
-                self.items[range]
-                    .iter()
-                    .take(MAX_LISTED)
-                    .map(|i| tag(i.position, i.print))
-                    .collect(),
-            )
-        } else {
-            let mut prints = [[0u8; 5]; 4];
-            for (c, p) in prints.iter_mut().enumerate() {
-                *p = self.range_print(level + 1, (index << BRANCH_BITS) | c as u64);
-            }
-            ClaimBody::Split(prints)
-        };
-        Claim { level, index, body }
     }
 
     /// Every difference in one range, from the peer's items there and ours.
@@ -345,8 +377,8 @@ impl Reconciler {
         let sum = self.sums[range.end].wrapping_sub(self.sums[range.start]);
         // The count is mixed in, so ranges whose sums happen to match still differ.
         let mixed = sum ^ (range.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut out = [0u8; 5];
-        out.copy_from_slice(&mixed.to_le_bytes()[..5]);
+        let mut out = [0u8; 4];
+        out.copy_from_slice(&mixed.to_le_bytes()[..4]);
         out
     }
 }
@@ -370,27 +402,31 @@ mod tests {
         )
     }
 
-    /// Runs a whole audit between two sides; returns what each should send, the number
-    /// of differences found, and the messages exchanged.
+    struct Outcome {
+        a_sends: Vec<String>,
+        b_sends: Vec<String>,
+        found: u64,
+        messages: usize,
+        bytes: usize,
+    }
+
+    /// Runs a whole audit between two sides, `a` opening.
     fn reconcile(
         a: Vec<(Namespace, DocId, Vec<ChangeHash>)>,
         b: Vec<(Namespace, DocId, Vec<ChangeHash>)>,
-    ) -> (Vec<String>, Vec<String>, u64, usize) {
-        let (mut a, mut b) = (Reconciler::new(a), Reconciler::new(b));
-        let mut claims = a.opening();
+    ) -> Outcome {
+        let (mut a, mut b) = (Reconciler::new(a, 7), Reconciler::new(b, 7));
+        let root = a.opening();
+        let mut bytes = 4;
         let mut messages = 1;
-        let mut turn_b = true;
-        while !claims.is_empty() {
-            let (me, other) = if turn_b {
-                (&mut b, &mut a)
-            } else {
-                (&mut a, &mut b)
-            };
-            let step = me.answer(&claims).expect("answer");
-            other.peer_lacks(&step.lacking).expect("lacks");
-            claims = step.claims;
+        let mut step = Some(b.answer_opening(root));
+        let mut a_turn = true;
+        while let Some(s) = step.take() {
+            bytes += postcard::to_stdvec(&s).expect("encode").len();
             messages += 1;
-            turn_b = !turn_b;
+            let me = if a_turn { &mut a } else { &mut b };
+            step = me.answer(&s).expect("answer");
+            a_turn = !a_turn;
         }
         let names = |r: &mut Reconciler| {
             let mut v: Vec<String> = r.take_to_send().iter().map(|k| k.1.to_string()).collect();
@@ -398,16 +434,23 @@ mod tests {
             v
         };
         let found = a.found() + b.found();
-        (names(&mut a), names(&mut b), found, messages)
+        Outcome {
+            a_sends: names(&mut a),
+            b_sends: names(&mut b),
+            found,
+            messages,
+            bytes,
+        }
     }
 
     #[test]
     fn identical_sides_agree_in_one_round_trip() {
         let docs: Vec<_> = (0..1000).map(|i| doc(i, 1)).collect();
-        let (a, b, found, messages) = reconcile(docs.clone(), docs);
-        assert!(a.is_empty() && b.is_empty());
-        assert_eq!(found, 0);
-        assert_eq!(messages, 2, "the opening claim and an empty answer");
+        let o = reconcile(docs.clone(), docs);
+        assert!(o.a_sends.is_empty() && o.b_sends.is_empty());
+        assert_eq!(o.found, 0);
+        assert_eq!(o.messages, 2, "the opening claim and an empty answer");
+        assert!(o.bytes < 16, "{}", o.bytes);
     }
 
     #[test]
@@ -418,45 +461,75 @@ mod tests {
         a.push(doc(9001, 1)); // only on a
         b.push(doc(9002, 1)); // only on b
         b.remove(77); // d77 only on a
-        let (to_send_a, to_send_b, found, _) = reconcile(a, b);
-        assert_eq!(found, 4);
-        let mut all = to_send_a.clone();
-        all.extend(to_send_b.clone());
+        let o = reconcile(a, b);
+        assert_eq!(o.found, 4);
+        let mut all = o.a_sends.clone();
+        all.extend(o.b_sends.clone());
         all.sort();
         assert_eq!(all, vec!["d10", "d77", "d9001", "d9002"]);
         assert!(
-            to_send_b.contains(&"d9002".to_string()),
+            o.b_sends.contains(&"d9002".to_string()),
             "only b holds d9002"
         );
-        assert!(to_send_a.contains(&"d9001".to_string()));
-        assert!(to_send_a.contains(&"d77".to_string()));
+        assert!(o.a_sends.contains(&"d9001".to_string()));
+        assert!(o.a_sends.contains(&"d77".to_string()));
     }
 
     #[test]
     fn one_empty_side_gets_everything() {
         let docs: Vec<_> = (0..300).map(|i| doc(i, 1)).collect();
-        let (a, b, found, _) = reconcile(Vec::new(), docs);
-        assert!(a.is_empty());
-        assert_eq!(b.len(), 300);
-        assert_eq!(found, 300);
+        let o = reconcile(Vec::new(), docs);
+        assert!(o.a_sends.is_empty());
+        assert_eq!(o.b_sends.len(), 300);
+        assert_eq!(o.found, 300);
+    }
+
+    /// The cost grows with the differences: 1,000 of 100,000 cost less than twice the
+    /// bytes of listing those documents' names and heads.
+    #[test]
+    fn a_thousand_differences_in_a_hundred_thousand_cost_little() {
+        let docs: Vec<_> = (0..100_000).map(|i| doc(i, 1)).collect();
+        let mut b = docs.clone();
+        for i in 0..1000 {
+            b[i * 100].2 = vec![ChangeHash([2; 32])];
+        }
+        let o = reconcile(docs, b);
+        assert_eq!(o.found, 1000);
+        let listed: usize = (0..1000).map(|i| format!("d{}", i * 100).len() + 32).sum();
+        assert!(o.bytes < 2 * listed, "{} bytes against {listed}", o.bytes);
     }
 
     #[test]
-    fn ranges_that_do_not_exist_are_refused() {
-        let mut r = Reconciler::new(Vec::new());
-        for (level, index) in [(0, 1), (1, 4), (MAX_LEVEL + 1, 0)] {
-            let claim = Claim {
-                level,
-                index,
-                body: ClaimBody::Print([0; 5]),
-            };
-            assert!(r.answer(&[claim]).is_err(), "{level}/{index}");
-        }
-        let split = Claim {
-            level: MAX_LEVEL,
-            index: 0,
-            body: ClaimBody::Split([[0; 5]; 4]),
+    fn steps_that_do_not_fit_the_claims_are_refused() {
+        let docs: Vec<_> = (0..100).map(|i| doc(i, 1)).collect();
+        let mut a = Reconciler::new(docs, 7);
+        let _ = a.opening();
+        let wrong_bitmap = Step {
+            differ: vec![1, 0],
+            answers: vec![Answer::Items(Vec::new())],
+            lacking: Vec::new(),
         };
-        assert!(r.answer(&[split]).is_err());
+        assert!(a.answer(&wrong_bitmap).is_err());
+        let _ = a.opening();
+        let missing = Step {
+            differ: vec![1],
+            answers: Vec::new(),
+            lacking: Vec::new(),
+        };
+        assert!(a.answer(&missing).is_err());
+        let _ = a.opening();
+        let extra = Step {
+            differ: vec![0],
+            answers: vec![Answer::Split([[0; 4]; 4])],
+            lacking: Vec::new(),
+        };
+        assert!(a.answer(&extra).is_err());
+        let _ = a.opening();
+        let too_many = Step {
+            differ: vec![1],
+            answers: vec![Answer::Items(vec![[0; 8]; MAX_LISTED + 1])],
+            lacking: Vec::new(),
+        };
+        assert!(a.answer(&too_many).is_err());
     }
 }

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::audit::{Claim, ItemTag};
+use super::audit::{RangePrint, Step};
 use crate::model::{Cursor, NsPattern, Role};
 
 /// Version of this message set. A peer with another version is refused at hello (see
@@ -114,14 +114,16 @@ pub enum Message {
         id: String,
     },
     /// Starts a consistency audit of the documents both sides share in `namespaces` (see
-    /// [`crate::sync::audit`]): the sender's first claims.
+    /// [`crate::sync::audit`]): the fingerprint of everything the sender holds there.
     AuditStart {
         /// Chosen by the sender; names the audit in the messages that follow.
         audit: u32,
         /// Namespaces compared (within what the two sides share).
         namespaces: Vec<NsPattern>,
-        /// The sender's claims.
-        claims: Vec<Claim>,
+        /// Random, chosen by the sender: keys every hash of this audit on both sides.
+        salt: u64,
+        /// The sender's fingerprint of all of it.
+        root: RangePrint,
     },
     /// The answer to the other side's last audit message.
     AuditStep {
@@ -129,11 +131,8 @@ pub enum Message {
         audit: u32,
         /// Whether the sender started the audit.
         from_starter: bool,
-        /// Claims to answer; none: the sender has nothing more to compare.
-        claims: Vec<Claim>,
-        /// Items of the receiver's last claims that the sender lacks: the receiver sends
-        /// those documents.
-        lacking: Vec<ItemTag>,
+        /// The answer.
+        step: Step,
     },
     /// The answering side's last word on an audit: what it found and repaired, or why it
     /// will not take part.

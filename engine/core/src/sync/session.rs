@@ -519,14 +519,14 @@ impl Session {
             Message::AuditStart {
                 audit,
                 namespaces,
-                claims,
-            } => self.on_audit_start(audit, namespaces, claims),
+                salt,
+                root,
+            } => self.on_audit_start(audit, namespaces, salt, root),
             Message::AuditStep {
                 audit,
                 from_starter,
-                claims,
-                lacking,
-            } => self.on_audit_step(audit, from_starter, claims, lacking),
+                step,
+            } => self.on_audit_step(audit, from_starter, step),
             Message::AuditEnd {
                 audit,
                 found,

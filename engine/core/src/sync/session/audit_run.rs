@@ -11,7 +11,7 @@ use automerge::ChangeHash;
 use super::{DocKey, Offer, Phase, Session};
 use crate::error::ProtocolError;
 use crate::model::{DocId, Namespace, NsPattern};
-use crate::sync::audit::{Claim, ItemTag, Reconciler};
+use crate::sync::audit::{RangePrint, Reconciler, Step};
 use crate::sync::{Event, Message, Output};
 
 /// Most namespace patterns an audit may name.
@@ -44,11 +44,13 @@ pub(super) struct Audits {
 
 struct Run {
     id: u32,
+    /// Keys the audit's hashes (see [`crate::sync::audit::RangePrint`]).
+    salt: u64,
     namespaces: Vec<NsPattern>,
     /// `None` while this side's items load.
     rec: Option<Reconciler>,
-    /// The peer's opening claims, until the items are loaded.
-    opening: Vec<Claim>,
+    /// The peer's opening fingerprint, until the items are loaded.
+    opening: Option<RangePrint>,
     /// No claims are left either way.
     reconciled: bool,
     /// Documents this side sends that the peer does not hold yet.
@@ -61,12 +63,13 @@ struct Run {
 }
 
 impl Run {
-    fn new(id: u32, namespaces: Vec<NsPattern>) -> Self {
+    fn new(id: u32, salt: u64, namespaces: Vec<NsPattern>) -> Self {
         Self {
             id,
+            salt,
             namespaces,
             rec: None,
-            opening: Vec::new(),
+            opening: None,
             reconciled: false,
             repairing: HashSet::new(),
             repaired: 0,
@@ -82,11 +85,21 @@ fn wire_size(msg: &Message) -> u64 {
     msg.encode().len() as u64 + 4
 }
 
+/// The size of a received step's frame, without taking it apart.
+fn step_size(audit: u32, from_starter: bool, step: &Step) -> u64 {
+    wire_size(&Message::AuditStep {
+        audit,
+        from_starter,
+        step: step.clone(),
+    })
+}
+
 impl Session {
     /// Starts an audit of what this node and the peer hold in `namespaces` (within what
     /// they share): answered with [`Event::AuditDone`] once every difference found is
     /// repaired, or [`Event::AuditFailed`]. One at a time; `None` if one is running.
-    pub fn start_audit(&mut self, namespaces: Vec<NsPattern>) -> Option<u32> {
+    /// `salt` must be random: it keys the audit's hashes.
+    pub fn start_audit(&mut self, namespaces: Vec<NsPattern>, salt: u64) -> Option<u32> {
         if self.audits.mine.is_some() || self.peer_hello.is_none() {
             return None;
         }
@@ -97,7 +110,7 @@ impl Session {
         };
         self.audits.next_id = self.audits.next_id.wrapping_add(1);
         let id = self.audits.next_id;
-        self.audits.mine = Some(Run::new(id, namespaces.clone()));
+        self.audits.mine = Some(Run::new(id, salt, namespaces.clone()));
         self.outputs.push_back(Output::LoadAuditItems {
             starter: true,
             namespaces,
@@ -120,26 +133,26 @@ impl Session {
             .into_iter()
             .filter(|(ns, _, _)| patterns.iter().any(|p| p.matches(ns)) && self.shares(ns))
             .collect();
-        let rec = Reconciler::new(shared);
         let Some(run) = self.run(starter) else {
             return;
         };
+        let mut rec = Reconciler::new(shared, run.salt);
         if starter {
             let msg = Message::AuditStart {
                 audit: run.id,
                 namespaces: run.namespaces.clone(),
-                claims: rec.opening(),
+                salt: run.salt,
+                root: rec.opening(),
             };
             run.rec = Some(rec);
             run.rounds += 1;
             run.bytes += wire_size(&msg);
             self.outputs.push_back(Output::Send(msg));
         } else {
+            let root = run.opening.take().unwrap_or_default();
+            let step = rec.answer_opening(root);
             run.rec = Some(rec);
-            let opening = std::mem::take(&mut run.opening);
-            if let Err(e) = self.answer_claims(false, opening, Vec::new()) {
-                self.refuse_theirs(&e.to_string());
-            }
+            self.send_step(false, step);
         }
         self.check_audits();
         self.progress();
@@ -179,13 +192,11 @@ impl Session {
         &mut self,
         audit: u32,
         namespaces: Vec<NsPattern>,
-        claims: Vec<Claim>,
+        salt: u64,
+        root: RangePrint,
     ) -> Result<(), ProtocolError> {
         if namespaces.len() > MAX_AUDIT_PATTERNS {
             return Err(ProtocolError::protocol("too many namespaces in an audit"));
-        }
-        if claims.len() > crate::sync::audit::MAX_CLAIMS {
-            return Err(ProtocolError::protocol("too many claims in one audit step"));
         }
         if self.audits.theirs.is_some() {
             self.outputs.push_back(Output::Send(Message::AuditEnd {
@@ -196,8 +207,8 @@ impl Session {
             }));
             return Ok(());
         }
-        let mut run = Run::new(audit, namespaces.clone());
-        run.opening = claims;
+        let mut run = Run::new(audit, salt, namespaces.clone());
+        run.opening = Some(root);
         self.audits.theirs = Some(run);
         self.outputs.push_back(Output::LoadAuditItems {
             starter: false,
@@ -210,30 +221,35 @@ impl Session {
         &mut self,
         audit: u32,
         from_starter: bool,
-        claims: Vec<Claim>,
-        lacking: Vec<ItemTag>,
+        step: Step,
     ) -> Result<(), ProtocolError> {
         // A step from the starter belongs to the audit this node answers, and back.
         let starter = !from_starter;
-        let size = if starter {
-            wire_size(&Message::AuditStep {
-                audit,
-                from_starter,
-                claims: claims.clone(),
-                lacking: lacking.clone(),
-            })
-        } else {
-            0
-        };
-        let Some(run) = self
-            .run(starter)
-            .filter(|r| r.id == audit && r.rec.is_some())
-        else {
+        let Some(run) = self.run(starter).filter(|r| r.id == audit && !r.reconciled) else {
             // A step of an audit that ended or was refused.
             return Ok(());
         };
-        run.bytes += size;
-        self.answer_claims(starter, claims, lacking)?;
+        let Some(rec) = run.rec.as_mut() else {
+            return Err(ProtocolError::protocol(
+                "an audit step before the audit started",
+            ));
+        };
+        if starter {
+            run.bytes += step_size(audit, from_starter, &step);
+        }
+        let reply = rec.answer(&step)?;
+        let to_send = rec.take_to_send();
+        match reply {
+            Some(reply) => self.send_step(starter, reply),
+            None => {
+                if let Some(run) = self.run(starter) {
+                    run.reconciled = true;
+                }
+            }
+        }
+        for key in to_send {
+            self.repair(starter, key);
+        }
         self.check_audits();
         Ok(())
     }
@@ -264,47 +280,22 @@ impl Session {
         self.check_audits();
     }
 
-    /// Answers the peer's claims in one audit, and starts the repairs they show.
-    fn answer_claims(
-        &mut self,
-        starter: bool,
-        claims: Vec<Claim>,
-        lacking: Vec<ItemTag>,
-    ) -> Result<(), ProtocolError> {
+    /// Sends this side's step in an audit; one with no answers ends the comparison.
+    fn send_step(&mut self, starter: bool, step: Step) {
         let Some(run) = self.run(starter) else {
-            return Ok(());
+            return;
         };
-        let Some(rec) = run.rec.as_mut() else {
-            return Ok(());
+        run.reconciled = step.answers.is_empty();
+        let msg = Message::AuditStep {
+            audit: run.id,
+            from_starter: starter,
+            step,
         };
-        rec.peer_lacks(&lacking)?;
-        let last = claims.is_empty();
-        let step = if last {
-            None
-        } else {
-            Some(rec.answer(&claims)?)
-        };
-        let to_send = rec.take_to_send();
-        if let Some(step) = step {
-            run.reconciled = step.claims.is_empty();
-            let msg = Message::AuditStep {
-                audit: run.id,
-                from_starter: starter,
-                claims: step.claims,
-                lacking: step.lacking,
-            };
-            if starter {
-                run.rounds += 1;
-                run.bytes += wire_size(&msg);
-            }
-            self.outputs.push_back(Output::Send(msg));
-        } else {
-            run.reconciled = true;
+        if starter {
+            run.rounds += 1;
+            run.bytes += wire_size(&msg);
         }
-        for key in to_send {
-            self.repair(starter, key);
-        }
-        Ok(())
+        self.outputs.push_back(Output::Send(msg));
     }
 
     /// Sends this node's version of a document the audit found differing.
