@@ -37,7 +37,10 @@ fn audit_from_the_cli_and_the_api_and_on_a_schedule() {
 
     // The periodic audit runs, again and again, and is counted.
     wait_for("periodic audits", Duration::from_secs(20), || {
-        status(&periodic)["peers"][0]["audits"].as_u64().unwrap_or(0) >= 2
+        status(&periodic)["peers"][0]["audits"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2
     });
     drop(periodic);
 

@@ -106,6 +106,19 @@ pub fn count(counters: &PeerCounters, report: &AuditReport) {
     counters.audit_last_unix_s.store(now, Ordering::Relaxed);
 }
 
+/// A random key for an audit's hashes (see [`crate::sync::audit::RangePrint`]).
+pub fn salt() -> u64 {
+    let mut b = [0u8; 8];
+    // Without randomness the salt is the clock: still different for every audit.
+    if getrandom::fill(&mut b).is_err() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        return now.as_nanos() as u64;
+    }
+    u64::from_le_bytes(b)
+}
+
 /// Whether the peer may have this node answer another audit now; if so, notes the time.
 pub fn may_answer(counters: &PeerCounters) -> bool {
     let now = SystemTime::now()

@@ -380,7 +380,7 @@ pub async fn run(
                     let busy = auditing.as_ref().is_some_and(|r| !r.is_closed());
                     if busy {
                         let _ = request.reply.send(Err(AuditError::Busy(peer_id.to_string())));
-                    } else if session.start_audit(request.namespaces, rand_salt()).is_some() {
+                    } else if session.start_audit(request.namespaces, super::audit::salt()).is_some() {
                         auditing = Some(request.reply);
                     } else {
                         // The hello is not exchanged yet, or an abandoned audit still runs.
@@ -422,19 +422,6 @@ pub async fn run(
     // so a node that has shut down holds its store no more.
     while writing.join_next().await.is_some() {}
     result
-}
-
-/// A random key for an audit's hashes (see [`crate::sync::audit::RangePrint`]).
-fn rand_salt() -> u64 {
-    let mut b = [0u8; 8];
-    // Without randomness the salt is the clock: still different for every audit.
-    if getrandom::fill(&mut b).is_err() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        return now.as_nanos() as u64;
-    }
-    u64::from_le_bytes(b)
 }
 
 /// Before a revoked peer is cut off, hands it the list that revokes it (if it may not hold

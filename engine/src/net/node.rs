@@ -983,6 +983,7 @@ impl Node {
         let mut scfg = SessionConfig::new(me.clone(), self.inner.identity.role, store.feed_epoch());
         scfg.subscriptions = self.inner.cfg.subscriptions.clone();
         scfg.max_inbound_bytes = self.inner.cfg.max_inbound_bytes;
+        scfg.audit_salt = Some(audit::salt());
         let session = Session::new(scfg, identity, record, store.last_seq());
         // Counters add up over reconnects: this connection's frames are the difference.
         let received_before = counters.messages_received.load(Ordering::Relaxed);

@@ -89,6 +89,10 @@ pub struct SessionConfig {
     /// Documents owed a reply past which the session stops taking frames. An honest peer
     /// stays under `2 * max_docs_in_flight` (its offers and early sends, each answered).
     pub max_owed: usize,
+    /// Keys the audit that replaces walking the whole feed to a peer whose cursor names
+    /// another epoch of this node's feed (see [`Session::auditing_instead_of_walking`]);
+    /// `None` walks. The driver sets a random one.
+    pub audit_salt: Option<u64>,
 }
 
 impl SessionConfig {
@@ -105,6 +109,7 @@ impl SessionConfig {
             max_inbound_messages: 256,
             max_inbound_bytes: 32 << 20,
             max_owed: 8192,
+            audit_salt: None,
         }
     }
 }
@@ -635,6 +640,19 @@ impl Session {
             ));
         }
         self.peer_lacks_unshared = self.knows_everything_of(&hello);
+        // A cursor into another epoch of this feed: the peer received this node's
+        // documents before (this node was restored, or its feed renewed), so it holds most
+        // of them. Reconciling costs the differences; walking costs every document.
+        let stale = hello.resume.is_some_and(|c| c.epoch != self.cfg.feed_epoch);
+        let cover = self
+            .cfg
+            .audit_salt
+            .filter(|_| stale && self.local_last.0 > 0);
+        let start = if cover.is_some() {
+            self.local_last
+        } else {
+            start
+        };
         self.walked = start;
         self.synced_sent = start;
         if self.record.is_some_and(|r| r.epoch != hello.feed_epoch) {
@@ -649,6 +667,9 @@ impl Session {
         let peer_epoch = hello.feed_epoch;
         self.peer_hello = Some(hello);
         self.event(Event::Connected { peer_epoch });
+        if let Some(salt) = cover {
+            self.audit_instead_of_walking(salt);
+        }
         Ok(())
     }
 
@@ -1222,6 +1243,10 @@ impl Session {
     }
 
     fn synced_through(&self) -> FeedSeq {
+        // Nothing is confirmed until the audit standing in for the walk is done.
+        if self.auditing_instead_of_walking() {
+            return FeedSeq(0);
+        }
         match self.unfinished.keys().next() {
             Some(first) => FeedSeq(first.0 - 1),
             None => self.walked,

@@ -37,6 +37,8 @@ pub(super) struct Audits {
     next_id: u32,
     mine: Option<Run>,
     theirs: Option<Run>,
+    /// The audit this node started stands in for walking its whole feed to the peer.
+    covering: bool,
     /// Repairs waiting for room, and those under way (sent from a fresh state).
     queue: VecDeque<DocKey>,
     active: HashSet<DocKey>,
@@ -163,6 +165,30 @@ impl Session {
         self.refuse_theirs(reason);
     }
 
+    /// Whether an audit stands in for walking the feed to the peer up to the position of
+    /// the hello: until it is done, `Synced` tells the peer nothing new, so a connection
+    /// lost meanwhile leaves the peer's stale cursor, and the next connection tries again.
+    pub fn auditing_instead_of_walking(&self) -> bool {
+        self.audits.covering
+    }
+
+    /// Starts the audit that replaces the walk (see [`SessionConfig::audit_salt`]).
+    pub(super) fn audit_instead_of_walking(&mut self, salt: u64) {
+        if self.start_audit(Vec::new(), salt).is_some() {
+            self.audits.covering = true;
+        } else {
+            self.walk_after_all();
+        }
+    }
+
+    /// The audit could not stand in for the walk: walk the whole feed after all.
+    fn walk_after_all(&mut self) {
+        self.audits.covering = false;
+        self.walked = crate::model::FeedSeq(0);
+        self.synced_sent = crate::model::FeedSeq(0);
+        self.progress();
+    }
+
     fn refuse_theirs(&mut self, reason: &str) {
         if let Some(run) = self.audits.theirs.take() {
             self.outputs.push_back(Output::Send(Message::AuditEnd {
@@ -272,6 +298,10 @@ impl Session {
         });
         if let Some(reason) = refused {
             self.audits.mine = None;
+            if self.audits.covering {
+                self.walk_after_all();
+                return;
+            }
             self.outputs
                 .push_back(Output::Event(Event::AuditFailed { reason }));
             return;
@@ -393,6 +423,10 @@ impl Session {
                         rounds: run.rounds,
                         bytes: run.bytes,
                     })));
+                if std::mem::take(&mut self.audits.covering) {
+                    // The peer holds everything of the feed up to the hello.
+                    self.advance_synced();
+                }
             }
         }
     }
