@@ -118,18 +118,21 @@ async fn a_restored_hub_reconciles_instead_of_walking_its_whole_feed() {
         store.renew_feed_epoch().await.unwrap();
     }
     let b = start_at(b_path, b_cfg).unwrap();
+    let audited = |b: &tidesync_tests::cluster::TestNode| {
+        b.node
+            .peers()
+            .into_iter()
+            .find(|p| p.node_id.as_str() == "hub-a")
+            .filter(|p| p.counts.audits > 0)
+    };
     wait_until(Duration::from_secs(60), "b has everything back", || {
         Ok(differing_in(&a.store, &b.store, &ns)?.is_empty()
-            && b.store.list(&ns)?.len() == docs + 10)
+            && b.store.list(&ns)?.len() == docs + 10
+            && audited(&b).is_some())
     })
     .await
     .unwrap();
-    let peer = b
-        .node
-        .peers()
-        .into_iter()
-        .find(|p| p.node_id.as_str() == "hub-a")
-        .unwrap();
+    let peer = audited(&b).unwrap();
     println!("{:?}", peer.counts);
     assert_eq!(peer.counts.audits, 1, "one audit stood in for the walk");
     assert!(

@@ -17,6 +17,10 @@ use crate::sync::AuditReport;
 /// every document's heads.
 pub const MIN_AUDIT_GAP: Duration = Duration::from_secs(1);
 
+/// Longest an audit may run on a connection, started by either side, before it is given
+/// up (a peer that stopped answering must not hold it, or its repairs, for ever).
+pub const MAX_AUDIT_RUN: Duration = Duration::from_secs(900);
+
 /// How long an audit may take (comparison and repairs) unless told.
 pub const DEFAULT_AUDIT_TIMEOUT: Duration = Duration::from_secs(600);
 

@@ -293,6 +293,8 @@ pub async fn run(
     // The audit of the peer under way, if any: where its outcome goes.
     let mut auditing: Option<oneshot::Sender<Result<AuditReport, AuditError>>> = None;
     let mut audit_events = Vec::new();
+    // When the audits running on this connection are given up.
+    let mut audit_deadline: Option<tokio::time::Instant> = None;
     let result: Result<(), DriverError> = async {
         loop {
             let mut outbox = Frames {
@@ -324,6 +326,17 @@ pub async fn run(
                     let _ = reply.send(outcome);
                 }
             }
+            if auditing.as_ref().is_some_and(|r| r.is_closed()) {
+                // Whoever asked stopped waiting (its timeout): the audit stops too.
+                auditing = None;
+                session.cancel_audit();
+                continue;
+            }
+            audit_deadline = match (session.audit_running(), audit_deadline) {
+                (true, None) => Some(tokio::time::Instant::now() + super::audit::MAX_AUDIT_RUN),
+                (true, Some(d)) => Some(d),
+                (false, _) => None,
+            };
             let synced = session.stats().docs_synced;
             if synced > seen_synced {
                 counters
@@ -375,6 +388,11 @@ pub async fn run(
                         return Err(DriverError::Revoked);
                     }
                     lists.pass_on(&ctx.revocations, &mut session);
+                }
+                () = tokio::time::sleep_until(audit_deadline.unwrap_or_else(tokio::time::Instant::now)), if audit_deadline.is_some() => {
+                    tracing::warn!(peer = %peer_id, "giving up an audit that ran too long");
+                    audit_deadline = None;
+                    session.abandon_audits();
                 }
                 Some(request) = audits.recv() => {
                     let busy = auditing.as_ref().is_some_and(|r| !r.is_closed());

@@ -19,6 +19,7 @@ use super::replicas::Replicas;
 use crate::error::StoreError;
 use crate::model::{Cursor, DocId, Namespace, SyncPeer};
 use crate::store::Store;
+use crate::sync::audit::Reconciler;
 use crate::sync::{Applied, Apply, Event, Message, Output, ProtocolError, Session};
 
 /// Where a session's frames and events go.
@@ -138,10 +139,7 @@ impl Exec<'_> {
                     let write = save_cursor(self.store.clone(), peer.clone(), cursor);
                     self.run(session, writes, write).await?;
                 }
-                Output::LoadAuditItems {
-                    starter,
-                    namespaces,
-                } => {
+                Output::LoadAuditItems { starter, scope } => {
                     if !starter && !super::audit::may_answer(self.counters) {
                         session.refuse_audit(&format!(
                             "at most one audit per {} ms",
@@ -149,12 +147,16 @@ impl Exec<'_> {
                         ));
                         continue;
                     }
-                    // A scan of every document's record: off the connection's task.
+                    // A scan of every document's record and two hashes each: off the
+                    // connection's task.
                     let store = self.store.clone();
-                    let items = tokio::task::spawn_blocking(move || store.audit_items(&namespaces))
-                        .await
-                        .map_err(|e| ExecError::Stream(format!("audit items: {e}")))??;
-                    session.handle_audit_items(starter, items);
+                    let rec = tokio::task::spawn_blocking(move || {
+                        let items = store.audit_items(|ns| scope.includes(ns))?;
+                        Ok::<_, StoreError>(Reconciler::new(items, scope.salt))
+                    })
+                    .await
+                    .map_err(|e| ExecError::Stream(format!("audit items: {e}")))??;
+                    session.handle_audit_items(starter, rec);
                 }
                 Output::Event(Event::PeerHolds { ns, id, heads }) => {
                     if let Some(replicas) = self.replicas {

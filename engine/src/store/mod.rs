@@ -731,12 +731,12 @@ impl Store {
         }))
     }
 
-    /// Every document in a namespace matching `namespaces`, deleted ones included, with
-    /// its heads: what an audit compares. One read transaction, a scan of the documents'
+    /// Every document in a namespace `include` accepts, deleted ones included, with its
+    /// heads: what an audit compares. One read transaction, a scan of the documents'
     /// records only (never their bytes).
     pub fn audit_items(
         &self,
-        namespaces: &[model::NsPattern],
+        include: impl Fn(&Namespace) -> bool,
     ) -> Result<Vec<(Namespace, DocId, Vec<ChangeHash>)>, StoreError> {
         use redb::ReadableTable;
         let txn = self.inner.db.get()?.begin_read()?;
@@ -748,9 +748,7 @@ impl Store {
             let (ns_text, id) = k.value();
             // Namespaces come in order: each is judged once.
             if current.as_ref().is_none_or(|(text, _)| text != ns_text) {
-                let ns = Namespace::new(ns_text)
-                    .ok()
-                    .filter(|ns| namespaces.iter().any(|p| p.matches(ns)));
+                let ns = Namespace::new(ns_text).ok().filter(|ns| include(ns));
                 current = Some((ns_text.to_owned(), ns));
             }
             let Some((_, Some(ns))) = &current else {

@@ -19,7 +19,7 @@
 //! and the peer lacks them or holds other heads) and which the peer should send (this
 //! side lacks them). Both then run the normal per-document sync for exactly those.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use automerge::ChangeHash;
 use serde::{Deserialize, Serialize};
@@ -35,10 +35,29 @@ pub const MAX_LEVEL: u8 = 24;
 /// A differing range with at most this many items here is answered with its items (a tag
 /// each, 8 bytes) rather than four fingerprints (16 bytes, and more to come below them).
 pub const LEAF_ITEMS: usize = 3;
-/// Most item tags one claim may list.
+/// Most item tags one answer may list at the last level.
 pub const MAX_LISTED: usize = 1024;
-/// Most claims, and most lacking tags, in one audit message.
-pub const MAX_CLAIMS: usize = 1 << 16;
+/// Most answers, ranges claimed and lacking tags in one audit message: a message stays
+/// under [`MAX_AUDIT_FRAME`]. An audit that needs more (many thousands of differences
+/// scattered over a large store) stops with [`AuditFault::TooManyDifferences`].
+pub const MAX_CLAIMS: usize = 1 << 15;
+/// Largest audit message, in bytes, checked before it is decoded.
+pub const MAX_AUDIT_FRAME: usize = 2 << 20;
+
+/// Why an audit step cannot be answered.
+#[derive(Debug)]
+pub enum AuditFault {
+    /// The peer broke the protocol.
+    Peer(ProtocolError),
+    /// This side's answer would not fit one message: too many differences at once.
+    TooManyDifferences,
+}
+
+impl From<ProtocolError> for AuditFault {
+    fn from(e: ProtocolError) -> Self {
+        Self::Peer(e)
+    }
+}
 
 /// A range's fingerprint on the wire: 32 bits of the sum. Every hash is keyed with the
 /// audit's random salt, so two different ranges that happen to match fool one audit, not
@@ -89,6 +108,8 @@ pub struct Reconciler {
     /// The ranges this side claimed in its last message, in order: what the peer's next
     /// step answers.
     claimed: Vec<(u8, u64)>,
+    /// The items this side listed in its last message: what the peer may say it lacks.
+    listed: HashMap<ItemTag, (Namespace, DocId)>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -165,6 +186,7 @@ impl Reconciler {
             to_send: Vec::new(),
             found: 0,
             claimed: Vec::new(),
+            listed: HashMap::new(),
         }
     }
 
@@ -198,6 +220,7 @@ impl Reconciler {
     pub fn answer_opening(&mut self, root: RangePrint) -> Step {
         let mut step = Step::default();
         self.claimed.clear();
+        self.listed.clear();
         self.compare_print(0, 0, root, 0, &mut step);
         step
     }
@@ -207,16 +230,16 @@ impl Reconciler {
     /// peer answered nothing: the comparison is over, and nothing is sent back. A step
     /// with answers is always answered, if only with what this side lacks, so a side that
     /// sends one knows when the comparison is over.
-    pub fn answer(&mut self, theirs: &Step) -> Result<Option<Step>, ProtocolError> {
+    pub fn answer(&mut self, theirs: &Step) -> Result<Option<Step>, AuditFault> {
+        let refuse = |why: &str| AuditFault::Peer(ProtocolError::protocol(why.to_owned()));
         if theirs.answers.len() > MAX_CLAIMS || theirs.lacking.len() > MAX_CLAIMS {
-            return Err(ProtocolError::protocol("too large an audit step"));
+            return Err(refuse("too large an audit step"));
         }
         if theirs.differ.len() != self.claimed.len().div_ceil(8) {
-            return Err(ProtocolError::protocol(
-                "audit step answers other ranges than claimed",
-            ));
+            return Err(refuse("audit step answers other ranges than claimed"));
         }
         self.peer_lacks(&theirs.lacking);
+        self.listed.clear();
         let claimed = std::mem::take(&mut self.claimed);
         let differing = claimed
             .iter()
@@ -228,14 +251,12 @@ impl Reconciler {
         let mut bit = 0usize;
         for (level, index) in differing {
             let Some(answer) = answers.next() else {
-                return Err(ProtocolError::protocol("an audit step lacks answers"));
+                return Err(refuse("an audit step lacks answers"));
             };
             match answer {
                 Answer::Split(prints) => {
                     if level >= MAX_LEVEL {
-                        return Err(ProtocolError::protocol(
-                            "audit range split past the last level",
-                        ));
+                        return Err(refuse("audit range split past the last level"));
                     }
                     for (c, print) in prints.iter().enumerate() {
                         let child = (index << BRANCH_BITS) | c as u64;
@@ -244,20 +265,27 @@ impl Reconciler {
                     }
                 }
                 Answer::Items(tags) => {
-                    if tags.len() > MAX_LISTED {
-                        return Err(ProtocolError::protocol("too many items in one audit range"));
+                    // An honest side lists a range only once it holds few items there.
+                    let most = if level >= MAX_LEVEL {
+                        MAX_LISTED
+                    } else {
+                        LEAF_ITEMS
+                    };
+                    if tags.len() > most {
+                        return Err(refuse("too many items in one audit range"));
                     }
                     self.compare_items(level, index, tags, &mut step.lacking);
                 }
             }
         }
         if answers.next().is_some() {
-            return Err(ProtocolError::protocol(
-                "an audit step has more answers than ranges",
-            ));
+            return Err(refuse("an audit step has more answers than ranges"));
         }
-        if self.claimed.len() > MAX_CLAIMS {
-            return Err(ProtocolError::protocol("too many ranges in one audit step"));
+        if step.answers.len() > MAX_CLAIMS
+            || self.claimed.len() > MAX_CLAIMS
+            || step.lacking.len() > MAX_CLAIMS
+        {
+            return Err(AuditFault::TooManyDifferences);
         }
         if theirs.answers.is_empty() {
             return Ok(None);
@@ -284,13 +312,13 @@ impl Reconciler {
         step.differ[bit / 8] |= 1 << (bit % 8);
         let range = self.range(level, index);
         let answer = if range.len() <= LEAF_ITEMS || level >= MAX_LEVEL {
-            Answer::Items(
-                self.items[range]
-                    .iter()
-                    .take(MAX_LISTED)
-                    .map(|i| tag(i.position, i.print))
-                    .collect(),
-            )
+            let mut tags = Vec::with_capacity(range.len().min(MAX_LISTED));
+            for item in self.items[range].iter().take(MAX_LISTED) {
+                let t = tag(item.position, item.print);
+                self.listed.insert(t, item.key.clone());
+                tags.push(t);
+            }
+            Answer::Items(tags)
         } else {
             let mut prints = [[0u8; 4]; 4];
             for (c, p) in prints.iter_mut().enumerate() {
@@ -303,17 +331,12 @@ impl Reconciler {
         step.answers.push(answer);
     }
 
-    /// The peer lacks the documents of these tags (this side listed them): they are to
-    /// be sent. Tags of no document here are ignored.
+    /// The peer lacks the documents of these tags: those this side listed in its last
+    /// message are to be sent; others are ignored.
     fn peer_lacks(&mut self, tags: &[ItemTag]) {
-        if tags.is_empty() {
-            return;
-        }
-        let wanted: HashSet<ItemTag> = tags.iter().copied().collect();
-        // One scan per step the peer sends; a tag is 64 bits, so a stray match is rare.
-        for item in &self.items {
-            if wanted.contains(&tag(item.position, item.print)) {
-                self.to_send.push(item.key.clone());
+        for t in tags {
+            if let Some(key) = self.listed.remove(t) {
+                self.to_send.push(key);
             }
         }
     }
@@ -327,19 +350,16 @@ impl Reconciler {
         lacking: &mut Vec<ItemTag>,
     ) {
         let range = self.range(level, index);
-        let mut unmatched: Vec<(u32, u32)> = theirs
+        let word = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or_default());
+        // Position bits to print bits; a duplicate tag from the peer counts once.
+        let mut unmatched: HashMap<u32, u32> = theirs
             .iter()
-            .map(|t| {
-                let (p, f) = t.split_at(4);
-                let word = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or_default());
-                (word(p), word(f))
-            })
+            .map(|t| (word(&t[..4]), word(&t[4..])))
             .collect();
         for item in &self.items[range] {
             let (p, f) = (item.position as u32, item.print as u32);
-            match unmatched.iter().position(|(tp, _)| *tp == p) {
-                Some(at) => {
-                    let (_, tf) = unmatched.swap_remove(at);
+            match unmatched.remove(&p) {
+                Some(tf) => {
                     if tf != f {
                         // Both hold it, with other heads: one sync from this side settles
                         // both ways.
@@ -353,6 +373,8 @@ impl Reconciler {
                 }
             }
         }
+        let mut unmatched: Vec<(u32, u32)> = unmatched.into_iter().collect();
+        unmatched.sort_unstable();
         for (p, f) in unmatched {
             self.found += 1;
             let mut t = [0u8; 8];
@@ -531,5 +553,27 @@ mod tests {
             lacking: Vec::new(),
         };
         assert!(a.answer(&too_many).is_err());
+    }
+
+    /// More differences than one message can carry end the audit with a fault of its
+    /// own, not a protocol error (which would cut off an honest peer).
+    #[test]
+    fn too_many_differences_stop_the_audit_without_blaming_the_peer() {
+        let a: Vec<_> = (0..100_000).map(|i| doc(i, 1)).collect();
+        let b: Vec<_> = (0..100_000).map(|i| doc(i, 2)).collect();
+        let (mut a, mut b) = (Reconciler::new(a, 3), Reconciler::new(b, 3));
+        let root = a.opening();
+        let mut step = b.answer_opening(root);
+        let mut a_turn = true;
+        loop {
+            let me = if a_turn { &mut a } else { &mut b };
+            match me.answer(&step) {
+                Ok(Some(next)) => step = next,
+                Ok(None) => panic!("the comparison ended"),
+                Err(AuditFault::TooManyDifferences) => break,
+                Err(AuditFault::Peer(e)) => panic!("blamed the peer: {e}"),
+            }
+            a_turn = !a_turn;
+        }
     }
 }

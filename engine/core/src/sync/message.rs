@@ -135,10 +135,12 @@ pub enum Message {
         step: Step,
     },
     /// The answering side's last word on an audit: what it found and repaired, or why it
-    /// will not take part.
+    /// will not take part; or the starter giving up on it.
     AuditEnd {
         /// The audit.
         audit: u32,
+        /// Whether the starter sends it (it gives up), else the answering side.
+        from_starter: bool,
         /// Differences the sender found.
         found: u64,
         /// Of the documents the sender had to send, those the receiver now holds.

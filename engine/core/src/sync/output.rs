@@ -39,13 +39,13 @@ pub enum Output {
     Apply(Box<Apply>),
     /// Persist how far this node has durably received the peer's feed.
     SaveCursor(Cursor),
-    /// Answer with `Session::handle_audit_items`: every document this node holds in a
-    /// namespace matching `namespaces`, with its heads, for an audit.
+    /// Answer with `Session::handle_audit_items`: a `sync::audit::Reconciler` over every
+    /// document this node holds in the scope, with its heads, for an audit.
     LoadAuditItems {
         /// Whether the audit is the one this node started (else the peer's).
         starter: bool,
-        /// Namespaces compared.
-        namespaces: Vec<crate::model::NsPattern>,
+        /// Which documents, and the salt of their hashes.
+        scope: crate::sync::session::AuditScope,
     },
     /// Something worth telling the node.
     Event(Event),

@@ -232,7 +232,7 @@ impl DocSync {
 type DocKey = (Namespace, DocId);
 
 mod audit_run;
-pub use audit_run::{AuditReport, MAX_AUDIT_PATTERNS};
+pub use audit_run::{AuditReport, AuditScope, MAX_AUDIT_PATTERNS};
 
 /// Owed messages generated per call of [`Session::set_can_send`] with room.
 const OWED_PER_ROOM: usize = 16;
@@ -534,11 +534,12 @@ impl Session {
             } => self.on_audit_step(audit, from_starter, step),
             Message::AuditEnd {
                 audit,
+                from_starter,
                 found,
                 repaired,
                 refused,
             } => {
-                self.on_audit_end(audit, found, repaired, refused);
+                self.on_audit_end(audit, from_starter, found, repaired, refused);
                 Ok(())
             }
             Message::SetAside { ns, id } => {
@@ -648,13 +649,14 @@ impl Session {
             .cfg
             .audit_salt
             .filter(|_| stale && self.local_last.0 > 0);
-        let start = if cover.is_some() {
+        self.walked = if cover.is_some() {
             self.local_last
         } else {
             start
         };
-        self.walked = start;
-        self.synced_sent = start;
+        // While an audit stands in for the walk, the peer's cursor (reset to this
+        // epoch's start at its end) moves once the audit is done.
+        self.synced_sent = if cover.is_some() { FeedSeq(0) } else { start };
         if self.record.is_some_and(|r| r.epoch != hello.feed_epoch) {
             self.states_set_aside = true;
             let record = Cursor {
@@ -890,6 +892,8 @@ impl Session {
             entry.state = None;
             entry.uncommitted = false;
         }
+        // A repair of it cannot finish.
+        self.audit_sent(&key, false);
         self.check_done(&key);
     }
 
@@ -898,6 +902,11 @@ impl Session {
     pub fn handle_feed(&mut self, entries: Vec<FeedEntry>, last: FeedSeq) {
         self.reading = false;
         self.local_last = self.local_last.max(last);
+        if self.take_rewind() {
+            self.walked = FeedSeq(0);
+            self.progress();
+            return;
+        }
         let full = entries.len() >= self.cfg.feed_batch;
         for e in entries {
             self.walked = self.walked.max(e.seq);
@@ -1017,11 +1026,12 @@ impl Session {
         let entry = self.docs.entry(key.clone()).or_default();
         entry.phase = Phase::Idle;
         entry.uncommitted = false;
+        // Answered: a fresh start asked for is made now, or the document is gone.
+        let fresh = std::mem::take(&mut entry.fresh);
         match loaded {
             Some(l) => {
                 entry.doc = Some(l.doc);
-                if entry.state.is_none() {
-                    let fresh = std::mem::take(&mut entry.fresh);
+                if entry.state.is_none() || fresh {
                     let persisted = l.state.filter(|_| !self.states_set_aside && !fresh);
                     entry.state = Some(start_state(persisted, lacks, read_only));
                 }
@@ -1279,6 +1289,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::model::Grants;
+    use crate::sync::audit::Reconciler;
     use automerge::transaction::Transactable;
 
     fn session(me: &str, role: Role, peer: &str, peer_role: Role) -> Session {
@@ -1762,5 +1773,83 @@ mod tests {
             .count();
         assert_eq!(told, 1, "told once: {out:?}");
         assert!(hub.owed.is_empty());
+    }
+
+    /// Drives two connected sessions' audits with no store: each side's documents are
+    /// given, and every document load answers "gone" (a copy set aside, say), so no repair
+    /// can send anything. Returns the starter's events.
+    fn audit_between(
+        a_docs: Vec<(Namespace, DocId, Vec<ChangeHash>)>,
+        b_docs: Vec<(Namespace, DocId, Vec<ChangeHash>)>,
+    ) -> Vec<Event> {
+        let mut a = session("hub-a", Role::Hub, "hub-b", Role::Hub);
+        let mut b = session("hub-b", Role::Hub, "hub-a", Role::Hub);
+        a.handle_message(hello("hub-b", Role::Hub)).expect("hello");
+        b.handle_message(hello("hub-a", Role::Hub)).expect("hello");
+        assert!(a.start_audit(Vec::new(), 9).is_some());
+        let mut events = Vec::new();
+        let mut budget = 100_000usize;
+        for _ in 0..10_000 {
+            let mut moved = false;
+            for starter in [true, false] {
+                let (me, other, docs) = if starter {
+                    (&mut a, &mut b, &a_docs)
+                } else {
+                    (&mut b, &mut a, &b_docs)
+                };
+                while let Some(out) = me.poll_output() {
+                    moved = true;
+                    budget = budget
+                        .checked_sub(1)
+                        .expect("the sessions never went quiet: a repair that cannot load loops");
+                    match out {
+                        Output::Send(Message::Hello(_)) => {}
+                        Output::Send(m) => other.handle_message(m).expect("valid"),
+                        Output::LoadAuditItems { starter: s, scope } => {
+                            let items = docs
+                                .iter()
+                                .filter(|d| scope.includes(&d.0))
+                                .cloned()
+                                .collect();
+                            me.handle_audit_items(s, Reconciler::new(items, scope.salt));
+                        }
+                        Output::Load { ns, id } => me.handle_loaded(ns, id, None),
+                        Output::ReadFeed { .. } => me.handle_feed(Vec::new(), FeedSeq(0)),
+                        Output::Event(e) if starter => events.push(e),
+                        _ => {}
+                    }
+                }
+            }
+            if !moved {
+                return events;
+            }
+        }
+        panic!("the sessions never went quiet: a repair that cannot load loops");
+    }
+
+    /// Regression: a document found differing that cannot be loaded any more (set aside,
+    /// or deleted meanwhile) once made the session ask for it again and again without end,
+    /// pinning its thread. Now its repair ends unrepaired and the audit completes.
+    #[test]
+    fn a_repair_whose_document_cannot_load_ends_and_the_audit_completes() {
+        let doc = |i: u32, v: u8| {
+            (
+                Namespace::new("cfg").expect("ns"),
+                DocId::new(format!("d{i}")).expect("id"),
+                vec![ChangeHash([v; 32])],
+            )
+        };
+        let a: Vec<_> = (0..50).map(|i| doc(i, 1)).collect();
+        let mut b = a.clone();
+        b[3] = doc(3, 2);
+        b.push(doc(99, 1));
+        let events = audit_between(a, b);
+        let done = events.iter().find_map(|e| match e {
+            Event::AuditDone(r) => Some(r.clone()),
+            _ => None,
+        });
+        let report = done.expect("the audit completes");
+        assert_eq!(report.differing, 2, "{report:?}");
+        assert_eq!(report.repaired, 0, "nothing could be sent: {report:?}");
     }
 }

@@ -39,12 +39,24 @@ pub const MAX_REVOCATION_LIST: usize = 1 << 20;
 /// cut, and what is kept is escaped, so a peer cannot flood or forge log lines.
 pub const MAX_PEER_TEXT: usize = 256;
 
+/// Message variants (the frame's first byte) of the audit messages, `AuditStart`,
+/// `AuditStep` and `AuditEnd`.
+const AUDIT_VARIANTS: std::ops::RangeInclusive<u8> = 7..=9;
+
 /// Checks a frame before it is decoded: a hello (message variant 0, the first byte) may
-/// not exceed [`MAX_HELLO_BYTES`].
+/// not exceed [`MAX_HELLO_BYTES`], nor an audit message
+/// [`super::audit::MAX_AUDIT_FRAME`] (decoded, its small items take many times their
+/// wire size).
 pub fn check_frame(frame: &[u8]) -> Result<(), ProtocolError> {
-    if frame.first() == Some(&0) && frame.len() > MAX_HELLO_BYTES {
+    let limit = match frame.first() {
+        Some(0) => MAX_HELLO_BYTES,
+        Some(v) if AUDIT_VARIANTS.contains(v) => super::audit::MAX_AUDIT_FRAME,
+        _ => return Ok(()),
+    };
+    if frame.len() > limit {
         return Err(ProtocolError::protocol(format!(
-            "a hello of {} bytes (at most {MAX_HELLO_BYTES})",
+            "a message of kind {} and {} bytes (at most {limit})",
+            frame[0],
             frame.len()
         )));
     }
@@ -194,5 +206,41 @@ mod tests {
         let long = "x".repeat(10_000);
         let cut = peer_text(&long);
         assert_eq!(cut.chars().count(), MAX_PEER_TEXT + 1);
+    }
+
+    /// Audit messages are refused by size before they are decoded: decoded, their small
+    /// items take many times their wire size. Their kinds are the bytes the check reads.
+    #[test]
+    fn audit_frames_are_bounded_before_decoding() {
+        use crate::sync::audit::{Answer, Step, MAX_AUDIT_FRAME};
+        use crate::sync::Message;
+        let start = Message::AuditStart {
+            audit: 1,
+            namespaces: Vec::new(),
+            salt: 0,
+            root: [0; 4],
+        };
+        let end = Message::AuditEnd {
+            audit: 1,
+            from_starter: false,
+            found: 0,
+            repaired: 0,
+            refused: None,
+        };
+        let flood = Message::AuditStep {
+            audit: 1,
+            from_starter: true,
+            step: Step {
+                differ: Vec::new(),
+                answers: vec![Answer::Items(Vec::new()); MAX_AUDIT_FRAME / 2 + 1],
+                lacking: Vec::new(),
+            },
+        };
+        let flood = flood.encode();
+        assert_eq!(start.encode()[0], 7);
+        assert_eq!(flood[0], 8);
+        assert_eq!(end.encode()[0], 9);
+        assert!(check_frame(&flood).is_err());
+        assert!(check_frame(&start.encode()).is_ok());
     }
 }

@@ -6,16 +6,41 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use automerge::ChangeHash;
-
 use super::{DocKey, Offer, Phase, Session};
 use crate::error::ProtocolError;
-use crate::model::{DocId, Namespace, NsPattern};
-use crate::sync::audit::{RangePrint, Reconciler, Step};
+use crate::model::{Namespace, NsPattern};
+use crate::sync::audit::{AuditFault, RangePrint, Reconciler, Step};
 use crate::sync::{Event, Message, Output};
 
 /// Most namespace patterns an audit may name.
 pub const MAX_AUDIT_PATTERNS: usize = 64;
+
+/// Which documents an audit compares, judged without the session: the driver reads and
+/// hashes them off the connection's task ([`Output::LoadAuditItems`]).
+#[derive(Clone, Debug)]
+pub struct AuditScope {
+    /// The namespace patterns asked for.
+    pub patterns: Vec<NsPattern>,
+    /// Keys the audit's hashes.
+    pub salt: u64,
+    peer_subscriptions: Vec<NsPattern>,
+    my_subscriptions: Vec<NsPattern>,
+    peer_grants: crate::model::Grants,
+}
+
+impl AuditScope {
+    /// Whether documents of `ns` are compared: asked for, and synced between the two
+    /// sides either way (the peer subscribes and may read, or this node subscribes and
+    /// the peer may write).
+    pub fn includes(&self, ns: &Namespace) -> bool {
+        let asked = self.patterns.iter().any(|p| p.matches(ns));
+        let to_peer =
+            self.peer_subscriptions.iter().any(|p| p.matches(ns)) && self.peer_grants.can_read(ns);
+        let from_peer =
+            self.my_subscriptions.iter().any(|p| p.matches(ns)) && self.peer_grants.can_write(ns);
+        asked && (to_peer || from_peer)
+    }
+}
 
 /// What an audit this node started found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,6 +64,8 @@ pub(super) struct Audits {
     theirs: Option<Run>,
     /// The audit this node started stands in for walking its whole feed to the peer.
     covering: bool,
+    /// The walk falls back to the start once the feed read under way is answered.
+    rewind: bool,
     /// Repairs waiting for room, and those under way (sent from a fresh state).
     queue: VecDeque<DocKey>,
     active: HashSet<DocKey>,
@@ -113,32 +140,32 @@ impl Session {
         self.audits.next_id = self.audits.next_id.wrapping_add(1);
         let id = self.audits.next_id;
         self.audits.mine = Some(Run::new(id, salt, namespaces.clone()));
-        self.outputs.push_back(Output::LoadAuditItems {
-            starter: true,
-            namespaces,
-        });
+        self.load_audit_items(true, namespaces, salt);
         Some(id)
     }
 
-    /// The answer to [`Output::LoadAuditItems`]: the documents this node holds in the
-    /// audit's namespaces (others are ignored) and their heads.
-    pub fn handle_audit_items(
-        &mut self,
-        starter: bool,
-        docs: Vec<(Namespace, DocId, Vec<ChangeHash>)>,
-    ) {
+    fn load_audit_items(&mut self, starter: bool, patterns: Vec<NsPattern>, salt: u64) {
+        let scope = AuditScope {
+            patterns,
+            salt,
+            peer_subscriptions: self
+                .peer_hello
+                .as_ref()
+                .map(|h| h.subscriptions.clone())
+                .unwrap_or_default(),
+            my_subscriptions: self.cfg.subscriptions.clone(),
+            peer_grants: self.peer.grants.clone(),
+        };
+        self.outputs
+            .push_back(Output::LoadAuditItems { starter, scope });
+    }
+
+    /// The answer to [`Output::LoadAuditItems`]: a [`Reconciler`] over the documents of
+    /// the scope, hashed with its salt.
+    pub fn handle_audit_items(&mut self, starter: bool, mut rec: Reconciler) {
         let Some(run) = self.run(starter) else {
             return;
         };
-        let patterns = run.namespaces.clone();
-        let shared: Vec<_> = docs
-            .into_iter()
-            .filter(|(ns, _, _)| patterns.iter().any(|p| p.matches(ns)) && self.shares(ns))
-            .collect();
-        let Some(run) = self.run(starter) else {
-            return;
-        };
-        let mut rec = Reconciler::new(shared, run.salt);
         if starter {
             let msg = Message::AuditStart {
                 audit: run.id,
@@ -184,20 +211,101 @@ impl Session {
     /// The audit could not stand in for the walk: walk the whole feed after all.
     fn walk_after_all(&mut self) {
         self.audits.covering = false;
-        self.walked = crate::model::FeedSeq(0);
+        if self.reading {
+            // The read under way ends where the walk skipped to: its answer is dropped
+            // and the walk starts over then (see `Session::handle_feed`).
+            self.audits.rewind = true;
+        } else {
+            self.walked = crate::model::FeedSeq(0);
+        }
         self.synced_sent = crate::model::FeedSeq(0);
         self.progress();
     }
 
+    /// Whether a feed read's answer is to be dropped for a walk from the start; clears it.
+    pub(super) fn take_rewind(&mut self) -> bool {
+        std::mem::take(&mut self.audits.rewind)
+    }
+
     fn refuse_theirs(&mut self, reason: &str) {
-        if let Some(run) = self.audits.theirs.take() {
+        if let Some(id) = self.audits.theirs.as_ref().map(|r| r.id) {
+            self.drop_run(false);
             self.outputs.push_back(Output::Send(Message::AuditEnd {
-                audit: run.id,
+                audit: id,
+                from_starter: false,
                 found: 0,
                 repaired: 0,
                 refused: Some(reason.to_owned()),
             }));
         }
+    }
+
+    /// Ends an audit this side cannot finish, telling the peer.
+    fn give_up(&mut self, starter: bool, reason: &str) {
+        if !starter {
+            self.refuse_theirs(reason);
+            return;
+        }
+        if let Some(id) = self.audits.mine.as_ref().map(|r| r.id) {
+            self.outputs.push_back(Output::Send(Message::AuditEnd {
+                audit: id,
+                from_starter: true,
+                found: 0,
+                repaired: 0,
+                refused: Some(reason.to_owned()),
+            }));
+        }
+        self.fail_mine(reason.to_owned());
+    }
+
+    /// The audit this node started failed: the node is told, or, if it stood in for the
+    /// walk, the feed is walked after all.
+    fn fail_mine(&mut self, reason: String) {
+        self.drop_run(true);
+        if self.audits.covering {
+            self.walk_after_all();
+            return;
+        }
+        self.outputs
+            .push_back(Output::Event(Event::AuditFailed { reason }));
+    }
+
+    /// Forgets a run and the repairs it queued (those under way finish as normal sync).
+    fn drop_run(&mut self, starter: bool) {
+        let run = if starter {
+            self.audits.mine.take()
+        } else {
+            self.audits.theirs.take()
+        };
+        if let Some(run) = run {
+            self.audits.queue.retain(|k| !run.repairing.contains(k));
+            self.audits.active.retain(|k| !run.repairing.contains(k));
+        }
+    }
+
+    /// Gives up the audits that have run longer than the driver allows (a peer that
+    /// stopped answering); one that stood in for the walk falls back to it.
+    pub fn abandon_audits(&mut self) {
+        if self.audits.theirs.is_some() {
+            self.refuse_theirs("the audit took too long");
+        }
+        if self.audits.mine.is_some() {
+            self.give_up(true, "the audit took too long");
+        }
+        self.progress();
+    }
+
+    /// Gives up the audit this node started (whoever asked stopped waiting).
+    pub fn cancel_audit(&mut self) {
+        if self.audits.mine.is_some() && !self.audits.covering {
+            self.give_up(true, "nobody waits for it any more");
+            self.progress();
+        }
+    }
+
+    /// Whether an audit runs, started by either side.
+    pub fn audit_running(&self) -> bool {
+        self.audits.mine.is_some() || self.audits.theirs.is_some()
     }
 
     fn run(&mut self, starter: bool) -> Option<&mut Run> {
@@ -206,12 +314,6 @@ impl Session {
         } else {
             self.audits.theirs.as_mut()
         }
-    }
-
-    /// Whether documents of `ns` sync between the two sides, either way.
-    fn shares(&self, ns: &Namespace) -> bool {
-        let mine = self.cfg.subscriptions.iter().any(|p| p.matches(ns));
-        self.wants(ns) || (mine && self.peer.grants.can_write(ns))
     }
 
     pub(super) fn on_audit_start(
@@ -227,6 +329,7 @@ impl Session {
         if self.audits.theirs.is_some() {
             self.outputs.push_back(Output::Send(Message::AuditEnd {
                 audit,
+                from_starter: false,
                 found: 0,
                 repaired: 0,
                 refused: Some("an audit by this peer is already running".into()),
@@ -236,10 +339,7 @@ impl Session {
         let mut run = Run::new(audit, salt, namespaces.clone());
         run.opening = Some(root);
         self.audits.theirs = Some(run);
-        self.outputs.push_back(Output::LoadAuditItems {
-            starter: false,
-            namespaces,
-        });
+        self.load_audit_items(false, namespaces, salt);
         Ok(())
     }
 
@@ -263,7 +363,17 @@ impl Session {
         if starter {
             run.bytes += step_size(audit, from_starter, &step);
         }
-        let reply = rec.answer(&step)?;
+        let reply = match rec.answer(&step) {
+            Ok(reply) => reply,
+            Err(AuditFault::Peer(e)) => return Err(e),
+            Err(AuditFault::TooManyDifferences) => {
+                self.give_up(
+                    starter,
+                    "too many differences for one audit: audit fewer namespaces at a time",
+                );
+                return Ok(());
+            }
+        };
         let to_send = rec.take_to_send();
         match reply {
             Some(reply) => self.send_step(starter, reply),
@@ -283,27 +393,30 @@ impl Session {
     pub(super) fn on_audit_end(
         &mut self,
         audit: u32,
+        from_starter: bool,
         found: u64,
         repaired: u64,
         refused: Option<String>,
     ) {
+        if from_starter {
+            // The starter gave up on the audit this node answers.
+            if self.audits.theirs.as_ref().is_some_and(|r| r.id == audit) {
+                self.drop_run(false);
+            }
+            return;
+        }
         let Some(run) = self.audits.mine.as_mut().filter(|r| r.id == audit) else {
             return;
         };
         run.bytes += wire_size(&Message::AuditEnd {
             audit,
+            from_starter,
             found,
             repaired,
             refused: refused.clone(),
         });
         if let Some(reason) = refused {
-            self.audits.mine = None;
-            if self.audits.covering {
-                self.walk_after_all();
-                return;
-            }
-            self.outputs
-                .push_back(Output::Event(Event::AuditFailed { reason }));
+            self.fail_mine(reason);
             return;
         }
         run.peer_end = Some((found, repaired));
@@ -328,8 +441,13 @@ impl Session {
         self.outputs.push_back(Output::Send(msg));
     }
 
-    /// Sends this node's version of a document the audit found differing.
+    /// Sends this node's version of a document the audit found differing, if the peer
+    /// takes it (else the difference stays found and unrepaired: the peer may not read it,
+    /// or does not subscribe to it).
     fn repair(&mut self, starter: bool, key: DocKey) {
+        if !self.wants(&key.0) {
+            return;
+        }
         let Some(run) = self.run(starter) else {
             return;
         };
@@ -397,6 +515,7 @@ impl Session {
                 let found = run.rec.as_ref().map_or(0, Reconciler::found);
                 self.outputs.push_back(Output::Send(Message::AuditEnd {
                     audit: run.id,
+                    from_starter: false,
                     found,
                     repaired: run.repaired,
                     refused: None,
@@ -418,8 +537,8 @@ impl Session {
                 self.outputs
                     .push_back(Output::Event(Event::AuditDone(AuditReport {
                         compared,
-                        differing: found + peer_found,
-                        repaired: run.repaired + peer_repaired,
+                        differing: found.saturating_add(peer_found),
+                        repaired: run.repaired.saturating_add(peer_repaired),
                         rounds: run.rounds,
                         bytes: run.bytes,
                     })));
