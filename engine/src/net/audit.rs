@@ -110,6 +110,10 @@ pub fn count(counters: &PeerCounters, report: &AuditReport) {
     counters.audit_last_unix_s.store(now, Ordering::Relaxed);
 }
 
+/// One audit's documents are read and hashed at a time in the process, whichever peers
+/// ask: each read costs every document's record, and many peers must not multiply it.
+pub static ITEM_LOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 /// A random key for an audit's hashes (see [`crate::sync::audit::RangePrint`]).
 pub fn salt() -> u64 {
     let mut b = [0u8; 8];

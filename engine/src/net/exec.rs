@@ -150,6 +150,10 @@ impl Exec<'_> {
                     // A scan of every document's record and two hashes each: off the
                     // connection's task.
                     let store = self.store.clone();
+                    let _turn = super::audit::ITEM_LOADS
+                        .acquire()
+                        .await
+                        .map_err(|e| ExecError::Stream(format!("audit items: {e}")))?;
                     let rec = tokio::task::spawn_blocking(move || {
                         let items = store.audit_items(|ns| scope.includes(ns))?;
                         Ok::<_, StoreError>(Reconciler::new(items, scope.salt))

@@ -48,15 +48,16 @@ const AUDIT_VARIANTS: std::ops::RangeInclusive<u8> = 7..=9;
 /// [`super::audit::MAX_AUDIT_FRAME`] (decoded, its small items take many times their
 /// wire size).
 pub fn check_frame(frame: &[u8]) -> Result<(), ProtocolError> {
-    let limit = match frame.first() {
-        Some(0) => MAX_HELLO_BYTES,
-        Some(v) if AUDIT_VARIANTS.contains(v) => super::audit::MAX_AUDIT_FRAME,
+    let (what, limit) = match frame.first() {
+        Some(0) => ("a hello", MAX_HELLO_BYTES),
+        Some(v) if AUDIT_VARIANTS.contains(v) => {
+            ("an audit message", super::audit::MAX_AUDIT_FRAME)
+        }
         _ => return Ok(()),
     };
     if frame.len() > limit {
         return Err(ProtocolError::protocol(format!(
-            "a message of kind {} and {} bytes (at most {limit})",
-            frame[0],
+            "{what} of {} bytes (at most {limit})",
             frame.len()
         )));
     }
