@@ -38,11 +38,18 @@ pub async fn prepare(
     diverge(a, a_id, b, b_id, shared, differing).await
 }
 
+/// The namespace and both stores, opened.
+fn open(a: &Path, b: &Path) -> Result<(Namespace, Store, Store)> {
+    Ok((
+        Namespace::new(NS)?,
+        Store::open(a, StoreConfig::default())?,
+        Store::open(b, StoreConfig::default())?,
+    ))
+}
+
 /// Fills `a` and `b` with `shared` documents holding the same changes.
 pub async fn fill(a: &Path, b: &Path, shared: usize) -> Result<()> {
-    let ns = Namespace::new(NS)?;
-    let sa = Store::open(a, StoreConfig::default())?;
-    let sb = Store::open(b, StoreConfig::default())?;
+    let (ns, sa, sb) = open(a, b)?;
     for start in (0..shared).step_by(CHUNK) {
         let ids: Vec<DocId> = (start..(start + CHUNK).min(shared))
             .map(doc_id)
@@ -80,9 +87,7 @@ pub async fn diverge(
     differing: usize,
 ) -> Result<Differing> {
     ensure!(differing <= shared, "more differences than documents");
-    let ns = Namespace::new(NS)?;
-    let sa = Store::open(a, StoreConfig::default())?;
-    let sb = Store::open(b, StoreConfig::default())?;
+    let (ns, sa, sb) = open(a, b)?;
     let mut differ = Vec::new();
     for i in 0..differing {
         if i % 4 == 3 {

@@ -230,13 +230,7 @@ impl Session {
     fn refuse_theirs(&mut self, reason: &str) {
         if let Some(id) = self.audits.theirs.as_ref().map(|r| r.id) {
             self.drop_run(false);
-            self.outputs.push_back(Output::Send(Message::AuditEnd {
-                audit: id,
-                from_starter: false,
-                found: 0,
-                repaired: 0,
-                refused: Some(reason.to_owned()),
-            }));
+            self.send_refusal(id, false, reason);
         }
     }
 
@@ -247,15 +241,20 @@ impl Session {
             return;
         }
         if let Some(id) = self.audits.mine.as_ref().map(|r| r.id) {
-            self.outputs.push_back(Output::Send(Message::AuditEnd {
-                audit: id,
-                from_starter: true,
-                found: 0,
-                repaired: 0,
-                refused: Some(reason.to_owned()),
-            }));
+            self.send_refusal(id, true, reason);
         }
         self.fail_mine(reason.to_owned());
+    }
+
+    /// Tells the peer this side will not go on with audit `id`.
+    fn send_refusal(&mut self, audit: u32, from_starter: bool, reason: &str) {
+        self.outputs.push_back(Output::Send(Message::AuditEnd {
+            audit,
+            from_starter,
+            found: 0,
+            repaired: 0,
+            refused: Some(reason.to_owned()),
+        }));
     }
 
     /// The audit this node started failed: the node is told, or, if it stood in for the
@@ -327,13 +326,7 @@ impl Session {
             return Err(ProtocolError::protocol("too many namespaces in an audit"));
         }
         if self.audits.theirs.is_some() {
-            self.outputs.push_back(Output::Send(Message::AuditEnd {
-                audit,
-                from_starter: false,
-                found: 0,
-                repaired: 0,
-                refused: Some("an audit by this peer is already running".into()),
-            }));
+            self.send_refusal(audit, false, "an audit by this peer is already running");
             return Ok(());
         }
         let mut run = Run::new(audit, salt, namespaces.clone());
