@@ -104,10 +104,9 @@ pub fn count(counters: &PeerCounters, report: &AuditReport) {
     counters
         .audit_repaired
         .fetch_add(report.repaired, Ordering::Relaxed);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    counters.audit_last_unix_s.store(now, Ordering::Relaxed);
+    counters
+        .audit_last_unix_s
+        .store(since_epoch().as_secs(), Ordering::Relaxed);
 }
 
 /// One audit's documents are read and hashed at a time in the process, whichever peers
@@ -119,25 +118,27 @@ pub fn salt() -> u64 {
     let mut b = [0u8; 8];
     // Without randomness the salt is the clock: still different for every audit.
     if getrandom::fill(&mut b).is_err() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        return now.as_nanos() as u64;
+        return since_epoch().as_nanos() as u64;
     }
     u64::from_le_bytes(b)
 }
 
 /// Whether the peer may have this node answer another audit now; if so, notes the time.
 pub fn may_answer(counters: &PeerCounters) -> bool {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = since_epoch().as_millis() as u64;
     let last = counters.audit_answered_ms.load(Ordering::Relaxed);
     if last != 0 && now.saturating_sub(last) < MIN_AUDIT_GAP.as_millis() as u64 {
         return false;
     }
     counters.audit_answered_ms.store(now, Ordering::Relaxed);
     true
+}
+
+/// The wall clock, for the counters that status shows as times.
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// The outcome as the API shows it.

@@ -157,6 +157,12 @@ impl Message {
         postcard::to_stdvec(self).unwrap_or_default()
     }
 
+    /// The size of its frame on the wire: the encoding and its 4-byte length, counted
+    /// without encoding it.
+    pub fn wire_len(&self) -> u64 {
+        postcard::experimental::serialized_size(self).unwrap_or_default() as u64 + 4
+    }
+
     /// Decodes one frame; anything else than exactly one message is an error.
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
         match postcard::take_from_bytes(bytes)? {
@@ -235,9 +241,20 @@ mod tests {
                 code: ErrorCode::Forbidden,
                 reason: "no".into(),
             },
+            Message::AuditStep {
+                audit: 300,
+                from_starter: true,
+                step: crate::sync::audit::Step {
+                    differ: vec![5],
+                    answers: vec![crate::sync::audit::Answer::Split([[1; 4]; 4])],
+                    lacking: vec![[7; 8]],
+                },
+            },
         ];
         for m in msgs {
-            assert_eq!(Message::decode(&m.encode()).expect("decodes"), m);
+            let bytes = m.encode();
+            assert_eq!(m.wire_len(), bytes.len() as u64 + 4, "{m:?}");
+            assert_eq!(Message::decode(&bytes).expect("decodes"), m);
         }
         assert!(Message::decode(&[0xff, 0xff, 0xff]).is_err());
         assert_eq!(

@@ -514,6 +514,10 @@ impl Session {
     }
 
     fn on_message(&mut self, msg: Message) -> Result<(), ProtocolError> {
+        // What an audit counts of the peer's messages, read before they are taken apart.
+        let audit_len = matches!(msg, Message::AuditStep { .. } | Message::AuditEnd { .. })
+            .then(|| msg.wire_len())
+            .unwrap_or_default();
         match msg {
             Message::Hello(hello) => self.on_hello(hello),
             _ if self.peer_hello.is_none() => {
@@ -531,7 +535,7 @@ impl Session {
                 audit,
                 from_starter,
                 step,
-            } => self.on_audit_step(audit, from_starter, step),
+            } => self.on_audit_step(audit, from_starter, step, audit_len),
             Message::AuditEnd {
                 audit,
                 from_starter,
@@ -539,7 +543,7 @@ impl Session {
                 repaired,
                 refused,
             } => {
-                self.on_audit_end(audit, from_starter, found, repaired, refused);
+                self.on_audit_end(audit, from_starter, found, repaired, refused, audit_len);
                 Ok(())
             }
             Message::SetAside { ns, id } => {
@@ -1627,29 +1631,17 @@ mod tests {
         assert!(hub.wants_frames(), "an answered apply frees its share");
     }
 
-    /// Without room to send, the messages that fall due are owed, one per document however
-    /// many fall due, and nothing is queued; with room again they go out.
-    #[test]
-    fn replies_without_room_are_owed_once_per_document() {
+    /// Three peer messages for document `a` reach a hub with no room to send, each
+    /// answered by the driver with `answer`; nothing may go out meanwhile, the document is
+    /// owed once, and nothing is owed after room comes back. Returns what went out then.
+    fn owed_while_no_room(answer: impl Fn(&mut Session, Namespace, DocId)) -> Vec<Output> {
         let mut hub = connected_hub(8, 0);
         hub.set_can_send(false);
         let (ns, id) = names("a");
         for _ in 0..3 {
             hub.handle_message(peer_sync("a")).expect("sync");
             outputs(&mut hub);
-            let mut doc = Automerge::new();
-            let mut tx = doc.transaction();
-            tx.put(automerge::ROOT, "v", 1).expect("put");
-            tx.commit();
-            hub.handle_applied(
-                ns.clone(),
-                id.clone(),
-                Applied {
-                    state: State::new(),
-                    doc: Arc::new(doc),
-                    changes_applied: 1,
-                },
-            );
+            answer(&mut hub, ns.clone(), id.clone());
             let out = outputs(&mut hub);
             assert!(
                 !out.iter().any(|o| matches!(o, Output::Send(_))),
@@ -1659,12 +1651,31 @@ mod tests {
         assert_eq!(hub.owed.len(), 1, "owed once");
         hub.set_can_send(true);
         let out = outputs(&mut hub);
+        assert!(hub.owed.is_empty());
+        out
+    }
+
+    /// Without room to send, the messages that fall due are owed, one per document however
+    /// many fall due, and nothing is queued; with room again they go out.
+    #[test]
+    fn replies_without_room_are_owed_once_per_document() {
+        let out = owed_while_no_room(|hub, ns, id| {
+            let mut doc = Automerge::new();
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, "v", 1).expect("put");
+            tx.commit();
+            let applied = Applied {
+                state: State::new(),
+                doc: Arc::new(doc),
+                changes_applied: 1,
+            };
+            hub.handle_applied(ns, id, applied);
+        });
         let sent = out
             .iter()
             .filter(|o| matches!(o, Output::Send(Message::Sync { .. })))
             .count();
         assert_eq!(sent, 1, "the owed reply goes out once: {out:?}");
-        assert!(hub.owed.is_empty());
     }
 
     /// A peer that sends `Synced` in a flood gets one cursor save at a time, the newest
@@ -1752,27 +1763,12 @@ mod tests {
     /// every other reply: a flood of messages for a damaged document queues nothing.
     #[test]
     fn set_aside_answers_without_room_are_owed_once_per_document() {
-        let mut hub = connected_hub(8, 0);
-        hub.set_can_send(false);
-        let (ns, id) = names("a");
-        for _ in 0..3 {
-            hub.handle_message(peer_sync("a")).expect("sync");
-            outputs(&mut hub);
-            hub.handle_set_aside(ns.clone(), id.clone());
-            let out = outputs(&mut hub);
-            assert!(
-                !out.iter().any(|o| matches!(o, Output::Send(_))),
-                "sent without room: {out:?}"
-            );
-        }
-        hub.set_can_send(true);
-        let out = outputs(&mut hub);
+        let out = owed_while_no_room(|hub, ns, id| hub.handle_set_aside(ns, id));
         let told = out
             .iter()
             .filter(|o| matches!(o, Output::Send(Message::SetAside { .. })))
             .count();
         assert_eq!(told, 1, "told once: {out:?}");
-        assert!(hub.owed.is_empty());
     }
 
     /// Drives two connected sessions' audits with no store: each side's documents are

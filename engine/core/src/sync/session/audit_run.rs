@@ -109,20 +109,6 @@ impl Run {
     }
 }
 
-/// A frame's size on the wire: the message and its 4-byte length.
-fn wire_size(msg: &Message) -> u64 {
-    msg.encode().len() as u64 + 4
-}
-
-/// The size of a received step's frame, without taking it apart.
-fn step_size(audit: u32, from_starter: bool, step: &Step) -> u64 {
-    wire_size(&Message::AuditStep {
-        audit,
-        from_starter,
-        step: step.clone(),
-    })
-}
-
 impl Session {
     /// Starts an audit of what this node and the peer hold in `namespaces` (within what
     /// they share): answered with [`Event::AuditDone`] once every difference found is
@@ -175,7 +161,7 @@ impl Session {
             };
             run.rec = Some(rec);
             run.rounds += 1;
-            run.bytes += wire_size(&msg);
+            run.bytes += msg.wire_len();
             self.outputs.push_back(Output::Send(msg));
         } else {
             let root = run.opening.take().unwrap_or_default();
@@ -336,11 +322,13 @@ impl Session {
         Ok(())
     }
 
+    /// A step of the peer's, `wire_len` bytes on the wire.
     pub(super) fn on_audit_step(
         &mut self,
         audit: u32,
         from_starter: bool,
         step: Step,
+        wire_len: u64,
     ) -> Result<(), ProtocolError> {
         // A step from the starter belongs to the audit this node answers, and back.
         let starter = !from_starter;
@@ -354,7 +342,7 @@ impl Session {
             ));
         };
         if starter {
-            run.bytes += step_size(audit, from_starter, &step);
+            run.bytes += wire_len;
         }
         let reply = match rec.answer(&step) {
             Ok(reply) => reply,
@@ -383,6 +371,7 @@ impl Session {
         Ok(())
     }
 
+    /// The peer's `AuditEnd`, `wire_len` bytes on the wire.
     pub(super) fn on_audit_end(
         &mut self,
         audit: u32,
@@ -390,6 +379,7 @@ impl Session {
         found: u64,
         repaired: u64,
         refused: Option<String>,
+        wire_len: u64,
     ) {
         if from_starter {
             // The starter gave up on the audit this node answers.
@@ -401,13 +391,7 @@ impl Session {
         let Some(run) = self.audits.mine.as_mut().filter(|r| r.id == audit) else {
             return;
         };
-        run.bytes += wire_size(&Message::AuditEnd {
-            audit,
-            from_starter,
-            found,
-            repaired,
-            refused: refused.clone(),
-        });
+        run.bytes += wire_len;
         if let Some(reason) = refused {
             self.fail_mine(reason);
             return;
@@ -429,7 +413,7 @@ impl Session {
         };
         if starter {
             run.rounds += 1;
-            run.bytes += wire_size(&msg);
+            run.bytes += msg.wire_len();
         }
         self.outputs.push_back(Output::Send(msg));
     }
