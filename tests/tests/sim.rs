@@ -63,7 +63,8 @@ fn run_history(seed: u64) -> Result<Exercised> {
             match rng.range(0, 100) {
                 0..=7 => net.crash_during_write(node, &mut rng)?,
                 8..=13 => net.copy_file(node)?,
-                14..=19 => net.restore_copy(node)?,
+                14..=17 => net.restore_copy(node)?,
+                18..=19 => net.restore_after_catch_up(node, &mut rng)?,
                 _ => net.write(node, &mut rng)?,
             }
         } else {

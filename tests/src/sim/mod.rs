@@ -290,6 +290,30 @@ impl Net {
         Ok(())
     }
 
+    /// Copies `node`'s file (unless it has a copy), writes at it, lets its links carry the
+    /// write to its neighbours over fresh connections, then restores the copy: the case where a peer holds a
+    /// cursor past the copy's feed end, which random events alone reach only rarely.
+    pub fn restore_after_catch_up(&mut self, node: usize, rng: &mut Rng) -> Result<()> {
+        if self.nodes[node].store.is_none() {
+            return Ok(());
+        }
+        if self.nodes[node].copy.is_none() {
+            self.copy_file(node)?;
+        }
+        self.write(node, rng)?;
+        // Fresh sessions on its links only: the chaos before may have dropped frames
+        // inside a session, which only a new connection recovers from (QUIC never drops
+        // them), and the other links are left as the history made them.
+        for l in 0..self.links.len() {
+            if self.links[l].ends.contains(&node) {
+                self.disconnect(l);
+                self.connect(l)?;
+            }
+        }
+        self.deliver_until_quiet(1_000_000, Some(node))?;
+        self.restore_copy(node)
+    }
+
     /// After a restore: acknowledged writes that no node holds any more (the restored one
     /// had them alone, or only nodes restored since) are lost with the copies; every other
     /// one must reach every node.
@@ -378,10 +402,19 @@ impl Net {
 
     /// Delivers frames in order until none is left; fails after `max` frames.
     pub fn run_until_quiet(&mut self, max: u64) -> Result<()> {
+        self.deliver_until_quiet(max, None)
+    }
+
+    /// Delivers frames in order on the links of `node` (or all links) until none is left
+    /// there; fails after `max` frames.
+    fn deliver_until_quiet(&mut self, max: u64, node: Option<usize>) -> Result<()> {
         let mut budget = max;
         loop {
             let mut any = false;
             for l in 0..self.links.len() {
+                if node.is_some_and(|n| !self.links[l].ends.contains(&n)) {
+                    continue;
+                }
                 for dir in 0..2 {
                     while !self.links[l].queues[dir].is_empty() {
                         any = true;
