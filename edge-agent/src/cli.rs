@@ -40,7 +40,7 @@ pub enum Command {
         subscribe: Vec<String>,
         /// --token, --max-body and --cache-mb.
         #[command(flatten)]
-        common: CommonRunFlags,
+        common: Box<CommonRunFlags>,
         /// A TOML file with any of these settings (keys: data, bundle, hubs, api,
         /// subscribe, token, max_body, cache_mb). Flags given here win over the file.
         #[arg(long, value_name = "FILE")]

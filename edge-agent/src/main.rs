@@ -43,7 +43,7 @@ fn run(cli: Cli) -> Result<()> {
             common,
             config,
         } => {
-            let base = RunBase::resolve(config.as_deref(), data, common)?;
+            let base = RunBase::resolve(config.as_deref(), data, *common)?;
             let (bundle, bundle_file) = base.bundle(bundle, None)?;
             let hubs = list_or(hubs, base.file.hubs.clone());
             if hubs.is_empty() {
@@ -78,6 +78,7 @@ fn run(cli: Cli) -> Result<()> {
                 forget_peers_after: base.common.forget_peers_after,
                 audit_every: base.common.audit_every,
                 replica_defaults: base.common.replica_defaults,
+                blobs: base.common.blobs,
             };
             serve(cfg, &base.data, Some(2))
         }

@@ -68,6 +68,8 @@ pub struct DaemonConfig {
     pub audit_every: Option<std::time::Duration>,
     /// Replicas a write waits for by default, per namespace pattern (first match).
     pub replica_defaults: Vec<(NsPattern, usize)>,
+    /// Blob settings (the blobs live in `blobs/` beside the database file).
+    pub blobs: crate::blobs::BlobConfig,
 }
 
 /// Failures to start a node process.
@@ -81,6 +83,14 @@ pub enum DaemonError {
         path: PathBuf,
         /// Why.
         source: StoreError,
+    },
+    /// The blob directory did not open.
+    #[error("opening the blobs in {path}: {source}")]
+    Blobs {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: crate::blobs::BlobError,
     },
     /// The sync node did not start.
     #[error(transparent)]
@@ -151,6 +161,7 @@ pub enum DaemonError {
 ///     forget_peers_after: None,
 ///     audit_every: None,
 ///     replica_defaults: Vec::new(),
+///     blobs: Default::default(),
 /// })
 /// .await?;
 /// // The real addresses, also for port 0, as the binaries print them.
@@ -444,7 +455,18 @@ impl Daemon {
                 path: cfg.db_path.clone(),
                 source,
             })?;
+        let blob_dir = cfg.db_path.parent().map_or_else(
+            || std::path::PathBuf::from("."),
+            std::path::Path::to_path_buf,
+        );
+        let blobs = crate::blobs::Blobs::open(&blob_dir, cfg.blobs.clone()).map_err(|source| {
+            DaemonError::Blobs {
+                path: blob_dir.join("blobs"),
+                source,
+            }
+        })?;
         let mut ncfg = NodeConfig::new(cfg.bundle.clone());
+        ncfg.blobs = Some(blobs);
         ncfg.listen = cfg.listen;
         ncfg.dial = cfg.dial.clone();
         ncfg.failover = cfg.failover;

@@ -54,6 +54,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod blobs;
 pub mod daemon;
 pub mod error;
 pub mod files;

@@ -18,6 +18,100 @@ struct PeerLabels {
     role: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BlobLabels {
+    blob: String,
+}
+
+/// Blob totals and, per transfer under way (at most `MAX_FETCHES` of them), its progress.
+fn render_blobs(r: &mut Registry, blobs: &crate::blobs::Blobs) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = blobs.stats();
+    gauge(
+        r,
+        "blob_bytes_used",
+        "Bytes of blob files on disk: complete blobs, their trees and partial transfers",
+        blobs.files().used_bytes() as i64,
+    );
+    gauge(
+        r,
+        "blobs_held",
+        "Complete blobs held",
+        blobs.files().list().map_or(0, |l| l.len()) as i64,
+    );
+    for (name, help, value) in [
+        (
+            "blobs_fetched",
+            "Blobs fetched from peers and verified",
+            &s.fetched,
+        ),
+        (
+            "blob_fetch_failures",
+            "Blob fetches that ended incomplete (tried again with backoff)",
+            &s.fetch_failures,
+        ),
+        (
+            "blob_received_bytes",
+            "Bytes received in blob streams (data and verification tree)",
+            &s.received_bytes,
+        ),
+        (
+            "blob_resumed_bytes",
+            "Bytes of cut blob transfers found verified on resume, not fetched again",
+            &s.resumed_bytes,
+        ),
+        (
+            "blob_sent_bytes",
+            "Bytes sent in blob streams",
+            &s.sent_bytes,
+        ),
+        (
+            "blob_corrupt",
+            "Blob transfers cut off because a peer sent a chunk group that failed verification",
+            &s.corrupt,
+        ),
+        (
+            "blob_requests_refused",
+            "Blob requests refused: not readable by the peer, not held, busy or malformed",
+            &s.refused,
+        ),
+        (
+            "blobs_collected",
+            "Blobs deleted because no document referenced them for the grace period",
+            &s.collected,
+        ),
+    ] {
+        counter(r, name, help, value.load(Relaxed));
+    }
+    let transfers = blobs.transfers();
+    let done = Family::<BlobLabels, Gauge>::default();
+    let total = Family::<BlobLabels, Gauge>::default();
+    let rate = Family::<BlobLabels, Gauge>::default();
+    for t in &transfers {
+        let l = BlobLabels {
+            blob: t.hash.clone(),
+        };
+        done.get_or_create(&l).set(t.done as i64);
+        total.get_or_create(&l).set(t.size as i64);
+        rate.get_or_create(&l).set(t.rate_bytes_s as i64);
+    }
+    r.register(
+        "blob_transfer_done_bytes",
+        "Bytes of a blob being fetched that are verified so far",
+        done,
+    );
+    r.register(
+        "blob_transfer_size_bytes",
+        "Size of a blob being fetched",
+        total,
+    );
+    r.register(
+        "blob_transfer_rate_bytes_per_second",
+        "Verified bytes per second of a blob being fetched, since its transfer started",
+        rate,
+    );
+}
+
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let g = Gauge::<i64>::default();
     g.set(value);
@@ -119,6 +213,9 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
         "Duration of durable store commits",
         CommitHistogram(store.commit_times().snapshot()),
     );
+    if let Some(blobs) = node.and_then(Node::blobs) {
+        render_blobs(&mut r, blobs);
+    }
     if let Some(node) = node {
         let peers = node.peers();
         let now_ms = std::time::SystemTime::now()

@@ -41,6 +41,7 @@ async fn node(token: Option<&str>, limits: ServeLimits) -> (Daemon, tempfile::Te
         forget_peers_after: None,
         audit_every: None,
         replica_defaults: Vec::new(),
+        blobs: Default::default(),
     })
     .await
     .unwrap();

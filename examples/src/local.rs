@@ -92,6 +92,7 @@ impl Local {
             forget_peers_after: None,
             audit_every: None,
             replica_defaults: Vec::new(),
+            blobs: Default::default(),
         })
     }
 

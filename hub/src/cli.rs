@@ -101,7 +101,7 @@ pub enum Command {
         peers: Vec<SocketAddr>,
         /// --token, --max-body and --cache-mb.
         #[command(flatten)]
-        common: CommonRunFlags,
+        common: Box<CommonRunFlags>,
         /// A TOML file with any of these settings (keys: data, bundle, listen, api, peers,
         /// token, max_body, cache_mb). Flags given here win over the file.
         #[arg(long, value_name = "FILE")]

@@ -61,7 +61,7 @@ pub fn run(command: Command) -> Result<()> {
             common,
             config,
         } => {
-            let base = RunBase::resolve(config.as_deref(), data, common)?;
+            let base = RunBase::resolve(config.as_deref(), data, *common)?;
             let (bundle, bundle_file) = base.bundle(bundle, Some(base.data.join(BUNDLE)))?;
             let cfg = DaemonConfig {
                 db_path: base.data.join(DB),
@@ -83,6 +83,7 @@ pub fn run(command: Command) -> Result<()> {
                 forget_peers_after: base.common.forget_peers_after,
                 audit_every: base.common.audit_every,
                 replica_defaults: base.common.replica_defaults,
+                blobs: base.common.blobs,
             };
             serve(cfg, &base.data, None)
         }

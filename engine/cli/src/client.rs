@@ -60,6 +60,14 @@ pub enum ClientCommand {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Store, fetch and list blobs (model weights, datasets): `blob put FILE`,
+    /// `blob get HASH --out FILE`, `blob ls`.
+    Blob {
+        #[command(subcommand)]
+        cmd: crate::blob::BlobCommand,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// Print changes as they arrive.
     Watch {
         /// Start after this feed position (0: everything).
@@ -102,6 +110,7 @@ impl ClientCommand {
             Self::Status { opts } => status(&opts, default_api),
             Self::Doc { cmd, opts } => doc(cmd, &opts, default_api),
             Self::Watch { since, opts } => watch(&opts, default_api, since),
+            Self::Blob { cmd, opts } => cmd.run(&opts, default_api),
             Self::Audit {
                 peer,
                 namespaces,
@@ -217,20 +226,20 @@ pub enum ClientError {
 }
 
 /// The node's HTTP API, over plain HTTP/1.1 (hyper, already there for the server).
-struct Api {
-    addr: SocketAddr,
+pub(crate) struct Api {
+    pub(crate) addr: SocketAddr,
     token: Option<String>,
 }
 
 impl Api {
-    fn new(opts: &ClientOpts, default_api: SocketAddr) -> Self {
+    pub(crate) fn new(opts: &ClientOpts, default_api: SocketAddr) -> Self {
         Self {
             addr: opts.api.unwrap_or(default_api),
             token: opts.token.clone(),
         }
     }
 
-    fn unreachable(&self, path: &str, reason: impl std::fmt::Display) -> ClientError {
+    pub(crate) fn unreachable(&self, path: &str, reason: impl std::fmt::Display) -> ClientError {
         ClientError::Unreachable {
             url: format!("http://{}{path}", self.addr),
             reason: reason.to_string(),
@@ -239,7 +248,7 @@ impl Api {
 
     /// Runs one request to completion on a small runtime of its own: the subcommands are
     /// one-shot and synchronous.
-    fn run<T>(
+    pub(crate) fn run<T>(
         &self,
         path: &str,
         work: impl std::future::Future<Output = Result<T, ClientError>>,
@@ -252,13 +261,32 @@ impl Api {
     }
 
     /// Sends a request; an error status becomes [`ClientError::Api`] with the API's message.
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<&str>,
         accept: &str,
     ) -> Result<Response<Incoming>, ClientError> {
+        let content_type = body.is_some().then_some("application/json");
+        let body = Full::new(Bytes::from(body.unwrap_or_default().to_owned()));
+        self.send_body(method, path, body, content_type, accept)
+            .await
+    }
+
+    /// Sends a request with any body (a streamed file, say).
+    pub(crate) async fn send_body<B>(
+        &self,
+        method: &str,
+        path: &str,
+        body: B,
+        content_type: Option<&str>,
+        accept: &str,
+    ) -> Result<Response<Incoming>, ClientError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
             .map_err(|e| self.unreachable(path, e))?;
@@ -274,11 +302,11 @@ impl Api {
         if let Some(t) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
+        if let Some(t) = content_type {
+            req = req.header(header::CONTENT_TYPE, t);
         }
         let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
+            .body(body)
             .map_err(|e| ClientError::Input(format!("bad request: {e}")))?;
         let resp = sender
             .send_request(req)
@@ -297,7 +325,12 @@ impl Api {
         Err(ClientError::Api { status, message })
     }
 
-    fn json(&self, method: &str, path: &str, body: Option<&str>) -> Result<Value, ClientError> {
+    pub(crate) fn json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<Value, ClientError> {
         self.run(path, async {
             let resp = self.send(method, path, body, "application/json").await?;
             let bytes = resp

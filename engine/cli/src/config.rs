@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::duration::{parse_duration, parse_every_or_never, parse_or_never, OrNever};
 use tidesync::api::serve::ServeLimits;
+use tidesync::blobs::{BlobConfig, FetchPolicy};
 pub use tidesync::daemon::DEFAULT_MAX_BODY;
 use tidesync::model::NsPattern;
 use tidesync::net::node::{DEFAULT_AUDIT_EVERY, DEFAULT_FORGET_PEERS_AFTER};
@@ -66,6 +67,13 @@ pub struct RunFile {
     /// `--audit-every`, as `"24h"` or `"never"`.
     #[serde(default, with = "crate::duration::serde_every_or_never")]
     pub audit_every: Option<OrNever>,
+    /// `--blob-policy`: `"eager"` or `"lazy"`.
+    pub blob_policy: Option<String>,
+    /// `--blob-max-rate`, bytes per second.
+    pub blob_max_rate: Option<u64>,
+    /// `--blob-gc-grace`, as `"24h"` or seconds.
+    #[serde(default, with = "crate::duration::serde_opt")]
+    pub blob_gc_grace: Option<Duration>,
     /// `[[namespace]]` tables: settings of the namespaces matching their patterns.
     #[serde(default)]
     pub namespace: Vec<NamespaceSettings>,
@@ -79,6 +87,9 @@ pub struct NamespaceSettings {
     pub namespaces: Vec<String>,
     /// Replicas a write waits for unless the request says (`?replicas=K`); 0: none.
     pub replicas: Option<usize>,
+    /// When the blobs its documents reference are fetched: `"eager"` (as soon as the
+    /// reference arrives) or `"lazy"` (on the first read).
+    pub blobs: Option<String>,
 }
 
 /// A config file that cannot be used.
@@ -158,6 +169,23 @@ pub struct CommonRunFlags {
     /// [default: 24h].
     #[arg(long, value_name = "DURATION", value_parser = parse_every_or_never)]
     pub audit_every: Option<OrNever>,
+    /// When blobs referenced by synced documents are fetched, unless a `[[namespace]]`
+    /// table says otherwise: eager (as soon as the reference arrives) or lazy (on the
+    /// first read through the API) [default: eager].
+    #[arg(long, value_name = "POLICY", value_parser = ["eager", "lazy"])]
+    pub blob_policy: Option<String>,
+    /// Cap on the bytes per second this node sends in blob streams on each link (model
+    /// weights, datasets); document sync is never capped and always goes first
+    /// [default: uncapped].
+    #[arg(long, value_name = "BYTES/S")]
+    pub blob_max_rate: Option<u64>,
+    /// How long a blob no document references any more is kept before it is deleted
+    /// (1h, 24h, 7d) [default: 24h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub blob_gc_grace: Option<Duration>,
+    /// Fault injection for tests: serve blob streams with a flipped bit.
+    #[arg(long, hide = true)]
+    pub fault_corrupt_blob_sends: bool,
 }
 
 /// The common settings once flags, file and defaults are applied, in that order.
@@ -181,6 +209,8 @@ pub struct CommonRun {
     pub audit_every: Option<Duration>,
     /// Replicas writes wait for by default, per namespace pattern, in file order.
     pub replica_defaults: Vec<(NsPattern, usize)>,
+    /// Blob settings.
+    pub blobs: BlobConfig,
 }
 
 impl CommonRunFlags {
@@ -232,6 +262,41 @@ impl CommonRunFlags {
                 replica_defaults.push((pattern, k));
             }
         }
+        let policy = |s: &str, key: &str| -> Result<FetchPolicy, ConfigError> {
+            s.parse().map_err(|reason| ConfigError {
+                path: PathBuf::from(key),
+                reason,
+            })
+        };
+        let mut blobs = BlobConfig::default();
+        if let Some(p) = self.blob_policy.as_deref().or(file.blob_policy.as_deref()) {
+            blobs.default_policy = policy(p, "blob_policy")?;
+        }
+        blobs.max_rate = self.blob_max_rate.or(file.blob_max_rate);
+        if blobs.max_rate == Some(0) {
+            return Err(ConfigError {
+                path: PathBuf::from("blob_max_rate"),
+                reason: "0 bytes per second would stop every blob; leave it out for no cap"
+                    .to_owned(),
+            });
+        }
+        blobs.fault_corrupt_sends = self.fault_corrupt_blob_sends;
+        if let Some(g) = self.blob_gc_grace.or(file.blob_gc_grace) {
+            blobs.gc_grace = g;
+        }
+        for table in &file.namespace {
+            let Some(p) = table.blobs.as_deref() else {
+                continue;
+            };
+            let p = policy(p, "[[namespace]] blobs")?;
+            for ns in &table.namespaces {
+                let pattern = NsPattern::new(ns.as_str()).map_err(|e| ConfigError {
+                    path: PathBuf::from("[[namespace]] namespaces"),
+                    reason: format!("{ns:?}: {e}"),
+                })?;
+                blobs.policies.push((pattern, p));
+            }
+        }
         let mut api_limits = ServeLimits::default();
         if let Some(n) = self.max_api_connections.or(file.max_api_connections) {
             api_limits.max_connections = n;
@@ -252,6 +317,7 @@ impl CommonRunFlags {
                 .or(file.audit_every)
                 .map_or(Some(DEFAULT_AUDIT_EVERY), |o| o.0),
             replica_defaults,
+            blobs,
         })
     }
 }
@@ -304,7 +370,9 @@ mod tests {
             "data = \"/var/lib/tidesync\"\nlisten = \"0.0.0.0:7443\"\napi = \"127.0.0.1:0\"\n\
              peers = [\"10.0.0.2:7443\"]\ntoken = \"t\"\nmax_body = 1024\ncache_mb = 64\n\
              keep_alive = \"5s\"\nidle_timeout = 30\n\
-             [[namespace]]\nnamespaces = [\"orders.*\"]\nreplicas = 1\n",
+             blob_policy = \"lazy\"\nblob_max_rate = 5\nblob_gc_grace = \"1h\"\n\
+             [[namespace]]\nnamespaces = [\"orders.*\"]\nreplicas = 1\n\
+             [[namespace]]\nnamespaces = [\"models\"]\nblobs = \"eager\"\n",
         )
         .expect("write");
         let f = RunFile::read(&path).expect("read");
@@ -326,9 +394,20 @@ mod tests {
             idle_timeout: None,
             forget_peers_after: None,
             audit_every: None,
+            blob_policy: None,
+            blob_max_rate: Some(1_000_000),
+            blob_gc_grace: None,
+            fault_corrupt_blob_sends: false,
         }
         .resolve(&f)
         .expect("resolve");
+        assert_eq!(common.blobs.default_policy, FetchPolicy::Lazy);
+        assert_eq!(common.blobs.max_rate, Some(1_000_000), "a flag wins");
+        assert_eq!(common.blobs.gc_grace, Duration::from_secs(3600));
+        let models = tidesync::model::Namespace::new("models").expect("ns");
+        assert_eq!(common.blobs.policies.len(), 1);
+        assert!(common.blobs.policies[0].0.matches(&models));
+        assert_eq!(common.blobs.policies[0].1, FetchPolicy::Eager);
         assert_eq!(common.replica_defaults.len(), 1);
         assert_eq!(common.replica_defaults[0].1, 1);
         assert_eq!(
@@ -359,6 +438,10 @@ mod tests {
             idle_timeout: None,
             forget_peers_after: None,
             audit_every: None,
+            blob_policy: None,
+            blob_max_rate: None,
+            blob_gc_grace: None,
+            fault_corrupt_blob_sends: false,
         }
         .resolve(&f)
         .expect_err("an idle timeout of three keep-alives at least");

@@ -7,6 +7,7 @@
 
 mod audit;
 mod backup;
+pub mod blobs;
 pub mod error;
 pub mod guard;
 pub mod replication;
@@ -90,6 +91,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/backup", get(backup::backup))
         .route("/v1/audit", axum::routing::post(audit::audit))
+        .route("/v1/blobs", get(blobs::list_blobs).put(blobs::put_blob))
+        .route("/v1/blobs/{hash}", get(blobs::get_blob))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -442,7 +445,27 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "revocation_list_number": crl.as_ref().map(|c| c.number()),
         "revoked_certificates": crl.as_ref().map_or(0, |c| c.entries().len()),
         "peers": peers,
+        "blobs": state.node.as_ref().and_then(Node::blobs).map(blob_status),
     })))
+}
+
+/// The blob part of `/v1/status`.
+fn blob_status(blobs: &crate::blobs::Blobs) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = blobs.stats();
+    json!({
+        "held": blobs.files().list().map_or(0, |l| l.len()),
+        "bytes_used": blobs.files().used_bytes(),
+        "transfers": blobs.transfers(),
+        "fetched": s.fetched.load(Relaxed),
+        "fetch_failures": s.fetch_failures.load(Relaxed),
+        "received_bytes": s.received_bytes.load(Relaxed),
+        "resumed_bytes": s.resumed_bytes.load(Relaxed),
+        "sent_bytes": s.sent_bytes.load(Relaxed),
+        "corrupt": s.corrupt.load(Relaxed),
+        "refused": s.refused.load(Relaxed),
+        "collected": s.collected.load(Relaxed),
+    })
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

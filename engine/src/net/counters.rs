@@ -119,6 +119,19 @@ peer_counters! {
         "peer_audit_last_timestamp_seconds",
         "Unix time of the last consistency audit of the peer completed (0: never)"
     );
+    /// Bytes of blobs sent to the peer (the verified stream: data and tree).
+    blob_sent_bytes: Counter("peer_blob_sent_bytes", "Bytes of blob streams sent to the peer");
+    /// Bytes of blobs received from the peer.
+    blob_received_bytes: Counter(
+        "peer_blob_received_bytes",
+        "Bytes of blob streams received from the peer"
+    );
+    /// Blob transfers from the peer that failed verification: the peer sent data that
+    /// does not match the hash (the rest came from elsewhere).
+    blob_corrupt: Counter(
+        "peer_blob_corrupt",
+        "Blob transfers from the peer cut off because a chunk group failed verification"
+    );
     /// Unix milliseconds of the last audit of this node the peer started and this node
     /// answered: a peer may start one per `MIN_AUDIT_GAP`.
     audit_answered_ms: StatusOnly;

@@ -111,6 +111,10 @@ pub struct DriverContext {
     pub shutdown: CancellationToken,
     /// Where the peer's durable acknowledgements go, for writes waiting for replicas.
     pub replicas: Arc<super::replicas::Replicas>,
+    /// The node's blobs, served to the peer on streams beside the sync stream.
+    pub blobs: Option<crate::blobs::Blobs>,
+    /// Set once the sync stream is open, when blob streams may follow.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
@@ -270,6 +274,24 @@ pub async fn run(
         }
     };
     let (send, recv) = opened?;
+    // Blob streams come after the sync stream, and end with the connection's driver.
+    let blob_stop = ctx.shutdown.child_token();
+    let _blob_stop = blob_stop.clone().drop_guard();
+    if let Some(blobs) = &ctx.blobs {
+        let peer = crate::blobs::serve::ServedPeer {
+            id: peer_id.clone(),
+            grants: session.peer().grants.clone(),
+            counters: counters.clone(),
+        };
+        tokio::spawn(crate::blobs::serve::serve_connection(
+            blobs.clone(),
+            conn.clone(),
+            peer,
+            blob_stop,
+        ));
+        ctx.ready.store(true, std::sync::atomic::Ordering::Release);
+        blobs.poke();
+    }
     let mut reader = FramedRead::new(recv, codec(ctx.max_frame));
     let mut queue = SendQueue::new(send, ctx.max_frame);
     let mut feed = ctx.store.subscribe();

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,6 +25,7 @@ use super::driver::{self, DriverContext, DriverError, CLOSE_REPLACED, CLOSE_SHUT
 use super::penalties::Penalties;
 use super::pki::{Bundle, TlsError, SERVER_NAME};
 use super::tls::{self, Revocations};
+use crate::blobs::Blobs;
 use crate::model::{Identity, NodeId, NsPattern, Role};
 use crate::store::Store;
 use crate::sync::{ErrorCode, Session, SessionConfig};
@@ -78,6 +79,9 @@ pub struct NodeConfig {
     /// Audit each peer this node dialed this often (see [`Node::audit`]); `None`: only
     /// when asked.
     pub audit_every: Option<Duration>,
+    /// The node's blobs: served to peers, fetched from them. `None`: no blobs (peers'
+    /// blob requests go unanswered).
+    pub blobs: Option<Blobs>,
 }
 
 impl NodeConfig {
@@ -97,6 +101,7 @@ impl NodeConfig {
             timers: tls::Timers::default(),
             forget_peers_after: Some(DEFAULT_FORGET_PEERS_AFTER),
             audit_every: Some(DEFAULT_AUDIT_EVERY),
+            blobs: None,
         }
     }
 }
@@ -281,6 +286,9 @@ struct PeerEntry {
     cert_not_after: Option<SystemTime>,
     /// Hands audits to the connection's driver.
     audits: mpsc::Sender<AuditRequest>,
+    /// Set once the connection's sync stream is open: only then may blob streams be
+    /// opened (the sync stream must be the first).
+    ready: Arc<AtomicBool>,
 }
 
 struct Inner {
@@ -434,6 +442,21 @@ impl Node {
         }
         if let Some(every) = node.inner.cfg.audit_every {
             node.spawn(node.clone().audit_loop(every));
+        }
+        if let Some(blobs) = node.inner.cfg.blobs.clone() {
+            let stop = node.inner.cancel.clone();
+            node.spawn(
+                blobs
+                    .clone()
+                    .run_indexer(node.inner.store.clone(), stop.clone()),
+            );
+            node.spawn(blobs.clone().run_gc(stop.clone()));
+            let n = node.clone();
+            node.spawn(crate::blobs::fetcher::run_fetcher(
+                blobs,
+                move || n.blob_sources(),
+                stop,
+            ));
         }
         if node.inner.cfg.failover {
             let n = node.clone();
@@ -682,6 +705,31 @@ impl Node {
             }
             self.forget_unseen_peers(unseen_for).await;
         }
+    }
+
+    /// The connected peers blobs may be fetched from (their sync stream is open).
+    fn blob_sources(&self) -> Vec<crate::blobs::fetch::Source> {
+        let Ok(peers) = self.inner.peers.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = peers
+            .iter()
+            .filter(|(_, e)| e.ready.load(Ordering::Acquire))
+            .filter_map(|(id, e)| {
+                Some(crate::blobs::fetch::Source {
+                    peer: id.clone(),
+                    conn: e.conn.clone()?,
+                    counters: e.counters.clone(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
+    }
+
+    /// The node's blobs, if it has them.
+    pub fn blobs(&self) -> Option<&Blobs> {
+        self.inner.cfg.blobs.as_ref()
     }
 
     /// Every peer seen since start, connected or not.
@@ -940,6 +988,7 @@ impl Node {
         let dialed_by = if dialer { me.clone() } else { peer.clone() };
         let conn_id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let (audits_tx, audits_rx) = mpsc::channel(4);
+        let ready = Arc::new(AtomicBool::new(false));
         let counters = {
             let Ok(mut peers) = self.inner.peers.lock() else {
                 return false;
@@ -971,6 +1020,7 @@ impl Node {
                     counters: counters.clone(),
                     cert_not_after: tls::peer_cert_not_after(&conn),
                     audits: audits_tx,
+                    ready: ready.clone(),
                 },
             );
             counters
@@ -994,6 +1044,8 @@ impl Node {
             max_frame: self.inner.cfg.max_frame,
             shutdown: self.inner.cancel.clone(),
             replicas: self.inner.replicas.clone(),
+            blobs: self.inner.cfg.blobs.clone(),
+            ready,
         };
         // The driver ends itself on shutdown, once its writes at the store are done: when
         // `shutdown` returns, nothing of this node holds the store any more.

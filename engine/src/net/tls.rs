@@ -21,6 +21,7 @@ use rustls::{
 
 use super::pki::{identity_from_cert, serial_of, Bundle, TlsError};
 pub use super::revocations::Revocations;
+use crate::blobs::serve::MAX_STREAMS_PER_PEER;
 use crate::model::{Identity, Role};
 use crate::sync::ALPN;
 
@@ -139,18 +140,24 @@ pub const STREAM_WINDOW: u32 = 1_250_000;
 /// acknowledgements) keep both ends' idle timers fresh, so a hub with many edges spends
 /// nothing on timers of its own while they are idle.
 ///
-/// The protocol uses one bidirectional stream, opened by the dialer, so that is all a
-/// peer may open: the acceptor allows one, the dialer none, and no unidirectional stream
-/// either way (quinn allows 100 of each, and streams nobody reads would buffer data). The
-/// connection's receive window is the one stream's, so a peer can never have more than
-/// [`STREAM_WINDOW`] in flight that this node has not read.
+/// The protocol uses one bidirectional sync stream, opened by the dialer, and up to
+/// [`MAX_STREAMS_PER_PEER`] blob streams opened by either side, so that is all a peer may
+/// open: the acceptor allows one more than the dialer, and no unidirectional stream either
+/// way (quinn allows 100 of each, and streams nobody reads would buffer data). The
+/// connection's receive window is the sum of its streams' windows, so full blob streams
+/// never take the sync stream's room, and a peer can never have more than that in flight
+/// that this node has not read.
 fn transport(keep_alive: Option<Duration>, idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     let dialer = keep_alive.is_some();
-    t.max_concurrent_bidi_streams(u32::from(!dialer).into());
+    t.max_concurrent_bidi_streams((MAX_STREAMS_PER_PEER + u32::from(!dialer)).into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window(STREAM_WINDOW.into());
-    t.receive_window(STREAM_WINDOW.into());
+    t.receive_window(
+        (u64::from(STREAM_WINDOW) * u64::from(MAX_STREAMS_PER_PEER + 1))
+            .try_into()
+            .unwrap_or(quinn::VarInt::MAX),
+    );
     t.keep_alive_interval(keep_alive);
     if keep_alive.is_some() {
         // Ask the peer to acknowledge at once rather than on a delayed-ACK timer: one

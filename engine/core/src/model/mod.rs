@@ -5,6 +5,7 @@
 //! Pure functions over Automerge documents and plain values; no storage, no I/O.
 
 pub mod automerge_bytes;
+pub mod blob_ref;
 pub mod conflicts;
 pub mod feed;
 pub mod grants;
@@ -13,6 +14,7 @@ pub mod json;
 pub mod op_count;
 pub mod peer;
 
+pub use blob_ref::{blob_refs, format_blob_hash, parse_blob_hash, BlobRef};
 pub use conflicts::{conflicts, Conflict};
 pub use feed::{Cursor, FeedEntry, FeedSeq};
 pub use grants::{Access, Grant, Grants, NsPattern};

@@ -1,0 +1,415 @@
+//! Fetching one blob from the peers that have it.
+//!
+//! What is missing is cut into pieces; one worker per source takes pieces from a shared
+//! queue and asks its peer for them on a stream of its own, so several peers serve one
+//! blob at once and a slow one takes fewer pieces. Every chunk group is verified as it
+//! arrives (bao), written at its offset and only then counted as had. A source that
+//! does not have the blob, fails, or sends a chunk group that does not verify stops;
+//! the part of its piece not yet verified goes back to the queue for the others. A
+//! corrupt source is reported on its peer counters and in the log.
+//!
+//! Nothing is recorded of the progress but the files themselves: a cut transfer (a lost
+//! connection, a killed process) resumes with exactly the chunk groups still missing.
+
+use std::io::{self, BufReader, Read};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bao_tree::io::outboard::PreOrderOutboard;
+use bao_tree::io::sync::{DecodeResponseIter, OutboardMut};
+use bao_tree::io::{BaoContentItem, DecodeError, Leaf, Parent};
+use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
+use positioned_io::WriteAt;
+use tokio_util::io::SyncIoBridge;
+
+use super::files::{ranges_bytes, BLOCK};
+use super::wire::{self, BlobAnswer, BlobRequest, BLOB_PROTOCOL, MAX_REQUEST_RANGES};
+use super::{Blobs, Transfer, MAX_SOURCES};
+use crate::model::{format_blob_hash, NodeId};
+use crate::net::counters::PeerCounters;
+
+/// A peer to fetch from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// Its node id.
+    pub peer: NodeId,
+    /// The connection to it.
+    pub conn: quinn::Connection,
+    /// Its counters.
+    pub counters: Arc<PeerCounters>,
+}
+
+/// How a fetch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// The blob is complete and durable.
+    Complete,
+    /// Another fetch of it is under way.
+    AlreadyRunning,
+    /// Some of it is still missing: no source had it, or every source failed.
+    Incomplete {
+        /// Bytes still missing.
+        missing: u64,
+    },
+}
+
+/// Smallest piece asked of one source.
+const MIN_PIECE_CHUNKS: u64 = 4 * 1024;
+
+/// Why one source stopped.
+#[derive(Debug)]
+enum SourceFailed {
+    Unavailable,
+    Corrupt(String),
+    Other(String),
+}
+
+/// What the workers share.
+struct Shared {
+    have: Mutex<ChunkRanges>,
+    queue: Mutex<Vec<ChunkRanges>>,
+}
+
+/// Fetches `hash` (of `size` bytes) from `sources`.
+pub async fn fetch_blob(
+    blobs: &Blobs,
+    hash: [u8; 32],
+    size: u64,
+    sources: Vec<Source>,
+) -> io::Result<Fetched> {
+    let files = blobs.files().clone();
+    let partial = tokio::task::spawn_blocking(move || files.partial(&hash, size))
+        .await
+        .map_err(io::Error::other)??;
+    let Some(guard) = blobs.begin_transfer(hash, size, partial.bytes_have()) else {
+        return Ok(Fetched::AlreadyRunning);
+    };
+    let transfer = guard.transfer.clone();
+    blobs
+        .stats()
+        .resumed_bytes
+        .fetch_add(partial.bytes_have(), Ordering::Relaxed);
+    let missing = partial.missing();
+    let shared = Arc::new(Shared {
+        have: Mutex::new(partial.have.clone()),
+        queue: Mutex::new(Vec::new()),
+    });
+    if !missing.is_empty() {
+        let n = sources.len().clamp(1, MAX_SOURCES) as u64;
+        let pieces = split(&missing, size, n);
+        if let Ok(mut q) = shared.queue.lock() {
+            // Taken from the end: the first piece goes first.
+            q.extend(pieces.into_iter().rev());
+        }
+        let mut workers = tokio::task::JoinSet::new();
+        for source in sources.into_iter().take(MAX_SOURCES) {
+            let w = Worker {
+                blobs: blobs.clone(),
+                hash,
+                size,
+                source,
+                shared: shared.clone(),
+                transfer: transfer.clone(),
+                data: partial.data.try_clone()?,
+                outboard: partial.outboard.data.try_clone()?,
+            };
+            workers.spawn(w.run());
+        }
+        while workers.join_next().await.is_some() {}
+    }
+    let have = shared.have.lock().map(|h| h.clone()).unwrap_or_default();
+    let all = ChunkRanges::from(..ChunkNum::chunks(size));
+    let left = all - have.clone();
+    if !left.is_empty() {
+        blobs.stats().fetch_failures.fetch_add(1, Ordering::Relaxed);
+        return Ok(Fetched::Incomplete {
+            missing: ranges_bytes(&left, size),
+        });
+    }
+    let mut partial = partial;
+    partial.have = have;
+    let files = blobs.files().clone();
+    tokio::task::spawn_blocking(move || files.complete(partial))
+        .await
+        .map_err(io::Error::other)??;
+    blobs.stats().fetched.fetch_add(1, Ordering::Relaxed);
+    drop(guard);
+    blobs.finished(&hash);
+    tracing::info!(blob = %format_blob_hash(&hash), size, "blob fetched and verified");
+    Ok(Fetched::Complete)
+}
+
+/// Cuts `missing` into about `2 * sources` pieces of whole chunk groups.
+fn split(missing: &ChunkRanges, size: u64, sources: u64) -> Vec<ChunkRanges> {
+    let group = 1u64 << BLOCK.chunk_log();
+    let total = ranges_bytes(missing, size).div_ceil(1024);
+    let piece = (total / (2 * sources))
+        .max(MIN_PIECE_CHUNKS)
+        .div_ceil(group)
+        * group;
+    let end_all = ChunkNum::chunks(size).0;
+    let mut out = Vec::new();
+    let mut current = ChunkRanges::empty();
+    let mut in_current = 0;
+    for r in missing.iter() {
+        let (mut s, e) = match r {
+            range_collections::range_set::RangeSetRange::Range(r) => (r.start.0, r.end.0),
+            range_collections::range_set::RangeSetRange::RangeFrom(r) => (r.start.0, end_all),
+        };
+        while s < e {
+            let take = (piece - in_current).min(e - s);
+            current |= ChunkRanges::from(ChunkNum(s)..ChunkNum(s + take));
+            in_current += take;
+            s += take;
+            if in_current >= piece || current.boundaries().len() / 2 >= MAX_REQUEST_RANGES {
+                out.push(std::mem::replace(&mut current, ChunkRanges::empty()));
+                in_current = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+struct Worker {
+    blobs: Blobs,
+    hash: [u8; 32],
+    size: u64,
+    source: Source,
+    shared: Arc<Shared>,
+    transfer: Arc<Transfer>,
+    data: std::fs::File,
+    outboard: std::fs::File,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        self.transfer.sources.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let Some(piece) = self.shared.queue.lock().ok().and_then(|mut q| q.pop()) else {
+                break;
+            };
+            // Another source may have verified part of it meanwhile (a returned piece).
+            let piece = piece - self.have();
+            if piece.is_empty() {
+                continue;
+            }
+            match self.fetch_piece(&piece).await {
+                Ok(()) => {}
+                Err(failed) => {
+                    let rest = piece - self.have();
+                    if !rest.is_empty() {
+                        if let Ok(mut q) = self.shared.queue.lock() {
+                            q.push(rest);
+                        }
+                    }
+                    let peer = &self.source.peer;
+                    let blob = format_blob_hash(&self.hash);
+                    match failed {
+                        SourceFailed::Unavailable => {
+                            tracing::debug!(%peer, %blob, "the peer does not have the blob")
+                        }
+                        SourceFailed::Corrupt(at) => {
+                            self.source
+                                .counters
+                                .blob_corrupt
+                                .fetch_add(1, Ordering::Relaxed);
+                            self.blobs.stats().corrupt.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%peer, %blob, %at, "the peer sent blob data that fails verification: dropped it, fetching the rest elsewhere");
+                        }
+                        SourceFailed::Other(why) => {
+                            tracing::debug!(%peer, %blob, %why, "fetching from the peer failed")
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        self.transfer.sources.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn have(&self) -> ChunkRanges {
+        self.shared
+            .have
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
+    }
+
+    async fn fetch_piece(&mut self, piece: &ChunkRanges) -> Result<(), SourceFailed> {
+        let other = |e: &dyn std::fmt::Display| SourceFailed::Other(e.to_string());
+        let (mut send, mut recv) = self.source.conn.open_bi().await.map_err(|e| other(&e))?;
+        let req = BlobRequest {
+            version: BLOB_PROTOCOL,
+            hash: self.hash,
+            size: self.size,
+            ranges: ranges_list(piece, self.size),
+        };
+        let frame = wire::encode(&req).map_err(|e| other(&e))?;
+        send.write_all(&frame).await.map_err(|e| other(&e))?;
+        let _ = send.finish();
+        match wire::read::<BlobAnswer>(&mut recv)
+            .await
+            .map_err(|e| other(&e))?
+        {
+            BlobAnswer::Sending => {}
+            BlobAnswer::Unavailable => return Err(SourceFailed::Unavailable),
+            BlobAnswer::OtherSize(s) => {
+                return Err(SourceFailed::Other(format!(
+                    "the peer holds it with {s} bytes, not {}",
+                    self.size
+                )))
+            }
+            a => return Err(SourceFailed::Other(format!("the peer answered {a:?}"))),
+        }
+        let bridge = SyncIoBridge::new(recv);
+        let ctx = Decode {
+            hash: self.hash,
+            size: self.size,
+            ranges: piece.clone(),
+            data: self.data.try_clone().map_err(|e| other(&e))?,
+            outboard: self.outboard.try_clone().map_err(|e| other(&e))?,
+            shared: self.shared.clone(),
+            transfer: self.transfer.clone(),
+            counters: self.source.counters.clone(),
+            blobs: self.blobs.clone(),
+        };
+        tokio::task::spawn_blocking(move || ctx.run(bridge))
+            .await
+            .map_err(|e| other(&e))?
+    }
+}
+
+/// The chunk ranges of a piece as a request lists them.
+fn ranges_list(piece: &ChunkRanges, size: u64) -> Vec<(u64, u64)> {
+    let end_all = ChunkNum::chunks(size).0;
+    piece
+        .iter()
+        .map(|r| match r {
+            range_collections::range_set::RangeSetRange::Range(r) => (r.start.0, r.end.0),
+            range_collections::range_set::RangeSetRange::RangeFrom(r) => (r.start.0, end_all),
+        })
+        .collect()
+}
+
+/// One response being verified and written (on a blocking thread).
+struct Decode {
+    hash: [u8; 32],
+    size: u64,
+    ranges: ChunkRanges,
+    data: std::fs::File,
+    outboard: std::fs::File,
+    shared: Arc<Shared>,
+    transfer: Arc<Transfer>,
+    counters: Arc<PeerCounters>,
+    blobs: Blobs,
+}
+
+/// Counts what is read off the stream.
+struct Counted<'a, R> {
+    inner: R,
+    ctx: &'a Decode,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let n64 = n as u64;
+        self.ctx.transfer.received.fetch_add(n64, Ordering::Relaxed);
+        self.ctx
+            .counters
+            .blob_received_bytes
+            .fetch_add(n64, Ordering::Relaxed);
+        self.ctx
+            .blobs
+            .stats()
+            .received_bytes
+            .fetch_add(n64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl Decode {
+    fn run(self, stream: SyncIoBridge<quinn::RecvStream>) -> Result<(), SourceFailed> {
+        let mut outboard = PreOrderOutboard {
+            root: bao_tree::blake3::Hash::from(self.hash),
+            tree: BaoTree::new(self.size, BLOCK),
+            data: self
+                .outboard
+                .try_clone()
+                .map_err(|e| SourceFailed::Other(e.to_string()))?,
+        };
+        let mut data = self
+            .data
+            .try_clone()
+            .map_err(|e| SourceFailed::Other(e.to_string()))?;
+        let ranges = self.ranges.clone();
+        let reader = BufReader::with_capacity(
+            256 * 1024,
+            Counted {
+                inner: stream,
+                ctx: &self,
+            },
+        );
+        let iter = DecodeResponseIter::new(outboard.root, outboard.tree, reader, &ranges);
+        for item in iter {
+            match item {
+                Ok(BaoContentItem::Parent(Parent { node, pair })) => outboard
+                    .save(node, &pair)
+                    .map_err(|e| SourceFailed::Other(e.to_string()))?,
+                Ok(BaoContentItem::Leaf(Leaf {
+                    offset,
+                    data: bytes,
+                })) => {
+                    data.write_all_at(offset, &bytes)
+                        .map_err(|e| SourceFailed::Other(e.to_string()))?;
+                    let chunks = ChunkNum::full_chunks(offset)
+                        ..ChunkNum::chunks(offset + bytes.len() as u64);
+                    if let Ok(mut have) = self.shared.have.lock() {
+                        *have |= ChunkRanges::from(chunks);
+                    }
+                    self.transfer
+                        .done
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
+                Err(DecodeError::LeafHashMismatch(c)) => {
+                    return Err(SourceFailed::Corrupt(format!(
+                        "chunk group at byte {}",
+                        c.to_bytes()
+                    )))
+                }
+                Err(DecodeError::ParentHashMismatch(n)) => {
+                    return Err(SourceFailed::Corrupt(format!(
+                        "tree node at chunk {}",
+                        n.mid().0
+                    )))
+                }
+                Err(e) => return Err(SourceFailed::Other(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_what_is_missing_exactly_in_whole_groups() {
+        let size = 100 * 1024 * 1024 + 5;
+        let all = ChunkRanges::from(..ChunkNum::chunks(size));
+        let have = ChunkRanges::from(ChunkNum(1000)..ChunkNum(30_000));
+        let missing = all.clone() - have;
+        let pieces = split(&missing, size, 3);
+        assert!(pieces.len() >= 6);
+        let mut union = ChunkRanges::empty();
+        for p in &pieces {
+            assert!((union.clone() & p.clone()).is_empty(), "pieces overlap");
+            union |= p.clone();
+        }
+        assert_eq!(union, missing);
+    }
+}

@@ -1,0 +1,208 @@
+//! Serving blob streams to a peer: every bidirectional stream the peer opens beside the
+//! sync stream is one [`BlobRequest`](super::wire::BlobRequest).
+//!
+//! A request is answered only for a blob held here that a document the peer may read
+//! references. The encoding is validated against the tree while it is read from disk, so
+//! a blob damaged on this node's disk is never sent as good: the stream is cut at the bad
+//! chunk group and the blob is set aside to be fetched again.
+
+use std::io::{self, BufWriter, Write};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bao_tree::io::sync::encode_ranges_validated;
+use bao_tree::io::EncodeError;
+use bao_tree::{ChunkNum, ChunkRanges};
+use tokio_util::io::SyncIoBridge;
+use tokio_util::sync::CancellationToken;
+
+use super::pace::Pace;
+use super::wire::{self, BlobAnswer, BlobRequest};
+use super::Blobs;
+use crate::model::{format_blob_hash, Grants, NodeId};
+use crate::net::counters::PeerCounters;
+
+/// How long a peer has to send its request once it opened a stream.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Blob streams one peer may have open at once; quinn's stream limit holds the rest.
+pub const MAX_STREAMS_PER_PEER: u32 = 4;
+
+/// What a connection's blob server needs to know of the peer.
+#[derive(Clone, Debug)]
+pub struct ServedPeer {
+    /// Its node id, for logs.
+    pub id: NodeId,
+    /// What it may read.
+    pub grants: Grants,
+    /// Its counters.
+    pub counters: Arc<PeerCounters>,
+}
+
+/// Serves the blob streams `conn`'s peer opens until the connection ends or `stop`.
+pub async fn serve_connection(
+    blobs: Blobs,
+    conn: quinn::Connection,
+    peer: ServedPeer,
+    stop: CancellationToken,
+) {
+    let pace = blobs.config().max_rate.map(|r| Arc::new(Pace::new(r)));
+    let mut streams = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            a = conn.accept_bi() => a,
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+        };
+        let Ok((send, recv)) = accepted else {
+            break;
+        };
+        let (blobs, peer, pace) = (blobs.clone(), peer.clone(), pace.clone());
+        streams.spawn(async move {
+            if let Err(e) = serve_stream(&blobs, &peer, pace, send, recv).await {
+                tracing::debug!(peer = %peer.id, error = %e, "blob stream ended");
+            }
+        });
+    }
+    streams.abort_all();
+}
+
+async fn serve_stream(
+    blobs: &Blobs,
+    peer: &ServedPeer,
+    pace: Option<Arc<Pace>>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> io::Result<()> {
+    let req: BlobRequest = tokio::time::timeout(REQUEST_TIMEOUT, wire::read(&mut recv))
+        .await
+        .map_err(|_| io::Error::other("no request in time"))?
+        .map_err(io::Error::other)?;
+    let permit = blobs.inner.serving.clone().try_acquire_owned().ok();
+    let answer = answer_for(blobs, peer, &req, permit.is_some()).await;
+    let frame = wire::encode(&answer).map_err(io::Error::other)?;
+    send.write_all(&frame).await.map_err(io::Error::other)?;
+    if answer != BlobAnswer::Sending {
+        blobs.stats().refused.fetch_add(1, Ordering::Relaxed);
+        let _ = send.finish();
+        return Ok(());
+    }
+    // Documents first: the sync stream keeps priority 0.
+    let _ = send.set_priority(-1);
+    let ranges = to_chunk_ranges(&req.ranges);
+    let bridge = SyncIoBridge::new(send);
+    let (b, counters, hash) = (blobs.clone(), peer.counters.clone(), req.hash);
+    let corrupt = blobs.corrupts_sends();
+    let sent = tokio::task::spawn_blocking(move || -> io::Result<quinn::SendStream> {
+        let _permit = permit;
+        let reader = b
+            .files()
+            .reader(&hash)?
+            .ok_or_else(|| io::Error::other("blob deleted meanwhile"))?;
+        let out = Metered {
+            inner: bridge,
+            pace,
+            blobs: b.clone(),
+            counters,
+            written: 0,
+            corrupt_at: corrupt.then_some(100_000),
+        };
+        let mut out = BufWriter::with_capacity(256 * 1024, out);
+        match encode_ranges_validated(&reader.data, &reader.outboard, &ranges, &mut out) {
+            Ok(()) => {}
+            Err(EncodeError::LeafHashMismatch(_) | EncodeError::ParentHashMismatch(_)) => {
+                tracing::error!(blob = %format_blob_hash(&hash), "a blob held here fails verification: setting it aside to fetch again");
+                drop(reader);
+                let _ = b.files().remove(&hash);
+                b.poke();
+                return Err(io::Error::other("blob damaged on disk"));
+            }
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+        let out = out.into_inner().map_err(|e| e.into_error())?;
+        Ok(out.inner.into_inner())
+    })
+    .await
+    .map_err(io::Error::other)??;
+    let mut sent = sent;
+    sent.finish().map_err(io::Error::other)?;
+    // Wait until the peer has it all (or goes), so the stream is not cut by a close.
+    let _ = sent.stopped().await;
+    Ok(())
+}
+
+async fn answer_for(blobs: &Blobs, peer: &ServedPeer, req: &BlobRequest, room: bool) -> BlobAnswer {
+    if req.check().is_err() {
+        return BlobAnswer::Malformed;
+    }
+    let (b, grants, hash) = (blobs.clone(), peer.grants.clone(), req.hash);
+    let looked = tokio::task::spawn_blocking(move || {
+        let readable = b.index().readable_by(&hash, &grants)?;
+        let held = b.files().held(&hash)?;
+        Ok::<_, super::BlobError>((readable, held))
+    })
+    .await;
+    match looked {
+        Ok(Ok((true, Some(size)))) if size != req.size => BlobAnswer::OtherSize(size),
+        Ok(Ok((true, Some(_)))) if !room => BlobAnswer::Busy,
+        Ok(Ok((true, Some(_)))) => BlobAnswer::Sending,
+        Ok(Ok((readable, _))) => {
+            if !readable {
+                peer.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %peer.id, blob = %format_blob_hash(&req.hash), "blob request refused: no document the peer may read references it");
+            }
+            BlobAnswer::Unavailable
+        }
+        _ => BlobAnswer::Unavailable,
+    }
+}
+
+/// Chunk ranges of a checked request.
+pub fn to_chunk_ranges(ranges: &[(u64, u64)]) -> ChunkRanges {
+    let mut out = ChunkRanges::empty();
+    for &(s, e) in ranges {
+        out |= ChunkRanges::from(ChunkNum(s)..ChunkNum(e));
+    }
+    out
+}
+
+/// The blocking writer under the encoder: counts, paces and (test hook) corrupts.
+struct Metered {
+    inner: SyncIoBridge<quinn::SendStream>,
+    pace: Option<Arc<Pace>>,
+    blobs: Blobs,
+    counters: Arc<PeerCounters>,
+    written: u64,
+    corrupt_at: Option<u64>,
+}
+
+impl Write for Metered {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(p) = &self.pace {
+            p.take(buf.len());
+        }
+        let n = match self.corrupt_at {
+            Some(at) if at >= self.written && at < self.written + buf.len() as u64 => {
+                let mut bad = buf.to_vec();
+                bad[(at - self.written) as usize] ^= 0x01;
+                self.inner.write_all(&bad)?;
+                buf.len()
+            }
+            _ => self.inner.write(buf)?,
+        };
+        self.written += n as u64;
+        self.blobs
+            .stats()
+            .sent_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.counters
+            .blob_sent_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,353 @@
+//! Blobs through the real binaries: a large blob put at one edge reaches another byte for
+//! byte, `Range` reads, a corrupt source is caught and the blob comes from elsewhere, a
+//! killed transfer resumes with only the missing bytes, and grants hold.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tidesync_tests::procs::{connected, run, status, wait_for, Binaries, Proc};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Writes `size` bytes of reproducible noise (incompressible, no repeating chunk groups).
+fn noise_file(path: &Path, size: u64, seed: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut left = size;
+    let mut buf = vec![0u8; 64 * 1024];
+    while left > 0 {
+        for chunk in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+}
+
+fn same_files(a: &Path, b: &Path) -> bool {
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut ba, mut bb) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if na != nb || ba[..na] != bb[..nb] {
+            return false;
+        }
+        if na == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).unwrap() {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}
+
+/// `blob put` through the CLI: the hash and size it prints.
+fn put_blob(node: &Proc, bin: &str, file: &Path) -> (String, u64) {
+    let out = run(
+        bin,
+        &[
+            "blob",
+            "put",
+            file.to_str().unwrap(),
+            "--api",
+            &node.api.to_string(),
+            "--json",
+        ],
+    )
+    .unwrap();
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    (
+        v["hash"].as_str().unwrap().to_owned(),
+        v["size"].as_u64().unwrap(),
+    )
+}
+
+/// `blob get` through the CLI into `out`; whether it holds the same bytes as `original`.
+fn get_blob_matches(node: &Proc, bin: &str, hash: &str, out: &Path, original: &Path) -> bool {
+    run(
+        bin,
+        &[
+            "blob",
+            "get",
+            hash,
+            "--out",
+            out.to_str().unwrap(),
+            "--api",
+            &node.api.to_string(),
+        ],
+    )
+    .unwrap();
+    same_files(original, out)
+}
+
+fn blobs_status(p: &Proc) -> Value {
+    status(p)["blobs"].clone()
+}
+
+fn holds(p: &Proc, hash: &str) -> bool {
+    ureq::head(&p.url(&format!("/v1/blobs/{hash}?timeout_ms=0")))
+        .call()
+        .is_ok()
+}
+
+fn reference(hash: &str, size: u64) -> Value {
+    json!({"@blob": hash, "size": size, "type": "application/octet-stream", "name": "weights.bin"})
+}
+
+#[test]
+fn a_blob_put_at_one_edge_reaches_another_byte_identical_and_reads_by_range() {
+    let d = Binaries::init().unwrap();
+    let hub = d.hub(&[]).unwrap();
+    d.enroll("edge-a", "edge", &["models=rw"]).unwrap();
+    d.enroll("edge-b", "edge", &["models=rw"]).unwrap();
+    d.enroll("edge-c", "edge", &["other=rw"]).unwrap();
+    let a = d.edge("edge-a", &[&hub], &[]).unwrap();
+    let b = d.edge("edge-b", &[&hub], &[]).unwrap();
+    let c = d.edge("edge-c", &[&hub], &[]).unwrap();
+    wait_for("the edges connected", Duration::from_secs(10), || {
+        connected(&hub, "edge-a") && connected(&hub, "edge-b") && connected(&hub, "edge-c")
+    });
+    let size = 256 * MIB;
+    let file = Path::new(&d.path("weights.bin")).to_owned();
+    noise_file(&file, size, 7);
+    let (hash, put_size) = put_blob(&a, "tidesync-edge", &file);
+    assert_eq!(put_size, size);
+    // Putting the same bytes again stores nothing new.
+    let (again, _) = put_blob(&a, "tidesync-edge", &file);
+    assert_eq!(again, hash);
+
+    ureq::put(&a.url("/v1/docs/models/resnet"))
+        .send_json(json!({"name": "resnet", "weights": reference(&hash, size)}))
+        .unwrap();
+    wait_for("the blob at edge-b", Duration::from_secs(180), || {
+        holds(&b, &hash)
+    });
+
+    let out = Path::new(&d.path("copy.bin")).to_owned();
+    assert!(
+        get_blob_matches(&b, "tidesync-edge", &hash, &out, &file),
+        "the copy at edge-b differs"
+    );
+
+    // Range reads answer exactly the bytes asked for.
+    let original = std::fs::read(&file).unwrap();
+    for (range, start, end) in [
+        ("bytes=0-0", 0, 1),
+        ("bytes=1000-70000", 1000, 70_001),
+        ("bytes=16383-16385", 16_383, 16_386),
+        (&format!("bytes={}-", size - 5) as &str, size - 5, size),
+        ("bytes=-3", size - 3, size),
+    ] {
+        let r = ureq::get(&b.url(&format!("/v1/blobs/{hash}")))
+            .set("Range", range)
+            .call()
+            .unwrap();
+        assert_eq!(r.status(), 206, "{range}");
+        assert_eq!(
+            r.header("Content-Range").unwrap(),
+            format!("bytes {start}-{}/{size}", end - 1)
+        );
+        let mut body = Vec::new();
+        r.into_reader().read_to_end(&mut body).unwrap();
+        assert_eq!(body, original[start as usize..end as usize], "{range}");
+    }
+    match ureq::get(&b.url(&format!("/v1/blobs/{hash}")))
+        .set("Range", &format!("bytes={size}-"))
+        .call()
+    {
+        Err(ureq::Error::Status(416, r)) => {
+            assert_eq!(
+                r.header("Content-Range").unwrap(),
+                format!("bytes */{size}")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let head = ureq::head(&b.url(&format!("/v1/blobs/{hash}")))
+        .call()
+        .unwrap();
+    assert_eq!(head.header("ETag").unwrap(), format!("\"{hash}\""));
+    assert_eq!(head.header("Content-Length").unwrap(), size.to_string());
+
+    // The listing names the referencing document; status shows the space.
+    let ls: Value = ureq::get(&b.url("/v1/blobs"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(ls["blobs"][0]["hash"], hash.as_str(), "{ls}");
+    assert_eq!(ls["blobs"][0]["docs"][0], "models/resnet", "{ls}");
+    assert!(blobs_status(&b)["bytes_used"].as_u64().unwrap() >= size);
+    let text = run(
+        "tidesync-edge",
+        &["blob", "ls", "--api", &b.api.to_string()],
+    )
+    .unwrap();
+    assert!(
+        text.contains(&hash) && text.contains("models/resnet"),
+        "{text}"
+    );
+
+    // An edge that may not read `models` gets nothing: not from its own API, and not
+    // from the hub once it names the hash in a namespace it may write.
+    let missing = ureq::get(&c.url(&format!("/v1/blobs/{hash}?timeout_ms=0"))).call();
+    assert!(
+        matches!(missing, Err(ureq::Error::Status(404, _))),
+        "{missing:?}"
+    );
+    ureq::put(&c.url("/v1/docs/other/steal"))
+        .send_json(json!({"w": reference(&hash, size)}))
+        .unwrap();
+    wait_for("the hub refused edge-c", Duration::from_secs(20), || {
+        blobs_status(&hub)["refused"].as_u64().unwrap_or(0) >= 1
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!holds(&c, &hash), "edge-c got a blob it may not read");
+    assert_eq!(blobs_status(&c)["received_bytes"], 0);
+}
+
+#[test]
+fn a_corrupt_source_is_caught_at_once_and_the_blob_comes_from_another() {
+    let d = Binaries::init().unwrap();
+    let bad = d.hub(&["--fault-corrupt-blob-sends"]).unwrap();
+    let good_bundle = d.enroll("hub-good", "hub", &[]).unwrap();
+    let good = d
+        .hub_at(
+            "hub-good",
+            "127.0.0.1:0",
+            &["--bundle", &good_bundle, "--peer", &bad.quic.to_string()],
+        )
+        .unwrap();
+    let size = 24 * MIB + 1234;
+    let file = Path::new(&d.path("data.bin")).to_owned();
+    noise_file(&file, size, 11);
+    let (hash, _) = put_blob(&bad, "tidesync-hub", &file);
+    let (same, _) = put_blob(&good, "tidesync-hub", &file);
+    assert_eq!(same, hash);
+    let fetcher_bundle = d.enroll("hub-fetch", "hub", &[]).unwrap();
+    let fetcher = d
+        .hub_at(
+            "hub-fetch",
+            "127.0.0.1:0",
+            &[
+                "--bundle",
+                &fetcher_bundle,
+                "--peer",
+                &bad.quic.to_string(),
+                "--peer",
+                &good.quic.to_string(),
+            ],
+        )
+        .unwrap();
+    let bad_id = status(&bad)["node_id"].as_str().unwrap().to_owned();
+    wait_for(
+        "the fetcher connected to both",
+        Duration::from_secs(10),
+        || connected(&fetcher, &bad_id) && connected(&fetcher, "hub-good"),
+    );
+    ureq::put(&bad.url("/v1/docs/datasets/train"))
+        .send_json(json!({"shard": reference(&hash, size)}))
+        .unwrap();
+    wait_for("the blob at the fetcher", Duration::from_secs(60), || {
+        holds(&fetcher, &hash)
+    });
+    let out = Path::new(&d.path("fetched.bin")).to_owned();
+    assert!(
+        get_blob_matches(&fetcher, "tidesync-hub", &hash, &out, &file),
+        "the copy at the fetcher differs"
+    );
+    let st = status(&fetcher);
+    let peer = |id: &str| {
+        st["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert!(peer(&bad_id)["blob_corrupt"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(peer("hub-good")["blob_corrupt"], 0, "{st}");
+    // Caught at the first bad chunk group: the corrupt peer's stream was cut early.
+    let from_bad = peer(&bad_id)["blob_received_bytes"].as_u64().unwrap();
+    assert!(
+        from_bad < 512 * 1024,
+        "{from_bad} bytes taken from the corrupt peer"
+    );
+    let metrics = ureq::get(&fetcher.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("tidesync_blob_corrupt_total 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn an_edge_killed_mid_transfer_resumes_with_only_the_missing_bytes() {
+    let d = Binaries::init().unwrap();
+    // Paced, so the kill lands mid-transfer.
+    let hub = d.hub(&["--blob-max-rate", "16000000"]).unwrap();
+    d.enroll("edge-1", "edge", &["models=ro"]).unwrap();
+    let size = 64 * MIB;
+    let file = Path::new(&d.path("model.bin")).to_owned();
+    noise_file(&file, size, 3);
+    let (hash, _) = put_blob(&hub, "tidesync-hub", &file);
+    ureq::put(&hub.url("/v1/docs/models/m"))
+        .send_json(json!({"weights": reference(&hash, size)}))
+        .unwrap();
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
+    let mut at_kill = 0;
+    wait_for("half the blob at the edge", Duration::from_secs(60), || {
+        at_kill = blobs_status(&edge)["transfers"][0]["done"]
+            .as_u64()
+            .unwrap_or(0);
+        at_kill >= size / 2
+    });
+    edge.kill();
+    let edge = d.edge("edge-1", &[&hub], &[]).unwrap();
+    wait_for(
+        "the blob at the restarted edge",
+        Duration::from_secs(60),
+        || holds(&edge, &hash),
+    );
+    let st = blobs_status(&edge);
+    let resumed = st["resumed_bytes"].as_u64().unwrap();
+    let received = st["received_bytes"].as_u64().unwrap();
+    assert!(
+        resumed >= at_kill,
+        "resumed from {resumed}, {at_kill} were verified before the kill"
+    );
+    let remaining = size - resumed;
+    assert!(
+        received as f64 <= remaining as f64 * 1.05,
+        "received {received} bytes for {remaining} missing"
+    );
+    let out = Path::new(&d.path("resumed.bin")).to_owned();
+    assert!(
+        get_blob_matches(&edge, "tidesync-edge", &hash, &out, &file),
+        "the resumed copy differs"
+    );
+}
