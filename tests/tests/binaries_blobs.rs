@@ -3,7 +3,7 @@
 //! killed transfer resumes with only the missing bytes, and grants hold.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,53 +12,12 @@ use tidesync_tests::procs::{connected, run, status, wait_for, Binaries, Proc};
 
 const MIB: u64 = 1024 * 1024;
 
-/// Writes `size` bytes of reproducible noise (incompressible, no repeating chunk groups).
 fn noise_file(path: &Path, size: u64, seed: u64) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut x = seed | 1;
-    let mut left = size;
-    let mut buf = vec![0u8; 64 * 1024];
-    while left > 0 {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-    f.flush().unwrap();
+    tidesync_tests::blob_files::noise_file(path, size, seed).unwrap();
 }
 
 fn same_files(a: &Path, b: &Path) -> bool {
-    let (mut fa, mut fb) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
-    let (mut ba, mut bb) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
-    loop {
-        let na = read_full(&mut fa, &mut ba);
-        let nb = read_full(&mut fb, &mut bb);
-        if na != nb || ba[..na] != bb[..nb] {
-            return false;
-        }
-        if na == 0 {
-            return true;
-        }
-    }
-}
-
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]).unwrap() {
-            0 => break,
-            k => n += k,
-        }
-    }
-    n
+    tidesync_tests::blob_files::same_files(a, b).unwrap()
 }
 
 /// `blob put` through the CLI: the hash and size it prints.
@@ -349,5 +308,67 @@ fn an_edge_killed_mid_transfer_resumes_with_only_the_missing_bytes() {
     assert!(
         get_blob_matches(&edge, "tidesync-edge", &hash, &out, &file),
         "the resumed copy differs"
+    );
+}
+
+#[test]
+fn lazy_blobs_come_on_first_read_and_unreferenced_ones_are_collected() {
+    let d = Binaries::init().unwrap();
+    let hub = d.hub(&["--blob-gc-grace", "2s"]).unwrap();
+    d.enroll("edge-1", "edge", &["models=rw"]).unwrap();
+    let edge = d
+        .edge(
+            "edge-1",
+            &[&hub],
+            &["--blob-policy", "lazy", "--blob-gc-grace", "2s"],
+        )
+        .unwrap();
+    wait_for("the edge connected", Duration::from_secs(10), || {
+        connected(&hub, "edge-1")
+    });
+    let size = 3 * MIB + 17;
+    let file = Path::new(&d.path("small.bin")).to_owned();
+    noise_file(&file, size, 5);
+    let (hash, _) = put_blob(&hub, "tidesync-hub", &file);
+    ureq::put(&hub.url("/v1/docs/models/m"))
+        .send_json(json!({"weights": reference(&hash, size)}))
+        .unwrap();
+    wait_for("the document at the edge", Duration::from_secs(10), || {
+        ureq::get(&edge.url("/v1/docs/models/m")).call().is_ok()
+    });
+    // Lazy: the reference alone fetches nothing.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!holds(&edge, &hash));
+    assert_eq!(blobs_status(&edge)["received_bytes"], 0);
+    // The first read fetches it and streams it.
+    let r = ureq::get(&edge.url(&format!("/v1/blobs/{hash}")))
+        .call()
+        .unwrap();
+    let mut body = Vec::new();
+    r.into_reader().read_to_end(&mut body).unwrap();
+    assert_eq!(body, std::fs::read(&file).unwrap());
+    assert!(holds(&edge, &hash));
+    let text = run("tidesync-edge", &["status", "--api", &edge.api.to_string()]).unwrap();
+    assert!(text.contains("BLOBS 1 held"), "{text}");
+
+    // A blob put and never referenced goes after the grace period, and so does one whose
+    // last reference went.
+    let other = Path::new(&d.path("orphan.bin")).to_owned();
+    noise_file(&other, 100_000, 9);
+    let (orphan, _) = put_blob(&hub, "tidesync-hub", &other);
+    ureq::put(&hub.url("/v1/docs/models/m"))
+        .send_json(json!({"weights": null}))
+        .unwrap();
+    wait_for(
+        "both blobs collected everywhere",
+        Duration::from_secs(30),
+        || !holds(&hub, &hash) && !holds(&edge, &hash) && !holds(&hub, &orphan),
+    );
+    assert!(blobs_status(&hub)["collected"].as_u64().unwrap() >= 2);
+    assert!(blobs_status(&edge)["bytes_used"].as_u64().unwrap() < size);
+    let missing = ureq::get(&hub.url(&format!("/v1/blobs/{hash}?timeout_ms=0"))).call();
+    assert!(
+        matches!(missing, Err(ureq::Error::Status(404, _))),
+        "{missing:?}"
     );
 }

@@ -528,6 +528,37 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
             p["audit_repaired"]
         );
     }
+    if let Some(b) = s["blobs"].as_object() {
+        println!(
+            "BLOBS {} held, {} bytes on disk; {} fetched, {} corrupt transfers caught",
+            b.get("held").unwrap_or(&Value::Null),
+            b.get("bytes_used").unwrap_or(&Value::Null),
+            b.get("fetched").unwrap_or(&Value::Null),
+            b.get("corrupt").unwrap_or(&Value::Null),
+        );
+        for t in b
+            .get("transfers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let (done, size) = (
+                t["done"].as_u64().unwrap_or(0),
+                t["size"].as_u64().unwrap_or(0),
+            );
+            let pct = if size == 0 {
+                100.0
+            } else {
+                done as f64 * 100.0 / size as f64
+            };
+            println!(
+                "FETCHING {} {pct:.1}% of {size} bytes from {} peers, {} B/s",
+                t["hash"].as_str().unwrap_or("?"),
+                t["sources"],
+                t["rate_bytes_s"]
+            );
+        }
+    }
     if let Some(fault) = s["store_fault"].as_object() {
         println!(
             "STORE FAULT: {} (writes are refused until it clears)",

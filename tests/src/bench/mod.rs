@@ -1,6 +1,7 @@
 //! Benchmark scenarios of `tidesync-bench`. Each measures Tidesync and, in the same run,
 //! the raw limit of the same work, and returns its figures as JSON.
 
+pub mod artifact;
 pub mod audit;
 pub mod hostile;
 pub mod live;

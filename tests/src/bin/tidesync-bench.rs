@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde_json::{Map, Value};
-use tidesync_tests::bench::{audit, hostile, live, scale, sync, write};
+use tidesync_tests::bench::{artifact, audit, hostile, live, scale, sync, write};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -39,6 +39,10 @@ enum Scenario {
     /// Two hubs sharing 100,000 documents with 0, 10 and 1,000 differences the feed walk
     /// cannot see: one consistency audit each (`--audit-docs`).
     Audit,
+    /// A 1 GiB blob hub → edge against one plain quinn stream written to a file and
+    /// fsynced; memory growth, a live write during the transfer, resume after kill -9 at
+    /// half, and fan-out to 10 edges (`--blob-mb`, `--fanout-edges`, `--fanout-mb`).
+    Artifact,
     /// Every scenario in turn (but `soak`); one JSON object with each under its name.
     All,
     /// The attacking process of `hostile` (started by it).
@@ -76,6 +80,15 @@ struct Args {
     /// Seed of the `soak` scenario's faults and writes (replays a run) [default: the clock].
     #[arg(long)]
     seed: Option<u64>,
+    /// MiB of the blob of the `artifact` scenario.
+    #[arg(long, default_value_t = 1024)]
+    blob_mb: u64,
+    /// Edges of the `artifact` scenario's fan-out.
+    #[arg(long, default_value_t = 10)]
+    fanout_edges: usize,
+    /// MiB of the blob the `artifact` scenario fans out.
+    #[arg(long, default_value_t = 256)]
+    fanout_mb: u64,
     /// MiB the read-only peer floods in the `hostile` scenario.
     #[arg(long, default_value_t = 1024)]
     flood_mb: u64,
@@ -330,6 +343,29 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
             out
         }
         Scenario::Audit => audit::run(args.audit_docs).await?,
+        Scenario::Artifact => {
+            let out = artifact::run(artifact::ArtifactConfig {
+                blob_mb: args.blob_mb,
+                fanout_edges: args.fanout_edges,
+                fanout_mb: args.fanout_mb,
+            })
+            .await?;
+            println!("artifact: a blob hub → edge against one plain quinn stream + fsync");
+            table(
+                &out,
+                &[
+                    ("MB/s", "throughput_mb_s"),
+                    ("limit MB/s", "limit_mb_s"),
+                    ("ratio", "ratio"),
+                    ("rss growth MB", "rss_growth_mb"),
+                    ("live p99 us", "live_write_p99_us"),
+                    ("idle p99 us", "idle_write_p99_us"),
+                    ("resume extra", "resume_extra_ratio"),
+                    ("fan-out s", "fanout_seconds"),
+                ],
+            );
+            out
+        }
         Scenario::All => unreachable!("handled by main"),
     })
 }
