@@ -63,24 +63,31 @@ fn io_error(e: io::Error) -> ApiError {
 /// `PUT /v1/blobs`: stores the body as a blob; answers `{"hash","size"}` once durable.
 pub async fn put_blob(State(state): State<ApiState>, body: Body) -> Result<Response, ApiError> {
     let blobs = blobs_of(&state)?.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    // `None` ends the body; a channel closed without it (an upload cut off) stores
+    // nothing.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(8);
     let files = blobs.files().clone();
     let writer = tokio::task::spawn_blocking(move || -> io::Result<Option<([u8; 32], u64)>> {
         let mut put = files.begin_put()?;
-        while let Some(chunk) = rx.blocking_recv() {
-            if put.size() + chunk.len() as u64 > MAX_BLOB_SIZE {
-                return Ok(None);
+        loop {
+            match rx.blocking_recv() {
+                Some(Some(chunk)) => {
+                    if put.size() + chunk.len() as u64 > MAX_BLOB_SIZE {
+                        return Ok(None);
+                    }
+                    put.write(&chunk)?;
+                }
+                Some(None) => return put.finish().map(Some),
+                None => return Err(io::Error::other("the upload was cut off")),
             }
-            put.write(&chunk)?;
         }
-        put.finish().map(Some)
     });
     let mut stream = body.into_data_stream();
     let mut cut = None;
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(c) => {
-                if tx.send(c).await.is_err() {
+                if tx.send(Some(c)).await.is_err() {
                     break;
                 }
             }
@@ -91,14 +98,16 @@ pub async fn put_blob(State(state): State<ApiState>, body: Body) -> Result<Respo
         }
     }
     if let Some(why) = cut {
-        // Dropping the writer's input before `finish` would store a truncated blob:
-        // abort it instead (its temporary file goes with it).
-        writer.abort();
+        // The writer sees the channel close without an end and drops what it wrote.
+        drop(tx);
+        let _ = writer.await;
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("the upload was cut off: {why}"),
         ));
     }
+    // A writer that stopped early (too large, a disk error) answers below.
+    let _ = tx.send(None).await;
     drop(tx);
     let stored = writer
         .await
@@ -110,6 +119,7 @@ pub async fn put_blob(State(state): State<ApiState>, body: Body) -> Result<Respo
             format!("a blob may have at most {MAX_BLOB_SIZE} bytes"),
         ));
     };
+    blobs.finished(&hash);
     Ok((
         StatusCode::OK,
         Json(json!({"hash": format_blob_hash(&hash), "size": size})),

@@ -20,9 +20,9 @@ use bao_tree::io::sync::{DecodeResponseIter, OutboardMut};
 use bao_tree::io::{BaoContentItem, DecodeError, Leaf, Parent};
 use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
 use positioned_io::WriteAt;
-use tokio_util::io::SyncIoBridge;
 
 use super::files::{ranges_bytes, BLOCK};
+use super::stall::StallRead;
 use super::wire::{self, BlobAnswer, BlobRequest, BLOB_PROTOCOL, MAX_REQUEST_RANGES};
 use super::{Blobs, Transfer, MAX_SOURCES};
 use crate::model::{format_blob_hash, NodeId};
@@ -77,14 +77,19 @@ pub async fn fetch_blob(
     size: u64,
     sources: Vec<Source>,
 ) -> io::Result<Fetched> {
-    let files = blobs.files().clone();
-    let partial = tokio::task::spawn_blocking(move || files.partial(&hash, size))
-        .await
-        .map_err(io::Error::other)??;
-    let Some(guard) = blobs.begin_transfer(hash, size, partial.bytes_have()) else {
+    let Some(guard) = blobs.begin_transfer(hash, size, 0) else {
         return Ok(Fetched::AlreadyRunning);
     };
+    let files = blobs.files().clone();
+    let known = blobs.known_partial(&hash, size);
+    let partial = tokio::task::spawn_blocking(move || files.partial(&hash, size, known))
+        .await
+        .map_err(io::Error::other)??;
     let transfer = guard.transfer.clone();
+    transfer.done.store(partial.bytes_have(), Ordering::Relaxed);
+    transfer
+        .done_at_start
+        .store(partial.bytes_have(), Ordering::Relaxed);
     blobs
         .stats()
         .resumed_bytes
@@ -121,6 +126,7 @@ pub async fn fetch_blob(
     let all = ChunkRanges::from(..ChunkNum::chunks(size));
     let left = all - have.clone();
     if !left.is_empty() {
+        blobs.remember_partial(hash, size, have);
         blobs.stats().fetch_failures.fetch_add(1, Ordering::Relaxed);
         return Ok(Fetched::Incomplete {
             missing: ranges_bytes(&left, size),
@@ -264,7 +270,7 @@ impl Worker {
             }
             a => return Err(SourceFailed::Other(format!("the peer answered {a:?}"))),
         }
-        let bridge = SyncIoBridge::new(recv);
+        let bridge = StallRead::new(recv);
         let ctx = Decode {
             hash: self.hash,
             size: self.size,
@@ -332,7 +338,7 @@ impl<R: Read> Read for Counted<'_, R> {
 }
 
 impl Decode {
-    fn run(self, stream: SyncIoBridge<quinn::RecvStream>) -> Result<(), SourceFailed> {
+    fn run(self, stream: StallRead) -> Result<(), SourceFailed> {
         let mut outboard = PreOrderOutboard {
             root: bao_tree::blake3::Hash::from(self.hash),
             tree: BaoTree::new(self.size, BLOCK),

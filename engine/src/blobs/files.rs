@@ -4,11 +4,15 @@
 //! - `<hash>.data` and `<hash>.obao`: a complete blob and its verification tree (bao
 //!   pre-order outboard, 64 bytes per 16 KiB chunk group). Both are fsynced, then renamed
 //!   into place outboard first, so a `.data` file always has its tree.
-//! - `partial/<hash>.data` and `.obao`: a blob being received, its data file sized to the
-//!   blob. What of it is verified is not recorded anywhere: it is recomputed from the two
+//! - `partial/<hash>-<size>.data` and `.obao`: a blob being received, its data file sized
+//!   to the blob (sparse until written). The size is in the name because a reference
+//!   states it: two references claiming different sizes never clobber each other's
+//!   progress, and the wrong one simply never verifies. What of it is verified is not recorded anywhere: it is recomputed from the two
 //!   files when the transfer resumes, so a kill at any moment loses nothing already
 //!   written and a torn write is simply fetched again.
-//! - `partial/put-*.tmp`: a blob being put through the API; removed at start.
+//! - `partial/put-*`: a blob being put through the API; removed at start.
+//! - `damaged/`: complete blobs that failed verification when served, kept for a look
+//!   and fetched again.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -27,6 +31,9 @@ pub const BLOCK: BlockSize = BlockSize::from_chunk_log(4);
 #[derive(Clone, Debug)]
 pub struct BlobFiles {
     dir: PathBuf,
+    /// Held while a blob is installed, touched by a put, or checked and deleted by garbage
+    /// collection, so a put acknowledged meanwhile is never collected.
+    install: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// A complete blob opened for reading and serving.
@@ -49,6 +56,7 @@ impl BlobReader {
 #[derive(Debug)]
 pub struct Partial {
     hash: [u8; 32],
+    paths: (PathBuf, PathBuf),
     /// The content written so far, at its offsets.
     pub data: File,
     /// The verification tree as far as received.
@@ -101,6 +109,7 @@ pub struct PutWriter {
     files: BlobFiles,
     file: File,
     path: PathBuf,
+    obao: PathBuf,
     hasher: blake3::Hasher,
     size: u64,
     done: bool,
@@ -126,32 +135,32 @@ impl PutWriter {
         self.file.sync_all()?;
         let hash: [u8; 32] = *self.hasher.finalize().as_bytes();
         let size = self.size;
-        if self.files.held(&hash)?.is_none() {
-            let obao = self
-                .files
-                .partial_dir()
-                .join(format!("{}.put-obao", format_blob_hash(&hash)));
-            let mut outboard = PreOrderOutboard {
-                root: blake3::Hash::from(hash),
-                tree: BaoTree::new(size, BLOCK),
-                data: create_sized(&obao, BaoTree::new(size, BLOCK).outboard_size())?,
-            };
-            let data = File::open(&self.path)?;
-            outboard.init_from(io::BufReader::with_capacity(1 << 20, data))?;
-            if outboard.root.as_bytes() != &hash {
-                return Err(io::Error::other("the blob changed while it was being put"));
+        // The tree is built before the lock: it reads the whole file.
+        let mut outboard = PreOrderOutboard {
+            root: blake3::Hash::from(hash),
+            tree: BaoTree::new(size, BLOCK),
+            data: create_sized(&self.obao, BaoTree::new(size, BLOCK).outboard_size())?,
+        };
+        let data = File::open(&self.path)?;
+        outboard.init_from(io::BufReader::with_capacity(1 << 20, data))?;
+        if outboard.root.as_bytes() != &hash {
+            return Err(io::Error::other("the blob changed while it was being put"));
+        }
+        outboard.data.sync_all()?;
+        let _installing = self.files.lock();
+        match self.files.held(&hash)? {
+            Some(held) if held == size => {
+                // Put again: its grace period (if nothing references it) starts over.
+                let f = File::options()
+                    .write(true)
+                    .open(self.files.complete_path(&hash, "data"))?;
+                f.set_modified(std::time::SystemTime::now())?;
             }
-            outboard.data.sync_all()?;
-            self.files.install(&hash, &self.path, &obao)?;
-        } else if let Ok(f) = File::options()
-            .write(true)
-            .open(self.files.complete_path(&hash, "data"))
-        {
-            // Put again: its grace period (if nothing references it) starts over.
-            let _ = f.set_modified(std::time::SystemTime::now());
+            _ => self.files.install(&hash, &self.path, &self.obao)?,
         }
         self.done = true;
         let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_file(&self.obao);
         Ok((hash, size))
     }
 }
@@ -160,6 +169,7 @@ impl Drop for PutWriter {
     fn drop(&mut self) {
         if !self.done {
             let _ = fs::remove_file(&self.path);
+            let _ = fs::remove_file(&self.obao);
         }
     }
 }
@@ -178,17 +188,35 @@ fn create_sized(path: &Path, len: u64) -> io::Result<File> {
 impl BlobFiles {
     /// Opens (creating) the blob directory and clears puts a previous run left unfinished.
     pub fn open(dir: impl Into<PathBuf>) -> io::Result<Self> {
-        let files = Self { dir: dir.into() };
+        let files = Self {
+            dir: dir.into(),
+            install: std::sync::Arc::default(),
+        };
         fs::create_dir_all(files.partial_dir())?;
         for entry in fs::read_dir(files.partial_dir())? {
             let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with("put-") || name.ends_with(".put-obao") {
+            if entry.file_name().to_string_lossy().starts_with("put-") {
                 let _ = fs::remove_file(entry.path());
             }
         }
+        // A crash between the two renames of an install leaves a tree without its data:
+        // the data is still partial and will be fetched (or put) again.
+        for entry in fs::read_dir(&files.dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "obao")
+                && !path.with_extension("data").exists()
+            {
+                let _ = fs::remove_file(&path);
+            }
+        }
         Ok(files)
+    }
+
+    /// Serializes installs, re-puts and deletions of complete blobs.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.install
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The directory.
@@ -204,9 +232,9 @@ impl BlobFiles {
         self.dir.join(format!("{}.{ext}", format_blob_hash(hash)))
     }
 
-    fn partial_path(&self, hash: &[u8; 32], ext: &str) -> PathBuf {
+    fn partial_path(&self, hash: &[u8; 32], size: u64, ext: &str) -> PathBuf {
         self.partial_dir()
-            .join(format!("{}.{ext}", format_blob_hash(hash)))
+            .join(format!("{}-{size}.{ext}", format_blob_hash(hash)))
     }
 
     /// The size of a complete blob held here.
@@ -222,14 +250,15 @@ impl BlobFiles {
     pub fn begin_put(&self) -> io::Result<PutWriter> {
         let mut name = [0u8; 8];
         getrandom::fill(&mut name).map_err(|e| io::Error::other(e.to_string()))?;
-        let path = self
-            .partial_dir()
-            .join(format!("put-{}.tmp", u64::from_le_bytes(name)));
+        let id = u64::from_le_bytes(name);
+        let path = self.partial_dir().join(format!("put-{id}.data"));
+        let obao = self.partial_dir().join(format!("put-{id}.obao"));
         let file = create_sized(&path, 0)?;
         Ok(PutWriter {
             files: self.clone(),
             file,
             path,
+            obao,
             hasher: blake3::Hasher::new(),
             size: 0,
             done: false,
@@ -252,14 +281,17 @@ impl BlobFiles {
         Ok(Some(BlobReader { data, outboard }))
     }
 
-    /// Opens the blob being received (creating it): what of it is verified is read back
-    /// from its files.
-    pub fn partial(&self, hash: &[u8; 32], size: u64) -> io::Result<Partial> {
+    /// Opens the blob being received (creating it). What of it is verified is `known`
+    /// (from an earlier attempt of this process) or else read back from its files.
+    pub fn partial(
+        &self,
+        hash: &[u8; 32],
+        size: u64,
+        known: Option<ChunkRanges>,
+    ) -> io::Result<Partial> {
         let tree = BaoTree::new(size, BLOCK);
-        let (dpath, opath) = (
-            self.partial_path(hash, "data"),
-            self.partial_path(hash, "obao"),
-        );
+        let dpath = self.partial_path(hash, size, "data");
+        let opath = self.partial_path(hash, size, "obao");
         let open = |path: &Path, len: u64| -> io::Result<File> {
             let f = OpenOptions::new()
                 .read(true)
@@ -268,9 +300,6 @@ impl BlobFiles {
                 .truncate(false)
                 .open(path)?;
             if f.metadata()?.len() != len {
-                // Another size than the one asked: a different claim about the blob. What
-                // was there proves nothing about this one.
-                f.set_len(0)?;
                 f.set_len(len)?;
             }
             Ok(f)
@@ -285,13 +314,19 @@ impl BlobFiles {
             tree,
             data: obao,
         };
-        let mut have = ChunkRanges::empty();
-        for range in valid_ranges(&outboard, &data, &ChunkRanges::all()) {
-            let range = range?;
-            have |= ChunkRanges::from(range);
-        }
+        let have = match known {
+            Some(have) => have,
+            None => {
+                let mut have = ChunkRanges::empty();
+                for range in valid_ranges(&outboard, &data, &ChunkRanges::all()) {
+                    have |= ChunkRanges::from(range?);
+                }
+                have
+            }
+        };
         Ok(Partial {
             hash: *hash,
+            paths: (dpath, opath),
             data,
             outboard,
             have,
@@ -303,21 +338,65 @@ impl BlobFiles {
         if !partial.missing().is_empty() {
             return Err(io::Error::other("the blob is not complete"));
         }
+        // An empty blob has no chunk to verify: only the hash of nothing is one.
+        if partial.size() == 0 && blake3::hash(b"").as_bytes() != &partial.hash {
+            return Err(io::Error::other(
+                "an empty blob under another hash than the empty one's",
+            ));
+        }
         partial.data.sync_all()?;
         partial.outboard.data.sync_all()?;
-        let hash = partial.hash;
+        let (hash, (data, obao)) = (partial.hash, partial.paths.clone());
         drop(partial);
-        self.install(
-            &hash,
-            &self.partial_path(&hash, "data"),
-            &self.partial_path(&hash, "obao"),
-        )
+        let _installing = self.lock();
+        if self.held(&hash)?.is_some() {
+            let _ = fs::remove_file(&data);
+            let _ = fs::remove_file(&obao);
+            return Ok(());
+        }
+        self.install(&hash, &data, &obao)
     }
 
-    /// Drops what was received of a blob.
-    pub fn discard_partial(&self, hash: &[u8; 32]) {
-        let _ = fs::remove_file(self.partial_path(hash, "data"));
-        let _ = fs::remove_file(self.partial_path(hash, "obao"));
+    /// Blobs being received: hash, claimed size, bytes on disk.
+    pub fn partials(&self) -> io::Result<Vec<([u8; 32], u64)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(self.partial_dir())? {
+            let name = entry?.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".data")) else {
+                continue;
+            };
+            let Some((hex, size)) = stem.split_once('-') else {
+                continue;
+            };
+            if let (Some(hash), Ok(size)) = (crate::model::parse_blob_hash(hex), size.parse()) {
+                out.push((hash, size));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops what was received of a blob under one claimed size.
+    pub fn discard_partial(&self, hash: &[u8; 32], size: u64) {
+        let _ = fs::remove_file(self.partial_path(hash, size, "data"));
+        let _ = fs::remove_file(self.partial_path(hash, size, "obao"));
+    }
+
+    /// Moves a complete blob that failed verification aside (to `damaged/`), so it is
+    /// fetched again and never served as good.
+    pub fn set_aside(&self, hash: &[u8; 32]) -> io::Result<()> {
+        let _installing = self.lock();
+        let damaged = self.dir.join("damaged");
+        fs::create_dir_all(&damaged)?;
+        for ext in ["data", "obao"] {
+            let from = self.complete_path(hash, ext);
+            if from.exists() {
+                fs::rename(
+                    &from,
+                    damaged.join(format!("{}.{ext}", format_blob_hash(hash))),
+                )?;
+            }
+        }
+        sync_dir(&self.dir)
     }
 
     /// Renames fsynced files into place, tree first, and makes the renames durable.
@@ -328,7 +407,7 @@ impl BlobFiles {
         sync_dir(&self.partial_dir())
     }
 
-    /// Deletes a complete blob.
+    /// Deletes a complete blob (the caller holds [`Self::lock`]).
     pub fn remove(&self, hash: &[u8; 32]) -> io::Result<()> {
         fs::remove_file(self.complete_path(hash, "data"))?;
         let _ = fs::remove_file(self.complete_path(hash, "obao"));
@@ -377,4 +456,129 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(not(unix))]
 fn sync_dir(_dir: &Path) -> io::Result<()> {
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bao_tree::io::sync::{decode_ranges, encode_ranges_validated};
+
+    fn put(files: &BlobFiles, bytes: &[u8]) -> ([u8; 32], u64) {
+        let mut p = files.begin_put().expect("begin");
+        for chunk in bytes.chunks(7_000) {
+            p.write(chunk).expect("write");
+        }
+        p.finish().expect("finish")
+    }
+
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_put_is_addressed_by_its_hash_and_deduplicated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let files = BlobFiles::open(dir.path()).expect("open");
+        let bytes = noise(100_000);
+        let (h, size) = put(&files, &bytes);
+        assert_eq!(&h, blake3::hash(&bytes).as_bytes());
+        assert_eq!(size, 100_000);
+        assert_eq!(put(&files, &bytes).0, h);
+        assert_eq!(files.list().expect("list"), vec![(h, size)]);
+        // Nothing of either put is left behind.
+        assert_eq!(
+            fs::read_dir(dir.path().join("partial"))
+                .expect("dir")
+                .count(),
+            0
+        );
+        let r = files.reader(&h).expect("read").expect("held");
+        let mut out = Vec::new();
+        let ranges = ChunkRanges::all();
+        encode_ranges_validated(&r.data, &r.outboard, &ranges, &mut out).expect("valid");
+    }
+
+    #[test]
+    fn a_put_never_finished_stores_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let files = BlobFiles::open(dir.path()).expect("open");
+        let mut p = files.begin_put().expect("begin");
+        p.write(&noise(50_000)).expect("write");
+        drop(p);
+        assert!(files.list().expect("list").is_empty());
+        assert_eq!(
+            fs::read_dir(dir.path().join("partial"))
+                .expect("dir")
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn an_empty_blob_completes_only_under_the_empty_hash() {
+        let dir = tempfile::tempdir().expect("dir");
+        let files = BlobFiles::open(dir.path()).expect("open");
+        let bogus = [7u8; 32];
+        let p = files.partial(&bogus, 0, None).expect("partial");
+        assert!(p.missing().is_empty());
+        assert!(files.complete(p).is_err());
+        assert_eq!(files.held(&bogus).expect("held"), None);
+        let empty = *blake3::hash(b"").as_bytes();
+        let p = files.partial(&empty, 0, None).expect("partial");
+        files.complete(p).expect("the empty blob");
+        assert_eq!(files.held(&empty).expect("held"), Some(0));
+    }
+
+    #[test]
+    fn a_cut_transfer_resumes_from_what_its_files_verify() {
+        let dir = tempfile::tempdir().expect("dir");
+        let source = BlobFiles::open(dir.path().join("a")).expect("open");
+        let sink = BlobFiles::open(dir.path().join("b")).expect("open");
+        let bytes = noise(1_000_000 + 333);
+        let (h, size) = put(&source, &bytes);
+        let r = source.reader(&h).expect("read").expect("held");
+        // The first half arrives, verified, then the transfer is cut.
+        let half = ChunkRanges::from(..ChunkNum(480));
+        let mut wire = Vec::new();
+        encode_ranges_validated(&r.data, &r.outboard, &half, &mut wire).expect("encode");
+        let mut p = sink.partial(&h, size, None).expect("partial");
+        decode_ranges(&wire[..], &half, &mut p.data, &mut p.outboard).expect("decode");
+        drop(p);
+        // A later run finds exactly that half verified, and the rest missing.
+        let p = sink.partial(&h, size, None).expect("reopen");
+        assert_eq!(p.have, half);
+        // A byte damaged on disk (a torn write) costs its chunk group only.
+        {
+            use positioned_io::WriteAt;
+            let mut f = p.data.try_clone().expect("clone");
+            f.write_all_at(20_000, &[bytes[20_000] ^ 1])
+                .expect("damage");
+        }
+        drop(p);
+        let p = sink.partial(&h, size, None).expect("reopen");
+        assert_eq!(
+            p.have,
+            half.clone() - ChunkRanges::from(ChunkNum(16)..ChunkNum(32))
+        );
+        let rest = p.missing();
+        let mut wire = Vec::new();
+        encode_ranges_validated(&r.data, &r.outboard, &rest, &mut wire).expect("encode");
+        let mut p = p;
+        decode_ranges(&wire[..], &rest, &mut p.data, &mut p.outboard).expect("decode");
+        p.have |= rest;
+        sink.complete(p).expect("complete");
+        let copy = dir
+            .path()
+            .join("b")
+            .join(format!("{}.data", format_blob_hash(&h)));
+        assert_eq!(fs::read(copy).expect("read"), bytes);
+    }
 }

@@ -25,6 +25,8 @@ impl Blobs {
         let grace = self.config().gc_grace.as_secs();
         let mut done = Collected::default();
         for (hash, size) in self.files().list()? {
+            // Checked again under the lock: a put of the same bytes meanwhile renews it.
+            let _deleting = self.files().lock();
             if self.in_transfer(&hash) || self.index().is_referenced(&hash)? {
                 continue;
             }
@@ -41,6 +43,15 @@ impl Blobs {
             done.blobs += 1;
             done.bytes += size;
             tracing::info!(blob = %format_blob_hash(&hash), size, "deleted a blob no document references");
+        }
+        // What was received of blobs no document references at that size any more (a
+        // reference that went, or one that claimed a wrong size) goes at once.
+        for (hash, size) in self.files().partials()? {
+            if self.in_transfer(&hash) || self.index().referenced_size(&hash)? == Some(size) {
+                continue;
+            }
+            self.files().discard_partial(&hash, size);
+            self.forget_partial(&hash);
         }
         let stats = self.stats();
         stats.collected.fetch_add(done.blobs, Ordering::Relaxed);

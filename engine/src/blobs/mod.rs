@@ -22,6 +22,7 @@ pub mod gc;
 pub mod index;
 pub mod pace;
 pub mod serve;
+pub mod stall;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -111,14 +112,14 @@ pub struct Transfer {
     pub size: u64,
     /// Bytes of it verified and written (including what an earlier run received).
     pub done: AtomicU64,
+    /// `done` when this run started: the rate counts only this run's bytes.
+    pub done_at_start: AtomicU64,
     /// Bytes received over the network by this transfer (data and tree).
     pub received: AtomicU64,
     /// Peers it is fetched from now.
     pub sources: AtomicUsize,
     /// When it started.
     pub started: Instant,
-    /// `done` when it started: the rate counts only this run's bytes.
-    pub done_at_start: u64,
 }
 
 /// A transfer as `/v1/status` shows it.
@@ -170,6 +171,9 @@ struct Inner {
     transfers: Mutex<BTreeMap<[u8; 32], Arc<Transfer>>>,
     /// Blobs asked for by a read while their policy is `lazy`.
     asked: Mutex<BTreeSet<[u8; 32]>>,
+    /// What is verified of blobs partly received, by hash and claimed size: known after
+    /// the first attempt, so a retry does not hash the partial file again.
+    partials: Mutex<std::collections::HashMap<[u8; 32], (u64, bao_tree::ChunkRanges)>>,
     /// Woken when there may be new blobs to fetch.
     wanted_changed: Notify,
     /// Woken when a blob became complete.
@@ -217,6 +221,7 @@ impl Blobs {
                 cfg,
                 transfers: Mutex::new(BTreeMap::new()),
                 asked: Mutex::new(BTreeSet::new()),
+                partials: Mutex::default(),
                 wanted_changed: Notify::new(),
                 completed: Notify::new(),
                 serving: Arc::new(tokio::sync::Semaphore::new(MAX_SERVING)),
@@ -328,16 +333,43 @@ impl Blobs {
                 return Ok(Some(size));
             }
             if tokio::time::timeout_at(deadline, completed).await.is_err() {
+                // Not fetched for this read: a lazy blob goes back to waiting for one.
+                if let Ok(mut asked) = self.inner.asked.lock() {
+                    asked.remove(hash);
+                }
                 return Err(BlobError::Timeout);
             }
         }
     }
 
-    fn finished(&self, hash: &[u8; 32]) {
+    /// Says `hash` became complete here (fetched or put): reads waiting for it go on.
+    pub fn finished(&self, hash: &[u8; 32]) {
         if let Ok(mut asked) = self.inner.asked.lock() {
             asked.remove(hash);
         }
+        self.forget_partial(hash);
         self.inner.completed.notify_waiters();
+    }
+
+    /// What an earlier attempt verified of `hash` at `size`, if it is known.
+    fn known_partial(&self, hash: &[u8; 32], size: u64) -> Option<bao_tree::ChunkRanges> {
+        let map = self.inner.partials.lock().ok()?;
+        map.get(hash)
+            .filter(|(s, _)| *s == size)
+            .map(|(_, h)| h.clone())
+    }
+
+    fn remember_partial(&self, hash: [u8; 32], size: u64, have: bao_tree::ChunkRanges) {
+        if let Ok(mut map) = self.inner.partials.lock() {
+            map.insert(hash, (size, have));
+        }
+    }
+
+    /// Forgets what was known of a partial blob (it completed, or was discarded).
+    pub fn forget_partial(&self, hash: &[u8; 32]) {
+        if let Ok(mut map) = self.inner.partials.lock() {
+            map.remove(hash);
+        }
     }
 
     /// Registers a transfer (one per blob at a time): `None` if one is under way.
@@ -353,7 +385,7 @@ impl Blobs {
             received: AtomicU64::new(0),
             sources: AtomicUsize::new(0),
             started: Instant::now(),
-            done_at_start: done,
+            done_at_start: AtomicU64::new(done),
         });
         map.insert(hash, t.clone());
         Some(TransferGuard {
@@ -386,7 +418,9 @@ impl Blobs {
                     done,
                     received: t.received.load(Ordering::Relaxed),
                     sources: t.sources.load(Ordering::Relaxed),
-                    rate_bytes_s: (done.saturating_sub(t.done_at_start) as f64 / secs) as u64,
+                    rate_bytes_s: (done.saturating_sub(t.done_at_start.load(Ordering::Relaxed))
+                        as f64
+                        / secs) as u64,
                 }
             })
             .collect()

@@ -14,10 +14,10 @@ use std::time::Duration;
 use bao_tree::io::sync::encode_ranges_validated;
 use bao_tree::io::EncodeError;
 use bao_tree::{ChunkNum, ChunkRanges};
-use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
 use super::pace::Pace;
+use super::stall::StallWrite;
 use super::wire::{self, BlobAnswer, BlobRequest};
 use super::Blobs;
 use crate::model::{format_blob_hash, Grants, NodeId};
@@ -91,7 +91,7 @@ async fn serve_stream(
     // Documents first: the sync stream keeps priority 0.
     let _ = send.set_priority(-1);
     let ranges = to_chunk_ranges(&req.ranges);
-    let bridge = SyncIoBridge::new(send);
+    let bridge = StallWrite::new(send);
     let (b, counters, hash) = (blobs.clone(), peer.counters.clone(), req.hash);
     let corrupt = blobs.corrupts_sends();
     let sent = tokio::task::spawn_blocking(move || -> io::Result<quinn::SendStream> {
@@ -114,7 +114,9 @@ async fn serve_stream(
             Err(EncodeError::LeafHashMismatch(_) | EncodeError::ParentHashMismatch(_)) => {
                 tracing::error!(blob = %format_blob_hash(&hash), "a blob held here fails verification: setting it aside to fetch again");
                 drop(reader);
-                let _ = b.files().remove(&hash);
+                if let Err(e) = b.files().set_aside(&hash) {
+                    tracing::error!(error = %e, "setting a damaged blob aside failed");
+                }
                 b.poke();
                 return Err(io::Error::other("blob damaged on disk"));
             }
@@ -169,7 +171,7 @@ pub fn to_chunk_ranges(ranges: &[(u64, u64)]) -> ChunkRanges {
 
 /// The blocking writer under the encoder: counts, paces and (test hook) corrupts.
 struct Metered {
-    inner: SyncIoBridge<quinn::SendStream>,
+    inner: StallWrite,
     pace: Option<Arc<Pace>>,
     blobs: Blobs,
     counters: Arc<PeerCounters>,
