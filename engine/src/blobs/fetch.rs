@@ -53,6 +53,9 @@ pub enum Fetched {
     },
 }
 
+/// Bytes of a blob written between two syncs of its file while it is received.
+const SYNC_EVERY: u64 = 2 << 20;
+
 /// Smallest piece asked of one source.
 const MIN_PIECE_CHUNKS: u64 = 4 * 1024;
 
@@ -360,6 +363,7 @@ impl Decode {
             },
         );
         let iter = DecodeResponseIter::new(outboard.root, outboard.tree, reader, &ranges);
+        let mut unsynced = 0u64;
         for item in iter {
             match item {
                 Ok(BaoContentItem::Parent(Parent { node, pair })) => outboard
@@ -379,6 +383,14 @@ impl Decode {
                     self.transfer
                         .done
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    // Written back a little at a time: a gigabyte of dirty pages flushed
+                    // at once would stall every document commit (its fsync) behind it.
+                    unsynced += bytes.len() as u64;
+                    if unsynced >= SYNC_EVERY {
+                        data.sync_data()
+                            .map_err(|e| SourceFailed::Other(e.to_string()))?;
+                        unsynced = 0;
+                    }
                 }
                 Err(DecodeError::LeafHashMismatch(c)) => {
                     return Err(SourceFailed::Corrupt(format!(

@@ -92,17 +92,17 @@ async fn raw_quinn(file: &Path, out: &Path) -> Result<f64> {
     let receiver = tokio::spawn(async move {
         let conn = server.accept().await.context("no connection")?.await?;
         let mut recv = conn.accept_uni().await?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(16);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
         let writer = std::thread::spawn(move || -> Result<()> {
             let mut f = std::fs::File::create(&out)?;
-            for chunk in rx {
+            while let Some(chunk) = rx.blocking_recv() {
                 f.write_all(&chunk)?;
             }
             f.sync_all()?;
             Ok(())
         });
         while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
-            tx.send(chunk.bytes)?;
+            tx.send(chunk.bytes).await?;
         }
         drop(tx);
         writer
