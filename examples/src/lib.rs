@@ -6,4 +6,5 @@ pub mod automerge_interop;
 pub mod demo;
 pub mod local;
 pub mod model_registry;
+pub mod model_rollout;
 pub mod offline_todo;

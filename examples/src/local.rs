@@ -72,8 +72,11 @@ impl Local {
         let grants: Vec<Grant> = grants.iter().map(|g| g.parse()).collect::<Result<_, _>>()?;
         let bundle = self.ca.issue(&NodeId::new(name)?, role, &grants)?;
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        // A directory per node: its database and its blobs.
+        let data = self.dir.path().join(name);
+        std::fs::create_dir_all(&data)?;
         Ok(DaemonConfig {
-            db_path: self.dir.path().join(format!("{name}.redb")),
+            db_path: data.join("node.redb"),
             bundle,
             listen: (role == Role::Hub).then_some(loopback),
             api: loopback,
@@ -98,8 +101,19 @@ impl Local {
 
     /// Starts a hub that also dials the hubs at `peers`.
     pub async fn hub(&self, name: &str, peers: &[SocketAddr]) -> Result<Member> {
+        self.hub_with(name, peers, |_| {}).await
+    }
+
+    /// Starts a hub as [`Self::hub`] does, with `tune` changing its settings first.
+    pub async fn hub_with(
+        &self,
+        name: &str,
+        peers: &[SocketAddr],
+        tune: impl FnOnce(&mut DaemonConfig),
+    ) -> Result<Member> {
         let mut cfg = self.config(name, Role::Hub, &[])?;
         cfg.dial = peers.to_vec();
+        tune(&mut cfg);
         Member::restart(cfg).await
     }
 

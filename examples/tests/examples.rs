@@ -59,3 +59,20 @@ async fn automerge_interop_round_trips() {
     assert_eq!(r.counter, 3);
     assert_eq!(r.reviewed_by.as_deref(), Some("edge-2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_rollout_resumes_and_every_edge_verifies() {
+    let mut out = Vec::new();
+    let r = tidesync_examples::model_rollout::run(&mut out)
+        .await
+        .expect("model_rollout");
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(r.verified, [true, true, true], "{text}");
+    assert!(r.stopped_at >= r.size / 2, "{text}");
+    assert!(r.resumed >= r.stopped_at, "{text}");
+    let missing = r.size - r.resumed;
+    assert!(
+        r.received_after_restart as f64 <= missing as f64 * 1.05,
+        "{text}"
+    );
+}
