@@ -206,15 +206,25 @@ async fn a_hello_with_too_many_subscriptions_is_refused() {
 
 /// Regression: quinn's defaults let a peer open 100 bidirectional and 100 unidirectional
 /// streams that the protocol never reads, each buffering up to its window. Only the sync
-/// stream may be opened now.
+/// stream and [`MAX_STREAMS_PER_PEER`] blob streams may be open at once now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_may_open_only_the_sync_stream() {
+async fn a_peer_may_open_only_the_sync_stream_and_a_few_blob_streams() {
+    use tidesync::blobs::serve::MAX_STREAMS_PER_PEER;
     let (d, hub, edge) = hub_with_honest_edge();
     let r = rogue(&d, &hub, "streamer", "*=rw").await;
     let wait = Duration::from_secs(1);
+    let mut open = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_PEER {
+        let (mut send, recv) = tokio::time::timeout(wait, r.conn.open_bi())
+            .await
+            .expect("a blob stream within the limit")
+            .unwrap();
+        send.write_all(&[0]).await.unwrap();
+        open.push((send, recv));
+    }
     assert!(
         tokio::time::timeout(wait, r.conn.open_bi()).await.is_err(),
-        "a second bidirectional stream was allowed"
+        "a bidirectional stream past the limit was allowed"
     );
     assert!(
         tokio::time::timeout(wait, r.conn.open_uni()).await.is_err(),
