@@ -48,9 +48,17 @@ async fn blobs_status(node: &Member) -> Result<Value> {
     Ok(s["blobs"].clone())
 }
 
+/// Whether `node` holds the whole blob (a HEAD says so without fetching anything).
 async fn holds(node: &Member, hash: &str) -> Result<bool> {
-    let url = format!("{}/v1/blobs/{hash}?timeout_ms=0", node.api());
-    Ok(http_bytes("HEAD", &url, None).await?.0 == 200)
+    let url = format!("{}/v1/blobs/{hash}", node.api());
+    let (status, _) = http_bytes("HEAD", &url, None).await?;
+    if status != 200 {
+        return Ok(false);
+    }
+    let (_, list) = http("GET", &format!("{}/v1/blobs", node.api()), None).await?;
+    Ok(list["blobs"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|b| b["hash"] == hash)))
 }
 
 /// Runs the example, narrating to `out`.

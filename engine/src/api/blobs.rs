@@ -234,10 +234,15 @@ pub async fn get_blob(
         .timeout_ms
         .map_or(DEFAULT_READ_WAIT, Duration::from_millis)
         .min(MAX_READ_WAIT);
-    let size = blobs
-        .held_or_fetched(&hash, wait)
-        .await?
-        .ok_or(BlobError::NotFound)?;
+    // HEAD says whether the blob can be read here without fetching anything.
+    let (source, state, size) = if method == Method::HEAD {
+        let (state, size) = peek(&blobs, &hash)?;
+        (None, state, size)
+    } else {
+        let source = find(&blobs, &hash, wait).await?;
+        let (state, size) = (source.state(), source.size());
+        (Some(source), state, size)
+    };
     let etag = format!("\"{}\"", format_blob_hash(&hash));
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
@@ -255,6 +260,11 @@ pub async fn get_blob(
         &mut out,
         header::CONTENT_TYPE,
         "application/octet-stream".to_owned(),
+    );
+    put(
+        &mut out,
+        header::HeaderName::from_static(STATE_HEADER),
+        state.to_owned(),
     );
     if not_modified {
         return Ok((StatusCode::NOT_MODIFIED, out).into_response());
@@ -275,34 +285,158 @@ pub async fn get_blob(
         }
     };
     put(&mut out, header::CONTENT_LENGTH, (end - start).to_string());
-    if method == Method::HEAD {
+    let Some(source) = source else {
         return Ok((status, out).into_response());
-    }
-    let file = blobs
-        .files()
-        .reader(&hash)
-        .map_err(io_error)?
-        .ok_or(BlobError::NotFound)?
-        .data;
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
-    tokio::task::spawn_blocking(move || {
-        use positioned_io::ReadAt;
-        let mut at = start;
-        while at < end {
-            let n = READ_CHUNK.min((end - at) as usize);
-            let mut buf = vec![0u8; n];
-            let read = file.read_exact_at(at, &mut buf).map(|()| Bytes::from(buf));
-            let failed = read.is_err();
-            if tx.blocking_send(read).is_err() || failed {
-                return;
-            }
-            at += n as u64;
-        }
-    });
+    tokio::spawn(stream_out(blobs, hash, source, start..end, wait, tx));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
     Ok((status, out, Body::from_stream(stream)).into_response())
+}
+
+/// Where a read's bytes come from.
+enum Source {
+    /// A complete blob.
+    Held { file: std::fs::File, size: u64 },
+    /// A blob being fetched: bytes are served as soon as they are verified.
+    Arriving {
+        file: std::fs::File,
+        size: u64,
+        transfer: std::sync::Arc<crate::blobs::Transfer>,
+    },
+}
+
+impl Source {
+    fn size(&self) -> u64 {
+        match self {
+            Self::Held { size, .. } | Self::Arriving { size, .. } => *size,
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        match self {
+            Self::Held { .. } => "held",
+            Self::Arriving { .. } => "arriving",
+        }
+    }
+}
+
+/// Response header saying where a read's bytes come from: `held` (a complete blob here),
+/// `arriving` (being fetched; a GET streams it as it is verified) or `referenced` (a HEAD
+/// of a blob a document here references that is not fetched yet; a GET fetches it).
+pub const STATE_HEADER: &str = "x-tidesync-blob";
+
+/// What a HEAD answers, without starting a fetch: the blob's state and size.
+fn peek(blobs: &Blobs, hash: &[u8; 32]) -> Result<(&'static str, u64), ApiError> {
+    if let Some(size) = blobs.files().held(hash).map_err(io_error)? {
+        return Ok(("held", size));
+    }
+    let size = blobs
+        .index()
+        .referenced_size(hash)
+        .map_err(BlobError::from)?
+        .ok_or(BlobError::NotFound)?;
+    let state = if blobs.in_transfer(hash) {
+        "arriving"
+    } else {
+        "referenced"
+    };
+    Ok((state, size))
+}
+
+/// The blob held here, or, for one referenced here and not held, its transfer (started
+/// if need be, whatever the namespace's policy): the read streams it as it arrives.
+async fn find(blobs: &Blobs, hash: &[u8; 32], wait: Duration) -> Result<Source, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(r) = blobs.files().reader(hash).map_err(io_error)? {
+            let size = r.size();
+            return Ok(Source::Held { file: r.data, size });
+        }
+        let Some(size) = blobs
+            .index()
+            .referenced_size(hash)
+            .map_err(BlobError::from)?
+        else {
+            return Err(BlobError::NotFound.into());
+        };
+        if let Some(transfer) = blobs.transfer(hash) {
+            // The transfer opened (created) the partial file before registering... or is
+            // finishing: then the blob is held on the next turn.
+            if let Ok(file) = blobs.files().partial_reader(hash, size) {
+                if transfer.size == size {
+                    return Ok(Source::Arriving {
+                        file,
+                        size,
+                        transfer,
+                    });
+                }
+            }
+        }
+        blobs.ask(hash);
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BlobError::Timeout.into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Streams `start..end` of `source` into `tx`; bytes of a blob being fetched only once
+/// they are verified. A fetch that stalls longer than `wait` ends the body with an error.
+async fn stream_out(
+    blobs: Blobs,
+    hash: [u8; 32],
+    source: Source,
+    range: std::ops::Range<u64>,
+    wait: Duration,
+    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+) {
+    let (file, mut transfer) = match source {
+        Source::Held { file, .. } => (file, None),
+        Source::Arriving { file, transfer, .. } => (file, Some(transfer)),
+    };
+    let file = std::sync::Arc::new(file);
+    let (mut at, end) = (range.start, range.end);
+    while at < end {
+        let n = READ_CHUNK.min((end - at) as usize);
+        let mut waited = Duration::ZERO;
+        while let Some(t) = transfer.clone() {
+            if t.covers(at, at + n as u64) {
+                break;
+            }
+            let step = Duration::from_millis(200);
+            let _ = tokio::time::timeout(step, t.progress.notified()).await;
+            // The transfer may have completed (the file, renamed, is still this one) or
+            // given up and started again (the next one knows what this one verified).
+            if blobs.files().held(&hash).ok().flatten().is_some() {
+                transfer = None;
+            } else if let Some(next) = blobs.transfer(&hash) {
+                transfer = Some(next);
+            }
+            waited += step;
+            if waited > wait {
+                let _ = tx
+                    .send(Err(io::Error::other("the blob stopped arriving")))
+                    .await;
+                return;
+            }
+        }
+        let f = file.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            use positioned_io::ReadAt;
+            let mut buf = vec![0u8; n];
+            f.read_exact_at(at, &mut buf).map(|()| Bytes::from(buf))
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        let failed = read.is_err();
+        if tx.send(read).await.is_err() || failed {
+            return;
+        }
+        at += n as u64;
+    }
 }
 
 #[cfg(test)]

@@ -69,7 +69,6 @@ enum SourceFailed {
 
 /// What the workers share.
 struct Shared {
-    have: Mutex<ChunkRanges>,
     queue: Mutex<Vec<ChunkRanges>>,
 }
 
@@ -98,8 +97,10 @@ pub async fn fetch_blob(
         .resumed_bytes
         .fetch_add(partial.bytes_have(), Ordering::Relaxed);
     let missing = partial.missing();
+    if let Ok(mut have) = transfer.have.lock() {
+        *have = partial.have.clone();
+    }
     let shared = Arc::new(Shared {
-        have: Mutex::new(partial.have.clone()),
         queue: Mutex::new(Vec::new()),
     });
     if !missing.is_empty() {
@@ -125,7 +126,7 @@ pub async fn fetch_blob(
         }
         while workers.join_next().await.is_some() {}
     }
-    let have = shared.have.lock().map(|h| h.clone()).unwrap_or_default();
+    let have = transfer.have.lock().map(|h| h.clone()).unwrap_or_default();
     let all = ChunkRanges::from(..ChunkNum::chunks(size));
     let left = all - have.clone();
     if !left.is_empty() {
@@ -240,7 +241,7 @@ impl Worker {
     }
 
     fn have(&self) -> ChunkRanges {
-        self.shared
+        self.transfer
             .have
             .lock()
             .map(|h| h.clone())
@@ -280,7 +281,6 @@ impl Worker {
             ranges: piece.clone(),
             data: self.data.try_clone().map_err(|e| other(&e))?,
             outboard: self.outboard.try_clone().map_err(|e| other(&e))?,
-            shared: self.shared.clone(),
             transfer: self.transfer.clone(),
             counters: self.source.counters.clone(),
             blobs: self.blobs.clone(),
@@ -310,7 +310,6 @@ struct Decode {
     ranges: ChunkRanges,
     data: std::fs::File,
     outboard: std::fs::File,
-    shared: Arc<Shared>,
     transfer: Arc<Transfer>,
     counters: Arc<PeerCounters>,
     blobs: Blobs,
@@ -377,9 +376,10 @@ impl Decode {
                         .map_err(|e| SourceFailed::Other(e.to_string()))?;
                     let chunks = ChunkNum::full_chunks(offset)
                         ..ChunkNum::chunks(offset + bytes.len() as u64);
-                    if let Ok(mut have) = self.shared.have.lock() {
+                    if let Ok(mut have) = self.transfer.have.lock() {
                         *have |= ChunkRanges::from(chunks);
                     }
+                    self.transfer.progress.notify_waiters();
                     self.transfer
                         .done
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);

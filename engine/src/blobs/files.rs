@@ -357,6 +357,11 @@ impl BlobFiles {
         self.install(&hash, &data, &obao)
     }
 
+    /// Opens the data file of a blob being received, to read what of it is verified.
+    pub fn partial_reader(&self, hash: &[u8; 32], size: u64) -> io::Result<File> {
+        File::open(self.partial_path(hash, size, "data"))
+    }
+
     /// Blobs being received: hash, claimed size, bytes on disk.
     pub fn partials(&self) -> io::Result<Vec<([u8; 32], u64)>> {
         let mut out = Vec::new();

@@ -7,17 +7,15 @@
 
 use std::path::Path;
 
-use redb::{
-    Database, Durability, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable,
-    ReadableTable, TableDefinition,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::model::{blob_refs, BlobRef, DocId, Grants, Namespace};
 use crate::store::{FeedEntry, FeedSeq, Store};
 
 /// Blob hash → "ns/id" of each document referencing it.
-const BLOB_DOCS: MultimapTableDefinition<&[u8; 32], &str> =
-    MultimapTableDefinition::new("blob_docs");
+/// Keyed by both, so the documents of one blob, or of one blob in one namespace, are one
+/// range read however many there are.
+const BLOB_DOCS: TableDefinition<(&[u8; 32], &str), ()> = TableDefinition::new("blob_refs");
 /// "ns/id" → the references of the document (40 bytes each: hash, size LE).
 const DOC_BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_blobs");
 /// Blob hash → its size as referenced, for every blob some document references now or
@@ -101,6 +99,20 @@ fn decode_refs(bytes: &[u8]) -> Vec<BlobRef> {
         .collect()
 }
 
+/// Whether a document whose `ns/id` starts with `prefix` references `hash`: one range
+/// read, whatever the number of references.
+fn any_doc(
+    t: &impl ReadableTable<(&'static [u8; 32], &'static str), ()>,
+    hash: &[u8; 32],
+    prefix: &str,
+) -> Result<bool, IndexError> {
+    let first = t.range((hash, prefix)..)?.next().transpose()?;
+    Ok(first.is_some_and(|(k, _)| {
+        let (h, doc) = k.value();
+        h == hash && doc.starts_with(prefix)
+    }))
+}
+
 /// What one pass over the feed changed.
 #[derive(Debug, Default)]
 pub struct IndexPass {
@@ -117,7 +129,7 @@ impl BlobIndex {
     pub fn open(path: &Path) -> Result<Self, IndexError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
-        txn.open_multimap_table(BLOB_DOCS)?;
+        txn.open_table(BLOB_DOCS)?;
         txn.open_table(DOC_BLOBS)?;
         txn.open_table(BLOB_SIZE)?;
         txn.open_table(UNREFERENCED)?;
@@ -186,7 +198,7 @@ impl BlobIndex {
                 .map(|(k, _)| *k.value())
                 .collect()
         };
-        txn.delete_multimap_table(BLOB_DOCS)?;
+        txn.delete_table(BLOB_DOCS)?;
         txn.delete_table(DOC_BLOBS)?;
         txn.delete_table(BLOB_HOME)?;
         txn.delete_table(META)?;
@@ -198,7 +210,7 @@ impl BlobIndex {
                 }
             }
         }
-        txn.open_multimap_table(BLOB_DOCS)?;
+        txn.open_table(BLOB_DOCS)?;
         txn.open_table(DOC_BLOBS)?;
         txn.open_table(BLOB_HOME)?;
         txn.open_table(META)?;
@@ -218,7 +230,7 @@ impl BlobIndex {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::None)?;
         {
-            let mut blob_docs = txn.open_multimap_table(BLOB_DOCS)?;
+            let mut blob_docs = txn.open_table(BLOB_DOCS)?;
             let mut doc_blobs = txn.open_table(DOC_BLOBS)?;
             let mut sizes = txn.open_table(BLOB_SIZE)?;
             let mut unref = txn.open_table(UNREFERENCED)?;
@@ -247,8 +259,8 @@ impl BlobIndex {
                     .iter()
                     .filter(|r| !refs.iter().any(|n| n.hash == r.hash))
                 {
-                    blob_docs.remove(&r.hash, key.as_str())?;
-                    if blob_docs.get(&r.hash)?.next().is_none() {
+                    blob_docs.remove((&r.hash, key.as_str()))?;
+                    if !any_doc(&blob_docs, &r.hash, "")? {
                         unref.insert(&r.hash, now_s)?;
                         pass.removed = true;
                     }
@@ -257,11 +269,11 @@ impl BlobIndex {
                     .iter()
                     .filter(|r| !old.iter().any(|o| o.hash == r.hash))
                 {
-                    let first = blob_docs.get(&r.hash)?.next().is_none();
+                    let first = !any_doc(&blob_docs, &r.hash, "")?;
                     if first {
                         home.insert(&r.hash, e.ns.as_str())?;
                     }
-                    blob_docs.insert(&r.hash, key.as_str())?;
+                    blob_docs.insert((&r.hash, key.as_str()), ())?;
                     unref.remove(&r.hash)?;
                     if sizes.get(&r.hash)?.is_none() || first {
                         sizes.insert(&r.hash, r.size)?;
@@ -286,10 +298,15 @@ impl BlobIndex {
     /// Up to [`MAX_LISTED_DOCS`] documents referencing `hash`, as `ns/id`.
     pub fn docs_referencing(&self, hash: &[u8; 32]) -> Result<Vec<String>, IndexError> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_multimap_table(BLOB_DOCS)?;
+        let t = txn.open_table(BLOB_DOCS)?;
         let mut out = Vec::new();
-        for v in t.get(hash)?.take(MAX_LISTED_DOCS) {
-            out.push(v?.value().to_owned());
+        for entry in t.range((hash, "")..)?.take(MAX_LISTED_DOCS) {
+            let (k, _) = entry?;
+            let (h, doc) = k.value();
+            if h != hash {
+                break;
+            }
+            out.push(doc.to_owned());
         }
         Ok(out)
     }
@@ -310,13 +327,8 @@ impl BlobIndex {
         if !readable {
             return Ok(false);
         }
-        let t = txn.open_multimap_table(BLOB_DOCS)?;
-        for v in t.get(hash)? {
-            if split_doc_key(v?.value()).is_some_and(|(ns, _)| ns == home) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let t = txn.open_table(BLOB_DOCS)?;
+        any_doc(&t, hash, &format!("{home}/"))
     }
 
     /// The blob's home namespace (see [`Self::readable_by`]).
@@ -393,5 +405,65 @@ impl BlobIndex {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::format_blob_hash;
+    use crate::store::StoreConfig;
+    use serde_json::json;
+
+    fn ns(s: &str) -> Namespace {
+        Namespace::new(s).expect("ns")
+    }
+
+    fn grants(g: &str) -> Grants {
+        Grants::new(vec![g.parse().expect("grant")])
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_readers_of_the_home_namespace_may_fetch_and_references_come_and_go() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store =
+            Store::open(dir.path().join("node.redb"), StoreConfig::default()).expect("store");
+        let index = BlobIndex::open(&dir.path().join("index.redb")).expect("index");
+        let h = [9u8; 32];
+        let r = json!({"@blob": format_blob_hash(&h), "size": 5});
+        let put = |n: &str, id: &str, v: serde_json::Value| {
+            let store = store.clone();
+            let (n, id) = (ns(n), DocId::new(id).expect("id"));
+            async move { store.put(&n, &id, v, None).await.expect("put") }
+        };
+        put("models", "m", json!({"w": r})).await;
+        // Someone who knows the hash references it from namespaces sorting before and
+        // after the home, many times.
+        for i in 0..300 {
+            put("aaa", &format!("x{i}"), json!({"w": r})).await;
+        }
+        put("zzz", "x", json!({"w": r})).await;
+        index.follow(&store, usize::MAX, 100).expect("follow");
+        assert_eq!(index.home(&h).expect("home").as_deref(), Some("models"));
+        assert!(index.readable_by(&h, &grants("models=ro")).expect("check"));
+        assert!(!index.readable_by(&h, &grants("aaa=rw")).expect("check"));
+        assert!(!index.readable_by(&h, &grants("zzz=rw")).expect("check"));
+        assert_eq!(index.referenced_size(&h).expect("size"), Some(5));
+        assert_eq!(index.docs_referencing(&h).expect("docs").len(), 302);
+
+        // The home's reference goes: nobody may fetch it through another namespace.
+        put("models", "m", json!({"w": null})).await;
+        index.follow(&store, usize::MAX, 200).expect("follow");
+        assert!(!index.readable_by(&h, &grants("models=ro")).expect("check"));
+        assert!(!index.readable_by(&h, &grants("aaa=rw")).expect("check"));
+        assert!(index.is_referenced(&h).expect("referenced"));
+        // Every reference goes: unreferenced since then.
+        for i in 0..300 {
+            put("aaa", &format!("x{i}"), json!({})).await;
+        }
+        put("zzz", "x", json!({})).await;
+        index.follow(&store, usize::MAX, 300).expect("follow");
+        assert!(!index.is_referenced(&h).expect("referenced"));
+        assert_eq!(index.unreferenced_since(&h).expect("since"), Some(300));
     }
 }

@@ -120,6 +120,21 @@ pub struct Transfer {
     pub sources: AtomicUsize,
     /// When it started.
     pub started: Instant,
+    /// The chunks verified so far.
+    pub have: Mutex<bao_tree::ChunkRanges>,
+    /// Woken whenever `have` grows, for reads streaming the blob as it arrives.
+    pub progress: Notify,
+}
+
+impl Transfer {
+    /// Whether the bytes `start..end` are verified and written.
+    pub fn covers(&self, start: u64, end: u64) -> bool {
+        use bao_tree::{ChunkNum, ChunkRanges};
+        let want = ChunkRanges::from(ChunkNum::full_chunks(start)..ChunkNum::chunks(end));
+        self.have
+            .lock()
+            .is_ok_and(|have| (want.clone() - have.clone()).is_empty())
+    }
 }
 
 /// A transfer as `/v1/status` shows it.
@@ -309,39 +324,6 @@ impl Blobs {
         self.inner.wanted_changed.notify_one();
     }
 
-    /// Waits until `hash` is held, fetching it if it is referenced and not held: the
-    /// `lazy` read. `Ok(None)` if it is neither held nor referenced.
-    pub async fn held_or_fetched(
-        &self,
-        hash: &[u8; 32],
-        timeout: Duration,
-    ) -> Result<Option<u64>, BlobError> {
-        if let Some(size) = self.inner.files.held(hash)? {
-            return Ok(Some(size));
-        }
-        if !self.inner.index.is_referenced(hash)? {
-            return Ok(None);
-        }
-        if let Ok(mut asked) = self.inner.asked.lock() {
-            asked.insert(*hash);
-        }
-        self.poke();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let completed = self.inner.completed.notified();
-            if let Some(size) = self.inner.files.held(hash)? {
-                return Ok(Some(size));
-            }
-            if tokio::time::timeout_at(deadline, completed).await.is_err() {
-                // Not fetched for this read: a lazy blob goes back to waiting for one.
-                if let Ok(mut asked) = self.inner.asked.lock() {
-                    asked.remove(hash);
-                }
-                return Err(BlobError::Timeout);
-            }
-        }
-    }
-
     /// Says `hash` became complete here (fetched or put): reads waiting for it go on.
     pub fn finished(&self, hash: &[u8; 32]) {
         if let Ok(mut asked) = self.inner.asked.lock() {
@@ -386,12 +368,27 @@ impl Blobs {
             sources: AtomicUsize::new(0),
             started: Instant::now(),
             done_at_start: AtomicU64::new(done),
+            have: Mutex::new(bao_tree::ChunkRanges::empty()),
+            progress: Notify::new(),
         });
         map.insert(hash, t.clone());
         Some(TransferGuard {
             blobs: self.clone(),
             transfer: t,
         })
+    }
+
+    /// The transfer of `hash` under way, if any.
+    pub fn transfer(&self, hash: &[u8; 32]) -> Option<Arc<Transfer>> {
+        self.inner.transfers.lock().ok()?.get(hash).cloned()
+    }
+
+    /// Asks for `hash` to be fetched now, whatever its namespace's policy (a read wants it).
+    pub fn ask(&self, hash: &[u8; 32]) {
+        if let Ok(mut asked) = self.inner.asked.lock() {
+            asked.insert(*hash);
+        }
+        self.poke();
     }
 
     /// Whether a transfer of `hash` is under way.

@@ -49,9 +49,9 @@ fn wait(
 }
 
 fn holds(p: &Proc, hash: &str) -> bool {
-    ureq::head(&p.url(&format!("/v1/blobs/{hash}?timeout_ms=0")))
+    ureq::head(&p.url(&format!("/v1/blobs/{hash}")))
         .call()
-        .is_ok()
+        .is_ok_and(|r| r.header("x-tidesync-blob") == Some("held"))
 }
 
 fn blobs_status(p: &Proc) -> Value {
