@@ -82,11 +82,7 @@ fn live_write(edge: &Proc, hub: &Proc, i: u64) -> Result<Duration> {
 /// The raw limit: `file` over one plain quinn stream on loopback, written to `out` and
 /// fsynced. Seconds.
 async fn raw_quinn(file: &Path, out: &Path) -> Result<f64> {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
-    let cert_der = cert.cert.der().clone();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let server_cfg = quinn::ServerConfig::with_single_cert(vec![cert_der.clone()], key)?;
-    let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse()?)?;
+    let (server, client) = super::raw_path::loopback_endpoints()?;
     let addr = server.local_addr()?;
     let out = out.to_owned();
     let receiver = tokio::spawn(async move {
@@ -110,12 +106,6 @@ async fn raw_quinn(file: &Path, out: &Path) -> Result<f64> {
             .map_err(|_| anyhow::anyhow!("writer panicked"))??;
         anyhow::Ok(())
     });
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert_der)?;
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    client.set_default_client_config(quinn::ClientConfig::with_root_certificates(Arc::new(
-        roots,
-    ))?);
     let started = Instant::now();
     let conn = client.connect(addr, "localhost")?.await?;
     let mut send = conn.open_uni().await?;

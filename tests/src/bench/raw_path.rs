@@ -82,13 +82,26 @@ fn store(db: &Database, key: u64, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Half the round trip of each message over one long-lived bidirectional quinn stream.
-async fn quic_one_way(messages: &[Vec<u8>]) -> Result<Vec<Duration>> {
+/// Plain quinn on loopback, the raw limit's transport: a server endpoint with a
+/// self-signed certificate for `localhost`, and a client endpoint that trusts it.
+pub fn loopback_endpoints() -> Result<(quinn::Endpoint, quinn::Endpoint)> {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
     let cert_der = cert.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
     let server_cfg = quinn::ServerConfig::with_single_cert(vec![cert_der.clone()], key)?;
     let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse()?)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert_der)?;
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    client.set_default_client_config(quinn::ClientConfig::with_root_certificates(Arc::new(
+        roots,
+    ))?);
+    Ok((server, client))
+}
+
+/// Half the round trip of each message over one long-lived bidirectional quinn stream.
+async fn quic_one_way(messages: &[Vec<u8>]) -> Result<Vec<Duration>> {
+    let (server, client) = loopback_endpoints()?;
     let addr = server.local_addr()?;
 
     let echo = tokio::spawn(async move {
@@ -105,12 +118,6 @@ async fn quic_one_way(messages: &[Vec<u8>]) -> Result<Vec<Duration>> {
         anyhow::Ok(())
     });
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert_der)?;
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    client.set_default_client_config(quinn::ClientConfig::with_root_certificates(Arc::new(
-        roots,
-    ))?);
     let conn = client.connect(addr, "localhost")?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut samples = Vec::with_capacity(messages.len());
