@@ -1,7 +1,7 @@
 //! `blob put FILE`, `blob get HASH --out FILE`, `blob ls`: blobs through the node's API,
 //! streamed both ways, with a progress bar when standard error is a terminal.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,7 +10,6 @@ use bytes::Bytes;
 use clap::Subcommand;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use hyper::header;
 use serde_json::Value;
 
 use crate::client::{Api, ClientError, ClientOpts};
@@ -202,42 +201,15 @@ fn get(
         )));
     }
     let path = format!("/v1/blobs/{hash}?timeout_ms={timeout_ms}");
-    let partial = out.with_extension("partial");
-    let written = api.run(&path, async {
-        let resp = api
-            .send("GET", &path, None, "application/octet-stream")
-            .await?;
-        let expected: Option<u64> = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
-        let mut file = std::fs::File::create(&partial).map_err(file_error(&partial))?;
-        let mut progress = Progress::new("get", expected);
-        let mut body = resp.into_body();
-        let mut len = 0u64;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| api.unreachable(&path, e))?;
-            if let Some(chunk) = frame.data_ref() {
-                file.write_all(chunk).map_err(file_error(&partial))?;
-                len += chunk.len() as u64;
-                progress.add(chunk.len() as u64);
-            }
-        }
-        progress.finish();
-        if expected.is_some_and(|n| n != len) {
-            return Err(api.unreachable(&path, format!("the blob was cut off after {len} bytes")));
-        }
-        file.sync_all().map_err(file_error(&partial))?;
-        Ok(len)
-    });
-    let len = match written {
-        Ok(len) => len,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-    };
-    std::fs::rename(&partial, out).map_err(file_error(out))?;
+    let mut progress: Option<Progress> = None;
+    let (len, _) = api.download(&path, "the blob", out, |total, n| {
+        progress
+            .get_or_insert_with(|| Progress::new("get", total))
+            .add(n);
+    })?;
+    if let Some(p) = &progress {
+        p.finish();
+    }
     if opts.json {
         println!(
             "{}",

@@ -325,6 +325,55 @@ impl Api {
         Err(ClientError::Api { status, message })
     }
 
+    /// Writes the body of `GET path` to `out`: into `out.partial`, checked against its
+    /// length, fsynced, then renamed (removed on failure). `progress` hears the expected
+    /// length and each chunk's size. Answers the bytes written and the response headers.
+    pub(crate) fn download(
+        &self,
+        path: &str,
+        what: &str,
+        out: &std::path::Path,
+        mut progress: impl FnMut(Option<u64>, u64),
+    ) -> Result<(u64, hyper::HeaderMap), ClientError> {
+        let partial = out.with_extension("partial");
+        let written = self.run(path, async {
+            use std::io::Write;
+            let resp = self
+                .send("GET", path, None, "application/octet-stream")
+                .await?;
+            let expected: Option<u64> = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            let file_error = |e: std::io::Error| {
+                ClientError::Input(format!("writing {}: {e}", partial.display()))
+            };
+            let mut file = std::fs::File::create(&partial).map_err(file_error)?;
+            let (parts, mut body) = resp.into_parts();
+            let mut len = 0u64;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| self.unreachable(path, e))?;
+                if let Some(chunk) = frame.data_ref() {
+                    file.write_all(chunk).map_err(file_error)?;
+                    len += chunk.len() as u64;
+                    progress(expected, chunk.len() as u64);
+                }
+            }
+            if expected.is_some_and(|n| n != len) {
+                return Err(self.unreachable(path, format!("{what} was cut off after {len} bytes")));
+            }
+            file.sync_all().map_err(file_error)?;
+            Ok((len, parts.headers))
+        });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        let written = written?;
+        std::fs::rename(&partial, out)
+            .map_err(|e| ClientError::Input(format!("writing {}: {e}", out.display())))?;
+        Ok(written)
+    }
+
     pub(crate) fn json(
         &self,
         method: &str,
@@ -380,51 +429,14 @@ fn backup(
     }
     let api = Api::new(opts, default_api);
     let path = "/v1/backup";
-    let partial = out.with_extension("partial");
-    let written = api.run(path, async {
-        use std::io::Write;
-        let resp = api
-            .send("GET", path, None, "application/octet-stream")
-            .await?;
-        let expected: Option<u64> = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
-        let docs = resp
-            .headers()
-            .get("x-tidesync-backup-docs")
-            .and_then(|v| v.to_str().ok().map(str::to_owned));
-        let file_error =
-            |e: std::io::Error| ClientError::Input(format!("writing {}: {e}", partial.display()));
-        let mut file = std::fs::File::create(&partial).map_err(file_error)?;
-        let mut body = resp.into_body();
-        let mut len = 0u64;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| api.unreachable(path, e))?;
-            if let Some(chunk) = frame.data_ref() {
-                file.write_all(chunk).map_err(file_error)?;
-                len += chunk.len() as u64;
-            }
-        }
-        if expected.is_some_and(|n| n != len) {
-            return Err(api.unreachable(path, format!("the copy was cut off after {len} bytes")));
-        }
-        file.sync_all().map_err(file_error)?;
-        Ok((len, docs))
-    });
-    let (len, docs) = match written {
-        Ok(w) => w,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-    };
-    std::fs::rename(&partial, out)
-        .map_err(|e| ClientError::Input(format!("writing {}: {e}", out.display())))?;
+    let (len, headers) = api.download(path, "the copy", out, |_, _| {})?;
+    let docs = headers
+        .get("x-tidesync-backup-docs")
+        .and_then(|v| v.to_str().ok());
     println!(
         "saved {} ({len} bytes, {} documents) from the running node at {}",
         out.display(),
-        docs.as_deref().unwrap_or("?"),
+        docs.unwrap_or("?"),
         api.addr
     );
     Ok(())

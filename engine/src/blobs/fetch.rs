@@ -67,10 +67,8 @@ enum SourceFailed {
     Other(String),
 }
 
-/// What the workers share.
-struct Shared {
-    queue: Mutex<Vec<ChunkRanges>>,
-}
+/// The pieces still to fetch, shared by the workers.
+type Pieces = Arc<Mutex<Vec<ChunkRanges>>>;
 
 /// Fetches `hash` (of `size` bytes) from `sources`.
 pub async fn fetch_blob(
@@ -79,7 +77,7 @@ pub async fn fetch_blob(
     size: u64,
     sources: Vec<Source>,
 ) -> io::Result<Fetched> {
-    let Some(guard) = blobs.begin_transfer(hash, size, 0) else {
+    let Some(guard) = blobs.begin_transfer(hash, size) else {
         return Ok(Fetched::AlreadyRunning);
     };
     let files = blobs.files().clone();
@@ -88,28 +86,18 @@ pub async fn fetch_blob(
         .await
         .map_err(io::Error::other)??;
     let transfer = guard.transfer.clone();
-    transfer.done.store(partial.bytes_have(), Ordering::Relaxed);
-    transfer
-        .done_at_start
-        .store(partial.bytes_have(), Ordering::Relaxed);
+    let resumed = partial.bytes_have();
+    transfer.start_from(&partial.have, resumed);
     blobs
         .stats()
         .resumed_bytes
-        .fetch_add(partial.bytes_have(), Ordering::Relaxed);
+        .fetch_add(resumed, Ordering::Relaxed);
     let missing = partial.missing();
-    if let Ok(mut have) = transfer.have.lock() {
-        *have = partial.have.clone();
-    }
-    let shared = Arc::new(Shared {
-        queue: Mutex::new(Vec::new()),
-    });
     if !missing.is_empty() {
         let n = sources.len().clamp(1, MAX_SOURCES) as u64;
-        let pieces = split(&missing, size, n);
-        if let Ok(mut q) = shared.queue.lock() {
-            // Taken from the end: the first piece goes first.
-            q.extend(pieces.into_iter().rev());
-        }
+        // Taken from the end: the first piece goes first.
+        let pieces = split(&missing, size, n).into_iter().rev().collect();
+        let queue: Pieces = Arc::new(Mutex::new(pieces));
         let mut workers = tokio::task::JoinSet::new();
         for source in sources.into_iter().take(MAX_SOURCES) {
             let w = Worker {
@@ -117,7 +105,7 @@ pub async fn fetch_blob(
                 hash,
                 size,
                 source,
-                shared: shared.clone(),
+                queue: queue.clone(),
                 transfer: transfer.clone(),
                 data: partial.data.try_clone()?,
                 outboard: partial.outboard.data.try_clone()?,
@@ -188,7 +176,7 @@ struct Worker {
     hash: [u8; 32],
     size: u64,
     source: Source,
-    shared: Arc<Shared>,
+    queue: Pieces,
     transfer: Arc<Transfer>,
     data: std::fs::File,
     outboard: std::fs::File,
@@ -198,7 +186,7 @@ impl Worker {
     async fn run(mut self) {
         self.transfer.sources.fetch_add(1, Ordering::Relaxed);
         loop {
-            let Some(piece) = self.shared.queue.lock().ok().and_then(|mut q| q.pop()) else {
+            let Some(piece) = self.queue.lock().ok().and_then(|mut q| q.pop()) else {
                 break;
             };
             // Another source may have verified part of it meanwhile (a returned piece).
@@ -211,7 +199,7 @@ impl Worker {
                 Err(failed) => {
                     let rest = piece - self.have();
                     if !rest.is_empty() {
-                        if let Ok(mut q) = self.shared.queue.lock() {
+                        if let Ok(mut q) = self.queue.lock() {
                             q.push(rest);
                         }
                     }

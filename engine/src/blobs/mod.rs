@@ -127,6 +127,15 @@ pub struct Transfer {
 }
 
 impl Transfer {
+    /// Starts from what the partial files already verify (`bytes` of them).
+    fn start_from(&self, have: &bao_tree::ChunkRanges, bytes: u64) {
+        if let Ok(mut h) = self.have.lock() {
+            *h = have.clone();
+        }
+        self.done.store(bytes, Ordering::Relaxed);
+        self.done_at_start.store(bytes, Ordering::Relaxed);
+    }
+
     /// Whether the bytes `start..end` are verified and written.
     pub fn covers(&self, start: u64, end: u64) -> bool {
         use bao_tree::{ChunkNum, ChunkRanges};
@@ -191,12 +200,8 @@ struct Inner {
     partials: Mutex<std::collections::HashMap<[u8; 32], (u64, bao_tree::ChunkRanges)>>,
     /// Woken when there may be new blobs to fetch.
     wanted_changed: Notify,
-    /// Woken when a blob became complete.
-    completed: Notify,
     serving: Arc<tokio::sync::Semaphore>,
     stats: BlobStats,
-    /// Test hook: serve corrupt data (see [`Blobs::corrupt_what_is_served`]).
-    corrupt_sends: std::sync::atomic::AtomicBool,
 }
 
 /// A node's blobs: files, references, transfers. Cheap to clone.
@@ -228,7 +233,6 @@ impl Blobs {
     pub fn open(dir: &Path, cfg: BlobConfig) -> Result<Self, BlobError> {
         let files = BlobFiles::open(dir.join("blobs"))?;
         let index = BlobIndex::open(&dir.join("blobs").join("index.redb"))?;
-        let fault = cfg.fault_corrupt_sends;
         Ok(Self {
             inner: Arc::new(Inner {
                 files,
@@ -238,10 +242,8 @@ impl Blobs {
                 asked: Mutex::new(BTreeSet::new()),
                 partials: Mutex::default(),
                 wanted_changed: Notify::new(),
-                completed: Notify::new(),
                 serving: Arc::new(tokio::sync::Semaphore::new(MAX_SERVING)),
                 stats: BlobStats::default(),
-                corrupt_sends: std::sync::atomic::AtomicBool::new(fault),
             }),
         })
     }
@@ -276,14 +278,9 @@ impl Blobs {
             .map_or(self.inner.cfg.default_policy, |(_, p)| *p)
     }
 
-    /// Test hook: from now on every blob stream this node serves carries a flipped bit,
-    /// as a faulty or hostile peer's would.
-    pub fn corrupt_what_is_served(&self) {
-        self.inner.corrupt_sends.store(true, Ordering::Relaxed);
-    }
-
+    /// The test hook [`BlobConfig::fault_corrupt_sends`].
     fn corrupts_sends(&self) -> bool {
-        self.inner.corrupt_sends.load(Ordering::Relaxed)
+        self.inner.cfg.fault_corrupt_sends
     }
 
     /// Blobs to fetch now: referenced, not held, and either from a namespace whose policy
@@ -324,13 +321,13 @@ impl Blobs {
         self.inner.wanted_changed.notify_one();
     }
 
-    /// Says `hash` became complete here (fetched or put): reads waiting for it go on.
+    /// Says `hash` became complete here (fetched or put): no read asks for it any more,
+    /// and nothing is known of it as a partial blob.
     pub fn finished(&self, hash: &[u8; 32]) {
         if let Ok(mut asked) = self.inner.asked.lock() {
             asked.remove(hash);
         }
         self.forget_partial(hash);
-        self.inner.completed.notify_waiters();
     }
 
     /// What an earlier attempt verified of `hash` at `size`, if it is known.
@@ -355,7 +352,7 @@ impl Blobs {
     }
 
     /// Registers a transfer (one per blob at a time): `None` if one is under way.
-    fn begin_transfer(&self, hash: [u8; 32], size: u64, done: u64) -> Option<TransferGuard> {
+    fn begin_transfer(&self, hash: [u8; 32], size: u64) -> Option<TransferGuard> {
         let mut map = self.inner.transfers.lock().ok()?;
         if map.contains_key(&hash) {
             return None;
@@ -363,11 +360,11 @@ impl Blobs {
         let t = Arc::new(Transfer {
             hash,
             size,
-            done: AtomicU64::new(done),
+            done: AtomicU64::new(0),
             received: AtomicU64::new(0),
             sources: AtomicUsize::new(0),
             started: Instant::now(),
-            done_at_start: AtomicU64::new(done),
+            done_at_start: AtomicU64::new(0),
             have: Mutex::new(bao_tree::ChunkRanges::empty()),
             progress: Notify::new(),
         });
