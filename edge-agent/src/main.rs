@@ -79,6 +79,7 @@ fn run(cli: Cli) -> Result<()> {
                 audit_every: base.common.audit_every,
                 replica_defaults: base.common.replica_defaults,
                 blobs: base.common.blobs,
+                traffic: base.common.traffic,
             };
             serve(cfg, &base.data, Some(2))
         }

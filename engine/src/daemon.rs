@@ -70,6 +70,8 @@ pub struct DaemonConfig {
     pub replica_defaults: Vec<(NsPattern, usize)>,
     /// Blob settings (the blobs live in `blobs/` beside the database file).
     pub blobs: crate::blobs::BlobConfig,
+    /// Classes, bandwidth caps and compression of the node's links.
+    pub traffic: crate::net::TrafficConfig,
 }
 
 /// Failures to start a node process.
@@ -162,6 +164,7 @@ pub enum DaemonError {
 ///     audit_every: None,
 ///     replica_defaults: Vec::new(),
 ///     blobs: Default::default(),
+///     traffic: Default::default(),
 /// })
 /// .await?;
 /// // The real addresses, also for port 0, as the binaries print them.
@@ -473,6 +476,7 @@ impl Daemon {
         ncfg.subscriptions = cfg.subscriptions.clone();
         ncfg.revocations = revocations.clone();
         ncfg.timers = cfg.timers;
+        ncfg.traffic = cfg.traffic.clone();
         ncfg.forget_peers_after = cfg.forget_peers_after;
         ncfg.audit_every = cfg.audit_every;
         let node = Node::start(store.clone(), ncfg)?;

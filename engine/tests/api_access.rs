@@ -42,6 +42,7 @@ async fn node(token: Option<&str>, limits: ServeLimits) -> (Daemon, tempfile::Te
         audit_every: None,
         replica_defaults: Vec::new(),
         blobs: Default::default(),
+        traffic: Default::default(),
     })
     .await
     .unwrap();

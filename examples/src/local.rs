@@ -96,6 +96,7 @@ impl Local {
             audit_every: None,
             replica_defaults: Vec::new(),
             blobs: Default::default(),
+            traffic: Default::default(),
         })
     }
 

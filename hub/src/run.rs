@@ -84,6 +84,7 @@ pub fn run(command: Command) -> Result<()> {
                 audit_every: base.common.audit_every,
                 replica_defaults: base.common.replica_defaults,
                 blobs: base.common.blobs,
+                traffic: base.common.traffic,
             };
             serve(cfg, &base.data, None)
         }

@@ -58,6 +58,11 @@ impl Deployment {
         })
     }
 
+    /// The directory of the nodes' files.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// A certificate bundle for a node.
     pub fn bundle(&self, name: &str, role: Role, grants: &[&str]) -> Result<Bundle> {
         let grants: Vec<Grant> = grants.iter().map(|g| g.parse()).collect::<Result<_, _>>()?;

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod procs;
 pub mod rogue;
 pub mod sim;
+pub mod traffic;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -53,6 +53,7 @@ impl Rogue {
             bundle,
             &Revocations::new(),
             tls::Timers::default(),
+            tidesync::sync::PROTOCOL_VERSION,
         )?);
         let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
         let (send, recv) = conn.open_bi().await?;

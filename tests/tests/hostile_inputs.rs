@@ -206,7 +206,8 @@ async fn a_hello_with_too_many_subscriptions_is_refused() {
 
 /// Regression: quinn's defaults let a peer open 100 bidirectional and 100 unidirectional
 /// streams that the protocol never reads, each buffering up to its window. Only the sync
-/// stream and [`MAX_STREAMS_PER_PEER`] blob streams may be open at once now.
+/// stream, two class streams and [`MAX_STREAMS_PER_PEER`] blob streams may be open at once
+/// now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_may_open_only_the_sync_stream_and_a_few_blob_streams() {
     use tidesync::blobs::serve::MAX_STREAMS_PER_PEER;
@@ -214,6 +215,7 @@ async fn a_peer_may_open_only_the_sync_stream_and_a_few_blob_streams() {
     let r = rogue(&d, &hub, "streamer", "*=rw").await;
     let wait = Duration::from_secs(1);
     let mut open = Vec::new();
+    let mut open_uni = Vec::new();
     for _ in 0..MAX_STREAMS_PER_PEER {
         let (mut send, recv) = tokio::time::timeout(wait, r.conn.open_bi())
             .await
@@ -226,9 +228,18 @@ async fn a_peer_may_open_only_the_sync_stream_and_a_few_blob_streams() {
         tokio::time::timeout(wait, r.conn.open_bi()).await.is_err(),
         "a bidirectional stream past the limit was allowed"
     );
+    // The two class streams (critical, bulk) of protocol 7, and not a third.
+    for _ in 0..2 {
+        let mut uni = tokio::time::timeout(wait, r.conn.open_uni())
+            .await
+            .expect("a class stream")
+            .unwrap();
+        uni.write_all(&[0]).await.unwrap();
+        open_uni.push(uni);
+    }
     assert!(
         tokio::time::timeout(wait, r.conn.open_uni()).await.is_err(),
-        "a unidirectional stream was allowed"
+        "a third unidirectional stream was allowed"
     );
     honest_write_arrives(&edge, &hub, 0).await;
 }

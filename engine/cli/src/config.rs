@@ -12,9 +12,10 @@ use crate::duration::{parse_duration, parse_every_or_never, parse_or_never, OrNe
 use tidesync::api::serve::ServeLimits;
 use tidesync::blobs::{BlobConfig, FetchPolicy};
 pub use tidesync::daemon::DEFAULT_MAX_BODY;
-use tidesync::model::NsPattern;
+use tidesync::model::{Class, Classes, Mode, NsPattern, Priority, Window};
 use tidesync::net::node::{DEFAULT_AUDIT_EVERY, DEFAULT_FORGET_PEERS_AFTER};
 use tidesync::net::tls::Timers;
+use tidesync::net::TrafficConfig;
 use tidesync::store::StoreConfig;
 
 /// Cache memory in MiB when neither `--cache-mb` nor the file says: bounds the process
@@ -77,6 +78,79 @@ pub struct RunFile {
     /// `[[namespace]]` tables: settings of the namespaces matching their patterns.
     #[serde(default)]
     pub namespace: Vec<NamespaceSettings>,
+    /// `--max-rate`, bytes per second.
+    pub max_rate: Option<u64>,
+    /// `--compression`: `"zstd"` or `"off"`.
+    pub compression: Option<String>,
+    /// `[[class]]` tables: priorities and schedules of namespaces, first match wins.
+    #[serde(default)]
+    pub class: Vec<ClassSettings>,
+}
+
+/// A `[[class]]` table of the config file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSettings {
+    /// How status and metrics name the class [default: its patterns, comma-separated].
+    pub name: Option<String>,
+    /// Namespace patterns (`alerts.*`, `flags`) of the class.
+    pub namespaces: Vec<String>,
+    /// `critical`, `normal` or `bulk` [default: normal].
+    pub priority: Option<String>,
+    /// `live` (as documents change) or `batch` (coalesced, on a schedule) [default: live].
+    pub mode: Option<String>,
+    /// Batch: send at most this often (`60s`, `15m`).
+    #[serde(default, with = "crate::duration::serde_opt")]
+    pub every: Option<Duration>,
+    /// Batch: only inside this local-time window (`01:00-05:00`).
+    pub window: Option<String>,
+    /// Bytes per second the class may take of each link.
+    pub max_rate: Option<u64>,
+}
+
+impl ClassSettings {
+    /// The class this table describes, checked.
+    pub fn to_class(&self) -> Result<Class, String> {
+        let mut namespaces = Vec::new();
+        for p in &self.namespaces {
+            namespaces.push(NsPattern::new(p.as_str()).map_err(|e| format!("{p:?}: {e}"))?);
+        }
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| self.namespaces.join(","));
+        let priority = match self.priority.as_deref() {
+            None => Priority::Normal,
+            Some(p) => Priority::parse(p).ok_or_else(|| {
+                format!("class {name:?}: priority {p:?} is not critical, normal or bulk")
+            })?,
+        };
+        let window = self.window.as_deref().map(Window::parse).transpose()?;
+        let mode = match self.mode.as_deref().unwrap_or("live") {
+            "live" => {
+                if self.every.is_some() || window.is_some() {
+                    return Err(format!(
+                        "class {name:?}: every and window need mode = \"batch\""
+                    ));
+                }
+                Mode::Live
+            }
+            "batch" => Mode::Batch {
+                every: self.every.ok_or_else(|| {
+                    format!("class {name:?}: a batch class needs every (such as \"60s\")")
+                })?,
+                window,
+            },
+            m => return Err(format!("class {name:?}: mode {m:?} is not live or batch")),
+        };
+        Ok(Class {
+            name,
+            namespaces,
+            priority,
+            mode,
+            max_rate: self.max_rate,
+        })
+    }
 }
 
 /// A `[[namespace]]` table of the config file.
@@ -186,6 +260,16 @@ pub struct CommonRunFlags {
     /// Fault injection for tests: serve blob streams with a flipped bit.
     #[arg(long, hide = true)]
     pub fault_corrupt_blob_sends: bool,
+    /// Cap on the bytes per second this node sends on each link, documents and blobs
+    /// together, so sync never takes the whole modem; critical classes go first within
+    /// it. Set it on both ends to cap both directions [default: uncapped].
+    #[arg(long, value_name = "BYTES/S")]
+    pub max_rate: Option<u64>,
+    /// Compress document payloads with zstd where it pays (each message is sent
+    /// compressed only if that is smaller), on links whose peer supports it: zstd or off
+    /// [default: zstd].
+    #[arg(long, value_name = "MODE", value_parser = ["zstd", "off"])]
+    pub compression: Option<String>,
 }
 
 /// The common settings once flags, file and defaults are applied, in that order.
@@ -211,6 +295,8 @@ pub struct CommonRun {
     pub replica_defaults: Vec<(NsPattern, usize)>,
     /// Blob settings.
     pub blobs: BlobConfig,
+    /// Classes, caps and compression.
+    pub traffic: TrafficConfig,
 }
 
 impl CommonRunFlags {
@@ -297,6 +383,7 @@ impl CommonRunFlags {
                 blobs.policies.push((pattern, p));
             }
         }
+        let traffic = traffic(self.max_rate, self.compression.as_deref(), file)?;
         let mut api_limits = ServeLimits::default();
         if let Some(n) = self.max_api_connections.or(file.max_api_connections) {
             api_limits.max_connections = n;
@@ -318,8 +405,47 @@ impl CommonRunFlags {
                 .map_or(Some(DEFAULT_AUDIT_EVERY), |o| o.0),
             replica_defaults,
             blobs,
+            traffic,
         })
     }
+}
+
+/// The traffic settings from the flags and the file's `max_rate`, `compression` and
+/// `[[class]]` tables.
+fn traffic(
+    max_rate: Option<u64>,
+    compression: Option<&str>,
+    file: &RunFile,
+) -> Result<TrafficConfig, ConfigError> {
+    let err = |key: &str, reason: String| ConfigError {
+        path: PathBuf::from(key),
+        reason,
+    };
+    let max_rate = max_rate.or(file.max_rate);
+    if max_rate == Some(0) {
+        return Err(err(
+            "max_rate",
+            "0 bytes per second would stop every link; leave it out for no cap".into(),
+        ));
+    }
+    let compress = match compression.or(file.compression.as_deref()) {
+        None | Some("zstd") => true,
+        Some("off") => false,
+        Some(other) => return Err(err("compression", format!("{other:?} is not zstd or off"))),
+    };
+    let classes = file
+        .class
+        .iter()
+        .map(ClassSettings::to_class)
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(Classes::new)
+        .map_err(|reason| err("[[class]]", reason))?;
+    Ok(TrafficConfig {
+        classes: std::sync::Arc::new(classes),
+        max_rate,
+        compress,
+        ..TrafficConfig::default()
+    })
 }
 
 /// Largest token file read, in bytes.
@@ -398,6 +524,8 @@ mod tests {
             blob_max_rate: Some(1_000_000),
             blob_gc_grace: None,
             fault_corrupt_blob_sends: false,
+            max_rate: None,
+            compression: None,
         }
         .resolve(&f)
         .expect("resolve");
@@ -442,6 +570,8 @@ mod tests {
             blob_max_rate: None,
             blob_gc_grace: None,
             fault_corrupt_blob_sends: false,
+            max_rate: None,
+            compression: None,
         }
         .resolve(&f)
         .expect_err("an idle timeout of three keep-alives at least");
@@ -451,5 +581,55 @@ mod tests {
         );
         assert_eq!(list_or(vec![1], vec![2]), vec![1]);
         assert_eq!(list_or(Vec::new(), vec![2]), vec![2]);
+    }
+
+    #[test]
+    fn classes_read_from_the_file_and_bad_ones_say_why() {
+        let read = |text: &str| -> Result<TrafficConfig, ConfigError> {
+            let file: RunFile = toml::from_str(text).map_err(|e| ConfigError {
+                path: PathBuf::from("test"),
+                reason: e.to_string(),
+            })?;
+            traffic(None, None, &file)
+        };
+        let t = read(
+            "max_rate = 1250000\ncompression = \"off\"\n\
+             [[class]]\nnamespaces = [\"alerts.*\", \"flags\"]\npriority = \"critical\"\n\
+             [[class]]\nnamespaces = [\"telemetry.*\"]\npriority = \"bulk\"\nmode = \"batch\"\n\
+             every = \"60s\"\nwindow = \"01:00-05:00\"\nmax_rate = 100000\n",
+        )
+        .expect("valid");
+        assert_eq!((t.max_rate, t.compress), (Some(1_250_000), false));
+        let list = t.classes.list();
+        assert_eq!(list[0].name, "alerts.*,flags");
+        assert_eq!(list[0].priority, Priority::Critical);
+        assert_eq!(
+            list[1].mode,
+            Mode::Batch {
+                every: Duration::from_secs(60),
+                window: Some(Window::parse("01:00-05:00").expect("window"))
+            }
+        );
+        assert_eq!(list[1].max_rate, Some(100_000));
+        for (bad, says) in [
+            (
+                "[[class]]\nnamespaces = [\"x\"]\npriority = \"urgent\"\n",
+                "urgent",
+            ),
+            (
+                "[[class]]\nnamespaces = [\"x\"]\nmode = \"batch\"\n",
+                "needs every",
+            ),
+            ("[[class]]\nnamespaces = [\"x\"]\nevery = \"5s\"\n", "batch"),
+            (
+                "[[class]]\nnamespaces = [\"x\"]\npriority = \"critical\"\nmax_rate = 5\n",
+                "critical",
+            ),
+            ("[[class]]\nnamespaces = [\"X!\"]\n", "X!"),
+            ("max_rate = 0\n", "0 bytes"),
+        ] {
+            let e = read(bad).expect_err(bad);
+            assert!(e.reason.contains(says), "{bad}: {e}");
+        }
     }
 }

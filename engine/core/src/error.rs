@@ -1,7 +1,7 @@
 //! Errors of the core, one type per area: [`ModelError`] for content and names,
 //! [`ProtocolError`] for what a peer sent.
 
-use crate::sync::message::{ErrorCode, Message, PROTOCOL_VERSION};
+use crate::sync::message::{ErrorCode, Message};
 
 /// Content or addressing that the data model refuses. Nothing is changed when one is returned.
 #[derive(Debug, thiserror::Error)]
@@ -92,10 +92,10 @@ impl ProtocolError {
     }
 
     /// A peer speaking another protocol version.
-    pub fn version(theirs: u16) -> Self {
+    pub fn version(theirs: u16, ours: u16) -> Self {
         Self::new(
             ErrorCode::Version,
-            format!("protocol version {theirs} is not {PROTOCOL_VERSION}"),
+            format!("protocol version {theirs} is not {ours}"),
         )
     }
 

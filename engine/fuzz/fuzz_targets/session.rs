@@ -104,7 +104,8 @@ impl Harness {
                     assert!(!self.saving, "two cursor saves at once");
                     self.saving = true;
                 }
-                Output::Send(_) | Output::Event(_) => {}
+                // No audits are started here; one the peer starts is answered empty.
+                Output::Send(_) | Output::Event(_) | Output::LoadAuditItems { .. } => {}
                 Output::ReadFeed { after, limit } => {
                     let entries: Vec<FeedEntry> = self
                         .feed

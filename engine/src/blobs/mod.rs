@@ -11,7 +11,8 @@
 //! - transfers: blobs this node wants (referenced from a namespace whose policy is
 //!   `eager`, or read while `lazy`) are fetched from every connected peer that has them
 //!   (`fetch`), each chunk group verified as it arrives; peers serve blob streams
-//!   (`serve`) at a lower priority than document sync, paced by a per-link cap (`pace`).
+//!   (`serve`) at a lower priority than document sync, paced by the blob cap and the link's
+//!   (`net::pacing`).
 //!
 //! The protocol of a blob stream is in `wire`.
 
@@ -20,7 +21,6 @@ pub mod fetcher;
 pub mod files;
 pub mod gc;
 pub mod index;
-pub mod pace;
 pub mod serve;
 pub mod stall;
 pub mod wire;

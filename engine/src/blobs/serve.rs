@@ -16,12 +16,12 @@ use bao_tree::io::EncodeError;
 use bao_tree::{ChunkNum, ChunkRanges};
 use tokio_util::sync::CancellationToken;
 
-use super::pace::Pace;
 use super::stall::StallWrite;
 use super::wire::{self, BlobAnswer, BlobRequest};
 use super::Blobs;
 use crate::model::{format_blob_hash, Grants, NodeId};
 use crate::net::counters::PeerCounters;
+use crate::net::pacing::Bucket;
 
 /// How long a peer has to send its request once it opened a stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,9 +45,17 @@ pub async fn serve_connection(
     blobs: Blobs,
     conn: quinn::Connection,
     peer: ServedPeer,
+    link: Option<Arc<Bucket>>,
     stop: CancellationToken,
 ) {
-    let pace = blobs.config().max_rate.map(|r| Arc::new(Pace::new(r)));
+    // The blob streams' own cap and the link's, shared with the link's documents.
+    let pace: Arc<[Arc<Bucket>]> = blobs
+        .config()
+        .max_rate
+        .map(|r| Arc::new(Bucket::new(r)))
+        .into_iter()
+        .chain(link)
+        .collect();
     let mut streams = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -71,7 +79,7 @@ pub async fn serve_connection(
 async fn serve_stream(
     blobs: &Blobs,
     peer: &ServedPeer,
-    pace: Option<Arc<Pace>>,
+    pace: Arc<[Arc<Bucket>]>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> io::Result<()> {
@@ -172,7 +180,7 @@ pub fn to_chunk_ranges(ranges: &[(u64, u64)]) -> ChunkRanges {
 /// The blocking writer under the encoder: counts, paces and (test hook) corrupts.
 struct Metered {
     inner: StallWrite,
-    pace: Option<Arc<Pace>>,
+    pace: Arc<[Arc<Bucket>]>,
     blobs: Blobs,
     counters: Arc<PeerCounters>,
     written: u64,
@@ -181,8 +189,8 @@ struct Metered {
 
 impl Write for Metered {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(p) = &self.pace {
-            p.take(buf.len());
+        for p in self.pace.iter() {
+            p.take_blocking(buf.len());
         }
         let n = match self.corrupt_at {
             Some(at) if at >= self.written && at < self.written + buf.len() as u64 => {

@@ -2,9 +2,52 @@
 //! `/v1/status`, `/metrics` and the `status` command show, and the Prometheus name and
 //! help of each. A new counter is one line in [`peer_counters!`]'s invocation below.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use serde::Serialize;
+
+use crate::model::{ClassId, Classes};
+
+/// One class's traffic to one peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ClassCounts {
+    /// `critical`, `normal` or `bulk`.
+    pub priority: &'static str,
+    /// Documents offered to the peer and not yet acknowledged (see `Session::backlog`).
+    pub backlog: u64,
+    /// Sync messages sent.
+    pub sent_messages: u64,
+    /// Their frame bytes, as sent (compressed or not).
+    pub sent_bytes: u64,
+}
+
+impl PeerCounters {
+    /// Counts one sync message of `class` sent.
+    pub fn count_class_send(&self, classes: &Classes, class: ClassId, wire_bytes: u64) {
+        if let Ok(mut map) = self.classes.lock() {
+            let c = map.entry(classes.name(class).to_owned()).or_default();
+            c.priority = classes.priority(class).as_str();
+            c.sent_messages += 1;
+            c.sent_bytes += wire_bytes;
+        }
+    }
+
+    /// Publishes each class's backlog (classes missing from `backlog` have none).
+    pub fn set_backlog(&self, classes: &Classes, backlog: &BTreeMap<ClassId, u64>) {
+        if let Ok(mut map) = self.classes.lock() {
+            for c in map.values_mut() {
+                c.backlog = 0;
+            }
+            for (id, n) in backlog {
+                let c = map.entry(classes.name(*id).to_owned()).or_default();
+                c.priority = classes.priority(*id).as_str();
+                c.backlog = *n;
+            }
+        }
+    }
+}
 
 /// How Prometheus sees a per-peer value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,18 +83,25 @@ macro_rules! peer_counters {
         #[derive(Debug, Default)]
         pub struct PeerCounters {
             $( $(#[doc = $doc])* pub $field: AtomicU64, )*
+            /// Per class: backlog and what was sent.
+            pub classes: Mutex<BTreeMap<String, ClassCounts>>,
         }
 
         /// A reading of [`PeerCounters`]; its JSON keys are the field names.
         #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
         pub struct PeerCounts {
             $( $(#[doc = $doc])* pub $field: u64, )*
+            /// Per class, by name: backlog and what was sent.
+            pub classes: BTreeMap<String, ClassCounts>,
         }
 
         impl PeerCounters {
             /// The values now.
             pub fn read(&self) -> PeerCounts {
-                PeerCounts { $( $field: self.$field.load(Ordering::Relaxed), )* }
+                PeerCounts {
+                    $( $field: self.$field.load(Ordering::Relaxed), )*
+                    classes: self.classes.lock().map(|c| c.clone()).unwrap_or_default(),
+                }
             }
         }
 
@@ -132,11 +182,24 @@ peer_counters! {
         "peer_blob_corrupt",
         "Blob transfers from the peer cut off because a chunk group failed verification"
     );
+    /// Sync messages sent compressed (the others did not shrink, or the link is protocol 6).
+    compressed_messages: Counter(
+        "peer_compressed_messages",
+        "Sync messages sent to the peer compressed with zstd"
+    );
+    /// Bytes compression saved on the link: plain size minus compressed size.
+    compression_saved_bytes: Counter(
+        "peer_compression_saved_bytes",
+        "Bytes zstd compression saved on frames sent to the peer"
+    );
     /// Unix milliseconds of the last audit of this node the peer started and this node
     /// answered: a peer may start one per `MIN_AUDIT_GAP`.
     audit_answered_ms: StatusOnly;
     /// Automerge sync messages received and applied.
     syncs_applied: StatusOnly;
+    /// The protocol version of the last connection (6 for a node from before classes and
+    /// compression, 7 now).
+    protocol: StatusOnly;
     /// Documents loaded from the store for this peer.
     docs_loaded: StatusOnly;
     /// Unix milliseconds of the last completed document sync (0: never); metrics show the

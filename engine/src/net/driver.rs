@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -35,14 +34,18 @@ use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::audit::{AuditError, AuditRequest};
+use super::batch::{BatchClock, LocalClock};
 use super::counters::PeerCounters;
 use super::exec::{Exec, ExecError, Outbox, WriteDone, Writes};
+use super::frames;
 use super::log_limit::LogLimit;
+use super::pacing::LinkPacing;
 use super::revocations::{Offered, Revocations};
-use crate::model::NodeId;
+use super::send_queue::SendQueue;
+use crate::model::{ClassId, Classes, Namespace, NodeId, Priority};
 use crate::store::Store;
 use crate::sync::{
-    validate, AuditReport, EarlyDoc, Event, Message, ProtocolError, Session, PROTOCOL_VERSION,
+    AuditReport, EarlyDoc, Event, Message, ProtocolError, Session, PROTOCOL_VERSION,
 };
 use crate::StoreError;
 
@@ -115,7 +118,20 @@ pub struct DriverContext {
     pub blobs: Option<crate::blobs::Blobs>,
     /// Set once the sync stream is open, when blob streams may follow.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The node's namespace classes.
+    pub classes: Arc<Classes>,
+    /// Bytes per second this node sends on the link at most (`--max-rate`).
+    pub max_rate: Option<u64>,
+    /// Whether document payloads are compressed where it pays (on protocol 7 links).
+    pub compress: bool,
+    /// Local time of day, for the windows of batch classes.
+    pub clock: LocalClock,
 }
+
+/// How long the peer may take to let this node open its class streams.
+const OPEN_CLASS_STREAMS: Duration = Duration::from_secs(10);
+/// How often each class's backlog to the peer is published for status.
+const CLASS_STATS_EVERY: Duration = Duration::from_secs(1);
 
 type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
 type Writing = JoinSet<WriteDone>;
@@ -123,10 +139,6 @@ type Writing = JoinSet<WriteDone>;
 /// Frames already received that one sweep hands to the session at most.
 const SWEEP_FRAMES: usize = 256;
 
-/// Bytes queued for the peer past which the session is told there is no room.
-const SEND_ROOM_BYTES: usize = 4 << 20;
-/// Frames queued for the peer past which the session is told there is no room.
-const SEND_ROOM_FRAMES: usize = 1024;
 /// Bytes queued past which frames are written during a drain, not only after it, so long
 /// catch-up bursts keep moving.
 const WRITE_DURING_DRAIN: usize = 64 << 10;
@@ -274,6 +286,20 @@ pub async fn run(
         }
     };
     let (send, recv) = opened?;
+    let version = session.protocol_version();
+    let pacing = LinkPacing::new(ctx.max_rate, &ctx.classes);
+    // The sync stream carries normal documents and everything else; on protocol 7, critical
+    // and bulk documents have streams of their own, opened critical first (the peer tells
+    // them apart by their order).
+    let mut queues = vec![SendQueue::new(send, Priority::Normal, ctx.max_frame)];
+    if version >= PROTOCOL_VERSION {
+        for p in [Priority::Critical, Priority::Bulk] {
+            let stream = tokio::time::timeout(OPEN_CLASS_STREAMS, conn.open_uni())
+                .await
+                .map_err(|_| DriverError::Stream("the peer lets no class stream open".into()))??;
+            queues.push(SendQueue::new(stream, p, ctx.max_frame));
+        }
+    }
     // Blob streams come after the sync stream, and end with the connection's driver.
     let blob_stop = ctx.shutdown.child_token();
     let _blob_stop = blob_stop.clone().drop_guard();
@@ -287,13 +313,24 @@ pub async fn run(
             blobs.clone(),
             conn.clone(),
             peer,
+            pacing.link(),
             blob_stop,
         ));
         ctx.ready.store(true, std::sync::atomic::Ordering::Release);
         blobs.poke();
     }
-    let mut reader = FramedRead::new(recv, codec(ctx.max_frame));
-    let mut queue = SendQueue::new(send, ctx.max_frame);
+    let mut main = FramedRead::new(recv, codec(ctx.max_frame));
+    let mut class_readers = ClassReaders {
+        streams: Vec::new(),
+        accepted: 0,
+        version,
+    };
+    let decoding = Decoding {
+        version,
+        max_frame: ctx.max_frame,
+    };
+    let mut batch = BatchClock::new(&ctx.classes, ctx.clock.clone());
+    let mut next_class_stats = tokio::time::Instant::now();
     let mut feed = ctx.store.subscribe();
     let mut early = Some(ctx.store.subscribe_early());
     let exec = Exec {
@@ -319,8 +356,14 @@ pub async fn run(
     let mut audit_deadline: Option<tokio::time::Instant> = None;
     let result: Result<(), DriverError> = async {
         loop {
+            for class in batch.due(Instant::now(), |c| session.holds_batch(c)) {
+                session.flush_batch(class);
+            }
             let mut outbox = Frames {
-                queue: &mut queue,
+                queues: &mut queues,
+                pacing: &pacing,
+                classes: &ctx.classes,
+                compress: ctx.compress && version >= PROTOCOL_VERSION,
                 counters: &counters,
                 peer: &peer_id,
                 log: &mut log,
@@ -371,20 +414,43 @@ pub async fn run(
                 counters.last_sync_ms.store(now, Ordering::Relaxed);
             }
             counters.lag.store(session.lag(), Ordering::Relaxed);
+            if tokio::time::Instant::now() >= next_class_stats {
+                next_class_stats = tokio::time::Instant::now() + CLASS_STATS_EVERY;
+                counters.set_backlog(&ctx.classes, &session.backlog());
+            }
             let reading = session.wants_frames();
+            // The peer's class streams are read once its hello is in: they may arrive first.
+            let reading_classes = reading && session.peer_hello().is_some();
+            let batch_wake = batch.next_wake(Instant::now(), |c| session.holds_batch(c));
             tokio::select! {
-                written = queue.write_some(), if !queue.is_empty() => written?,
-                frame = reader.next(), if reading => {
-                    let flow = on_frame(&mut session, &counters, frame);
+                written = write_any(&mut queues, &pacing) => written?,
+                frame = main.next(), if reading => {
+                    let flow = on_frame(&mut session, &counters, decoding, frame);
                     lists.take_offer(&ctx.revocations, &mut session)?;
                     if flow? == Flow::Closed {
                         return Ok(());
                     }
-                    let flow = sweep(&exec, &mut session, &mut reader, &mut writing, &mut lists, &ctx.revocations);
+                    let flow = sweep(&exec, &mut session, (&mut main, &mut class_readers), decoding, &mut writing, &mut lists, &ctx.revocations);
                     if flow? == Flow::Closed {
                         return Ok(());
                     }
                 }
+                frame = class_readers.next_frame(), if reading_classes && !class_readers.streams.is_empty() => {
+                    if let Some(frame) = frame {
+                        let flow = on_frame(&mut session, &counters, decoding, Some(frame));
+                        lists.take_offer(&ctx.revocations, &mut session)?;
+                        flow?;
+                        let flow = sweep(&exec, &mut session, (&mut main, &mut class_readers), decoding, &mut writing, &mut lists, &ctx.revocations);
+                        if flow? == Flow::Closed {
+                            return Ok(());
+                        }
+                    }
+                }
+                stream = conn.accept_uni(), if class_readers.may_accept() => {
+                    class_readers.accepted += 1;
+                    class_readers.streams.push(FramedRead::new(stream?, codec(ctx.max_frame)));
+                }
+                () = tokio::time::sleep_until(batch_wake.map_or_else(tokio::time::Instant::now, Into::into)), if batch_wake.is_some() => {}
                 changed = feed.changed() => {
                     if changed.is_err() {
                         return Ok(()); // the store closed
@@ -395,7 +461,7 @@ pub async fn run(
                 Some(done) = writing.join_next() => {
                     let done = done.map_err(|e| DriverError::Stream(e.to_string()))?;
                     exec.finish(&mut session, done)?;
-                    let flow = sweep(&exec, &mut session, &mut reader, &mut writing, &mut lists, &ctx.revocations);
+                    let flow = sweep(&exec, &mut session, (&mut main, &mut class_readers), decoding, &mut writing, &mut lists, &ctx.revocations);
                     if flow? == Flow::Closed {
                         return Ok(());
                     }
@@ -438,16 +504,17 @@ pub async fn run(
             counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %peer_id, error = %e, "closing connection: protocol error");
             cut_off(&ctx.store, &mut writing).await;
-            queue.discard_unsent();
-            let _ = queue.push(Bytes::from(e.to_message().encode()));
-            last_words(&conn, &mut queue).await;
+            let main = &mut queues[0];
+            main.discard_unsent();
+            let _ = main.push(Bytes::from(e.to_message().encode()), ClassId::Default);
+            last_words(&conn, main).await;
             conn.close(CLOSE_PROTOCOL.into(), e.reason.as_bytes());
         }
         Err(DriverError::Revoked) => {
             tracing::warn!(peer = %peer_id, "closing connection: peer revoked");
             cut_off(&ctx.store, &mut writing).await;
-            if tell_revoked(&mut queue, &ctx.revocations, lists.peer_holds) {
-                last_words(&conn, &mut queue).await;
+            if tell_revoked(&mut queues[0], &ctx.revocations, lists.peer_holds) {
+                last_words(&conn, &mut queues[0]).await;
             }
             conn.close(CLOSE_REVOKED.into(), b"revoked");
         }
@@ -478,7 +545,7 @@ fn tell_revoked(queue: &mut SendQueue, revocations: &Revocations, peer_holds: u6
         crl: crl.der().to_vec(),
     }
     .encode();
-    queue.push(Bytes::from(frame)).is_ok()
+    queue.push(Bytes::from(frame), ClassId::Default).is_ok()
 }
 
 /// Delivers the frames queued last (an error, a revocation list) before the connection is
@@ -509,6 +576,7 @@ async fn cut_off(store: &Store, writing: &mut Writing) {
 fn on_frame(
     session: &mut Session,
     counters: &PeerCounters,
+    decoding: Decoding,
     frame: Option<Result<bytes::BytesMut, std::io::Error>>,
 ) -> Result<Flow, DriverError> {
     let frame = match frame {
@@ -525,11 +593,7 @@ fn on_frame(
     counters
         .bytes_received
         .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
-    validate::check_frame(&frame)?;
-    let msg = Message::decode(&frame).map_err(|e| match Message::hello_version(&frame) {
-        Some(v) if v != PROTOCOL_VERSION => ProtocolError::version(v),
-        _ => ProtocolError::protocol(format!("undecodable frame of {} bytes: {e}", frame.len())),
-    })?;
+    let msg = frames::decode(&frame, decoding.version, decoding.max_frame)?;
     session.handle_message(msg)?;
     if session.feed_went_back() {
         return Err(DriverError::FeedWentBack);
@@ -543,7 +607,8 @@ fn on_frame(
 fn sweep(
     exec: &Exec<'_>,
     session: &mut Session,
-    reader: &mut Reader,
+    (main, class_readers): (&mut Reader, &mut ClassReaders),
+    decoding: Decoding,
     writing: &mut Writing,
     lists: &mut ListExchange,
     revocations: &Revocations,
@@ -552,10 +617,20 @@ fn sweep(
         if !session.wants_frames() {
             break;
         }
-        let Some(frame) = reader.next().now_or_never() else {
-            break;
+        let frame = if session.peer_hello().is_some() && !class_readers.streams.is_empty() {
+            class_readers.next_frame().now_or_never().flatten()
+        } else {
+            None
         };
-        let flow = on_frame(session, exec.counters, frame);
+        let frame = match frame {
+            Some(f) => Some(f),
+            None => match main.next().now_or_never() {
+                Some(None) => return Ok(Flow::Closed),
+                Some(f) => f,
+                None => break,
+            },
+        };
+        let flow = on_frame(session, exec.counters, decoding, frame);
         lists.take_offer(revocations, session)?;
         if flow? == Flow::Closed {
             return Ok(Flow::Closed);
@@ -586,147 +661,13 @@ async fn recv_early(
     }
 }
 
-/// Frames for the peer, written to the stream as it takes them (flow control permitting):
-/// each frame is a 4-byte big-endian length and the payload, as two chunks.
-struct SendQueue {
-    stream: quinn::SendStream,
-    chunks: VecDeque<Bytes>,
-    bytes: usize,
-    max_frame: usize,
-    /// Chunks at the front that an urgent frame may not overtake nor a discard drop: the
-    /// first frame (the hello) until it is written, since the peer requires it first.
-    floor: usize,
-    pushed_any: bool,
-}
-
-impl SendQueue {
-    fn new(stream: quinn::SendStream, max_frame: usize) -> Self {
-        Self {
-            stream,
-            chunks: VecDeque::new(),
-            bytes: 0,
-            max_frame,
-            floor: 0,
-            pushed_any: false,
-        }
-    }
-
-    fn push(&mut self, payload: Bytes) -> Result<(), ExecError> {
-        let [len, payload] = self.frame(payload)?;
-        self.bytes += len.len() + payload.len();
-        self.chunks.push_back(len);
-        self.chunks.push_back(payload);
-        if !self.pushed_any {
-            self.pushed_any = true;
-            self.floor = 2;
-        }
-        Ok(())
-    }
-
-    /// Queues a frame ahead of every frame not yet begun (a frame partly written is
-    /// finished first, so the stream stays framed): a revocation list must not wait behind
-    /// megabytes of documents.
-    fn push_urgent(&mut self, payload: Bytes) -> Result<(), ExecError> {
-        let [len, payload] = self.frame(payload)?;
-        let at = self.in_progress();
-        self.bytes += len.len() + payload.len();
-        self.chunks.insert(at, payload);
-        self.chunks.insert(at, len);
-        Ok(())
-    }
-
-    /// Drops every frame not yet begun: a peer being cut off gets nothing more than the
-    /// frame on the wire and what is queued after this.
-    fn discard_unsent(&mut self) {
-        self.chunks.truncate(self.in_progress());
-        self.bytes = self.chunks.iter().map(Bytes::len).sum();
-    }
-
-    /// How many chunks at the front belong to a frame partly written. Frames are queued as
-    /// two chunks (length, payload) and chunks leave the queue one by one as written, so an
-    /// odd count means the front payload's length is already out, and a front length
-    /// chunk shorter than 4 bytes is partly out.
-    fn in_progress(&self) -> usize {
-        let begun = if self.chunks.len() % 2 == 1 {
-            1
-        } else if self.chunks.front().is_some_and(|c| c.len() < 4) {
-            2
-        } else {
-            0
-        };
-        begun.max(self.floor).min(self.chunks.len())
-    }
-
-    /// The two chunks of one frame: its 4-byte big-endian length, then the payload.
-    fn frame(&self, payload: Bytes) -> Result<[Bytes; 2], ExecError> {
-        let len = u32::try_from(payload.len())
-            .ok()
-            .filter(|&len| len as usize <= self.max_frame)
-            .ok_or_else(|| {
-                ExecError::Stream(format!(
-                    "a frame of {} bytes is over the limit of {}",
-                    payload.len(),
-                    self.max_frame
-                ))
-            })?;
-        Ok([Bytes::copy_from_slice(&len.to_be_bytes()), payload])
-    }
-
-    fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
-    }
-
-    fn has_room(&self) -> bool {
-        self.bytes < SEND_ROOM_BYTES && self.chunks.len() < 2 * SEND_ROOM_FRAMES
-    }
-
-    /// Writes what the stream takes now, waiting until it takes something. Cancel-safe
-    /// (quinn's `write_chunks` is), so it can race the reader in a `select!`.
-    async fn write_some(&mut self) -> Result<(), DriverError> {
-        let written = self
-            .stream
-            .write_chunks(self.chunks.make_contiguous())
-            .await
-            .map_err(|e| DriverError::Stream(e.to_string()))?;
-        self.bytes -= written.bytes;
-        // Fully written chunks were emptied; a partly written one keeps its suffix.
-        while self.chunks.front().is_some_and(Bytes::is_empty) {
-            self.chunks.pop_front();
-            self.floor = self.floor.saturating_sub(1);
-        }
-        Ok(())
-    }
-
-    /// Writes what the stream takes without waiting.
-    fn write_ready(&mut self) -> Result<(), DriverError> {
-        match self.write_some().now_or_never() {
-            Some(result) => result,
-            None => Ok(()),
-        }
-    }
-
-    /// Writes everything queued, ends the stream, and waits until the peer has
-    /// acknowledged all of it.
-    async fn deliver(&mut self) -> Result<(), DriverError> {
-        self.finish().await?;
-        let _ = self.stream.stopped().await;
-        Ok(())
-    }
-
-    /// Writes everything queued, then ends the stream.
-    async fn finish(&mut self) -> Result<(), DriverError> {
-        while !self.is_empty() {
-            self.write_some().await?;
-        }
-        self.stream
-            .finish()
-            .map_err(|e| DriverError::Stream(e.to_string()))
-    }
-}
-
 /// The driver's outbox: frames into the send queue; events into the log.
 struct Frames<'a> {
-    queue: &'a mut SendQueue,
+    /// The sync stream's queue first, then the class streams' (protocol 7).
+    queues: &'a mut [SendQueue],
+    pacing: &'a LinkPacing,
+    classes: &'a Classes,
+    compress: bool,
     counters: &'a PeerCounters,
     peer: &'a NodeId,
     /// The connection's budget of warning lines.
@@ -738,26 +679,52 @@ struct Frames<'a> {
 impl Outbox for Frames<'_> {
     async fn send(&mut self, msg: Message) -> Result<(), ExecError> {
         let urgent = matches!(msg, Message::Revocations { .. });
-        let bytes = msg.encode();
+        let class = match &msg {
+            Message::Sync { ns, .. }
+            | Message::SyncAhead { ns, .. }
+            | Message::SetAside { ns, .. } => {
+                Namespace::new(ns.as_str()).map_or(ClassId::Default, |n| self.classes.of(&n))
+            }
+            _ => ClassId::Default,
+        };
+        let counted = matches!(msg, Message::Sync { .. } | Message::SyncAhead { .. });
+        let encoded = frames::encode(&msg, self.compress);
+        let wire = encoded.bytes.len() as u64 + 4;
         self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .bytes_sent
-            .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
-        if urgent {
-            self.queue.push_urgent(Bytes::from(bytes))?;
-        } else {
-            self.queue.push(Bytes::from(bytes))?;
+        self.counters.bytes_sent.fetch_add(wire, Ordering::Relaxed);
+        if encoded.compressed {
+            self.counters
+                .compressed_messages
+                .fetch_add(1, Ordering::Relaxed);
+            self.counters.compression_saved_bytes.fetch_add(
+                (encoded.plain_len as u64 + 4).saturating_sub(wire),
+                Ordering::Relaxed,
+            );
         }
-        if self.queue.bytes >= WRITE_DURING_DRAIN {
-            self.queue
-                .write_ready()
+        if counted {
+            self.counters.count_class_send(self.classes, class, wire);
+        }
+        let priority = self.classes.priority(class);
+        let queue = queue_for(self.queues, priority);
+        if urgent {
+            queue.push_urgent(Bytes::from(encoded.bytes))?;
+        } else {
+            queue.push(Bytes::from(encoded.bytes), class)?;
+        }
+        if queue.bytes >= WRITE_DURING_DRAIN {
+            queue
+                .write_ready(self.pacing)
                 .map_err(|e| ExecError::Stream(e.to_string()))?;
         }
         Ok(())
     }
 
-    fn has_room(&self) -> bool {
-        self.queue.has_room()
+    fn has_room(&self, priority: Priority) -> bool {
+        self.queues
+            .iter()
+            .find(|q| q.priority() == priority)
+            .unwrap_or(&self.queues[0])
+            .has_room()
     }
     fn event(&mut self, event: Event) {
         let peer = self.peer;
@@ -779,5 +746,78 @@ impl Outbox for Frames<'_> {
             Event::PeerHolds { .. } => {}
             Event::AuditDone(_) | Event::AuditFailed { .. } => self.audit_events.push(event),
         }
+    }
+}
+
+/// The queue that carries a priority: its own stream's, or the sync stream's on a link of
+/// protocol 6.
+fn queue_for(queues: &mut [SendQueue], priority: Priority) -> &mut SendQueue {
+    let at = queues
+        .iter()
+        .position(|q| q.priority() == priority)
+        .unwrap_or(0);
+    &mut queues[at]
+}
+
+/// Writes to whichever streams take data first. Pends while nothing is queued.
+async fn write_any(queues: &mut [SendQueue], pacing: &LinkPacing) -> Result<(), DriverError> {
+    let writes: Vec<_> = queues
+        .iter_mut()
+        .filter(|q| !q.is_empty())
+        .map(|q| Box::pin(q.write_some(pacing)))
+        .collect();
+    if writes.is_empty() {
+        return std::future::pending().await;
+    }
+    futures_util::future::select_all(writes).await.0
+}
+
+/// How frames of this connection decode.
+#[derive(Clone, Copy, Debug)]
+struct Decoding {
+    version: u16,
+    max_frame: usize,
+}
+
+/// The peer's class streams once accepted (protocol 7).
+struct ClassReaders {
+    /// Most urgent first, until each ends.
+    streams: Vec<Reader>,
+    /// Class streams accepted so far.
+    accepted: usize,
+    version: u16,
+}
+
+/// Class streams a peer opens: critical and bulk.
+const CLASS_STREAMS: usize = 2;
+
+impl ClassReaders {
+    fn may_accept(&self) -> bool {
+        self.version >= PROTOCOL_VERSION && self.accepted < CLASS_STREAMS
+    }
+
+    /// The next frame of any class stream, the most urgent first; a stream that ended is
+    /// dropped (the connection's end shows on the sync stream).
+    async fn next_frame(&mut self) -> Option<Result<bytes::BytesMut, std::io::Error>> {
+        std::future::poll_fn(|cx| {
+            let mut i = 0;
+            while i < self.streams.len() {
+                match self.streams[i].poll_next_unpin(cx) {
+                    std::task::Poll::Ready(Some(frame)) => {
+                        return std::task::Poll::Ready(Some(frame));
+                    }
+                    std::task::Poll::Ready(None) => {
+                        self.streams.remove(i);
+                    }
+                    std::task::Poll::Pending => i += 1,
+                }
+            }
+            if self.streams.is_empty() {
+                std::task::Poll::Ready(None)
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
     }
 }

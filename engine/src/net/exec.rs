@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use super::counters::PeerCounters;
 use super::replicas::Replicas;
 use crate::error::StoreError;
-use crate::model::{Cursor, DocId, Namespace, SyncPeer};
+use crate::model::{Cursor, DocId, Namespace, Priority, SyncPeer};
 use crate::store::Store;
 use crate::sync::audit::Reconciler;
 use crate::sync::{Applied, Apply, Event, Message, Output, ProtocolError, Session};
@@ -30,9 +30,9 @@ pub trait Outbox {
     /// Something the session reports (its counters are already kept): log it, or ignore it.
     fn event(&mut self, _event: Event) {}
 
-    /// Whether more frames may be queued now; without room the session owes its messages
-    /// instead of queueing them (see `Session::set_can_send`).
-    fn has_room(&self) -> bool {
+    /// Whether more frames of this priority may be queued now; without room the session
+    /// owes its messages instead of queueing them (see `Session::set_room`).
+    fn has_room(&self, _priority: Priority) -> bool {
         true
     }
 }
@@ -105,12 +105,16 @@ impl Exec<'_> {
     ) -> Result<(), ExecError> {
         // Only a hello changes it, and hellos never arrive during a drain.
         let peer = session.sync_peer();
-        session.set_can_send(outbox.has_room());
+        for p in Priority::ALL {
+            session.set_room(p, outbox.has_room(p));
+        }
         while let Some(out) = session.poll_output() {
             match out {
                 Output::Send(msg) => {
                     outbox.send(msg).await?;
-                    session.set_can_send(outbox.has_room());
+                    for p in Priority::ALL {
+                        session.set_room(p, outbox.has_room(p));
+                    }
                 }
                 Output::ReadFeed { after, limit } => {
                     let last = self.store.last_seq();

@@ -7,20 +7,24 @@
 //! sees the disk.
 
 pub mod audit;
+pub mod batch;
 pub mod counters;
 pub mod crl;
 pub mod driver;
 pub mod exec;
+pub mod frames;
 pub mod log_limit;
 pub mod node;
+pub mod pacing;
 pub mod penalties;
 pub mod pki;
 pub mod replicas;
 pub mod revocations;
+pub mod send_queue;
 pub mod tls;
 
 pub use counters::{PeerCounters, PeerCounts};
 pub use crl::{Crl, CrlError};
-pub use node::{NetError, Node, NodeConfig, PeerStatus, UdpStats};
+pub use node::{NetError, Node, NodeConfig, PeerStatus, TrafficConfig, UdpStats};
 pub use pki::{Bundle, Ca, TlsError};
 pub use revocations::Revocations;

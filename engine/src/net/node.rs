@@ -82,6 +82,36 @@ pub struct NodeConfig {
     /// The node's blobs: served to peers, fetched from them. `None`: no blobs (peers'
     /// blob requests go unanswered).
     pub blobs: Option<Blobs>,
+    /// What goes first on each link, how fast, and how compressed.
+    pub traffic: TrafficConfig,
+    /// Local time of day, for batch windows.
+    pub clock: super::batch::LocalClock,
+}
+
+/// How a node uses its links: namespace classes, bandwidth caps and compression.
+#[derive(Clone, Debug)]
+pub struct TrafficConfig {
+    /// Namespace classes: priorities, batches, caps.
+    pub classes: Arc<crate::model::Classes>,
+    /// Bytes per second this node sends on each link at most (`None`: no cap).
+    pub max_rate: Option<u64>,
+    /// Whether sync payloads are compressed with zstd where it pays, on links whose peer
+    /// supports it.
+    pub compress: bool,
+    /// The newest protocol version offered: [`crate::sync::PROTOCOL_VERSION`], or 6 to
+    /// speak as a node from before classes and compression (mixed-version tests).
+    pub max_protocol: u16,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        Self {
+            classes: Arc::default(),
+            max_rate: None,
+            compress: true,
+            max_protocol: crate::sync::PROTOCOL_VERSION,
+        }
+    }
 }
 
 impl NodeConfig {
@@ -102,6 +132,8 @@ impl NodeConfig {
             forget_peers_after: Some(DEFAULT_FORGET_PEERS_AFTER),
             audit_every: Some(DEFAULT_AUDIT_EVERY),
             blobs: None,
+            traffic: TrafficConfig::default(),
+            clock: super::batch::LocalClock::system(),
         }
     }
 }
@@ -378,7 +410,8 @@ impl Node {
         let identity = cfg.bundle.identity()?;
         let kept = take_up_kept(&store, &cfg.bundle, &cfg.revocations);
         take_up_bundled(&cfg.bundle, &cfg.revocations)?;
-        let client = tls::client_config(&cfg.bundle, &cfg.revocations, cfg.timers)?;
+        let max_protocol = cfg.traffic.max_protocol;
+        let client = tls::client_config(&cfg.bundle, &cfg.revocations, cfg.timers, max_protocol)?;
         let (addr, server) = match cfg.listen {
             Some(addr) => (
                 addr,
@@ -386,6 +419,7 @@ impl Node {
                     &cfg.bundle,
                     &cfg.revocations,
                     cfg.timers,
+                    max_protocol,
                 )?),
             ),
             None => (SocketAddr::from(([0, 0, 0, 0], 0)), None),
@@ -520,11 +554,11 @@ impl Node {
             )));
         }
         take_up_bundled(bundle, &self.inner.cfg.revocations)?;
-        let client =
-            tls::client_config(bundle, &self.inner.cfg.revocations, self.inner.cfg.timers)?;
+        let (timers, max_protocol) = (self.inner.cfg.timers, self.inner.cfg.traffic.max_protocol);
+        let client = tls::client_config(bundle, &self.inner.cfg.revocations, timers, max_protocol)?;
         if self.inner.cfg.listen.is_some() {
             let server =
-                tls::server_config(bundle, &self.inner.cfg.revocations, self.inner.cfg.timers)?;
+                tls::server_config(bundle, &self.inner.cfg.revocations, timers, max_protocol)?;
             self.inner.endpoint.set_server_config(Some(server));
         }
         if let Ok(mut c) = self.inner.client.write() {
@@ -1034,6 +1068,11 @@ impl Node {
         scfg.subscriptions = self.inner.cfg.subscriptions.clone();
         scfg.max_inbound_bytes = self.inner.cfg.max_inbound_bytes;
         scfg.audit_salt = Some(audit::salt());
+        scfg.classes = self.inner.cfg.traffic.classes.clone();
+        scfg.version = crate::sync::version_for_alpn(tls::alpn(&conn).as_deref());
+        counters
+            .protocol
+            .store(u64::from(scfg.version), Ordering::Relaxed);
         let session = Session::new(scfg, identity, record, store.last_seq());
         // Counters add up over reconnects: this connection's frames are the difference.
         let received_before = counters.messages_received.load(Ordering::Relaxed);
@@ -1046,6 +1085,10 @@ impl Node {
             replicas: self.inner.replicas.clone(),
             blobs: self.inner.cfg.blobs.clone(),
             ready,
+            classes: self.inner.cfg.traffic.classes.clone(),
+            max_rate: self.inner.cfg.traffic.max_rate,
+            compress: self.inner.cfg.traffic.compress,
+            clock: self.inner.cfg.clock.clone(),
         };
         // The driver ends itself on shutdown, once its writes at the store are done: when
         // `shutdown` returns, nothing of this node holds the store any more.

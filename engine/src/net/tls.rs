@@ -23,7 +23,7 @@ use super::pki::{identity_from_cert, serial_of, Bundle, TlsError};
 pub use super::revocations::Revocations;
 use crate::blobs::serve::MAX_STREAMS_PER_PEER;
 use crate::model::{Identity, Role};
-use crate::sync::ALPN;
+use crate::sync::{ALPN, ALPN_CLASSES};
 
 /// How long a connection lives without hearing from the peer: how fast a dead peer (a
 /// crash, a cut cable) is noticed when nothing tells us.
@@ -151,7 +151,7 @@ fn transport(keep_alive: Option<Duration>, idle_timeout: Duration) -> Arc<quinn:
     let mut t = quinn::TransportConfig::default();
     let dialer = keep_alive.is_some();
     t.max_concurrent_bidi_streams((MAX_STREAMS_PER_PEER + u32::from(!dialer)).into());
-    t.max_concurrent_uni_streams(0u32.into());
+    t.max_concurrent_uni_streams(2u32.into());
     t.stream_receive_window(STREAM_WINDOW.into());
     t.receive_window(
         (u64::from(STREAM_WINDOW) * u64::from(MAX_STREAMS_PER_PEER + 1))
@@ -176,6 +176,7 @@ pub fn server_config(
     bundle: &Bundle,
     revocations: &Revocations,
     timers: Timers,
+    max_protocol: u16,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let inner = WebPkiClientVerifier::builder_with_provider(roots(bundle)?, provider())
         .build()
@@ -188,7 +189,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![bundle.cert_der().clone()], bundle.key_der())?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = alpn_protocols(max_protocol);
     // No resumption: a resumed session skips client certificate verification, and with it
     // the revocation check. Every connection proves its certificate afresh.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -205,6 +206,7 @@ pub fn client_config(
     bundle: &Bundle,
     revocations: &Revocations,
     timers: Timers,
+    max_protocol: u16,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let inner = WebPkiServerVerifier::builder_with_provider(roots(bundle)?, provider())
         .build()
@@ -218,12 +220,30 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![bundle.cert_der().clone()], bundle.key_der())?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = alpn_protocols(max_protocol);
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(transport(Some(timers.keep_alive), timers.idle_timeout));
     Ok(client)
+}
+
+/// The ALPN protocols a node offers, the newest first (a server picks the first of its own
+/// that the client offers): protocol 7 and 6, or only 6 for a node held back to it.
+fn alpn_protocols(max_protocol: u16) -> Vec<Vec<u8>> {
+    if max_protocol >= crate::sync::PROTOCOL_VERSION {
+        vec![ALPN_CLASSES.to_vec(), ALPN.to_vec()]
+    } else {
+        vec![ALPN.to_vec()]
+    }
+}
+
+/// The ALPN protocol the connection's handshake chose.
+pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// The verified identity of a connection's peer.

@@ -6,6 +6,7 @@
 
 pub mod automerge_bytes;
 pub mod blob_ref;
+pub mod class;
 pub mod conflicts;
 pub mod feed;
 pub mod grants;
@@ -15,6 +16,7 @@ pub mod op_count;
 pub mod peer;
 
 pub use blob_ref::{blob_refs, format_blob_hash, parse_blob_hash, BlobRef};
+pub use class::{Class, ClassId, Classes, Mode, Priority, Window};
 pub use conflicts::{conflicts, Conflict};
 pub use feed::{Cursor, FeedEntry, FeedSeq};
 pub use grants::{Access, Grant, Grants, NsPattern};

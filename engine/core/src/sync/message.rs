@@ -12,11 +12,31 @@ use crate::model::{Cursor, NsPattern, Role};
 /// [`Message::hello_version`]). 2 added [`Hello::feed_last`]; 3 added
 /// [`Message::Revocations`]; 4 added [`Message::SyncAhead`]; 5 added
 /// [`Message::SetAside`]; 6 added the audit messages ([`Message::AuditStart`],
-/// [`Message::AuditStep`], [`Message::AuditEnd`]).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// [`Message::AuditStep`], [`Message::AuditEnd`]); 7 added [`Message::Compressed`] and
+/// the class streams beside the sync stream, and is spoken only on connections that
+/// negotiated [`ALPN_CLASSES`].
+pub const PROTOCOL_VERSION: u16 = 7;
 
-/// ALPN protocol name negotiated in the TLS handshake.
+/// The version spoken on connections that negotiated [`ALPN`]: nodes from before classes
+/// and compression.
+pub const LEGACY_PROTOCOL_VERSION: u16 = 6;
+
+/// ALPN protocol name of protocol version 6 and before.
 pub const ALPN: &[u8] = b"tidesync/1";
+
+/// ALPN protocol name of [`PROTOCOL_VERSION`]: what both sides support is settled in the
+/// TLS handshake, before the first frame, so a node offers both and an older peer picks
+/// the one it knows.
+pub const ALPN_CLASSES: &[u8] = b"tidesync/2";
+
+/// The protocol version a connection speaks, from the ALPN protocol its handshake chose.
+pub fn version_for_alpn(alpn: Option<&[u8]>) -> u16 {
+    if alpn == Some(ALPN_CLASSES) {
+        PROTOCOL_VERSION
+    } else {
+        LEGACY_PROTOCOL_VERSION
+    }
+}
 
 /// The first message each side sends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +167,12 @@ pub enum Message {
         repaired: u64,
         /// Set when the sender refuses the audit (one is already running, or too soon).
         refused: Option<String>,
+    },
+    /// Another message, encoded and then compressed with zstd (one frame, no dictionary):
+    /// sent instead of it when that is smaller. Never nested. Protocol version 7 only.
+    Compressed {
+        /// The zstd frame.
+        data: Vec<u8>,
     },
 }
 

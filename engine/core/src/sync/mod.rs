@@ -24,7 +24,10 @@ pub mod validate;
 pub use crate::error::ProtocolError;
 pub use crate::model::{Cursor, Identity, Role, SyncPeer};
 pub use input::{Applied, EarlyDoc, LoadedDoc};
-pub use message::{ErrorCode, Hello, Message, ALPN, PROTOCOL_VERSION};
+pub use message::{
+    version_for_alpn, ErrorCode, Hello, Message, ALPN, ALPN_CLASSES, LEGACY_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+};
 pub use output::{Apply, Event, Output};
 pub use session::{AuditReport, Session, SessionConfig, SessionStats};
 pub use state::warm as warm_sync_state;

@@ -60,7 +60,8 @@ use crate::error::{ModelError, ProtocolError};
 use crate::model::automerge_bytes::{self, holds_all};
 use crate::model::op_count;
 use crate::model::{
-    Cursor, DocId, FeedEntry, FeedSeq, Identity, Namespace, NodeId, NsPattern, Role, SyncPeer,
+    ClassId, Classes, Cursor, DocId, FeedEntry, FeedSeq, Identity, Namespace, NodeId, NsPattern,
+    Priority, Role, SyncPeer,
 };
 
 /// Settings of a session, the same for every peer of a node.
@@ -93,6 +94,15 @@ pub struct SessionConfig {
     /// another epoch of this node's feed (see [`Session::auditing_instead_of_walking`]);
     /// `None` walks. The driver sets a random one.
     pub audit_salt: Option<u64>,
+    /// Namespace classes: the priority each document is sent at, and which wait for
+    /// [`Session::flush_batch`].
+    pub classes: Arc<Classes>,
+    /// Batch documents offered and held for their flush past which the feed walk pauses
+    /// (their entries are kept in memory until then).
+    pub max_held: usize,
+    /// The protocol version this connection speaks (chosen by ALPN): sent in the hello and
+    /// required of the peer's.
+    pub version: u16,
 }
 
 impl SessionConfig {
@@ -110,6 +120,9 @@ impl SessionConfig {
             max_inbound_bytes: 32 << 20,
             max_owed: 8192,
             audit_salt: None,
+            classes: Arc::default(),
+            max_held: 65_536,
+            version: PROTOCOL_VERSION,
         }
     }
 }
@@ -296,14 +309,18 @@ pub struct Session {
     /// The local feed's last seq, as last told by the driver.
     local_last: FeedSeq,
     reading: bool,
-    /// Documents offered by the walk, waiting for room in flight (a key whose offer has
-    /// ended meanwhile is skipped).
-    queue: VecDeque<DocKey>,
+    /// Documents offered by the walk, waiting for room in flight, one queue per priority
+    /// (a key whose offer has ended meanwhile is skipped).
+    queues: [VecDeque<DocKey>; 3],
+    /// Offers of batch classes, held until the driver flushes their class.
+    held: BTreeMap<ClassId, VecDeque<DocKey>>,
+    held_len: usize,
     docs: HashMap<DocKey, DocSync>,
     /// Unfinished offers by feed position; the lowest bounds what `Synced` can say.
     unfinished: BTreeMap<FeedSeq, DocKey>,
-    /// Offers in the [`Offer::Sending`] state.
-    in_flight: usize,
+    /// Offers in the [`Offer::Sending`] state, per priority: each has its own window, so
+    /// a critical document never waits for room behind bulk ones.
+    in_flight: [usize; 3],
     synced_sent: FeedSeq,
     caught_up: bool,
     stats: SessionStats,
@@ -311,10 +328,11 @@ pub struct Session {
     inbound: usize,
     inbound_bytes: usize,
     inbound_ops: u64,
-    /// Whether the driver has room for more frames to the peer.
-    can_send: bool,
-    /// Documents owed a message, in the order they became due.
-    owed: VecDeque<DocKey>,
+    /// Whether the driver has room for more frames to the peer, per priority (each has
+    /// its own stream and queue).
+    room: [bool; 3],
+    /// Documents owed a message, per priority, in the order they became due.
+    owed: [VecDeque<DocKey>; 3],
     /// A cursor save is out; the newest cursor received meanwhile waits here.
     saving_cursor: bool,
     next_cursor: Option<Cursor>,
@@ -330,7 +348,8 @@ impl std::fmt::Debug for Session {
             .field("peer", &self.peer.node_id)
             .field("walked", &self.walked)
             .field("in_flight", &self.in_flight)
-            .field("queued", &self.queue.len())
+            .field("queued", &self.queued())
+            .field("held", &self.held_len)
             .finish()
     }
 }
@@ -345,7 +364,7 @@ impl Session {
         local_last: FeedSeq,
     ) -> Self {
         let hello = Hello {
-            version: PROTOCOL_VERSION,
+            version: cfg.version,
             node_id: cfg.node_id.to_string(),
             role: cfg.role,
             feed_epoch: cfg.feed_epoch,
@@ -365,18 +384,20 @@ impl Session {
             walked: FeedSeq(0),
             local_last,
             reading: false,
-            queue: VecDeque::new(),
+            queues: Default::default(),
+            held: BTreeMap::new(),
+            held_len: 0,
             docs: HashMap::new(),
             unfinished: BTreeMap::new(),
-            in_flight: 0,
+            in_flight: [0; 3],
             synced_sent: FeedSeq(0),
             caught_up: false,
             stats: SessionStats::default(),
             inbound: 0,
             inbound_bytes: 0,
             inbound_ops: 0,
-            can_send: true,
-            owed: VecDeque::new(),
+            room: [true; 3],
+            owed: Default::default(),
             saving_cursor: false,
             next_cursor: None,
             offered_revocations: None,
@@ -420,6 +441,11 @@ impl Session {
         }
     }
 
+    /// The protocol version this session speaks.
+    pub fn protocol_version(&self) -> u16 {
+        self.cfg.version
+    }
+
     /// The peer's hello, once received.
     pub fn peer_hello(&self) -> Option<&Hello> {
         self.peer_hello.as_ref()
@@ -456,7 +482,7 @@ impl Session {
         self.inbound < self.cfg.max_inbound_messages
             && self.inbound_bytes < self.cfg.max_inbound_bytes
             && self.inbound_ops < op_count::MAX_OPS
-            && self.owed.len() < self.cfg.max_owed
+            && self.owed.iter().map(VecDeque::len).sum::<usize>() < self.cfg.max_owed
     }
 
     /// Whether the driver has room for more frames to the peer. Without room, messages
@@ -465,12 +491,23 @@ impl Session {
     /// Call again after each frame sent: owed messages go out a few at a time, so room is
     /// checked between them.
     pub fn set_can_send(&mut self, can_send: bool) {
-        self.can_send = can_send;
-        if !can_send || self.owed.is_empty() {
+        for p in Priority::ALL {
+            self.set_room(p, can_send);
+        }
+    }
+
+    /// [`Session::set_can_send`] for the documents of one priority, which the driver
+    /// carries on their own stream and queue: a full bulk queue holds back bulk documents
+    /// only. Messages that concern no document (acknowledgements, refusals, audits) go
+    /// with `normal`.
+    pub fn set_room(&mut self, priority: Priority, room: bool) {
+        let p = priority.index();
+        self.room[p] = room;
+        if !room || self.owed[p].is_empty() {
             return;
         }
         for _ in 0..OWED_PER_ROOM {
-            let Some(key) = self.owed.pop_front() else {
+            let Some(key) = self.owed[p].pop_front() else {
                 break;
             };
             let Some(entry) = self.docs.get_mut(&key) else {
@@ -566,6 +603,10 @@ impl Session {
                 }
                 Ok(())
             }
+            // The driver unwraps these before the session sees a frame.
+            Message::Compressed { .. } => Err(ProtocolError::protocol(
+                "a compressed frame inside a compressed frame",
+            )),
             Message::Revocations { crl } => {
                 if crl.len() > validate::MAX_REVOCATION_LIST {
                     return Err(ProtocolError::protocol(format!(
@@ -600,8 +641,8 @@ impl Session {
         if self.peer_hello.is_some() {
             return Err(ProtocolError::new(ErrorCode::Protocol, "a second hello"));
         }
-        if hello.version != PROTOCOL_VERSION {
-            return Err(ProtocolError::version(hello.version));
+        if hello.version != self.cfg.version {
+            return Err(ProtocolError::version(hello.version, self.cfg.version));
         }
         validate::check_hello(&hello)?;
         if hello.node_id != self.peer.node_id.as_str() || hello.role != self.peer.role {
@@ -763,7 +804,7 @@ impl Session {
     fn reject(&mut self, ns: &str, id: &str, reason: &str) {
         self.stats.rejected += 1;
         // A refusal only informs; a peer that does not read its refusals gets no more.
-        if self.can_send {
+        if self.room[Priority::Normal.index()] {
             self.outputs.push_back(Output::Send(Message::Error {
                 code: ErrorCode::Forbidden,
                 reason: format!("{ns}/{id}: {reason}"),
@@ -816,10 +857,23 @@ impl Session {
             entry.unstored = cost.provisional && applied.changes_applied > 0 && wanted;
         }
         entry.phase = Phase::Idle;
+        // A batch document's changes wait for its class's flush: an acknowledgement that
+        // brought nothing and asks for nothing is not answered with what was written
+        // since (the walk holds that for the next flush). A peer that sends changes, or
+        // names changes it needs, is answered at once.
+        let hold = self.cfg.classes.is_batch(self.cfg.classes.of(&key.0))
+            && applied.changes_applied == 0
+            && applied.state.their_need.as_ref().is_none_or(Vec::is_empty)
+            && entry.inbox.is_empty()
+            && !entry.fresh;
         entry.doc = Some(applied.doc);
         entry.uncommitted = false;
         entry.state = Some(applied.state);
-        self.resume(&key, false);
+        if hold {
+            self.check_done(&key);
+        } else {
+            self.resume(&key, false);
+        }
         self.progress();
     }
 
@@ -850,14 +904,15 @@ impl Session {
         entry.state = None;
         entry.uncommitted = false;
         entry.unstored = false;
-        if self.can_send {
+        let p = self.cfg.classes.priority_of(&key.0).index();
+        if self.room[p] {
             self.send_set_aside(&key);
         } else {
             // Owed once, however many of the peer's messages it answers.
             entry.tell_set_aside = true;
             if entry.owed.is_none() {
                 entry.owed = Some(false);
-                self.owed.push_back(key.clone());
+                self.owed[p].push_back(key.clone());
             }
         }
         self.check_done(&key);
@@ -878,10 +933,11 @@ impl Session {
         let Some(entry) = self.docs.get_mut(&key) else {
             return;
         };
+        let p = self.cfg.classes.priority_of(&key.0).index();
         match std::mem::take(&mut entry.offer) {
             Offer::Sending { seq, .. } => {
                 self.unfinished.remove(&seq);
-                self.in_flight = self.in_flight.saturating_sub(1);
+                self.in_flight[p] = self.in_flight[p].saturating_sub(1);
             }
             Offer::Queued { seq, .. } => {
                 self.unfinished.remove(&seq);
@@ -917,10 +973,23 @@ impl Session {
             if !self.wants(&e.ns) {
                 continue;
             }
+            let class = self.cfg.classes.of(&e.ns);
+            let batch = self.cfg.classes.is_batch(class);
+            let p = self.cfg.classes.priority(class).index();
             let key = (e.ns, e.id);
             let entry = self.docs.entry(key.clone()).or_default();
             let (seq, heads) = (e.seq, e.heads);
             let resend = match std::mem::take(&mut entry.offer) {
+                Offer::Sending { seq: old, .. } if batch => {
+                    // The newer version waits for the next flush; the exchange under way
+                    // goes on with the version it started with.
+                    self.unfinished.remove(&old);
+                    self.in_flight[p] = self.in_flight[p].saturating_sub(1);
+                    entry.offer = Offer::Queued { seq, heads };
+                    self.held.entry(class).or_default().push_back(key.clone());
+                    self.held_len += 1;
+                    false
+                }
                 Offer::Sending { seq: old, .. } => {
                     self.unfinished.remove(&old);
                     entry.offer = Offer::Sending { seq, heads };
@@ -933,7 +1002,12 @@ impl Session {
                 }
                 Offer::None | Offer::Early | Offer::Repair => {
                     entry.offer = Offer::Queued { seq, heads };
-                    self.queue.push_back(key.clone());
+                    if batch {
+                        self.held.entry(class).or_default().push_back(key.clone());
+                        self.held_len += 1;
+                    } else {
+                        self.queues[p].push_back(key.clone());
+                    }
                     false
                 }
             };
@@ -966,11 +1040,17 @@ impl Session {
     /// what the peer has, so nothing here moves a cursor, and a commit that fails only
     /// means the peer got a change this node will get back from it.
     pub fn handle_early(&mut self, early: &EarlyDoc) {
-        // During catch-up the feed walk is about to send it anyway.
+        let class = self.cfg.classes.of(&early.ns);
+        let priority = self.cfg.classes.priority(class);
+        let p = priority.index();
+        // During catch-up the feed walk is about to send it anyway, unless it is critical:
+        // a critical document goes out at once, ahead of any backlog. A batch document
+        // waits for its class's flush.
         let live = self.peer_hello.is_some()
-            && self.can_send
-            && self.queue.is_empty()
-            && self.in_flight < self.cfg.max_docs_in_flight;
+            && self.room[p]
+            && !self.cfg.classes.is_batch(class)
+            && (priority == Priority::Critical
+                || (self.queued() == 0 && self.in_flight[p] < self.cfg.max_docs_in_flight));
         if !live || !self.wants(&early.ns) {
             return;
         }
@@ -1093,7 +1173,8 @@ impl Session {
         if self.peer_hello.is_some()
             && !self.reading
             && self.walked < self.local_last
-            && self.queue.len() < self.cfg.feed_batch
+            && self.queued() < self.cfg.feed_batch
+            && self.held_len < self.cfg.max_held
         {
             self.reading = true;
             self.outputs.push_back(Output::ReadFeed {
@@ -1106,23 +1187,58 @@ impl Session {
     /// Starts queued offers while there is room in flight. A loop, not a recursion: a
     /// document found current in memory finishes at once and makes room for the next.
     fn pump(&mut self) {
-        while self.in_flight < self.cfg.max_docs_in_flight {
-            let Some(key) = self.queue.pop_front() else {
-                break;
-            };
-            let Some(entry) = self.docs.get_mut(&key) else {
-                continue;
-            };
-            // A key stays queued after its offer ended early, and may be queued again.
-            if !matches!(entry.offer, Offer::Queued { .. }) {
-                continue;
+        for p in Priority::ALL.map(Priority::index) {
+            while self.in_flight[p] < self.cfg.max_docs_in_flight {
+                let Some(key) = self.queues[p].pop_front() else {
+                    break;
+                };
+                let Some(entry) = self.docs.get_mut(&key) else {
+                    continue;
+                };
+                // A key stays queued after its offer ended early, and may be queued again.
+                if !matches!(entry.offer, Offer::Queued { .. }) {
+                    continue;
+                }
+                if let Offer::Queued { seq, heads } = std::mem::take(&mut entry.offer) {
+                    entry.offer = Offer::Sending { seq, heads };
+                }
+                self.in_flight[p] += 1;
+                self.start(&key);
             }
-            if let Offer::Queued { seq, heads } = std::mem::take(&mut entry.offer) {
-                entry.offer = Offer::Sending { seq, heads };
-            }
-            self.in_flight += 1;
-            self.start(&key);
         }
+    }
+
+    /// Documents waiting for room in flight, all priorities.
+    fn queued(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
+    }
+
+    /// Sends what a batch class has held since its last flush: the driver calls it on the
+    /// class's schedule (at most once per `every`, inside its window).
+    pub fn flush_batch(&mut self, class: ClassId) {
+        let Some(held) = self.held.remove(&class) else {
+            return;
+        };
+        self.held_len = self.held_len.saturating_sub(held.len());
+        let p = self.cfg.classes.priority(class).index();
+        self.queues[p].extend(held);
+        self.progress();
+    }
+
+    /// Documents offered and not yet acknowledged, per class (classes with none left
+    /// out): what status shows as each class's backlog to this peer. The feed not yet
+    /// walked is not in it (see [`Session::lag`]).
+    pub fn backlog(&self) -> BTreeMap<ClassId, u64> {
+        let mut counts = BTreeMap::new();
+        for (ns, _) in self.unfinished.values() {
+            *counts.entry(self.cfg.classes.of(ns)).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Whether a batch class holds documents for its next flush.
+    pub fn holds_batch(&self, class: ClassId) -> bool {
+        self.held.get(&class).is_some_and(|h| !h.is_empty())
     }
 
     /// Sends the offered version: from memory when it is there (typically sent early: the
@@ -1175,12 +1291,13 @@ impl Session {
     /// `early` message (from an early notice) makes the document an early offer, kept in
     /// memory until the peer has it, unless the feed offers it already.
     fn generate(&mut self, key: &DocKey, early: bool) {
+        let p = self.cfg.classes.priority_of(&key.0).index();
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
-        if !self.can_send {
+        if !self.room[p] {
             if entry.owed.is_none() {
-                self.owed.push_back(key.clone());
+                self.owed[p].push_back(key.clone());
             }
             // Early only if every message that fell due was.
             entry.owed = Some(entry.owed.unwrap_or(true) && early);
@@ -1231,7 +1348,8 @@ impl Session {
             match std::mem::take(&mut entry.offer) {
                 Offer::Sending { seq, .. } => {
                     self.unfinished.remove(&seq);
-                    self.in_flight = self.in_flight.saturating_sub(1);
+                    let p = self.cfg.classes.priority_of(&key.0).index();
+                    self.in_flight[p] = self.in_flight[p].saturating_sub(1);
                     self.stats.docs_synced += 1;
                 }
                 Offer::Queued { seq, .. } => {
@@ -1648,10 +1766,14 @@ mod tests {
                 "sent without room: {out:?}"
             );
         }
-        assert_eq!(hub.owed.len(), 1, "owed once");
+        assert_eq!(
+            hub.owed.iter().map(VecDeque::len).sum::<usize>(),
+            1,
+            "owed once"
+        );
         hub.set_can_send(true);
         let out = outputs(&mut hub);
-        assert!(hub.owed.is_empty());
+        assert!(hub.owed.iter().all(VecDeque::is_empty));
         out
     }
 

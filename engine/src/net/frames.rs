@@ -1,0 +1,155 @@
+//! A message's frame on the wire: its encoding, compressed with zstd where that pays.
+//!
+//! Only document payloads ([`Message::Sync`], [`Message::SyncAhead`]) are worth trying: the
+//! rest is small or already dense. Each is compressed on its own (no shared context, so
+//! any frame decodes alone) and sent compressed only when that is smaller, so data that
+//! does not shrink costs a compression attempt and not one byte more on the link.
+//!
+//! Decoding is hostile by default: a compressed frame must say its decompressed size, and
+//! that size is checked against the frame limit before anything is allocated.
+
+use crate::sync::{validate, Message, ProtocolError, PROTOCOL_VERSION};
+
+/// Smallest encoded message worth an attempt: below this zstd's frame header eats the
+/// gain.
+pub const COMPRESS_MIN: usize = 192;
+/// zstd's level: its default, which keeps up with a gigabit link on one core.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// One message, ready for the wire.
+#[derive(Debug)]
+pub struct Encoded {
+    /// The frame's payload.
+    pub bytes: Vec<u8>,
+    /// The size of the message's plain encoding.
+    pub plain_len: usize,
+    /// Whether `bytes` is a [`Message::Compressed`].
+    pub compressed: bool,
+}
+
+/// Encodes a message, compressed when `compress` allows it and it comes out smaller.
+pub fn encode(msg: &Message, compress: bool) -> Encoded {
+    let plain = msg.encode();
+    let plain_len = plain.len();
+    let worth_trying = matches!(msg, Message::Sync { .. } | Message::SyncAhead { .. });
+    if compress && worth_trying && plain_len >= COMPRESS_MIN {
+        if let Ok(data) = zstd::bulk::compress(&plain, ZSTD_LEVEL) {
+            let wrapped = Message::Compressed { data }.encode();
+            if wrapped.len() < plain_len {
+                return Encoded {
+                    bytes: wrapped,
+                    plain_len,
+                    compressed: true,
+                };
+            }
+        }
+    }
+    Encoded {
+        bytes: plain,
+        plain_len,
+        compressed: false,
+    }
+}
+
+/// Decodes one frame of a connection speaking `version`, unwrapping a compressed one
+/// (whose content may be at most `max_frame` bytes).
+pub fn decode(frame: &[u8], version: u16, max_frame: usize) -> Result<Message, ProtocolError> {
+    validate::check_frame(frame)?;
+    let msg = Message::decode(frame).map_err(|e| match Message::hello_version(frame) {
+        Some(v) if v != version => ProtocolError::version(v, version),
+        _ => ProtocolError::protocol(format!("undecodable frame of {} bytes: {e}", frame.len())),
+    })?;
+    let Message::Compressed { data } = msg else {
+        return Ok(msg);
+    };
+    if version < PROTOCOL_VERSION {
+        return Err(ProtocolError::protocol(format!(
+            "a compressed frame on a connection of protocol version {version}"
+        )));
+    }
+    let size = match zstd::zstd_safe::get_frame_content_size(&data) {
+        Ok(Some(size)) => size,
+        Ok(None) | Err(_) => {
+            return Err(ProtocolError::protocol(
+                "a compressed frame that does not say its size",
+            ))
+        }
+    };
+    if size > max_frame as u64 {
+        return Err(ProtocolError::protocol(format!(
+            "a compressed frame of {size} bytes (at most {max_frame})"
+        )));
+    }
+    let plain = zstd::bulk::decompress(&data, size as usize)
+        .map_err(|e| ProtocolError::protocol(format!("compressed frame: {e}")))?;
+    validate::check_frame(&plain)?;
+    let inner = Message::decode(&plain).map_err(|e| {
+        ProtocolError::protocol(format!(
+            "undecodable compressed frame of {} bytes: {e}",
+            plain.len()
+        ))
+    })?;
+    match inner {
+        Message::Sync { .. } | Message::SyncAhead { .. } => Ok(inner),
+        _ => Err(ProtocolError::protocol(
+            "a compressed frame holds something other than a document's sync message",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::LEGACY_PROTOCOL_VERSION;
+
+    fn sync(data: Vec<u8>) -> Message {
+        Message::Sync {
+            ns: "models".into(),
+            id: "a".into(),
+            data,
+        }
+    }
+
+    #[test]
+    fn text_shrinks_noise_goes_plain_and_both_decode() {
+        let text = "the quick brown fox jumps over the lazy dog; ".repeat(100);
+        let m = sync(text.into_bytes());
+        let e = encode(&m, true);
+        assert!(e.compressed && e.bytes.len() * 4 < e.plain_len, "{e:?}");
+        assert_eq!(
+            decode(&e.bytes, PROTOCOL_VERSION, 1 << 20).expect("decodes"),
+            m
+        );
+        let mut noise = vec![0u8; 4096];
+        getrandom::fill(&mut noise).expect("random");
+        let m = sync(noise);
+        let e = encode(&m, true);
+        assert!(!e.compressed && e.bytes.len() == e.plain_len);
+        assert_eq!(
+            decode(&e.bytes, PROTOCOL_VERSION, 1 << 20).expect("decodes"),
+            m
+        );
+        assert!(!encode(&sync(vec![7; 4096]), false).compressed);
+    }
+
+    #[test]
+    fn hostile_compressed_frames_are_refused_before_they_cost() {
+        let bomb = zstd::bulk::compress(&sync(vec![0; 8 << 20]).encode(), 3).expect("zstd");
+        let frame = Message::Compressed { data: bomb }.encode();
+        assert!(frame.len() < 4096);
+        let err = decode(&frame, PROTOCOL_VERSION, 1 << 20).expect_err("too big");
+        assert!(err.reason.contains("at most"), "{}", err.reason);
+        let small = encode(&sync(vec![1; 4096]), true);
+        assert!(decode(&small.bytes, LEGACY_PROTOCOL_VERSION, 1 << 20).is_err());
+        let nested = Message::Compressed {
+            data: zstd::bulk::compress(&small.bytes, 3).expect("zstd"),
+        }
+        .encode();
+        assert!(decode(&nested, PROTOCOL_VERSION, 1 << 20).is_err());
+        let garbage = Message::Compressed {
+            data: vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3],
+        }
+        .encode();
+        assert!(decode(&garbage, PROTOCOL_VERSION, 1 << 20).is_err());
+    }
+}

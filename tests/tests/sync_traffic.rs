@@ -1,0 +1,348 @@
+//! Links that know what matters: compression that pays or steps aside, nodes of the
+//! previous protocol, critical documents ahead of a backlog, batch classes on their
+//! schedule and inside their window.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use automerge::transaction::Transactable;
+use serde_json::json;
+use tidesync::model::{Class, Classes, DocId, Mode, Namespace, NsPattern, Priority, Window};
+use tidesync::net::batch::LocalClock;
+use tidesync::net::Node;
+use tidesync::store::{Store, StoreConfig};
+use tidesync::sync::{Role, LEGACY_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use tidesync_tests::cluster::{wait_until, Deployment, TestNode};
+use tidesync_tests::traffic::{catch_up, link, Backlog, Rng};
+
+/// Compression pays where Automerge's own encoding leaves redundancy (many small changes)
+/// and steps aside where it does not: documents of text (whose columns Automerge already
+/// deflates) and of random bytes cost at most 2 % more than with compression off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_saves_where_it_can_and_never_costs_more_than_two_percent() {
+    let text_z = catch_up(500, Backlog::Text, true).await.unwrap();
+    let text = catch_up(500, Backlog::Text, false).await.unwrap();
+    let ratio = text_z.edge.bytes_sent as f64 / text.edge.bytes_sent as f64;
+    println!(
+        "text: {} bytes compressed, {} plain: {ratio:.3}; {} messages compressed, {} bytes saved",
+        text_z.edge.bytes_sent,
+        text.edge.bytes_sent,
+        text_z.edge.compressed_messages,
+        text_z.edge.compression_saved_bytes
+    );
+    assert!(
+        ratio <= 1.02,
+        "compressed text catch-up sent {ratio:.3} of plain"
+    );
+    assert_eq!(text.edge.compressed_messages, 0, "off means off");
+    let edits_z = catch_up(500, Backlog::Edits, true).await.unwrap();
+    let edits = catch_up(500, Backlog::Edits, false).await.unwrap();
+    let ratio = edits_z.edge.bytes_sent as f64 / edits.edge.bytes_sent as f64;
+    println!(
+        "edits: {} bytes compressed, {} plain: {ratio:.3}; {} messages compressed",
+        edits_z.edge.bytes_sent, edits.edge.bytes_sent, edits_z.edge.compressed_messages
+    );
+    assert!(
+        ratio < 1.0,
+        "compressing small changes saved nothing: {ratio:.3}"
+    );
+    assert!(edits_z.edge.compressed_messages > 0);
+    let noise_z = catch_up(500, Backlog::Noise, true).await.unwrap();
+    let noise = catch_up(500, Backlog::Noise, false).await.unwrap();
+    let ratio = noise_z.edge.bytes_sent as f64 / noise.edge.bytes_sent as f64;
+    println!(
+        "noise: {} bytes compressed, {} plain: {ratio:.4}; {} messages compressed",
+        noise_z.edge.bytes_sent, noise.edge.bytes_sent, noise_z.edge.compressed_messages
+    );
+    assert!(ratio <= 1.02, "noise cost {ratio:.4} of plain");
+}
+
+fn classes(list: &[(&str, &str, Priority, Mode)]) -> Arc<Classes> {
+    Arc::new(
+        Classes::new(
+            list.iter()
+                .map(|(name, pattern, priority, mode)| Class {
+                    name: (*name).into(),
+                    namespaces: vec![NsPattern::new(*pattern).unwrap()],
+                    priority: *priority,
+                    mode: mode.clone(),
+                    max_rate: None,
+                })
+                .collect(),
+        )
+        .unwrap(),
+    )
+}
+
+fn ns(s: &str) -> Namespace {
+    Namespace::new(s).unwrap()
+}
+
+fn id(s: &str) -> DocId {
+    DocId::new(s).unwrap()
+}
+
+/// A node held back to protocol 6 (no class streams, no compression: a node from before
+/// them) and a current hub settle on protocol 6 in the handshake and sync both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_the_previous_protocol_still_syncs_both_ways() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let mut cfg = d.config("old-edge", Role::Edge, &["*=rw"]).unwrap();
+    cfg.dial = vec![hub.addr()];
+    cfg.traffic.max_protocol = LEGACY_PROTOCOL_VERSION;
+    let old = d.start("old-edge", cfg).unwrap();
+    let new = d.edge("new-edge", &["*=rw"], &[hub.addr()]).unwrap();
+    let text = json!({ "notes": "the same words again and again ".repeat(40) });
+    old.store
+        .put(&ns("app"), &id("from-old"), text.clone(), None)
+        .await
+        .unwrap();
+    new.store
+        .put(&ns("app"), &id("from-new"), text, None)
+        .await
+        .unwrap();
+    for (node, doc) in [(&hub, "from-old"), (&old, "from-new"), (&new, "from-old")] {
+        wait_until(Duration::from_secs(10), doc, || {
+            Ok(node.store.get(&ns("app"), &id(doc))?.is_some())
+        })
+        .await
+        .unwrap();
+    }
+    let old_link = link(&old).unwrap();
+    assert_eq!(old_link.protocol, u64::from(LEGACY_PROTOCOL_VERSION));
+    assert_eq!(
+        old_link.compressed_messages, 0,
+        "protocol 6 has no compression"
+    );
+    let new_link = link(&new).unwrap();
+    assert_eq!(new_link.protocol, u64::from(PROTOCOL_VERSION));
+    assert!(new_link.compressed_messages > 0, "repeated text compresses");
+}
+
+/// An edge whose capped link is busy with a bulk backlog sends a critical document ahead
+/// of all of it: the hub holds the alert while most of the backlog is still to come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_document_overtakes_a_bulk_backlog_on_a_capped_link() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let mut cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
+    cfg.traffic.classes = classes(&[
+        ("alerts", "alerts", Priority::Critical, Mode::Live),
+        ("telemetry", "telemetry", Priority::Bulk, Mode::Live),
+    ]);
+    cfg.traffic.max_rate = Some(256 * 1024);
+    let path = d.dir().join("edge.redb");
+    let store = Store::open(&path, StoreConfig::default()).unwrap();
+    let mut rng = Rng::new(7);
+    let backlog = 400;
+    for i in 0..backlog {
+        let mut noise = vec![0u8; 8192];
+        for b in noise.chunks_mut(8) {
+            b.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        let mut doc = automerge::AutoCommit::new();
+        doc.put(
+            automerge::ROOT,
+            "payload",
+            automerge::ScalarValue::Bytes(noise),
+        )
+        .unwrap();
+        store
+            .import(&ns("telemetry"), &id(&format!("t{i:04}")), doc.save())
+            .await
+            .unwrap();
+    }
+    cfg.dial = vec![hub.addr()];
+    let node = Node::start(store.clone(), cfg.clone()).unwrap();
+    let edge = TestNode {
+        node,
+        store,
+        path,
+        cfg,
+    };
+    wait_until(Duration::from_secs(20), "the backlog flowing", || {
+        Ok(hub.store.list(&ns("telemetry"))?.len() >= 20)
+    })
+    .await
+    .unwrap();
+    let written = Instant::now();
+    edge.store
+        .put(
+            &ns("alerts"),
+            &id("overheat"),
+            json!({ "level": "critical" }),
+            None,
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the alert at the hub", || {
+        Ok(hub.store.get(&ns("alerts"), &id("overheat"))?.is_some())
+    })
+    .await
+    .unwrap();
+    let took = written.elapsed();
+    let arrived = hub.store.list(&ns("telemetry")).unwrap().len();
+    println!("the alert took {took:?}; {arrived} of {backlog} bulk documents had arrived");
+    assert!(
+        arrived < backlog / 2,
+        "the alert waited for the backlog: {arrived} of {backlog} bulk documents came first"
+    );
+    let classes = link(&edge).unwrap().classes;
+    assert_eq!(classes["alerts"].priority, "critical");
+    assert!(classes["alerts"].sent_messages >= 1);
+    wait_until(Duration::from_secs(5), "the bulk backlog in status", || {
+        Ok(link(&edge)?
+            .classes
+            .get("telemetry")
+            .is_some_and(|c| c.backlog > 0 && c.priority == "bulk"))
+    })
+    .await
+    .unwrap();
+}
+
+/// A batch class with `every = 5s` sends at most once per 5 s while its document changes
+/// every 100 ms, and the last write arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_class_sends_once_per_period_and_loses_nothing() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let mut cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
+    cfg.dial = vec![hub.addr()];
+    let every = Duration::from_secs(5);
+    cfg.traffic.classes = classes(&[(
+        "telemetry",
+        "telemetry",
+        Priority::Bulk,
+        Mode::Batch {
+            every,
+            window: None,
+        },
+    )]);
+    let edge = d.start("edge", cfg).unwrap();
+    wait_until(Duration::from_secs(10), "connected", || {
+        Ok(link(&edge).is_ok())
+    })
+    .await
+    .unwrap();
+    let sent = |edge: &TestNode| {
+        link(edge)
+            .ok()
+            .and_then(|c| c.classes.get("telemetry").map(|c| c.sent_messages))
+            .unwrap_or(0)
+    };
+    // When each message of the class went out, as sampled every 20 ms.
+    let mut sends: Vec<(Instant, u64)> = Vec::new();
+    let start = Instant::now();
+    let mut last = 0;
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(16) {
+        n += 1;
+        edge.store
+            .put(&ns("telemetry"), &id("cpu"), json!({ "n": n }), None)
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            let now = sent(&edge);
+            if now > last {
+                sends.push((Instant::now(), now - last));
+                last = now;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let value = json!({ "n": n });
+    wait_until(Duration::from_secs(15), "the last write at the hub", || {
+        Ok(hub
+            .store
+            .get(&ns("telemetry"), &id("cpu"))?
+            .is_some_and(|d| d.content.get("n") == value.get("n")))
+    })
+    .await
+    .unwrap();
+    println!(
+        "{n} writes; sends at {:?}",
+        sends
+            .iter()
+            .map(|(t, k)| (t.duration_since(start).as_millis(), *k))
+            .collect::<Vec<_>>()
+    );
+    assert!(n >= 120, "writes every 100 ms or so: {n}");
+    for pair in sends.windows(2) {
+        let gap = pair[1].0.duration_since(pair[0].0);
+        assert!(
+            gap + Duration::from_millis(100) >= every,
+            "two sends {gap:?} apart: {sends:?}"
+        );
+    }
+    assert!(
+        sends.iter().all(|(_, k)| *k == 1),
+        "one message per send: {sends:?}"
+    );
+}
+
+/// A batch class whose window is closed sends nothing, and status shows what waits; once
+/// the (injected) local clock enters the window, everything goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_window_holds_a_batch_class_until_it_opens() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let mut cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
+    cfg.dial = vec![hub.addr()];
+    cfg.traffic.classes = classes(&[(
+        "nightly",
+        "datasets",
+        Priority::Bulk,
+        Mode::Batch {
+            every: Duration::from_secs(1),
+            window: Some(Window::parse("01:00-05:00").unwrap()),
+        },
+    )]);
+    let minute = Arc::new(AtomicU16::new(12 * 60));
+    let m = minute.clone();
+    cfg.clock = LocalClock(Arc::new(move || m.load(Ordering::Relaxed)));
+    let edge = d.start("edge", cfg).unwrap();
+    for i in 0..5 {
+        edge.store
+            .put(
+                &ns("datasets"),
+                &id(&format!("d{i}")),
+                json!({ "i": i }),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    edge.store
+        .put(&ns("app"), &id("live"), json!({ "ok": true }), None)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "a live document", || {
+        Ok(hub.store.get(&ns("app"), &id("live"))?.is_some())
+    })
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(10), "the backlog in status", || {
+        Ok(link(&edge)?
+            .classes
+            .get("nightly")
+            .is_some_and(|c| c.backlog == 5))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        hub.store.list(&ns("datasets")).unwrap().is_empty(),
+        "sent outside the window"
+    );
+    minute.store(2 * 60, Ordering::Relaxed);
+    wait_until(
+        Duration::from_secs(10),
+        "the batch once the window opened",
+        || Ok(hub.store.list(&ns("datasets"))?.len() == 5),
+    )
+    .await
+    .unwrap();
+}
