@@ -19,6 +19,49 @@ struct PeerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    peer: String,
+    role: String,
+    class: String,
+    priority: String,
+}
+
+/// Per peer and namespace class: the backlog, and the sync messages and bytes sent.
+fn render_classes(r: &mut Registry, peers: &[PeerStatus]) {
+    let backlog = Family::<ClassLabels, Gauge>::default();
+    let messages = Family::<ClassLabels, Counter>::default();
+    let bytes = Family::<ClassLabels, Counter>::default();
+    for p in peers {
+        for (class, c) in &p.counts.classes {
+            let l = ClassLabels {
+                peer: p.node_id.to_string(),
+                role: p.role.as_str().to_owned(),
+                class: class.clone(),
+                priority: c.priority.to_owned(),
+            };
+            backlog.get_or_create(&l).set(c.backlog as i64);
+            messages.get_or_create(&l).inc_by(c.sent_messages);
+            bytes.get_or_create(&l).inc_by(c.sent_bytes);
+        }
+    }
+    r.register(
+        "peer_class_backlog_documents",
+        "Documents of the class offered to the peer and not yet acknowledged",
+        backlog,
+    );
+    r.register(
+        "peer_class_sent_messages",
+        "Sync messages of the class sent to the peer",
+        messages,
+    );
+    r.register(
+        "peer_class_sent_bytes",
+        "Frame bytes of the class's sync messages sent to the peer",
+        bytes,
+    );
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BlobLabels {
     blob: String,
 }
@@ -329,6 +372,19 @@ pub fn render(store: &Store, node: Option<&Node>) -> String {
             "Connections refused because their peer broke the protocol a moment before",
             node.penalty_refusals(),
         );
+        gauge(
+            &mut r,
+            "edges_connected",
+            "Edges with a live connection to this node",
+            node.edges_connected() as i64,
+        );
+        counter(
+            &mut r,
+            "peers_refused_full",
+            "Edges turned away because this hub held --max-peers edges",
+            node.refused_full(),
+        );
+        render_classes(&mut r, &peers);
         r.register(
             "replication_seconds",
             "Time from a write's commit to its Kth replica, for writes with ?replicas=K that reached K",

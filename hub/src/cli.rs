@@ -99,6 +99,10 @@ pub enum Command {
         /// Another hub to sync with (QUIC address). Repeat for several.
         #[arg(long = "peer", value_name = "ADDR")]
         peers: Vec<SocketAddr>,
+        /// Edges this hub holds at most; the next is turned away with a reason that sends
+        /// it to its next hub (other hubs are never turned away) [default: unlimited].
+        #[arg(long, value_name = "N")]
+        max_peers: Option<usize>,
         /// --token, --max-body and --cache-mb.
         #[command(flatten)]
         common: Box<CommonRunFlags>,

@@ -58,6 +58,7 @@ pub fn run(command: Command) -> Result<()> {
             listen,
             api,
             peers,
+            max_peers,
             common,
             config,
         } => {
@@ -84,7 +85,10 @@ pub fn run(command: Command) -> Result<()> {
                 audit_every: base.common.audit_every,
                 replica_defaults: base.common.replica_defaults,
                 blobs: base.common.blobs,
-                traffic: base.common.traffic,
+                traffic: tidesync::net::TrafficConfig {
+                    max_peers: max_peers.or(base.file.max_peers),
+                    ..base.common.traffic
+                },
             };
             serve(cfg, &base.data, None)
         }

@@ -12,29 +12,11 @@ use tidesync::store::{Store, StoreConfig};
 use tidesync::sync::Role;
 
 use crate::cluster::{wait_until, Deployment, TestNode};
+use crate::Rng;
 
-/// A small deterministic generator (xorshift), so runs compare.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded.
-    pub fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-
-    /// The next number.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A number below `n`.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
+/// A number below `n`.
+fn below(rng: &mut Rng, n: usize) -> usize {
+    rng.range(0, n as u64) as usize
 }
 
 const WORDS: &[&str] = &[
@@ -116,9 +98,9 @@ const WORDS: &[&str] = &[
 pub fn realistic_text(rng: &mut Rng, len: usize) -> String {
     let mut s = String::with_capacity(len + 16);
     while s.len() < len {
-        let words = 6 + rng.below(12);
+        let words = 6 + below(rng, 12);
         for w in 0..words {
-            let word = WORDS[rng.below(WORDS.len())];
+            let word = WORDS[below(rng, WORDS.len())];
             if w == 0 {
                 let mut c = word.chars();
                 if let Some(first) = c.next() {
@@ -129,8 +111,8 @@ pub fn realistic_text(rng: &mut Rng, len: usize) -> String {
                 s.push(' ');
                 s.push_str(word);
             }
-            if rng.below(9) == 0 {
-                s.push_str(&format!(" {}", rng.below(10_000)));
+            if below(rng, 9) == 0 {
+                s.push_str(&format!(" {}", below(rng, 10_000)));
             }
         }
         s.push_str(". ");
@@ -141,7 +123,7 @@ pub fn realistic_text(rng: &mut Rng, len: usize) -> String {
 /// A JSON document of about 4 KB of realistic text: a record with a few short fields and
 /// longer notes.
 pub fn text_doc(rng: &mut Rng, i: usize) -> Value {
-    let status = ["ok", "degraded", "maintenance"][rng.below(3)];
+    let status = ["ok", "degraded", "maintenance"][below(rng, 3)];
     json!({
         "title": realistic_text(rng, 60),
         "device": format!("edge-{:04}", i % 97),
@@ -198,7 +180,7 @@ pub async fn catch_up(docs: usize, backlog: Backlog, compress: bool) -> Result<C
                     let status = ["ok", "degraded", "maintenance"][k % 3];
                     let patch = json!({
                         "status": status,
-                        "reading": rng.below(10_000),
+                        "reading": below(&mut rng, 10_000),
                         format!("note{}", k % 4): realistic_text(&mut rng, 80),
                     });
                     store.patch(&ns, &id, patch, None).await?;

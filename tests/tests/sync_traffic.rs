@@ -15,7 +15,8 @@ use tidesync::net::Node;
 use tidesync::store::{Store, StoreConfig};
 use tidesync::sync::{Role, LEGACY_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tidesync_tests::cluster::{wait_until, Deployment, TestNode};
-use tidesync_tests::traffic::{catch_up, link, Backlog, Rng};
+use tidesync_tests::traffic::{catch_up, link, Backlog};
+use tidesync_tests::Rng;
 
 /// Compression pays where Automerge's own encoding leaves redundancy (many small changes)
 /// and steps aside where it does not: documents of text (whose columns Automerge already

@@ -526,6 +526,24 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
             ago
         );
     }
+    if s["role"] == "hub" {
+        let of = s["max_peers"]
+            .as_u64()
+            .map_or_else(|| "no limit".to_owned(), |m| format!("of {m}"));
+        println!("EDGES {} {of}", s["edges_connected"]);
+    }
+    for p in s["peers"].as_array().into_iter().flatten() {
+        for (class, c) in p["classes"].as_object().into_iter().flatten() {
+            println!(
+                "CLASS {} {class} ({}): {} documents waiting, {} messages and {} bytes sent",
+                p["node_id"].as_str().unwrap_or("?"),
+                c["priority"].as_str().unwrap_or("?"),
+                c["backlog"],
+                c["sent_messages"],
+                c["sent_bytes"]
+            );
+        }
+    }
     for p in s["peers"].as_array().into_iter().flatten() {
         let last = p["audit_last_unix_s"].as_u64().unwrap_or(0);
         if last == 0 {

@@ -14,7 +14,7 @@ use tidesync::blobs::{BlobConfig, FetchPolicy};
 pub use tidesync::daemon::DEFAULT_MAX_BODY;
 use tidesync::model::{Class, Classes, Mode, NsPattern, Priority, Window};
 use tidesync::net::node::{DEFAULT_AUDIT_EVERY, DEFAULT_FORGET_PEERS_AFTER};
-use tidesync::net::tls::Timers;
+use tidesync::net::tls::{Congestion, Timers};
 use tidesync::net::TrafficConfig;
 use tidesync::store::StoreConfig;
 
@@ -82,6 +82,10 @@ pub struct RunFile {
     pub max_rate: Option<u64>,
     /// `--compression`: `"zstd"` or `"off"`.
     pub compression: Option<String>,
+    /// `--congestion`: `"cubic"` or `"bbr"`.
+    pub congestion: Option<String>,
+    /// `--max-peers` (hub).
+    pub max_peers: Option<usize>,
     /// `[[class]]` tables: priorities and schedules of namespaces, first match wins.
     #[serde(default)]
     pub class: Vec<ClassSettings>,
@@ -270,6 +274,11 @@ pub struct CommonRunFlags {
     /// [default: zstd].
     #[arg(long, value_name = "MODE", value_parser = ["zstd", "off"])]
     pub compression: Option<String>,
+    /// How this node's sending reacts to loss: cubic (QUIC's usual; backs off on every
+    /// loss) or bbr (paces at the measured bandwidth; for long, lossy links such as radio
+    /// or satellite, where random loss is not congestion) [default: cubic].
+    #[arg(long, value_name = "ALGORITHM", value_parser = ["cubic", "bbr"])]
+    pub congestion: Option<String>,
 }
 
 /// The common settings once flags, file and defaults are applied, in that order.
@@ -314,7 +323,15 @@ impl CommonRunFlags {
             },
         };
         let defaults = Timers::default();
+        let congestion = match self.congestion.as_deref().or(file.congestion.as_deref()) {
+            Some(c) => Congestion::parse(c).map_err(|reason| ConfigError {
+                path: PathBuf::from("congestion"),
+                reason,
+            })?,
+            None => defaults.congestion,
+        };
         let timers = Timers {
+            congestion,
             keep_alive: self
                 .keep_alive
                 .or(file.keep_alive)
@@ -526,6 +543,7 @@ mod tests {
             fault_corrupt_blob_sends: false,
             max_rate: None,
             compression: None,
+            congestion: None,
         }
         .resolve(&f)
         .expect("resolve");
@@ -542,7 +560,8 @@ mod tests {
             common.timers,
             Timers {
                 keep_alive: Duration::from_secs(5),
-                idle_timeout: Duration::from_secs(30)
+                idle_timeout: Duration::from_secs(30),
+                congestion: Congestion::Cubic,
             }
         );
         assert_eq!(
@@ -572,6 +591,7 @@ mod tests {
             fault_corrupt_blob_sends: false,
             max_rate: None,
             compression: None,
+            congestion: None,
         }
         .resolve(&f)
         .expect_err("an idle timeout of three keep-alives at least");

@@ -443,6 +443,8 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
             .map(crate::net::node::days_until),
         "revocation_list_error": state.node.as_ref().and_then(|n| n.revocations().problem()),
         "revocation_list_number": crl.as_ref().map(|c| c.number()),
+        "edges_connected": state.node.as_ref().map(Node::edges_connected),
+        "max_peers": state.node.as_ref().and_then(Node::max_peers),
         "revoked_certificates": crl.as_ref().map_or(0, |c| c.entries().len()),
         "peers": peers,
         "blobs": state.node.as_ref().and_then(Node::blobs).map(blob_status),

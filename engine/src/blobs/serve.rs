@@ -189,6 +189,13 @@ struct Metered {
 
 impl Write for Metered {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Paced in small slices: a capped link never gets a burst longer than a slice,
+        // which a modem's queue would hold everything else behind.
+        let buf = if self.pace.is_empty() {
+            buf
+        } else {
+            &buf[..buf.len().min(crate::net::pacing::PACED_SLICE)]
+        };
         for p in self.pace.iter() {
             p.take_blocking(buf.len());
         }

@@ -62,6 +62,9 @@ pub const CLOSE_REPLACED: u32 = 4;
 pub const CLOSE_PENALIZED: u32 = 5;
 /// Application error code on QUIC close: this node moved to a new feed epoch; reconnect.
 pub const CLOSE_NEW_EPOCH: u32 = 6;
+/// Application error code on QUIC close: this hub holds `--max-peers` edges; the edge
+/// tries its next hub.
+pub const CLOSE_FULL: u32 = 7;
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]

@@ -18,6 +18,7 @@ pub mod node;
 pub mod pacing;
 pub mod penalties;
 pub mod pki;
+pub mod placement;
 pub mod replicas;
 pub mod revocations;
 pub mod send_queue;

@@ -24,6 +24,7 @@ use super::crl::Crl;
 use super::driver::{self, DriverContext, DriverError, CLOSE_REPLACED, CLOSE_SHUTDOWN};
 use super::penalties::Penalties;
 use super::pki::{Bundle, TlsError, SERVER_NAME};
+use super::placement;
 use super::tls::{self, Revocations};
 use crate::blobs::Blobs;
 use crate::model::{Identity, NodeId, NsPattern, Role};
@@ -39,6 +40,19 @@ pub const DEFAULT_FORGET_PEERS_AFTER: Duration = Duration::from_secs(90 * 86_400
 
 /// How often a dialed connection is checked for silence (see `Node::watch_silence`).
 const SILENCE_CHECK: Duration = Duration::from_millis(250);
+/// How often an edge on a hub it ranks lower tries the better ones (jittered by half).
+const PROBE_EVERY: Duration = Duration::from_secs(15);
+/// The longest an edge waits between tries of better hubs that turn it away as full.
+const MAX_PROBE_EVERY: Duration = Duration::from_secs(300);
+
+/// Whether a hub closed the connection because it holds `--max-peers` edges.
+fn turned_away(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(ref c))
+            if c.error_code == quinn::VarInt::from_u32(driver::CLOSE_FULL)
+    )
+}
 
 /// How often a node audits the peers it dialed, unless configured.
 pub const DEFAULT_AUDIT_EVERY: Duration = Duration::from_secs(24 * 3600);
@@ -101,6 +115,8 @@ pub struct TrafficConfig {
     /// The newest protocol version offered: [`crate::sync::PROTOCOL_VERSION`], or 6 to
     /// speak as a node from before classes and compression (mixed-version tests).
     pub max_protocol: u16,
+    /// Edges this node (a hub) holds at most; the next is turned away as full.
+    pub max_peers: Option<usize>,
 }
 
 impl Default for TrafficConfig {
@@ -110,6 +126,7 @@ impl Default for TrafficConfig {
             max_rate: None,
             compress: true,
             max_protocol: crate::sync::PROTOCOL_VERSION,
+            max_peers: None,
         }
     }
 }
@@ -341,6 +358,8 @@ struct Inner {
     penalties: Penalties,
     /// Connections refused because their peer was serving a penalty.
     penalty_refusals: AtomicU64,
+    /// Edges turned away because this hub held `max_peers` already.
+    refused_full: AtomicU64,
     /// Peers dropped by [`Node::forget_unseen_peers`].
     peers_forgotten: AtomicU64,
     /// Which peers hold which versions, for writes waiting for replicas.
@@ -454,6 +473,7 @@ impl Node {
                 handshake_failures: AtomicU64::new(0),
                 penalties: Penalties::default(),
                 penalty_refusals: AtomicU64::new(0),
+                refused_full: AtomicU64::new(0),
                 peers_forgotten: AtomicU64::new(0),
                 replicas: Arc::default(),
                 last_renewal: Mutex::new(None),
@@ -589,6 +609,26 @@ impl Node {
     /// (see [`super::penalties`]).
     pub fn penalty_refusals(&self) -> u64 {
         self.inner.penalty_refusals.load(Ordering::Relaxed)
+    }
+
+    /// Edges turned away because this hub held `--max-peers` edges already.
+    pub fn refused_full(&self) -> u64 {
+        self.inner.refused_full.load(Ordering::Relaxed)
+    }
+
+    /// Edges connected now.
+    pub fn edges_connected(&self) -> usize {
+        self.inner.peers.lock().map_or(0, |peers| {
+            peers
+                .values()
+                .filter(|e| e.conn.is_some() && e.role == Role::Edge)
+                .count()
+        })
+    }
+
+    /// Edges this hub holds at most (`--max-peers`).
+    pub fn max_peers(&self) -> Option<usize> {
+        self.inner.cfg.traffic.max_peers
     }
 
     /// Which peers hold which versions of documents: what writes with `?replicas=K`
@@ -858,9 +898,18 @@ impl Node {
 
     async fn dial_loop(&self, addrs: Vec<SocketAddr>) {
         let cfg = &self.inner.cfg;
+        // An edge spreads over its hubs: each prefers the hubs in its own rendezvous order.
+        let addrs = if cfg.failover {
+            placement::rendezvous_order(&self.inner.identity.node_id, &addrs)
+        } else {
+            addrs
+        };
         let mut backoff = cfg.min_backoff;
         while !self.inner.cancel.is_cancelled() {
-            for &addr in &addrs {
+            let mut rank = 0;
+            while rank < addrs.len() {
+                let addr = addrs[rank];
+                rank += 1;
                 let client = match self.inner.client.read() {
                     Ok(c) => c.clone(),
                     Err(_) => return,
@@ -885,19 +934,27 @@ impl Node {
                 };
                 match conn {
                     Ok(conn) => {
-                        let mut next = Some(conn);
-                        while let Some(conn) = next.take() {
-                            // The watch ends with the connection's session: a handle it
+                        let mut next = Some((conn, rank - 1));
+                        let mut full = false;
+                        while let Some((conn, at)) = next.take() {
+                            // The watches end with the connection's session: a handle they
                             // kept would keep the connection open.
                             let (carried, fresh) = {
                                 let run = self.run_connection(conn.clone(), true);
-                                let watch = self.watch_silence(&conn, addr);
-                                tokio::pin!(run, watch);
+                                let watch = self.watch_silence(&conn, addrs[at]);
+                                let better = self.probe_better(&addrs[..at]);
+                                tokio::pin!(run, watch, better);
                                 tokio::select! {
                                     carried = &mut run => (carried, None),
-                                    fresh = &mut watch => (run.await, fresh),
+                                    fresh = &mut watch => (run.await, fresh.map(|c| (c, at))),
+                                    better = &mut better => {
+                                        tracing::info!(hub = %addrs[better.1], "a hub this node prefers is back: moving to it");
+                                        conn.close(CLOSE_REPLACED.into(), b"moving to a preferred hub");
+                                        (run.await, Some(better))
+                                    }
                                 }
                             };
+                            full = turned_away(&conn);
                             drop(conn);
                             // Only a connection that carried a session resets the backoff:
                             // a peer that refuses us after the handshake is not hammered.
@@ -905,6 +962,10 @@ impl Node {
                                 backoff = cfg.min_backoff;
                             }
                             next = fresh;
+                        }
+                        if full {
+                            tracing::info!(%addr, "the hub is full: trying the next");
+                            continue;
                         }
                         // After a connection ends, start again from the first address.
                         break;
@@ -924,6 +985,42 @@ impl Node {
             tokio::select! {
                 _ = self.inner.cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// While this edge is connected to a hub it ranks below `better`, tries those every
+    /// [`PROBE_EVERY`] (jittered): returns a connection to the best one that completes a
+    /// handshake and does not turn it away at once, with its rank. Pends for ever when
+    /// there is no better hub. A hub that turns it away as full is tried less often,
+    /// doubling up to [`MAX_PROBE_EVERY`].
+    async fn probe_better(&self, better: &[SocketAddr]) -> (quinn::Connection, usize) {
+        if better.is_empty() {
+            return std::future::pending().await;
+        }
+        let mut every = PROBE_EVERY;
+        loop {
+            tokio::time::sleep(jitter(every)).await;
+            for (rank, &addr) in better.iter().enumerate() {
+                let Some(client) = self.inner.client.read().ok().map(|c| c.clone()) else {
+                    continue;
+                };
+                let Ok(connecting) = self.inner.endpoint.connect_with(client, addr, SERVER_NAME)
+                else {
+                    continue;
+                };
+                let Ok(Ok(conn)) = tokio::time::timeout(CONNECT_TIMEOUT, connecting).await else {
+                    continue;
+                };
+                // A full hub closes at once, after the handshake; give it the round trip.
+                let settle = conn.rtt() * 3 + Duration::from_millis(200);
+                if tokio::time::timeout(settle, conn.closed()).await.is_ok() {
+                    if turned_away(&conn) {
+                        every = (every * 2).min(MAX_PROBE_EVERY);
+                    }
+                    continue;
+                }
+                return (conn, rank);
             }
         }
     }
@@ -1032,6 +1129,20 @@ impl Node {
                 .get(&peer)
                 .map(|e| e.counters.clone())
                 .unwrap_or_default();
+            let full = self.inner.cfg.traffic.max_peers.filter(|&max| {
+                let held = peers
+                    .iter()
+                    .filter(|(id, e)| e.conn.is_some() && e.role == Role::Edge && **id != peer)
+                    .count();
+                !dialer && role == Role::Edge && held >= max
+            });
+            if let Some(max) = full {
+                self.inner.refused_full.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %peer, max, "turning an edge away: this hub is full");
+                let reason = format!("hub full: it holds {max} edges (--max-peers); try another");
+                conn.close(driver::CLOSE_FULL.into(), reason.as_bytes());
+                return false;
+            }
             if let Some(e) = peers.get(&peer) {
                 if let Some(old) = &e.conn {
                     // Keep the connection dialed by the smaller node id; a reconnect of the

@@ -41,6 +41,32 @@ pub struct Timers {
     /// How long a connection lives without hearing from the peer (QUIC takes the smaller
     /// of both sides' values).
     pub idle_timeout: Duration,
+    /// How this node's sending reacts to loss and delay.
+    pub congestion: Congestion,
+}
+
+/// The congestion controller of a node's connections (each side runs its own for what it
+/// sends).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (QUIC's usual): backs off on every loss, so a link that drops packets at
+    /// random (radio, satellite) runs far below its bandwidth.
+    #[default]
+    Cubic,
+    /// BBR: paces at the bandwidth and round trip it measures and takes random loss for
+    /// what it is, for long, lossy links.
+    Bbr,
+}
+
+impl Congestion {
+    /// Parses `cubic` or `bbr`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "cubic" => Ok(Self::Cubic),
+            "bbr" => Ok(Self::Bbr),
+            other => Err(format!("congestion {other:?} is not cubic or bbr")),
+        }
+    }
 }
 
 impl Default for Timers {
@@ -48,6 +74,7 @@ impl Default for Timers {
         Self {
             keep_alive: KEEP_ALIVE,
             idle_timeout: IDLE_TIMEOUT,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -147,8 +174,15 @@ pub const STREAM_WINDOW: u32 = 1_250_000;
 /// connection's receive window is the sum of its streams' windows, so full blob streams
 /// never take the sync stream's room, and a peer can never have more than that in flight
 /// that this node has not read.
-fn transport(keep_alive: Option<Duration>, idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+fn transport(
+    keep_alive: Option<Duration>,
+    idle_timeout: Duration,
+    congestion: Congestion,
+) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    if congestion == Congestion::Bbr {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     let dialer = keep_alive.is_some();
     t.max_concurrent_bidi_streams((MAX_STREAMS_PER_PEER + u32::from(!dialer)).into());
     t.max_concurrent_uni_streams(2u32.into());
@@ -197,7 +231,7 @@ pub fn server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(transport(None, timers.idle_timeout));
+    server.transport_config(transport(None, timers.idle_timeout, timers.congestion));
     Ok(server)
 }
 
@@ -224,7 +258,11 @@ pub fn client_config(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(transport(Some(timers.keep_alive), timers.idle_timeout));
+    client.transport_config(transport(
+        Some(timers.keep_alive),
+        timers.idle_timeout,
+        timers.congestion,
+    ));
     Ok(client)
 }
 

@@ -76,7 +76,7 @@ fn reference(node: &Proc, ns: &str, hash: &str, size: u64) -> Result<()> {
 
 /// One write at `edge`, timed until `hub` serves it.
 fn live_write(edge: &Proc, hub: &Proc, i: u64) -> Result<Duration> {
-    live_write_at(edge.api, hub.api, i)
+    live_write_at(edge.api, hub.api, "live", i)
 }
 
 /// The raw limit: `file` over one plain quinn stream on loopback, written to `out` and
@@ -200,7 +200,7 @@ pub async fn run(cfg: ArtifactConfig) -> Result<Value> {
         std::thread::spawn(move || {
             let mut i = 1000;
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(t) = live_write_at(edge, hub, i) {
+                if let Ok(t) = live_write_at(edge, hub, "live", i) {
                     if let Ok(mut l) = live.lock() {
                         l.push(t);
                     }
@@ -319,15 +319,16 @@ pub async fn run(cfg: ArtifactConfig) -> Result<Value> {
 }
 
 /// One write at the edge API `edge`, timed until the hub API `hub` serves it.
-fn live_write_at(
+pub fn live_write_at(
     edge: std::net::SocketAddr,
     hub: std::net::SocketAddr,
+    ns: &str,
     i: u64,
 ) -> Result<Duration> {
     let started = Instant::now();
-    ureq::put(&format!("http://{edge}/v1/docs/live/w")).send_json(json!({ "i": i }))?;
+    ureq::put(&format!("http://{edge}/v1/docs/{ns}/w")).send_json(json!({ "i": i }))?;
     loop {
-        if let Ok(r) = ureq::get(&format!("http://{hub}/v1/docs/live/w")).call() {
+        if let Ok(r) = ureq::get(&format!("http://{hub}/v1/docs/{ns}/w")).call() {
             let v: Value = r.into_json()?;
             if v["i"] == i {
                 return Ok(started.elapsed());

@@ -3,8 +3,10 @@
 
 pub mod artifact;
 pub mod audit;
+pub mod constrained;
 pub mod hostile;
 pub mod live;
+pub mod priority;
 pub mod raw_path;
 pub mod scale;
 pub mod sync;

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde_json::{Map, Value};
-use tidesync_tests::bench::{artifact, audit, hostile, live, scale, sync, write};
+use tidesync_tests::bench::{
+    artifact, audit, constrained, hostile, live, priority, scale, sync, write,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -43,6 +45,14 @@ enum Scenario {
     /// fsynced; memory growth, a live write during the transfer, resume after kill -9 at
     /// half, and fan-out to 10 edges (`--blob-mb`, `--fanout-edges`, `--fanout-mb`).
     Artifact,
+    /// Catch-up of 500 documents by real binaries over a 300 ms, 1 Mbit/s link with 10 %
+    /// loss each way, against the same link without loss (the edge on BBR), and with the
+    /// default CUBIC.
+    Constrained,
+    /// One critical write a second from an edge on a 10 Mbit/s link, idle and then while
+    /// the link carries a bulk backlog and a blob: the critical latency p99 against the
+    /// idle one (`--backlog-mb`, `--blob-mb`, `--samples`).
+    Priority,
     /// Every scenario in turn (but `soak`); one JSON object with each under its name.
     All,
     /// The attacking process of `hostile` (started by it).
@@ -80,9 +90,15 @@ struct Args {
     /// Seed of the `soak` scenario's faults and writes (replays a run) [default: the clock].
     #[arg(long)]
     seed: Option<u64>,
-    /// MiB of the blob of the `artifact` scenario.
+    /// MiB of the blob of the `artifact` scenario, and of the blob in flight in `priority`.
     #[arg(long, default_value_t = 1024)]
     blob_mb: u64,
+    /// MB of bulk documents the edge of `priority` holds when its busy phase starts.
+    #[arg(long, default_value_t = 50)]
+    backlog_mb: usize,
+    /// Critical writes timed per phase of `priority`, one a second.
+    #[arg(long, default_value_t = 30)]
+    samples: usize,
     /// Edges of the `artifact` scenario's fan-out.
     #[arg(long, default_value_t = 10)]
     fanout_edges: usize,
@@ -362,6 +378,46 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                     ("idle p99 us", "idle_write_p99_us"),
                     ("resume extra", "resume_extra_ratio"),
                     ("fan-out s", "fanout_seconds"),
+                ],
+            );
+            out
+        }
+        Scenario::Constrained => {
+            let out = constrained::run(500).await?;
+            println!("constrained: catch-up of 500 documents, 300 ms RTT, 1 Mbit/s");
+            table(
+                &out,
+                &[
+                    ("doc KB", "doc_bytes"),
+                    ("clean s", "clean_s"),
+                    ("lossy s", "lossy_s"),
+                    ("clean KB/s", "clean_kb_s"),
+                    ("lossy KB/s", "lossy_kb_s"),
+                    ("ratio", "ratio"),
+                    ("cubic lossy KB/s", "cubic_lossy_kb_s"),
+                    ("cubic ratio", "cubic_ratio"),
+                ],
+            );
+            out
+        }
+        Scenario::Priority => {
+            let out = priority::run(priority::PriorityConfig {
+                backlog_mb: args.backlog_mb,
+                blob_mb: args.blob_mb as usize,
+                samples: args.samples,
+            })
+            .await?;
+            println!("priority: a critical write a second on a 10 Mbit/s link, idle and busy");
+            table(
+                &out,
+                &[
+                    ("idle p50 ms", "idle_p50_ms"),
+                    ("idle p99 ms", "idle_p99_ms"),
+                    ("busy p50 ms", "critical_p50_ms"),
+                    ("busy p99 ms", "critical_p99_ms"),
+                    ("ratio", "p99_ratio"),
+                    ("bulk MB/s", "bulk_mb_s"),
+                    ("link MB/s", "link_mb_s"),
                 ],
             );
             out

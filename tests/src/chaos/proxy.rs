@@ -1,13 +1,16 @@
 //! A UDP impairment proxy: one per link between two real node processes. A node dials the
 //! proxy's address instead of its peer's; every datagram is forwarded (from a socket of
 //! its own per client, so the peer sees one address per client) after the link's current
-//! impairments: delay with jitter (which also reorders), random loss, and a partition in
-//! either direction. The faults change while the link carries traffic.
+//! impairments: delay with jitter (which also reorders), random loss, a rate limit with a
+//! tail-drop queue in front of it (a modem's), and a partition in either direction: what
+//! `tc qdisc … netem delay … loss … rate …` does, in user space (not every kernel has
+//! netem). The faults change while the link carries traffic.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tokio::net::UdpSocket;
@@ -27,6 +30,10 @@ pub struct Impairment {
     pub block_up: bool,
     /// Drop everything from the peer to the dialing node.
     pub block_down: bool,
+    /// Bytes per second in each direction; `None` for no limit.
+    pub rate: Option<u64>,
+    /// Bytes waiting for the rate limit past which datagrams are dropped.
+    pub queue: usize,
 }
 
 impl Impairment {
@@ -37,27 +44,77 @@ impl Impairment {
         loss: 0.0,
         block_up: false,
         block_down: false,
+        rate: None,
+        queue: usize::MAX,
     };
+
+    /// A long thin link: `rtt` (half each way), `loss` each way, `bits_per_s` each way with
+    /// a queue of a quarter second at that rate (at least 64 KiB).
+    pub fn thin(rtt: Duration, loss: f64, bits_per_s: u64) -> Self {
+        let rate = bits_per_s / 8;
+        Self {
+            delay: rtt / 2,
+            loss,
+            rate: Some(rate),
+            queue: ((rate / 4) as usize).max(64 * 1024),
+            ..Self::CLEAR
+        }
+    }
+}
+
+/// Datagrams that crossed, or were dropped, in one direction.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Datagrams forwarded.
+    pub forwarded: AtomicU64,
+    /// Bytes forwarded.
+    pub bytes: AtomicU64,
+    /// Datagrams dropped at random.
+    pub lost: AtomicU64,
+    /// Datagrams dropped because the queue was full.
+    pub overflowed: AtomicU64,
 }
 
 struct Shared {
     now: Mutex<Impairment>,
     rng: Mutex<Rng>,
+    /// Per direction (up, down): when the rate limit is done with what it holds.
+    busy_until: Mutex<[Instant; 2]>,
+    tally: [Arc<Tally>; 2],
 }
 
 impl Shared {
-    /// How long to hold a datagram going up (`true`) or down, or `None` to drop it.
-    fn fate(&self, up: bool) -> Option<Duration> {
+    /// How long to hold a datagram of `len` bytes going up (`true`) or down, or `None` to
+    /// drop it.
+    fn fate(&self, up: bool, len: usize) -> Option<Duration> {
         let imp = self.now.lock().map(|i| *i).unwrap_or(Impairment::CLEAR);
         if (up && imp.block_up) || (!up && imp.block_down) {
             return None;
         }
+        let tally = &self.tally[usize::from(!up)];
         let mut rng = self.rng.lock().ok()?;
         if imp.loss > 0.0 && (rng.next_u64() % 10_000) as f64 / 10_000.0 < imp.loss {
+            tally.lost.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let jitter = imp.jitter.as_micros() as u64;
-        Some(imp.delay + Duration::from_micros(rng.range(0, jitter + 1)))
+        let mut hold = imp.delay + Duration::from_micros(rng.range(0, jitter + 1));
+        if let Some(rate) = imp.rate {
+            let now = Instant::now();
+            let mut busy = self.busy_until.lock().ok()?;
+            let start = busy[usize::from(!up)].max(now);
+            let waiting = start.duration_since(now).as_secs_f64() * rate as f64;
+            if waiting + len as f64 > imp.queue as f64 {
+                tally.overflowed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            let done = start + Duration::from_secs_f64(len as f64 / rate.max(1) as f64);
+            busy[usize::from(!up)] = done;
+            hold += done.duration_since(now);
+        }
+        tally.forwarded.fetch_add(1, Ordering::Relaxed);
+        tally.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        Some(hold)
     }
 }
 
@@ -65,6 +122,10 @@ impl Shared {
 pub struct Link {
     /// Where the dialing node sends its datagrams.
     pub listen: SocketAddr,
+    /// What crossed from the dialing node to its peer.
+    pub up: Arc<Tally>,
+    /// What crossed back.
+    pub down: Arc<Tally>,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -84,9 +145,12 @@ impl Link {
         let std_front = std::net::UdpSocket::bind("127.0.0.1:0")?;
         std_front.set_nonblocking(true)?;
         let listen = std_front.local_addr()?;
+        let (up, down) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
         let shared = Arc::new(Shared {
             now: Mutex::new(Impairment::CLEAR),
             rng: Mutex::new(Rng::new(seed)),
+            busy_until: Mutex::new([Instant::now(); 2]),
+            tally: [up.clone(), down.clone()],
         });
         let s = shared.clone();
         let task = rt.spawn(async move {
@@ -96,6 +160,8 @@ impl Link {
         });
         Ok(Self {
             listen,
+            up,
+            down,
             shared,
             task,
         })
@@ -141,7 +207,7 @@ async fn forward(front: Arc<UdpSocket>, target: SocketAddr, shared: Arc<Shared>)
                 sock
             }
         };
-        let Some(hold) = shared.fate(true) else {
+        let Some(hold) = shared.fate(true, n) else {
             continue;
         };
         let packet = buf[..n].to_vec();
@@ -168,7 +234,7 @@ async fn back(up: Arc<UdpSocket>, front: Arc<UdpSocket>, client: SocketAddr, sha
                 continue;
             }
         };
-        let Some(hold) = shared.fate(false) else {
+        let Some(hold) = shared.fate(false, n) else {
             continue;
         };
         let packet = buf[..n].to_vec();
