@@ -1624,6 +1624,56 @@ mod tests {
 
     /// A hub whose edge said hello, with room for `window` documents in flight and a feed
     /// ending at `last`.
+    /// With every window of bulk documents full, a normal and a critical document offered
+    /// later still start at once (critical first): bulk never holds up the others.
+    #[test]
+    fn a_bulk_backlog_never_holds_up_normal_or_critical_documents() {
+        let mut cfg = SessionConfig::new(NodeId::new("hub-1").expect("id"), Role::Hub, 1);
+        cfg.max_docs_in_flight = 2;
+        let class = |name: &str, priority| crate::model::Class {
+            name: name.into(),
+            namespaces: vec![NsPattern::new(name).expect("pattern")],
+            priority,
+            mode: crate::model::Mode::Live,
+            max_rate: None,
+        };
+        cfg.classes = Arc::new(
+            Classes::new(vec![
+                class("alerts", Priority::Critical),
+                class("bulk", Priority::Bulk),
+            ])
+            .expect("classes"),
+        );
+        let peer = Identity {
+            node_id: NodeId::new("edge-1").expect("id"),
+            role: Role::Edge,
+            grants: Grants::everything(),
+        };
+        let mut hub = Session::new(cfg, peer, None, FeedSeq(12));
+        hub.handle_message(hello("edge-1", Role::Edge))
+            .expect("hello");
+        outputs(&mut hub);
+        let at = |seq: u64, ns: &str, id: &str| FeedEntry {
+            seq: FeedSeq(seq),
+            ns: Namespace::new(ns).expect("ns"),
+            id: DocId::new(id).expect("id"),
+            heads: Vec::new(),
+            deleted: false,
+        };
+        let mut feed: Vec<FeedEntry> = (1..=10).map(|i| at(i, "bulk", &format!("b{i}"))).collect();
+        feed.push(at(11, "models", "n"));
+        feed.push(at(12, "alerts", "fire"));
+        hub.handle_feed(feed, FeedSeq(12));
+        let loads: Vec<String> = outputs(&mut hub)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Load { ns, id } => Some(format!("{ns}/{id}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(loads, ["alerts/fire", "models/n", "bulk/b1", "bulk/b2"]);
+    }
+
     fn connected_hub(window: usize, last: u64) -> Session {
         let mut cfg = SessionConfig::new(NodeId::new("hub-1").expect("id"), Role::Hub, 1);
         cfg.max_docs_in_flight = window;
