@@ -347,3 +347,65 @@ async fn a_closed_window_holds_a_batch_class_until_it_opens() {
     .await
     .unwrap();
 }
+
+/// A capped bulk class on a link of protocol 6 (one stream for everything) holds back its
+/// own documents only: a normal document written behind a backlog of it arrives at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_class_holds_back_only_itself_even_on_one_stream() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let mut cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
+    cfg.traffic.max_protocol = LEGACY_PROTOCOL_VERSION;
+    let capped = Class {
+        name: "logs".into(),
+        namespaces: vec![NsPattern::new("logs").unwrap()],
+        priority: Priority::Bulk,
+        mode: Mode::Live,
+        max_rate: Some(32 * 1024),
+    };
+    cfg.traffic.classes = Arc::new(Classes::new(vec![capped]).unwrap());
+    cfg.dial = vec![hub.addr()];
+    let edge = d.start("edge", cfg).unwrap();
+    wait_until(Duration::from_secs(10), "connected", || {
+        Ok(link(&edge).is_ok())
+    })
+    .await
+    .unwrap();
+    let mut rng = Rng::new(3);
+    for i in 0..64 {
+        let mut noise = vec![0u8; 16 * 1024];
+        for b in noise.chunks_mut(8) {
+            b.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        let mut doc = automerge::AutoCommit::new();
+        doc.put(
+            automerge::ROOT,
+            "payload",
+            automerge::ScalarValue::Bytes(noise),
+        )
+        .unwrap();
+        edge.store
+            .import(&ns("logs"), &id(&format!("l{i:02}")), doc.save())
+            .await
+            .unwrap();
+    }
+    // 1 MiB at 32 KiB/s: half a minute of backlog.
+    edge.store
+        .put(&ns("app"), &id("config"), json!({ "v": 1 }), None)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(5), "the normal document", || {
+        Ok(hub.store.get(&ns("app"), &id("config"))?.is_some())
+    })
+    .await
+    .unwrap();
+    let logs = hub.store.list(&ns("logs")).unwrap().len();
+    assert!(
+        logs < 32,
+        "the normal document waited for the capped class: {logs} of 64 first"
+    );
+    assert_eq!(
+        link(&edge).unwrap().protocol,
+        u64::from(LEGACY_PROTOCOL_VERSION)
+    );
+}

@@ -132,6 +132,12 @@ impl LinkPacing {
         link.max(class)
     }
 
+    /// Whether a frame of `class`, sent at `priority`, waits for its class's own cap
+    /// (not the link's).
+    pub fn class_waits(&self, priority: Priority, class: ClassId) -> bool {
+        priority != Priority::Critical && self.class(class).is_some_and(|b| b.wait(0.0).is_some())
+    }
+
     /// Pays for `n` bytes of a frame of `class`.
     pub fn debit(&self, class: ClassId, n: usize) {
         if let Some(b) = &self.link {

@@ -149,6 +149,7 @@ impl SendQueue {
     /// `select!`.
     pub async fn write_some(&mut self, pacing: &LinkPacing) -> Result<(), DriverError> {
         let written = if pacing.is_paced() {
+            self.let_uncapped_pass(pacing);
             let class = self.frames.front().map_or(ClassId::Default, |f| f.0);
             while let Some(wait) = pacing.wait(self.priority, class) {
                 tokio::time::sleep(wait).await;
@@ -181,6 +182,39 @@ impl SendQueue {
             self.floor = self.floor.saturating_sub(1);
         }
         Ok(())
+    }
+
+    /// When the frame at the front has not begun and its class waits for its own cap,
+    /// brings the first frame whose class may go now to the front: a capped class holds
+    /// back its own frames only, never the acknowledgements and other classes queued
+    /// behind it on the same stream. Frames of one class keep their order, and the
+    /// hello stays first.
+    fn let_uncapped_pass(&mut self, pacing: &LinkPacing) {
+        if self.in_progress() > 0 {
+            return;
+        }
+        let Some(&(front, _)) = self.frames.front() else {
+            return;
+        };
+        if !pacing.class_waits(self.priority, front) {
+            return;
+        }
+        let Some(j) = self
+            .frames
+            .iter()
+            .position(|(c, _)| !pacing.class_waits(self.priority, *c))
+        else {
+            return;
+        };
+        let (Some(meta), Some(payload)) = (self.frames.remove(j), self.chunks.remove(2 * j + 1))
+        else {
+            return;
+        };
+        if let Some(len) = self.chunks.remove(2 * j) {
+            self.chunks.push_front(payload);
+            self.chunks.push_front(len);
+            self.frames.push_front(meta);
+        }
     }
 
     /// Pays for `written` bytes, frame by frame, to their classes' budgets.
