@@ -409,3 +409,54 @@ async fn a_capped_class_holds_back_only_itself_even_on_one_stream() {
         u64::from(LEGACY_PROTOCOL_VERSION)
     );
 }
+
+/// A batch document is held for its flush, but a peer that changes it is answered at
+/// once, with what was held: a hub can pull on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_changes_a_batch_document_is_answered_at_once() {
+    let d = Deployment::new().unwrap();
+    let hub = d.hub("hub", &[]).unwrap();
+    let mut cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
+    cfg.dial = vec![hub.addr()];
+    cfg.traffic.classes = classes(&[(
+        "telemetry",
+        "telemetry",
+        Priority::Bulk,
+        Mode::Batch {
+            every: Duration::from_secs(600),
+            window: None,
+        },
+    )]);
+    let edge = d.start("edge", cfg).unwrap();
+    edge.store
+        .put(&ns("telemetry"), &id("x"), json!({ "first": 1 }), None)
+        .await
+        .unwrap();
+    // The first flush of the connection takes it; the next would be in ten minutes.
+    wait_until(Duration::from_secs(10), "the first flush", || {
+        Ok(hub.store.get(&ns("telemetry"), &id("x"))?.is_some())
+    })
+    .await
+    .unwrap();
+    edge.store
+        .patch(&ns("telemetry"), &id("x"), json!({ "edge": 2 }), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = |hub: &TestNode| {
+        hub.store
+            .get(&ns("telemetry"), &id("x"))
+            .unwrap()
+            .is_some_and(|d| d.content.contains_key("edge"))
+    };
+    assert!(!held(&hub), "a batch change went out before its flush");
+    hub.store
+        .patch(&ns("telemetry"), &id("x"), json!({ "hub": 3 }), None)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the held change, pulled", || {
+        Ok(held(&hub))
+    })
+    .await
+    .unwrap();
+}

@@ -935,7 +935,7 @@ impl Node {
                 match conn {
                     Ok(conn) => {
                         let mut next = Some((conn, rank - 1));
-                        let mut full = false;
+                        let (mut full, mut carried_any) = (false, false);
                         while let Some((conn, at)) = next.take() {
                             // The watches end with the connection's session: a handle they
                             // kept would keep the connection open.
@@ -960,11 +960,17 @@ impl Node {
                             // a peer that refuses us after the handshake is not hammered.
                             if carried {
                                 backoff = cfg.min_backoff;
+                                carried_any = true;
                             }
                             next = fresh;
                         }
                         if full {
                             tracing::info!(%addr, "the hub is full: trying the next");
+                            continue;
+                        }
+                        if !carried_any && cfg.failover {
+                            // A hub that takes the handshake but no session (it refuses
+                            // this node for a while) does not keep it from the next.
                             continue;
                         }
                         // After a connection ends, start again from the first address.

@@ -61,10 +61,11 @@ impl Bucket {
         }
     }
 
-    /// Waits (blocking the thread) until the bucket is full enough, then pays for `n`
-    /// bytes: for the threads that encode blob streams.
+    /// Waits (blocking the thread) until the bucket is half full, then pays for `n`
+    /// bytes: for the threads that encode blob streams. Documents go once it is not in
+    /// debt, so when both wait, documents go first.
     pub fn take_blocking(&self, n: usize) {
-        while let Some(w) = self.wait(0.0) {
+        while let Some(w) = self.wait(-self.burst / 2.0) {
             std::thread::sleep(w);
         }
         self.debit(n);

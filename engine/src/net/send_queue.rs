@@ -150,7 +150,13 @@ impl SendQueue {
     pub async fn write_some(&mut self, pacing: &LinkPacing) -> Result<(), DriverError> {
         let written = if pacing.is_paced() {
             self.let_uncapped_pass(pacing);
-            let class = self.frames.front().map_or(ClassId::Default, |f| f.0);
+            // A frame already begun finishes at the link's pace: its class's cap applies
+            // to frames not yet begun (and is paid for all the same), so a large frame
+            // never holds the stream for its class's sake.
+            let class = match self.frames.front() {
+                Some(&(class, _)) if self.in_progress() == 0 => class,
+                _ => ClassId::Default,
+            };
             while let Some(wait) = pacing.wait(self.priority, class) {
                 tokio::time::sleep(wait).await;
             }

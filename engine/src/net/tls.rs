@@ -159,6 +159,9 @@ fn check_identity(
     Ok(identity)
 }
 
+/// Unidirectional streams a peer may open: its critical and bulk class streams.
+const CLASS_STREAMS: u32 = 2;
+
 /// Bytes a peer may send on the sync stream before this node reads them: quinn's default
 /// stream window, sized for 100 Mbit/s at 100 ms.
 pub const STREAM_WINDOW: u32 = 1_250_000;
@@ -185,10 +188,10 @@ fn transport(
     }
     let dialer = keep_alive.is_some();
     t.max_concurrent_bidi_streams((MAX_STREAMS_PER_PEER + u32::from(!dialer)).into());
-    t.max_concurrent_uni_streams(2u32.into());
+    t.max_concurrent_uni_streams(CLASS_STREAMS.into());
     t.stream_receive_window(STREAM_WINDOW.into());
     t.receive_window(
-        (u64::from(STREAM_WINDOW) * u64::from(MAX_STREAMS_PER_PEER + 1))
+        (u64::from(STREAM_WINDOW) * u64::from(MAX_STREAMS_PER_PEER + 1 + CLASS_STREAMS))
             .try_into()
             .unwrap_or(quinn::VarInt::MAX),
     );

@@ -219,7 +219,7 @@ impl Cluster {
         for e in 0..cfg.edges {
             let name = format!("edge-{e}");
             d.enroll(&name, "edge", &["*=rw"])?;
-            // Each edge has its own link to every hub, and prefers hub e % hubs.
+            // Each edge has its own link to every hub.
             let mut hubs = Vec::new();
             for k in 0..cfg.hubs {
                 let h = (e + k) % cfg.hubs;
@@ -229,6 +229,14 @@ impl Cluster {
                     primary.push(links.len());
                 }
                 links.push((format!("{name}->hub-{h}"), link));
+            }
+            // The edge prefers the hub its rendezvous ranking puts first.
+            let me = tidesync::model::NodeId::new(name.as_str())?;
+            let first = tidesync::net::placement::rendezvous_order(&me, &hubs)[0];
+            let at = hubs.iter().position(|h| *h == first).unwrap_or(0);
+            let preferred = links.len() - hubs.len() + at;
+            if let Some(p) = primary.last_mut() {
+                *p = preferred;
             }
             let proc = d.edge_at(&name, &hubs, &[])?;
             let role = Role::Edge {

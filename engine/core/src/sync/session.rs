@@ -174,6 +174,9 @@ struct DocSync {
     /// An audit found the document differing: its next exchange starts from a fresh sync
     /// state, not the stored one (which claims the peer holds what it may not).
     fresh: bool,
+    /// A message about it went to the peer in this session: the peer knows this node's
+    /// heads, so its acknowledgement of them expects no answer.
+    sent: bool,
 }
 
 /// What one peer message counts against the inbound budget until it is committed.
@@ -859,9 +862,18 @@ impl Session {
         entry.phase = Phase::Idle;
         // A batch document's changes wait for its class's flush: an acknowledgement that
         // brought nothing and asks for nothing is not answered with what was written
-        // since (the walk holds that for the next flush). A peer that sends changes, or
-        // names changes it needs, is answered at once.
+        // since (the walk holds that for the next flush). Only a pure acknowledgement of
+        // an offer is held: the peer names exactly the heads last sent to it. A peer that
+        // sends changes, names changes it needs, or starts an exchange of its own (it
+        // waits for an answer to its heads) is answered at once.
+        let acknowledges =
+            applied.state.their_heads.as_ref().is_some_and(|theirs| {
+                crate::model::same_heads(theirs, &applied.state.last_sent_heads)
+            });
         let hold = self.cfg.classes.is_batch(self.cfg.classes.of(&key.0))
+            && matches!(entry.offer, Offer::Sending { .. } | Offer::Queued { .. })
+            && entry.sent
+            && acknowledges
             && applied.changes_applied == 0
             && applied.state.their_need.as_ref().is_none_or(Vec::is_empty)
             && entry.inbox.is_empty()
@@ -1306,6 +1318,7 @@ impl Session {
         if let (Some(doc), Some(state)) = (&entry.doc, &mut entry.state) {
             if let Some(msg) = doc.generate_sync_message(state) {
                 self.stats.sync_sent += 1;
+                entry.sent = true;
                 if early {
                     self.stats.early_sent += 1;
                     if matches!(entry.offer, Offer::None) {
