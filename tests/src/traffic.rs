@@ -120,6 +120,23 @@ pub fn realistic_text(rng: &mut Rng, len: usize) -> String {
     s
 }
 
+/// A saved Automerge document holding `len` random bytes (as a bytes value, which no
+/// compression shrinks).
+pub fn noise_doc(rng: &mut Rng, len: usize) -> Result<Vec<u8>> {
+    let mut noise = vec![0u8; len];
+    for chunk in noise.chunks_mut(8) {
+        let r = rng.next_u64().to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
+    }
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(
+        automerge::ROOT,
+        "payload",
+        automerge::ScalarValue::Bytes(noise),
+    )?;
+    Ok(doc.save())
+}
+
 /// A JSON document of about 4 KB of realistic text: a record with a few short fields and
 /// longer notes.
 pub fn text_doc(rng: &mut Rng, i: usize) -> Value {
@@ -187,18 +204,7 @@ pub async fn catch_up(docs: usize, backlog: Backlog, compress: bool) -> Result<C
                 }
             }
             Backlog::Noise => {
-                let mut noise = vec![0u8; 4096];
-                for chunk in noise.chunks_mut(8) {
-                    let r = rng.next_u64().to_le_bytes();
-                    chunk.copy_from_slice(&r[..chunk.len()]);
-                }
-                let mut doc = automerge::AutoCommit::new();
-                doc.put(
-                    automerge::ROOT,
-                    "payload",
-                    automerge::ScalarValue::Bytes(noise),
-                )?;
-                store.import(&ns, &id, doc.save()).await?;
+                store.import(&ns, &id, noise_doc(&mut rng, 4096)?).await?;
             }
         }
     }

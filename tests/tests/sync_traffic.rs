@@ -7,15 +7,14 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use automerge::transaction::Transactable;
 use serde_json::json;
 use tidesync::model::{Class, Classes, DocId, Mode, Namespace, NsPattern, Priority, Window};
 use tidesync::net::batch::LocalClock;
-use tidesync::net::Node;
+use tidesync::net::{Node, NodeConfig};
 use tidesync::store::{Store, StoreConfig};
 use tidesync::sync::{Role, LEGACY_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tidesync_tests::cluster::{wait_until, Deployment, TestNode};
-use tidesync_tests::traffic::{catch_up, link, Backlog};
+use tidesync_tests::traffic::{catch_up, link, noise_doc, Backlog};
 use tidesync_tests::Rng;
 
 /// Compression pays where Automerge's own encoding leaves redundancy (many small changes)
@@ -75,6 +74,21 @@ fn classes(list: &[(&str, &str, Priority, Mode)]) -> Arc<Classes> {
         )
         .unwrap(),
     )
+}
+
+/// The config of an edge dialing `hub` with one batch class over `pattern`.
+fn batch_edge(
+    d: &Deployment,
+    hub: &TestNode,
+    (name, pattern): (&str, &str),
+    every: Duration,
+    window: Option<Window>,
+) -> NodeConfig {
+    let mut cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
+    cfg.dial = vec![hub.addr()];
+    let mode = Mode::Batch { every, window };
+    cfg.traffic.classes = classes(&[(name, pattern, Priority::Bulk, mode)]);
+    cfg
 }
 
 fn ns(s: &str) -> Namespace {
@@ -140,19 +154,9 @@ async fn a_critical_document_overtakes_a_bulk_backlog_on_a_capped_link() {
     let mut rng = Rng::new(7);
     let backlog = 400;
     for i in 0..backlog {
-        let mut noise = vec![0u8; 8192];
-        for b in noise.chunks_mut(8) {
-            b.copy_from_slice(&rng.next_u64().to_le_bytes());
-        }
-        let mut doc = automerge::AutoCommit::new();
-        doc.put(
-            automerge::ROOT,
-            "payload",
-            automerge::ScalarValue::Bytes(noise),
-        )
-        .unwrap();
+        let doc = noise_doc(&mut rng, 8192).unwrap();
         store
-            .import(&ns("telemetry"), &id(&format!("t{i:04}")), doc.save())
+            .import(&ns("telemetry"), &id(&format!("t{i:04}")), doc)
             .await
             .unwrap();
     }
@@ -210,18 +214,8 @@ async fn a_critical_document_overtakes_a_bulk_backlog_on_a_capped_link() {
 async fn a_batch_class_sends_once_per_period_and_loses_nothing() {
     let d = Deployment::new().unwrap();
     let hub = d.hub("hub", &[]).unwrap();
-    let mut cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
-    cfg.dial = vec![hub.addr()];
     let every = Duration::from_secs(5);
-    cfg.traffic.classes = classes(&[(
-        "telemetry",
-        "telemetry",
-        Priority::Bulk,
-        Mode::Batch {
-            every,
-            window: None,
-        },
-    )]);
+    let cfg = batch_edge(&d, &hub, ("telemetry", "telemetry"), every, None);
     let edge = d.start("edge", cfg).unwrap();
     wait_until(Duration::from_secs(10), "connected", || {
         Ok(link(&edge).is_ok())
@@ -290,17 +284,9 @@ async fn a_batch_class_sends_once_per_period_and_loses_nothing() {
 async fn a_closed_window_holds_a_batch_class_until_it_opens() {
     let d = Deployment::new().unwrap();
     let hub = d.hub("hub", &[]).unwrap();
-    let mut cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
-    cfg.dial = vec![hub.addr()];
-    cfg.traffic.classes = classes(&[(
-        "nightly",
-        "datasets",
-        Priority::Bulk,
-        Mode::Batch {
-            every: Duration::from_secs(1),
-            window: Some(Window::parse("01:00-05:00").unwrap()),
-        },
-    )]);
+    let window = Window::parse("01:00-05:00").unwrap();
+    let every = Duration::from_secs(1);
+    let mut cfg = batch_edge(&d, &hub, ("nightly", "datasets"), every, Some(window));
     let minute = Arc::new(AtomicU16::new(12 * 60));
     let m = minute.clone();
     cfg.clock = LocalClock(Arc::new(move || m.load(Ordering::Relaxed)));
@@ -373,19 +359,9 @@ async fn a_capped_class_holds_back_only_itself_even_on_one_stream() {
     .unwrap();
     let mut rng = Rng::new(3);
     for i in 0..64 {
-        let mut noise = vec![0u8; 16 * 1024];
-        for b in noise.chunks_mut(8) {
-            b.copy_from_slice(&rng.next_u64().to_le_bytes());
-        }
-        let mut doc = automerge::AutoCommit::new();
-        doc.put(
-            automerge::ROOT,
-            "payload",
-            automerge::ScalarValue::Bytes(noise),
-        )
-        .unwrap();
+        let doc = noise_doc(&mut rng, 16 * 1024).unwrap();
         edge.store
-            .import(&ns("logs"), &id(&format!("l{i:02}")), doc.save())
+            .import(&ns("logs"), &id(&format!("l{i:02}")), doc)
             .await
             .unwrap();
     }
@@ -416,17 +392,8 @@ async fn a_capped_class_holds_back_only_itself_even_on_one_stream() {
 async fn a_peer_that_changes_a_batch_document_is_answered_at_once() {
     let d = Deployment::new().unwrap();
     let hub = d.hub("hub", &[]).unwrap();
-    let mut cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
-    cfg.dial = vec![hub.addr()];
-    cfg.traffic.classes = classes(&[(
-        "telemetry",
-        "telemetry",
-        Priority::Bulk,
-        Mode::Batch {
-            every: Duration::from_secs(600),
-            window: None,
-        },
-    )]);
+    let every = Duration::from_secs(600);
+    let cfg = batch_edge(&d, &hub, ("telemetry", "telemetry"), every, None);
     let edge = d.start("edge", cfg).unwrap();
     edge.store
         .put(&ns("telemetry"), &id("x"), json!({ "first": 1 }), None)
