@@ -708,7 +708,7 @@ impl Outbox for Frames<'_> {
             self.counters.count_class_send(self.classes, class, wire);
         }
         let priority = self.classes.priority(class);
-        let queue = queue_for(self.queues, priority);
+        let queue = &mut self.queues[queue_at(self.queues, priority)];
         if urgent {
             queue.push_urgent(Bytes::from(encoded.bytes))?;
         } else {
@@ -723,11 +723,7 @@ impl Outbox for Frames<'_> {
     }
 
     fn has_room(&self, priority: Priority) -> bool {
-        self.queues
-            .iter()
-            .find(|q| q.priority() == priority)
-            .unwrap_or(&self.queues[0])
-            .has_room()
+        self.queues[queue_at(self.queues, priority)].has_room()
     }
     fn event(&mut self, event: Event) {
         let peer = self.peer;
@@ -752,14 +748,13 @@ impl Outbox for Frames<'_> {
     }
 }
 
-/// The queue that carries a priority: its own stream's, or the sync stream's on a link of
-/// protocol 6.
-fn queue_for(queues: &mut [SendQueue], priority: Priority) -> &mut SendQueue {
-    let at = queues
+/// Where the queue that carries a priority is: its own stream's, or the sync stream's
+/// (the first) on a link of protocol 6.
+fn queue_at(queues: &[SendQueue], priority: Priority) -> usize {
+    queues
         .iter()
         .position(|q| q.priority() == priority)
-        .unwrap_or(0);
-    &mut queues[at]
+        .unwrap_or(0)
 }
 
 /// Writes to whichever streams take data first. Pends while nothing is queued.

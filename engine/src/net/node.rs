@@ -45,6 +45,14 @@ const PROBE_EVERY: Duration = Duration::from_secs(15);
 /// The longest an edge waits between tries of better hubs that turn it away as full.
 const MAX_PROBE_EVERY: Duration = Duration::from_secs(300);
 
+/// Edges with a live connection, but for `except` (an edge reconnecting replaces its own).
+fn edges_held(peers: &HashMap<NodeId, PeerEntry>, except: Option<&NodeId>) -> usize {
+    peers
+        .iter()
+        .filter(|(id, e)| e.conn.is_some() && e.role == Role::Edge && Some(*id) != except)
+        .count()
+}
+
 /// Whether a hub closed the connection because it holds `--max-peers` edges.
 fn turned_away(conn: &quinn::Connection) -> bool {
     matches!(
@@ -618,12 +626,10 @@ impl Node {
 
     /// Edges connected now.
     pub fn edges_connected(&self) -> usize {
-        self.inner.peers.lock().map_or(0, |peers| {
-            peers
-                .values()
-                .filter(|e| e.conn.is_some() && e.role == Role::Edge)
-                .count()
-        })
+        self.inner
+            .peers
+            .lock()
+            .map_or(0, |peers| edges_held(&peers, None))
     }
 
     /// Edges this hub holds at most (`--max-peers`).
@@ -1136,11 +1142,7 @@ impl Node {
                 .map(|e| e.counters.clone())
                 .unwrap_or_default();
             let full = self.inner.cfg.traffic.max_peers.filter(|&max| {
-                let held = peers
-                    .iter()
-                    .filter(|(id, e)| e.conn.is_some() && e.role == Role::Edge && **id != peer)
-                    .count();
-                !dialer && role == Role::Edge && held >= max
+                !dialer && role == Role::Edge && edges_held(&peers, Some(&peer)) >= max
             });
             if let Some(max) = full {
                 self.inner.refused_full.fetch_add(1, Ordering::Relaxed);
