@@ -79,6 +79,7 @@ fn run(cli: Cli) -> Result<()> {
                 audit_every: base.common.audit_every,
                 replica_defaults: base.common.replica_defaults,
                 blobs: base.common.blobs,
+                repo_namespace: base.common.repo_namespace,
                 traffic: base.common.traffic,
             };
             serve(cfg, &base.data, Some(2))

@@ -72,6 +72,8 @@ pub struct DaemonConfig {
     pub blobs: crate::blobs::BlobConfig,
     /// Classes, bandwidth caps and compression of the node's links.
     pub traffic: crate::net::TrafficConfig,
+    /// The namespace of the documents of automerge-repo clients (`/v1/automerge-repo`).
+    pub repo_namespace: crate::model::Namespace,
 }
 
 /// Failures to start a node process.
@@ -165,6 +167,7 @@ pub enum DaemonError {
 ///     replica_defaults: Vec::new(),
 ///     blobs: Default::default(),
 ///     traffic: Default::default(),
+///     repo_namespace: tidesync::api::repo::default_namespace(),
 /// })
 /// .await?;
 /// // The real addresses, also for port 0, as the binaries print them.
@@ -508,6 +511,10 @@ impl Daemon {
             token: cfg.token.clone(),
             hosts: cfg.api_hosts.clone(),
             max_body: cfg.max_body,
+            repo: api::repo::RepoEndpoint::new(
+                cfg.repo_namespace.clone(),
+                identity.node_id.as_str(),
+            ),
         });
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();

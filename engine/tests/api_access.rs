@@ -43,6 +43,7 @@ async fn node(token: Option<&str>, limits: ServeLimits) -> (Daemon, tempfile::Te
         replica_defaults: Vec::new(),
         blobs: Default::default(),
         traffic: Default::default(),
+        repo_namespace: tidesync::api::repo::default_namespace(),
     })
     .await
     .unwrap();

@@ -97,6 +97,7 @@ impl Local {
             replica_defaults: Vec::new(),
             blobs: Default::default(),
             traffic: Default::default(),
+            repo_namespace: tidesync::api::repo::default_namespace(),
         })
     }
 

@@ -80,6 +80,9 @@ pub enum Command {
         #[arg(long, value_name = "NODE")]
         name: String,
     },
+    /// Scoped API tokens for apps: issue one, or revoke one everywhere.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run the hub.
     Run {
         /// Directory of the hub's database, and of `bundle.pem` and `revoked` by default.
@@ -114,6 +117,52 @@ pub enum Command {
     /// Client commands: status, doc, watch, backup, restore.
     #[command(flatten)]
     Client(tidesync_cli::client::ClientCommand),
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token signed by the deployment CA and print it. Every node (hub or edge)
+    /// accepts it on its HTTP API and at /v1/automerge-repo (as `?token=`), for the
+    /// documents its grants name and nothing else. Treat it as a password.
+    Create {
+        /// The directory holding the CA (made by `init`).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// A namespace pattern and its access, PATTERN=rw or PATTERN=ro (repo=rw,
+        /// models.*=ro). Repeat for several; at least one.
+        #[arg(long = "grant", value_name = "PATTERN=rw|ro", required = true)]
+        grants: Vec<String>,
+        /// How long the token is valid, in days (1 to 3650).
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 30,
+            value_parser = clap::value_parser!(u32).range(1..=3650)
+        )]
+        days: u32,
+        /// Who or what the token is for, kept in its claims and in the CA's registry.
+        #[arg(long, value_name = "TEXT", default_value = "app")]
+        name: String,
+    },
+    /// Revoke a token: a new signed revocation list lists it, and every node refuses it
+    /// once the list reaches it (within a second of a running hub reading it).
+    Revoke {
+        /// The directory holding the CA.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The token's id, as `token create` printed it.
+        #[arg(
+            long,
+            value_name = "ID",
+            required_unless_present = "token",
+            conflicts_with = "token"
+        )]
+        id: Option<String>,
+        /// The token itself, if its id is not at hand.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
 }
 
 /// A node's role, as written in its certificate.

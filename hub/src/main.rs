@@ -2,6 +2,7 @@
 
 mod cli;
 mod run;
+mod token;
 
 use clap::Parser;
 

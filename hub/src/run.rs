@@ -51,6 +51,7 @@ pub fn run(command: Command) -> Result<()> {
             }
         }
         Command::Revoke { data, name } => revoke(&data, &name),
+        Command::Token(cmd) => crate::token::run(cmd),
         Command::Client(cmd) => Ok(cmd.run(DEFAULT_API)?),
         Command::Run {
             data,
@@ -85,6 +86,7 @@ pub fn run(command: Command) -> Result<()> {
                 audit_every: base.common.audit_every,
                 replica_defaults: base.common.replica_defaults,
                 blobs: base.common.blobs,
+                repo_namespace: base.common.repo_namespace,
                 traffic: tidesync::net::TrafficConfig {
                     max_peers: max_peers.or(base.file.max_peers),
                     ..base.common.traffic
@@ -97,7 +99,7 @@ pub fn run(command: Command) -> Result<()> {
 
 /// Writes `text` to `path` whole, durably and readable by the owner only (it may hold a
 /// private key, or be the revocation list).
-fn write_private(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<()> {
     files::write_private(path, text.as_bytes())
 }
 
@@ -136,7 +138,7 @@ fn init(data: &Path, name: &str, ca_dir: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-fn load_ca(data: &Path) -> Result<Ca> {
+pub(crate) fn load_ca(data: &Path) -> Result<Ca> {
     let read = |f: &str| {
         fs::read_to_string(data.join(f)).with_context(|| {
             format!(
@@ -300,7 +302,7 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
 
 /// The revocation list issued last from `ca_dir`, checked against the CA, if any. A damaged
 /// one is an error: a list built on it would drop its entries.
-fn current_list(ca_dir: &Path, ca: &Ca) -> Result<Option<Crl>> {
+pub(crate) fn current_list(ca_dir: &Path, ca: &Ca) -> Result<Option<Crl>> {
     let path = ca_dir.join(CRL_FILE);
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
@@ -448,15 +450,35 @@ fn revoke_in_list(ca_dir: &Path, node: &NodeId, earlier: &[NodeId]) -> Result<Li
             entries.push(Revoked { serial, at: now });
         }
     }
+    for serial in crate::token::revoked_serials(ca_dir)? {
+        if !entries.iter().any(|e| e.serial == serial) {
+            entries.push(Revoked { serial, at: now });
+        }
+    }
     if certificates == 0 {
         return Ok(Listed::Already(old.as_ref().map_or(0, Crl::number)));
     }
+    let number = sign_list(ca_dir, &ca, old.as_ref(), &entries)?;
+    Ok(Listed::Added {
+        certificates,
+        number,
+    })
+}
+
+/// Signs and writes (as `crl.pem` in `ca_dir`) a list of `entries` numbered above `old`'s.
+pub(crate) fn sign_list(
+    ca_dir: &Path,
+    ca: &Ca,
+    old: Option<&Crl>,
+    entries: &[Revoked],
+) -> Result<u64> {
+    let now = std::time::SystemTime::now();
     // Numbers follow the clock in milliseconds (and always grow): a list issued from a CA directory whose
     // crl.pem was lost or restored from an old copy still outnumbers every earlier one.
     let now_ms = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let next = match &old {
+    let next = match old {
         Some(c) => c
             .number()
             .checked_add(1)
@@ -464,11 +486,8 @@ fn revoke_in_list(ca_dir: &Path, node: &NodeId, earlier: &[NodeId]) -> Result<Li
         None => 1,
     };
     let number = next.max(now_ms);
-    let der = ca.revocation_list(number, &entries)?;
+    let der = ca.revocation_list(number, entries)?;
     let crl = Crl::verify(&der, ca.cert_der()?.as_ref())?;
     write_private(&ca_dir.join(CRL_FILE), &crl.to_pem())?;
-    Ok(Listed::Added {
-        certificates,
-        number,
-    })
+    Ok(number)
 }

@@ -32,8 +32,13 @@ pub struct ClientOpts {
 #[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
-    /// Show the node and its peers: connection state, lag, bytes, last sync.
+    /// Show the node and its peers: connection state, lag, bytes, last sync, and each
+    /// catch-up's progress.
     Status {
+        /// Redraw every second (with progress bars on a terminal; plain lines otherwise)
+        /// until interrupted.
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -107,7 +112,7 @@ impl ClientCommand {
     /// Runs the command against the API at `--api`, or `default_api`.
     pub fn run(self, default_api: SocketAddr) -> Result<(), ClientError> {
         match self {
-            Self::Status { opts } => status(&opts, default_api),
+            Self::Status { opts, watch } => status(&opts, default_api, watch),
             Self::Doc { cmd, opts } => doc(cmd, &opts, default_api),
             Self::Watch { since, opts } => watch(&opts, default_api, since),
             Self::Blob { cmd, opts } => cmd.run(&opts, default_api),
@@ -487,20 +492,83 @@ fn print_json(v: &Value) {
 }
 
 /// `status`: the node and its peers, as a table (or JSON).
-pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientError> {
-    let s = Api::new(opts, default_api).json("GET", "/v1/status", None)?;
-    if opts.json {
-        print_json(&s);
+pub fn status(opts: &ClientOpts, default_api: SocketAddr, watch: bool) -> Result<(), ClientError> {
+    let api = Api::new(opts, default_api);
+    if !watch {
+        let s = api.json("GET", "/v1/status", None)?;
+        if opts.json {
+            print_json(&s);
+        } else {
+            print!("{}", render_status(&s, false));
+        }
         return Ok(());
     }
-    println!(
+    // Redrawn in place on a terminal; elsewhere (a log, a pipe) one block per second.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let s = api.json("GET", "/v1/status", None)?;
+        if opts.json {
+            println!("{s}");
+        } else if terminal {
+            print!("\x1b[H\x1b[2J{}", render_status(&s, true));
+        } else {
+            println!("{}", render_status(&s, false));
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// `CATCHUP peer …` for a peer with a catch-up under way: documents and bytes done and
+/// left, rate and time left; with `bars`, a bar of the documents done.
+fn catch_up_line(p: &Value, bars: bool) -> Option<String> {
+    let g = &p["progress"];
+    if g["active"] != true {
+        return None;
+    }
+    let n = |k: &str| g[k].as_u64().unwrap_or(0);
+    let (done, left) = (n("documents_done"), n("documents_remaining"));
+    let total = done + left;
+    let share = if total == 0 {
+        1.0
+    } else {
+        done as f64 / total as f64
+    };
+    let bar = if bars {
+        const WIDTH: usize = 30;
+        let filled = ((share * WIDTH as f64) as usize).min(WIDTH);
+        format!("[{}{}] ", "#".repeat(filled), ".".repeat(WIDTH - filled))
+    } else {
+        String::new()
+    };
+    let eta = g["eta_seconds"]
+        .as_u64()
+        .map_or_else(|| "unknown".to_owned(), |s| format!("{s}s"));
+    Some(format!(
+        "CATCHUP {} {bar}{:.0}% {done} of {total} documents, {} bytes sent, ~{} left, {} B/s, eta {eta}",
+        p["node_id"].as_str().unwrap_or("?"),
+        share * 100.0,
+        n("bytes_done"),
+        n("bytes_remaining"),
+        n("rate_bytes_per_second"),
+    ))
+}
+
+/// The status table and the lines under it; `bars`: progress bars for catch-ups.
+fn render_status(s: &Value, bars: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "node {} ({})  documents {}  feed {}",
         s["node_id"].as_str().unwrap_or("?"),
         s["role"].as_str().unwrap_or("?"),
         s["docs"],
         s["last_seq"]
     );
-    println!(
+    let _ = writeln!(
+        out,
         "{:<20} {:<5} {:<22} {:<6} {:>6} {:>12} {:>12} {:>10}",
         "PEER", "ROLE", "ADDRESS", "STATE", "LAG", "SENT", "RECEIVED", "LAST SYNC"
     );
@@ -514,7 +582,8 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
         } else {
             format!("{}s ago", now_ms.saturating_sub(last) / 1000)
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<20} {:<5} {:<22} {:<6} {:>6} {:>12} {:>12} {:>10}",
             p["node_id"].as_str().unwrap_or("?"),
             p["role"].as_str().unwrap_or("?"),
@@ -526,15 +595,21 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
             ago
         );
     }
+    for p in s["peers"].as_array().into_iter().flatten() {
+        if let Some(line) = catch_up_line(p, bars) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     if s["role"] == "hub" {
         let of = s["max_peers"]
             .as_u64()
             .map_or_else(|| "no limit".to_owned(), |m| format!("of {m}"));
-        println!("EDGES {} {of}", s["edges_connected"]);
+        let _ = writeln!(out, "EDGES {} {of}", s["edges_connected"]);
     }
     for p in s["peers"].as_array().into_iter().flatten() {
         for (class, c) in p["classes"].as_object().into_iter().flatten() {
-            println!(
+            let _ = writeln!(
+                out,
                 "CLASS {} {class} ({}): {} documents waiting, {} messages and {} bytes sent",
                 p["node_id"].as_str().unwrap_or("?"),
                 c["priority"].as_str().unwrap_or("?"),
@@ -549,7 +624,8 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
         if last == 0 {
             continue;
         }
-        println!(
+        let _ = writeln!(
+            out,
             "AUDIT {}: last {}s ago; {} audits found {} documents differing, {} repaired",
             p["node_id"].as_str().unwrap_or("?"),
             (now_ms / 1000).saturating_sub(last),
@@ -559,7 +635,8 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
         );
     }
     if let Some(b) = s["blobs"].as_object() {
-        println!(
+        let _ = writeln!(
+            out,
             "BLOBS {} held, {} bytes on disk; {} fetched, {} corrupt transfers caught",
             b.get("held").unwrap_or(&Value::Null),
             b.get("bytes_used").unwrap_or(&Value::Null),
@@ -581,7 +658,8 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
             } else {
                 done as f64 * 100.0 / size as f64
             };
-            println!(
+            let _ = writeln!(
+                out,
                 "FETCHING {} {pct:.1}% of {size} bytes from {} peers, {} B/s",
                 t["hash"].as_str().unwrap_or("?"),
                 t["sources"],
@@ -590,20 +668,22 @@ pub fn status(opts: &ClientOpts, default_api: SocketAddr) -> Result<(), ClientEr
         }
     }
     if let Some(fault) = s["store_fault"].as_object() {
-        println!(
+        let _ = writeln!(
+            out,
             "STORE FAULT: {} (writes are refused until it clears)",
             fault.get("reason").and_then(|r| r.as_str()).unwrap_or("?")
         );
     }
     for q in s["quarantined"].as_array().into_iter().flatten() {
-        println!(
+        let _ = writeln!(
+            out,
             "QUARANTINED {}/{}: {}",
             q["ns"].as_str().unwrap_or("?"),
             q["id"].as_str().unwrap_or("?"),
             q["reason"].as_str().unwrap_or("?")
         );
     }
-    Ok(())
+    out
 }
 
 /// `audit`: runs an audit of `peer` and prints what it found and repaired.

@@ -12,7 +12,8 @@ use crate::duration::{parse_duration, parse_every_or_never, parse_or_never, OrNe
 use tidesync::api::serve::ServeLimits;
 use tidesync::blobs::{BlobConfig, FetchPolicy};
 pub use tidesync::daemon::DEFAULT_MAX_BODY;
-use tidesync::model::{Class, Classes, Mode, NsPattern, Priority, Window};
+use tidesync::model::json::Strings;
+use tidesync::model::{Class, Classes, Mode, Namespace, NsPattern, Priority, Window};
 use tidesync::net::node::{DEFAULT_AUDIT_EVERY, DEFAULT_FORGET_PEERS_AFTER};
 use tidesync::net::tls::{Congestion, Timers};
 use tidesync::net::TrafficConfig;
@@ -89,6 +90,8 @@ pub struct RunFile {
     /// `[[class]]` tables: priorities and schedules of namespaces, first match wins.
     #[serde(default)]
     pub class: Vec<ClassSettings>,
+    /// `--repo-namespace`.
+    pub repo_namespace: Option<String>,
 }
 
 /// A `[[class]]` table of the config file.
@@ -168,6 +171,10 @@ pub struct NamespaceSettings {
     /// When the blobs its documents reference are fetched: `"eager"` (as soon as the
     /// reference arrives) or `"lazy"` (on the first read).
     pub blobs: Option<String>,
+    /// How strings written through the JSON API are stored: `"text"` (collaborative
+    /// text, what JS Automerge makes), `"scalar"` (one value; concurrent writes pick a
+    /// winner) or `"auto"` (as the document's strings already are).
+    pub strings: Option<String>,
 }
 
 /// A config file that cannot be used.
@@ -279,6 +286,11 @@ pub struct CommonRunFlags {
     /// or satellite, where random loss is not congestion) [default: cubic].
     #[arg(long, value_name = "ALGORITHM", value_parser = ["cubic", "bbr"])]
     pub congestion: Option<String>,
+    /// The namespace holding the documents of automerge-repo clients connected at
+    /// /v1/automerge-repo, under their automerge-repo document ids; its strings are text
+    /// unless a `[[namespace]]` table says otherwise [default: repo].
+    #[arg(long, value_name = "NS")]
+    pub repo_namespace: Option<String>,
 }
 
 /// The common settings once flags, file and defaults are applied, in that order.
@@ -306,6 +318,8 @@ pub struct CommonRun {
     pub blobs: BlobConfig,
     /// Classes, caps and compression.
     pub traffic: TrafficConfig,
+    /// Where automerge-repo clients' documents live.
+    pub repo_namespace: Namespace,
 }
 
 impl CommonRunFlags {
@@ -401,6 +415,16 @@ impl CommonRunFlags {
             }
         }
         let traffic = traffic(self.max_rate, self.compression.as_deref(), file)?;
+        let repo_namespace = self
+            .repo_namespace
+            .or_else(|| file.repo_namespace.clone())
+            .unwrap_or_else(|| DEFAULT_REPO_NAMESPACE.to_owned());
+        let repo_namespace = Namespace::new(repo_namespace.as_str()).map_err(|e| ConfigError {
+            path: PathBuf::from("repo_namespace"),
+            reason: format!("{repo_namespace:?}: {e}"),
+        })?;
+        let mut store = StoreConfig::with_cache_budget(cache_mb << 20);
+        store.strings = strings(file, &repo_namespace)?;
         let mut api_limits = ServeLimits::default();
         if let Some(n) = self.max_api_connections.or(file.max_api_connections) {
             api_limits.max_connections = n;
@@ -410,7 +434,7 @@ impl CommonRunFlags {
             api_hosts: list_or(self.api_hosts, file.api_hosts.clone()),
             api_limits,
             max_body: self.max_body.or(file.max_body).unwrap_or(DEFAULT_MAX_BODY),
-            store: StoreConfig::with_cache_budget(cache_mb << 20),
+            store,
             timers,
             forget_peers_after: self
                 .forget_peers_after
@@ -423,8 +447,42 @@ impl CommonRunFlags {
             replica_defaults,
             blobs,
             traffic,
+            repo_namespace,
         })
     }
+}
+
+/// The namespace of automerge-repo clients' documents unless configured.
+pub const DEFAULT_REPO_NAMESPACE: &str = "repo";
+
+/// How strings are stored per namespace: the `[[namespace]]` tables' `strings`, in file
+/// order, then text for the repo namespace (its documents come from JS apps).
+fn strings(file: &RunFile, repo: &Namespace) -> Result<Vec<(NsPattern, Strings)>, ConfigError> {
+    let err = |key: &str, reason: String| ConfigError {
+        path: PathBuf::from(key),
+        reason,
+    };
+    let mut out = Vec::new();
+    for table in &file.namespace {
+        let Some(s) = table.strings.as_deref() else {
+            continue;
+        };
+        let mode = Strings::parse(s).ok_or_else(|| {
+            err(
+                "[[namespace]] strings",
+                format!("{s:?} is not text, scalar or auto"),
+            )
+        })?;
+        for ns in &table.namespaces {
+            let pattern = NsPattern::new(ns.as_str())
+                .map_err(|e| err("[[namespace]] namespaces", format!("{ns:?}: {e}")))?;
+            out.push((pattern, mode));
+        }
+    }
+    let repo =
+        NsPattern::new(repo.as_str()).map_err(|e| err("repo_namespace", format!("{repo}: {e}")))?;
+    out.push((repo, Strings::Text));
+    Ok(out)
 }
 
 /// The traffic settings from the flags and the file's `max_rate`, `compression` and

@@ -25,14 +25,14 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut doc = Automerge::new();
     let mut tx = doc.transaction();
-    json::write_replace(&mut tx, &content).expect("a checked object writes");
+    json::write_replace(&mut tx, &content, json::Strings::Auto).expect("a checked object writes");
     tx.commit();
     assert_eq!(json::read_root(&doc).expect("reads"), content);
     let _ = conflicts(&doc);
     if let Some(patch) = b.get(1..).and_then(object) {
         if json::check_root_keys(&patch).is_ok() && json::check_depth(&patch).is_ok() {
             let mut tx = doc.transaction();
-            json::write_merge_patch(&mut tx, &patch).expect("a checked patch applies");
+            json::write_merge_patch(&mut tx, &patch, json::Strings::Text).expect("a checked patch applies");
             tx.commit();
             let _ = json::read_root(&doc);
         }

@@ -50,29 +50,6 @@ pub(crate) async fn same_origin_only(
     Ok(next.run(request).await)
 }
 
-/// Requires `Authorization: Bearer TOKEN` when the node has a token.
-pub(crate) async fn require_token(
-    State(state): State<ApiState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if let Some(token) = &state.token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !tokens_match(given, token) {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token",
-            ));
-        }
-    }
-    Ok(next.run(request).await)
-}
-
 /// Compares two tokens in time that depends on neither's content: both are hashed first
 /// (SHA-256, so the lengths compared are equal whatever was sent) and the digests are
 /// compared with `subtle`, which does not stop at the first differing byte.

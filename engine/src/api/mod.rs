@@ -5,12 +5,14 @@
 //! owns no state of its own: the store and the node are shared with the rest of the
 //! process.
 
+pub mod access;
 mod audit;
 mod backup;
 pub mod blobs;
 pub mod error;
 pub mod guard;
 pub mod replication;
+pub mod repo;
 pub mod serve;
 
 use std::convert::Infallible;
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -33,6 +35,7 @@ use crate::model::{format_heads, parse_heads, DocId, Grants, Namespace, NodeId};
 use crate::model::{NsPattern, Role};
 use crate::net::{Node, PeerStatus};
 use crate::store::{FeedSeq, Store, WriteOutcome};
+use access::Access;
 use error::ApiError;
 use replication::{answer_write, wait_for_heads, ReadQuery, WriteQuery};
 
@@ -58,6 +61,8 @@ pub struct ApiState {
     /// Replicas a write waits for by default, per namespace pattern (the first that
     /// matches); `?replicas=` wins.
     pub replica_defaults: Vec<(NsPattern, usize)>,
+    /// The automerge-repo endpoint: its namespace and its clients.
+    pub repo: repo::RepoEndpoint,
 }
 
 impl ApiState {
@@ -94,9 +99,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/blobs", get(blobs::list_blobs).put(blobs::put_blob))
         .route("/v1/blobs/{hash}", get(blobs::get_blob))
         .route("/metrics", get(metrics))
+        .route(access::REPO_PATH, get(repo::connect))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            guard::require_token,
+            access::authorize,
         ));
     Router::new()
         .route("/v1/health", get(health))
@@ -136,14 +142,19 @@ fn if_match(headers: &HeaderMap) -> Result<Option<Vec<automerge::ChangeHash>>, A
     }
 }
 
-fn check_writable(state: &ApiState, ns: &Namespace) -> Result<(), ApiError> {
-    if state.write_grants.can_write(ns) {
-        Ok(())
-    } else {
+fn check_writable(state: &ApiState, access: &Access, ns: &Namespace) -> Result<(), ApiError> {
+    if !state.write_grants.can_write(ns) {
         Err(ApiError::new(
             StatusCode::FORBIDDEN,
             format!("namespace {ns} is not granted for writing on this node"),
         ))
+    } else if !access.can_write(ns) {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("the token does not grant writing namespace {ns}"),
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -197,9 +208,11 @@ async fn health(State(state): State<ApiState>) -> Response {
 
 async fn list_docs(
     State(state): State<ApiState>,
+    Extension(access): Extension<Access>,
     Path(ns): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let ns = Namespace::new(ns)?;
+    access.check_read(&ns)?;
     let docs: Vec<Value> = state
         .store
         .list(&ns)?
@@ -211,10 +224,12 @@ async fn list_docs(
 
 async fn get_doc(
     State(state): State<ApiState>,
+    Extension(access): Extension<Access>,
     Path((ns, id)): Path<(String, String)>,
     Query(q): Query<ReadQuery>,
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
+    access.check_read(&ns)?;
     wait_for_heads(&state, &ns, &id, &q).await?;
     let doc = state.store.get(&ns, &id)?.ok_or_else(|| {
         ApiError::new(
@@ -231,13 +246,14 @@ async fn get_doc(
 
 async fn put_doc(
     State(state): State<ApiState>,
+    Extension(access): Extension<Access>,
     Path((ns, id)): Path<(String, String)>,
     Query(q): Query<WriteQuery>,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
-    check_writable(&state, &ns)?;
+    check_writable(&state, &access, &ns)?;
     let wait = q.checked(&state, &ns)?;
     let content = json_body(bytes)?;
     let w = state
@@ -249,13 +265,14 @@ async fn put_doc(
 
 async fn patch_doc(
     State(state): State<ApiState>,
+    Extension(access): Extension<Access>,
     Path((ns, id)): Path<(String, String)>,
     Query(q): Query<WriteQuery>,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
-    check_writable(&state, &ns)?;
+    check_writable(&state, &access, &ns)?;
     let wait = q.checked(&state, &ns)?;
     let patch = json_body(bytes)?;
     let w = state
@@ -267,12 +284,13 @@ async fn patch_doc(
 
 async fn delete_doc(
     State(state): State<ApiState>,
+    Extension(access): Extension<Access>,
     Path((ns, id)): Path<(String, String)>,
     Query(q): Query<WriteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
-    check_writable(&state, &ns)?;
+    check_writable(&state, &access, &ns)?;
     let wait = q.checked(&state, &ns)?;
     let w = state.store.delete(&ns, &id, if_match(&headers)?).await?;
     answer_write(&state, &ns, &id, w, wait).await
@@ -280,9 +298,11 @@ async fn delete_doc(
 
 async fn conflicts(
     State(state): State<ApiState>,
+    Extension(access): Extension<Access>,
     Path((ns, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let (ns, id) = names(&ns, &id)?;
+    access.check_read(&ns)?;
     let found = state.store.conflicts(&ns, &id)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -294,9 +314,11 @@ async fn conflicts(
 
 async fn get_automerge(
     State(state): State<ApiState>,
+    Extension(access): Extension<Access>,
     Path((ns, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
+    access.check_read(&ns)?;
     let doc = state
         .store
         .export(&ns, &id)?
@@ -320,12 +342,13 @@ async fn get_automerge(
 
 async fn post_automerge(
     State(state): State<ApiState>,
+    Extension(access): Extension<Access>,
     Path((ns, id)): Path<(String, String)>,
     Query(q): Query<WriteQuery>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (ns, id) = names(&ns, &id)?;
-    check_writable(&state, &ns)?;
+    check_writable(&state, &access, &ns)?;
     let wait = q.checked(&state, &ns)?;
     let bytes = body(bytes)?;
     let w = state.store.import(&ns, &id, bytes.to_vec()).await?;

@@ -152,6 +152,36 @@ peer_counters! {
         "peer_lag_feed_positions",
         "Local feed positions the peer has not acknowledged"
     );
+    /// Documents of the local feed the peer has not acknowledged: what its catch-up has left.
+    catchup_remaining_documents: Gauge(
+        "peer_catchup_remaining_documents",
+        "Documents of the local feed the peer has not acknowledged yet"
+    );
+    /// Estimated bytes left: the remaining documents at the catch-up's bytes per document.
+    catchup_remaining_bytes: Gauge(
+        "peer_catchup_remaining_bytes",
+        "Estimated bytes the peer's catch-up has left to send"
+    );
+    /// Document syncs completed since the current (or last) catch-up began.
+    catchup_done_documents: Gauge(
+        "peer_catchup_done_documents",
+        "Document syncs completed since the peer's current or last catch-up began"
+    );
+    /// Frame bytes sent since the current (or last) catch-up began.
+    catchup_done_bytes: Gauge(
+        "peer_catchup_done_bytes",
+        "Frame bytes sent since the peer's current or last catch-up began"
+    );
+    /// Bytes per second sent since the catch-up began.
+    catchup_rate_bytes_per_second: Gauge(
+        "peer_catchup_rate_bytes_per_second",
+        "Frame bytes per second sent to the peer since its catch-up began"
+    );
+    /// Estimated seconds to the end of the catch-up (0: done, or not known yet).
+    catchup_eta_seconds: Gauge(
+        "peer_catchup_eta_seconds",
+        "Estimated seconds until the peer has caught up (0: caught up or not known yet)"
+    );
     /// Consistency audits of the peer this node started and completed.
     audits: Counter("peer_audits", "Consistency audits of the peer this node completed");
     /// Documents audits found differing between this node and the peer.

@@ -334,6 +334,7 @@ pub async fn run(
     };
     let mut batch = BatchClock::new(&ctx.classes, ctx.clock.clone());
     let mut next_class_stats = tokio::time::Instant::now();
+    let mut catch_up = super::progress::CatchUp::default();
     let mut feed = ctx.store.subscribe();
     let mut early = Some(ctx.store.subscribe_early());
     let exec = Exec {
@@ -417,9 +418,13 @@ pub async fn run(
                 counters.last_sync_ms.store(now, Ordering::Relaxed);
             }
             counters.lag.store(session.lag(), Ordering::Relaxed);
-            if tokio::time::Instant::now() >= next_class_stats {
+            // Also at once when a catch-up ends: no tick may follow on a quiet link.
+            if tokio::time::Instant::now() >= next_class_stats
+                || (session.lag() == 0 && catch_up.active())
+            {
                 next_class_stats = tokio::time::Instant::now() + CLASS_STATS_EVERY;
                 counters.set_backlog(&ctx.classes, &session.backlog());
+                catch_up.update(&ctx.store, session.lag(), &counters);
             }
             let reading = session.wants_frames();
             // The peer's class streams are read once its hello is in: they may arrive first.

@@ -19,10 +19,12 @@ pub mod pacing;
 pub mod penalties;
 pub mod pki;
 pub mod placement;
+pub mod progress;
 pub mod replicas;
 pub mod revocations;
 pub mod send_queue;
 pub mod tls;
+pub mod token;
 
 pub use counters::{PeerCounters, PeerCounts};
 pub use crl::{Crl, CrlError};

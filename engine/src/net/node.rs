@@ -328,7 +328,25 @@ impl PeerStatus {
                 obj.extend(more);
             }
         }
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("progress".into(), self.progress());
+        }
         v
+    }
+
+    /// The peer's catch-up (see [`super::progress`]): what `status --watch` draws.
+    pub fn progress(&self) -> Value {
+        let c = &self.counts;
+        let active = c.catchup_remaining_documents > 0;
+        json!({
+            "active": active,
+            "documents_done": c.catchup_done_documents,
+            "documents_remaining": c.catchup_remaining_documents,
+            "bytes_done": c.catchup_done_bytes,
+            "bytes_remaining": c.catchup_remaining_bytes,
+            "rate_bytes_per_second": c.catchup_rate_bytes_per_second,
+            "eta_seconds": (active && c.catchup_eta_seconds > 0).then_some(c.catchup_eta_seconds),
+        })
     }
 }
 
@@ -601,6 +619,11 @@ impl Node {
     /// The revocation list this node enforces.
     pub fn revocations(&self) -> &Revocations {
         &self.inner.cfg.revocations
+    }
+
+    /// The deployment CA certificate (DER): what scoped API tokens are verified against.
+    pub fn ca_der(&self) -> &[u8] {
+        &self.inner.ca
     }
 
     /// When the certificate this node presents expires.

@@ -62,6 +62,9 @@ pub struct StoreConfig {
     pub flush_bookkeeping_every: std::time::Duration,
     /// Most bookkeeping-only commits in a row before one is made durable.
     pub flush_bookkeeping_after: u32,
+    /// How strings written through JSON are stored, per namespace pattern (the first that
+    /// matches); [`json::Strings::Auto`] elsewhere.
+    pub strings: Vec<(model::NsPattern, json::Strings)>,
 }
 
 impl Default for StoreConfig {
@@ -74,6 +77,7 @@ impl Default for StoreConfig {
             compact_min_bytes: 4096,
             flush_bookkeeping_every: std::time::Duration::from_secs(5),
             flush_bookkeeping_after: 1024,
+            strings: Vec::new(),
         }
     }
 }
@@ -88,6 +92,14 @@ impl StoreConfig {
             redb_cache_bytes: usize::try_from(bytes / 4).unwrap_or(usize::MAX),
             ..Self::default()
         }
+    }
+
+    /// How strings written through JSON into `ns` are stored.
+    pub fn strings_for(&self, ns: &Namespace) -> json::Strings {
+        self.strings
+            .iter()
+            .find(|(p, _)| p.matches(ns))
+            .map_or(json::Strings::Auto, |(_, s)| *s)
     }
 }
 
@@ -789,6 +801,22 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// How many documents the feed holds after position `after`, counted up to `cap` (the
+    /// feed keeps one entry per document, at its last write).
+    pub fn feed_entries_after(&self, after: FeedSeq, cap: u64) -> Result<u64, StoreError> {
+        let txn = self.inner.db.get()?.begin_read()?;
+        let feed = txn.open_table(FEED)?;
+        let mut n = 0u64;
+        for entry in feed.range(after.0.saturating_add(1)..)? {
+            entry?;
+            n += 1;
+            if n >= cap {
+                break;
+            }
+        }
+        Ok(n)
     }
 
     /// Up to `limit` feed entries after `since`, oldest first. Each document appears once,

@@ -805,13 +805,17 @@ fn apply_op(
             check_size(&content, cfg)?;
             json::check_root_keys(&content)?;
             json::check_depth(&content)?;
-            transact(&mut w.doc, |tx| json::write_replace(tx, &content))?;
+            let strings = cfg.strings_for(&w.ns);
+            transact(&mut w.doc, |tx| json::write_replace(tx, &content, strings))?;
         }
         WriteOp::Patch(patch) => {
             check_size(&patch, cfg)?;
             json::check_root_keys(&patch)?;
             json::check_depth(&patch)?;
-            transact(&mut w.doc, |tx| json::write_merge_patch(tx, &patch))?;
+            let strings = cfg.strings_for(&w.ns);
+            transact(&mut w.doc, |tx| {
+                json::write_merge_patch(tx, &patch, strings)
+            })?;
         }
         WriteOp::Delete => {
             if !exists || json::is_deleted(&w.doc) {

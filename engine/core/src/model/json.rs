@@ -29,6 +29,93 @@ pub const TOMBSTONE_KEY: &str = "@deleted";
 /// imports and sync refuse what goes deeper, and readers refuse to read past it.
 pub const MAX_DEPTH: usize = 100;
 
+/// How strings written through JSON are stored. Text (what `@automerge/automerge` 3 makes
+/// of a JS string) merges concurrent edits character by character, and JS reads it as a
+/// string; a scalar string is one value, so concurrent writes pick one winner (the other
+/// stays visible as a conflict), and JS 3 reads it as an `ImmutableString` object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Strings {
+    /// As the document already does: text if the first string found in it is text,
+    /// scalar otherwise (a document without strings gets scalars).
+    #[default]
+    Auto,
+    /// Collaborative text.
+    Text,
+    /// Scalar strings.
+    Scalar,
+}
+
+/// Values [`Strings::Auto`] looks at before it settles for scalars, so a huge document
+/// without strings costs a bounded walk.
+const AUTO_LOOKS_AT: usize = 10_000;
+
+impl Strings {
+    /// `auto`, `text` or `scalar`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "text" => Some(Self::Text),
+            "scalar" => Some(Self::Scalar),
+            _ => None,
+        }
+    }
+
+    /// The name [`Strings::parse`] reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Text => "text",
+            Self::Scalar => "scalar",
+        }
+    }
+
+    /// Whether new strings written into `doc` become text.
+    pub fn as_text<R: ReadDoc>(self, doc: &R) -> bool {
+        match self {
+            Self::Text => true,
+            Self::Scalar => false,
+            Self::Auto => first_string_is_text(doc).unwrap_or(false),
+        }
+    }
+}
+
+/// Whether the first string met in a breadth-first walk of `doc` is text; `None` if none
+/// is met within [`AUTO_LOOKS_AT`] values.
+fn first_string_is_text<R: ReadDoc>(doc: &R) -> Option<bool> {
+    let mut queue = std::collections::VecDeque::from([ROOT]);
+    let mut looked = 0usize;
+    while let Some(obj) = queue.pop_front() {
+        let budget = AUTO_LOOKS_AT.saturating_sub(looked) + 1;
+        let values: Vec<(Value<'_>, ObjId)> = match doc.object_type(&obj) {
+            Ok(ObjType::Map | ObjType::Table) => doc
+                .keys(&obj)
+                .filter_map(|k| doc.get(&obj, k.as_str()).ok().flatten())
+                .take(budget)
+                .collect(),
+            Ok(ObjType::List) => (0..doc.length(&obj))
+                .filter_map(|i| doc.get(&obj, i).ok().flatten())
+                .take(budget)
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (value, id) in values {
+            looked += 1;
+            if looked > AUTO_LOOKS_AT {
+                return None;
+            }
+            match value {
+                Value::Object(ObjType::Text) => return Some(true),
+                Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Str(_)) => {
+                    return Some(false)
+                }
+                Value::Object(_) => queue.push_back(id),
+                Value::Scalar(_) => {}
+            }
+        }
+    }
+    None
+}
+
 /// Reads the document's user content (the root without the tombstone) as a JSON object;
 /// [`ModelError::TooDeep`] for content nested past [`MAX_DEPTH`].
 pub fn read_root<R: ReadDoc>(doc: &R) -> Result<Map<String, Json>, ModelError> {
@@ -159,8 +246,10 @@ pub fn check_root_keys(content: &Map<String, Json>) -> Result<(), ModelError> {
 pub fn write_replace<T: Transactable>(
     tx: &mut T,
     content: &Map<String, Json>,
+    strings: Strings,
 ) -> Result<(), AutomergeError> {
-    update_map(tx, &ROOT, content, true)?;
+    let text = strings.as_text(tx);
+    update_map(tx, text, &ROOT, content, true)?;
     clear_tombstone(tx)
 }
 
@@ -170,17 +259,19 @@ pub fn write_replace<T: Transactable>(
 pub fn write_merge_patch<T: Transactable>(
     tx: &mut T,
     patch: &Map<String, Json>,
+    strings: Strings,
 ) -> Result<(), AutomergeError> {
+    let text = strings.as_text(tx);
     if is_deleted(tx) {
-        update_map(tx, &ROOT, &Map::new(), true)?;
+        update_map(tx, text, &ROOT, &Map::new(), true)?;
         clear_tombstone(tx)?;
     }
-    merge_patch_map(tx, &ROOT, patch)
+    merge_patch_map(tx, text, &ROOT, patch)
 }
 
 /// Removes the user content and sets the tombstone.
 pub fn write_delete<T: Transactable>(tx: &mut T) -> Result<(), AutomergeError> {
-    update_map(tx, &ROOT, &Map::new(), true)?;
+    update_map(tx, false, &ROOT, &Map::new(), true)?;
     if !is_deleted(tx) {
         tx.put(ROOT, TOMBSTONE_KEY, true)?;
     }
@@ -196,6 +287,7 @@ fn clear_tombstone<T: Transactable>(tx: &mut T) -> Result<(), AutomergeError> {
 
 fn merge_patch_map<T: Transactable>(
     tx: &mut T,
+    text: bool,
     obj: &ObjId,
     patch: &Map<String, Json>,
 ) -> Result<(), AutomergeError> {
@@ -212,13 +304,13 @@ fn merge_patch_map<T: Transactable>(
                     Some((Value::Object(ObjType::Map | ObjType::Table), id)) => id,
                     _ => tx.put_object(obj, prop, ObjType::Map)?,
                 };
-                merge_patch_map(tx, &child, inner)?;
+                merge_patch_map(tx, text, &child, inner)?;
             }
             leaf => {
                 if tx.get_all(obj, prop.clone())?.len() > 1 {
-                    put_fresh(tx, obj, prop, leaf)?;
+                    put_fresh(tx, text, obj, prop, leaf)?;
                 } else {
-                    update_prop(tx, obj, prop, leaf)?;
+                    update_prop(tx, text, obj, prop, leaf)?;
                 }
             }
         }
@@ -229,6 +321,7 @@ fn merge_patch_map<T: Transactable>(
 /// Makes map `obj` equal `new`. At the root, the tombstone key is left to the caller.
 fn update_map<T: Transactable>(
     tx: &mut T,
+    text: bool,
     obj: &ObjId,
     new: &Map<String, Json>,
     is_root: bool,
@@ -241,7 +334,7 @@ fn update_map<T: Transactable>(
         tx.delete(obj, key)?;
     }
     for (key, value) in new {
-        update_prop(tx, obj, Prop::Map(key.clone()), value)?;
+        update_prop(tx, text, obj, Prop::Map(key.clone()), value)?;
     }
     Ok(())
 }
@@ -249,16 +342,17 @@ fn update_map<T: Transactable>(
 /// Makes the existing property `prop` of `obj` equal `new`, reusing what is there.
 fn update_prop<T: Transactable>(
     tx: &mut T,
+    text: bool,
     obj: &ObjId,
     prop: Prop,
     new: &Json,
 ) -> Result<(), AutomergeError> {
     match (tx.get(obj, prop.clone())?, new) {
         (Some((Value::Object(ObjType::Map | ObjType::Table), id)), Json::Object(m)) => {
-            update_map(tx, &id, m, false)
+            update_map(tx, text, &id, m, false)
         }
         (Some((Value::Object(ObjType::List), id)), Json::Array(items)) => {
-            update_list(tx, &id, items)
+            update_list(tx, text, &id, items)
         }
         (Some((Value::Object(ObjType::Text), id)), Json::String(s)) => {
             if tx.text(&id)? != *s {
@@ -277,13 +371,14 @@ fn update_prop<T: Transactable>(
             let target = n.as_i64().unwrap_or(now);
             tx.increment(obj, prop, target.wrapping_sub(now))
         }
-        _ => put_fresh(tx, obj, prop, new),
+        _ => put_fresh(tx, text, obj, prop, new),
     }
 }
 
 /// Writes `new` at `prop` as a new value, discarding what was there.
 fn put_fresh<T: Transactable>(
     tx: &mut T,
+    text: bool,
     obj: &ObjId,
     prop: Prop,
     new: &Json,
@@ -291,11 +386,15 @@ fn put_fresh<T: Transactable>(
     match new {
         Json::Object(m) => {
             let id = tx.put_object(obj, prop, ObjType::Map)?;
-            update_map(tx, &id, m, false)
+            update_map(tx, text, &id, m, false)
         }
         Json::Array(items) => {
             let id = tx.put_object(obj, prop, ObjType::List)?;
-            update_list(tx, &id, items)
+            update_list(tx, text, &id, items)
+        }
+        Json::String(s) if text => {
+            let id = tx.put_object(obj, prop, ObjType::Text)?;
+            tx.update_text(&id, s)
         }
         scalar => match json_to_scalar(scalar) {
             Some(s) => tx.put(obj, prop, s),
@@ -307,6 +406,7 @@ fn put_fresh<T: Transactable>(
 /// Inserts `new` into list `list` at `index`.
 fn insert_fresh<T: Transactable>(
     tx: &mut T,
+    text: bool,
     list: &ObjId,
     index: usize,
     new: &Json,
@@ -314,11 +414,15 @@ fn insert_fresh<T: Transactable>(
     match new {
         Json::Object(m) => {
             let id = tx.insert_object(list, index, ObjType::Map)?;
-            update_map(tx, &id, m, false)
+            update_map(tx, text, &id, m, false)
         }
         Json::Array(items) => {
             let id = tx.insert_object(list, index, ObjType::List)?;
-            update_list(tx, &id, items)
+            update_list(tx, text, &id, items)
+        }
+        Json::String(s) if text => {
+            let id = tx.insert_object(list, index, ObjType::Text)?;
+            tx.update_text(&id, s)
         }
         scalar => match json_to_scalar(scalar) {
             Some(s) => tx.insert(list, index, s),
@@ -332,6 +436,7 @@ fn insert_fresh<T: Transactable>(
 /// costs one op rather than a rewrite of the list.
 fn update_list<T: Transactable>(
     tx: &mut T,
+    text: bool,
     list: &ObjId,
     new: &[Json],
 ) -> Result<(), AutomergeError> {
@@ -353,14 +458,14 @@ fn update_list<T: Transactable>(
     let new_mid = new.len() - prefix - suffix;
     let common = old_mid.min(new_mid);
     for (i, value) in new.iter().enumerate().skip(prefix).take(common) {
-        update_prop(tx, list, Prop::Seq(i), value)?;
+        update_prop(tx, text, list, Prop::Seq(i), value)?;
     }
     let at = prefix + common;
     for _ in new_mid..old_mid {
         tx.delete(list, at)?;
     }
     for (offset, value) in new[at..prefix + new_mid].iter().enumerate() {
-        insert_fresh(tx, list, at + offset, value)?;
+        insert_fresh(tx, text, list, at + offset, value)?;
     }
     Ok(())
 }
@@ -390,7 +495,9 @@ mod tests {
     }
 
     fn put(doc: &mut Automerge, v: &Map<String, Json>) -> usize {
-        ops(doc, |tx| write_replace(tx, v).expect("replace"))
+        ops(doc, |tx| {
+            write_replace(tx, v, Strings::Scalar).expect("replace")
+        })
     }
 
     #[test]
@@ -463,7 +570,7 @@ mod tests {
         assert!(is_deleted(&doc));
         assert_eq!(read_root(&doc).expect("reads"), Map::new());
         ops(&mut doc, |tx| {
-            write_merge_patch(tx, &obj(json!({"b": 2}))).expect("patch")
+            write_merge_patch(tx, &obj(json!({"b": 2})), Strings::Scalar).expect("patch")
         });
         assert!(!is_deleted(&doc));
         assert_eq!(read_root(&doc).expect("reads"), obj(json!({"b": 2})));
@@ -512,6 +619,76 @@ mod tests {
                     .prop_map(|m| Json::Object(m.into_iter().collect())),
             ]
         })
+    }
+
+    /// The Automerge type of root key `key`.
+    fn kind(doc: &Automerge, key: &str) -> Option<ObjType> {
+        match doc.get(ROOT, key).expect("get") {
+            Some((Value::Object(t), _)) => Some(t),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn text_mode_writes_new_strings_as_text_and_reads_them_back() {
+        let mut doc = Automerge::new();
+        let v = obj(json!({"s": "eu-west", "list": ["a", {"b": "c"}], "n": 1}));
+        ops(&mut doc, |tx| {
+            write_replace(tx, &v, Strings::Text).expect("replace");
+        });
+        assert_eq!(kind(&doc, "s"), Some(ObjType::Text));
+        let list = doc.get(ROOT, "list").expect("get").expect("list").1;
+        assert!(matches!(
+            doc.get(&list, 0).expect("get"),
+            Some((Value::Object(ObjType::Text), _))
+        ));
+        assert_eq!(read_root(&doc).expect("reads"), v);
+    }
+
+    #[test]
+    fn auto_follows_the_documents_first_string() {
+        // A document whose strings are text (as JS makes them) gets text.
+        let mut js = Automerge::new();
+        ops(&mut js, |tx| {
+            let t = tx.put_object(ROOT, "title", ObjType::Text).expect("text");
+            tx.update_text(&t, "hello").expect("splice");
+        });
+        ops(&mut js, |tx| {
+            write_merge_patch(tx, &obj(json!({"region": "eu-west"})), Strings::Auto)
+                .expect("patch");
+        });
+        assert_eq!(kind(&js, "region"), Some(ObjType::Text));
+        // One of scalars, or none at all, gets scalars.
+        let mut plain = Automerge::new();
+        ops(&mut plain, |tx| {
+            write_replace(tx, &obj(json!({"a": "x"})), Strings::Scalar).expect("put");
+        });
+        ops(&mut plain, |tx| {
+            write_merge_patch(tx, &obj(json!({"b": "y"})), Strings::Auto).expect("patch");
+        });
+        assert_eq!(kind(&plain, "b"), None);
+        let mut empty = Automerge::new();
+        ops(&mut empty, |tx| {
+            write_replace(tx, &obj(json!({"a": "x"})), Strings::Auto).expect("put");
+        });
+        assert_eq!(kind(&empty, "a"), None);
+    }
+
+    #[test]
+    fn scalar_mode_keeps_existing_text_a_text() {
+        let mut doc = Automerge::new();
+        ops(&mut doc, |tx| {
+            write_replace(tx, &obj(json!({"t": "abc"})), Strings::Text).expect("put");
+        });
+        ops(&mut doc, |tx| {
+            write_replace(tx, &obj(json!({"t": "abd", "u": "new"})), Strings::Scalar).expect("put");
+        });
+        assert_eq!(kind(&doc, "t"), Some(ObjType::Text));
+        assert_eq!(kind(&doc, "u"), None);
+        assert_eq!(
+            read_root(&doc).expect("reads"),
+            obj(json!({"t": "abd", "u": "new"}))
+        );
     }
 
     fn arb_root() -> impl Strategy<Value = Map<String, Json>> {

@@ -1,0 +1,105 @@
+//! How far a peer's catch-up has come: documents and bytes done and left, the rate, and
+//! an estimate of the time left, for `/v1/status`, `/metrics` and `status --watch`.
+//!
+//! A catch-up begins when the peer is found behind the local feed and ends when it has
+//! acknowledged everything. Documents left are counted in the feed (one entry per
+//! document, so exact up to [`COUNT_CAP`]); bytes left are estimated at the bytes per
+//! document the catch-up has sent so far, since a document's size on the wire is known
+//! only once it is sent.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::counters::PeerCounters;
+use crate::model::FeedSeq;
+use crate::store::Store;
+
+/// Most feed entries counted for one reading (about 10 ms of counting); beyond it the
+/// documents left read as this many.
+pub const COUNT_CAP: u64 = 1_000_000;
+
+/// The current catch-up of one connection, updated about once a second by its driver.
+#[derive(Debug, Default)]
+pub struct CatchUp {
+    started: Option<Started>,
+}
+
+#[derive(Debug)]
+struct Started {
+    at: Instant,
+    docs_synced: u64,
+    bytes_sent: u64,
+}
+
+impl CatchUp {
+    /// Whether a catch-up is under way (as of the last reading).
+    pub fn active(&self) -> bool {
+        self.started.is_some()
+    }
+
+    /// Reads the peer's position (`lag` feed positions behind) and sets its gauges.
+    pub fn update(&mut self, store: &Store, lag: u64, counters: &PeerCounters) {
+        let last = store.last_seq();
+        let remaining = if lag == 0 {
+            0
+        } else {
+            let after = FeedSeq(last.0.saturating_sub(lag));
+            store.feed_entries_after(after, COUNT_CAP).unwrap_or(0)
+        };
+        let docs_synced = counters.docs_synced.load(Ordering::Relaxed);
+        let bytes_sent = counters.bytes_sent.load(Ordering::Relaxed);
+        if remaining == 0 {
+            // Done: the last catch-up's totals stay readable; nothing is left.
+            if self.started.take().is_some() {
+                counters
+                    .catchup_rate_bytes_per_second
+                    .store(0, Ordering::Relaxed);
+            }
+            counters
+                .catchup_remaining_documents
+                .store(0, Ordering::Relaxed);
+            counters.catchup_remaining_bytes.store(0, Ordering::Relaxed);
+            counters.catchup_eta_seconds.store(0, Ordering::Relaxed);
+            return;
+        }
+        let started = self.started.get_or_insert_with(|| Started {
+            at: Instant::now(),
+            docs_synced,
+            bytes_sent,
+        });
+        let done_docs = docs_synced.saturating_sub(started.docs_synced);
+        let done_bytes = bytes_sent.saturating_sub(started.bytes_sent);
+        let elapsed = started.at.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.0 {
+            done_bytes as f64 / elapsed
+        } else {
+            0.0
+        };
+        let remaining_bytes = if done_docs > 0 {
+            remaining.saturating_mul(done_bytes / done_docs)
+        } else {
+            0
+        };
+        let eta = if rate >= 1.0 && remaining_bytes > 0 {
+            (remaining_bytes as f64 / rate).ceil() as u64
+        } else {
+            0
+        };
+        counters
+            .catchup_remaining_documents
+            .store(remaining, Ordering::Relaxed);
+        counters
+            .catchup_remaining_bytes
+            .store(remaining_bytes, Ordering::Relaxed);
+        counters
+            .catchup_done_documents
+            .store(done_docs, Ordering::Relaxed);
+        counters
+            .catchup_done_bytes
+            .store(done_bytes, Ordering::Relaxed);
+        counters
+            .catchup_rate_bytes_per_second
+            .store(rate as u64, Ordering::Relaxed);
+        counters.catchup_eta_seconds.store(eta, Ordering::Relaxed);
+    }
+}
