@@ -150,7 +150,8 @@ pub const SUBCOMMANDS: [(&str, &[&str]); 2] = [
     (
         "tidesync-hub",
         &[
-            "init", "enroll", "revoke", "run", "status", "doc", "watch", "backup", "restore",
+            "init", "enroll", "revoke", "token", "run", "status", "doc", "watch", "backup",
+            "restore",
         ],
     ),
     (

@@ -143,29 +143,33 @@ fn the_endpoint_refuses_missing_wrong_and_revoked_tokens() {
     let d = Binaries::init().unwrap();
     let hub = d.hub(&["--token", ADMIN]).unwrap();
     let url = hub.url("/v1/automerge-repo");
+    fn status(r: Result<ureq::Response, ureq::Error>) -> u16 {
+        match r {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("{e}"),
+        }
+    }
     let upgrade = |url: &str| {
-        ureq::get(url)
-            .set("connection", "Upgrade")
-            .set("upgrade", "websocket")
-            .set("sec-websocket-version", "13")
-            .set("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .call()
+        status(
+            ureq::get(url)
+                .set("connection", "Upgrade")
+                .set("upgrade", "websocket")
+                .set("sec-websocket-version", "13")
+                .set("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .call(),
+        )
     };
-    let status = |r: Result<ureq::Response, ureq::Error>| match r {
-        Ok(r) => r.status(),
-        Err(ureq::Error::Status(code, _)) => code,
-        Err(e) => panic!("{e}"),
-    };
-    assert_eq!(status(upgrade(&url)), 401, "no token");
-    assert_eq!(status(upgrade(&format!("{url}?token=wrong"))), 401);
+    assert_eq!(upgrade(&url), 401, "no token");
+    assert_eq!(upgrade(&format!("{url}?token=wrong")), 401);
     let other = token(&d, "models=rw");
     assert_eq!(
-        status(upgrade(&format!("{url}?token={other}"))),
+        upgrade(&format!("{url}?token={other}")),
         403,
         "a token without the repo namespace"
     );
     let rw = token(&d, "repo=rw");
-    assert_eq!(status(upgrade(&format!("{url}?token={rw}"))), 101);
+    assert_eq!(upgrade(&format!("{url}?token={rw}")), 101);
     // A scoped token reaches documents only.
     let status_page = ureq::get(&hub.url("/v1/status"))
         .set("authorization", &format!("Bearer {rw}"))
@@ -178,7 +182,7 @@ fn the_endpoint_refuses_missing_wrong_and_revoked_tokens() {
     )
     .unwrap();
     wait_for("the revocation", Duration::from_secs(10), || {
-        status(upgrade(&format!("{url}?token={rw}"))) == 401
+        upgrade(&format!("{url}?token={rw}")) == 401
     });
     let doc = ureq::get(&hub.url("/v1/docs/repo/x"))
         .set("authorization", &format!("Bearer {rw}"))

@@ -146,8 +146,14 @@ fn quickstart_is_the_demo_and_the_ci_test_command() {
         lines,
         [
             "cargo run --release -p tidesync-examples --example demo",
-            "cargo test --workspace"
+            "scripts/test"
         ]
+    );
+    let script = repo_file("scripts/test");
+    assert_eq!(
+        script.lines().last(),
+        Some(r#"cargo test --workspace "$@""#),
+        "scripts/test ends by running every test"
     );
     let ci = repo_file(".ci/run");
     assert_eq!(

@@ -602,6 +602,7 @@ mod tests {
             max_rate: None,
             compression: None,
             congestion: None,
+            repo_namespace: None,
         }
         .resolve(&f)
         .expect("resolve");
@@ -650,6 +651,7 @@ mod tests {
             max_rate: None,
             compression: None,
             congestion: None,
+            repo_namespace: None,
         }
         .resolve(&f)
         .expect_err("an idle timeout of three keep-alives at least");

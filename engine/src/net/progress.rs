@@ -75,11 +75,9 @@ impl CatchUp {
         } else {
             0.0
         };
-        let remaining_bytes = if done_docs > 0 {
-            remaining.saturating_mul(done_bytes / done_docs)
-        } else {
-            0
-        };
+        let remaining_bytes = done_bytes
+            .checked_div(done_docs)
+            .map_or(0, |per_doc| remaining.saturating_mul(per_doc));
         let eta = if rate >= 1.0 && remaining_bytes > 0 {
             (remaining_bytes as f64 / rate).ceil() as u64
         } else {

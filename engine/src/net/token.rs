@@ -224,7 +224,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Bytes from hex of even length; `None` otherwise.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 128 {
+    if !s.len().is_multiple_of(2) || s.len() > 128 {
         return None;
     }
     (0..s.len())
