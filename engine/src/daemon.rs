@@ -501,6 +501,7 @@ impl Daemon {
             crate::model::Role::Hub => Grants::everything(),
             crate::model::Role::Edge => identity.grants.clone(),
         };
+        let cancel = CancellationToken::new();
         let app = api::router(ApiState {
             replica_defaults: cfg.replica_defaults.clone(),
             store: store.clone(),
@@ -514,9 +515,9 @@ impl Daemon {
             repo: api::repo::RepoEndpoint::new(
                 cfg.repo_namespace.clone(),
                 identity.node_id.as_str(),
+                cancel.child_token(),
             ),
         });
-        let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
         let stop = cancel.clone();
         tasks.push(tokio::spawn(api::serve::serve(

@@ -104,7 +104,10 @@ pub async fn run(out: &mut dyn Write) -> Result<InteropReport> {
         },
         other => anyhow::bail!("views is not a scalar: {other:?}"),
     };
+    // The document's strings are text (as JS Automerge makes them), so the JSON write
+    // made its new string text too: what JS reads as a plain string.
     let reviewed_by = match pulled.get(ROOT, "reviewed_by")? {
+        Some((automerge::Value::Object(automerge::ObjType::Text), id)) => Some(pulled.text(&id)?),
         Some((automerge::Value::Scalar(s), _)) => s.as_str().map(str::to_owned),
         _ => None,
     };

@@ -141,7 +141,7 @@ pub enum TokenCommand {
             value_parser = clap::value_parser!(u32).range(1..=3650)
         )]
         days: u32,
-        /// Who or what the token is for, kept in its claims and in the CA's registry.
+        /// Who or what the token is for, kept in its claims.
         #[arg(long, value_name = "TEXT", default_value = "app")]
         name: String,
     },
@@ -159,7 +159,8 @@ pub enum TokenCommand {
             conflicts_with = "token"
         )]
         id: Option<String>,
-        /// The token itself, if its id is not at hand.
+        /// The token itself, if its id is not at hand (it shows in `ps` while this runs:
+        /// prefer --id).
         #[arg(long, value_name = "TOKEN")]
         token: Option<String>,
     },

@@ -76,10 +76,14 @@ pub(crate) async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
+    // Only scoped tokens travel in a URL: the operator's would end up in proxy logs and
+    // browser histories.
+    let from_query = bearer.is_none() && path == REPO_PATH;
     let given = bearer.or_else(|| {
-        (path == REPO_PATH)
+        from_query
             .then(|| query_token(request.uri().query().unwrap_or("")))
             .flatten()
+            .filter(|t| looks_scoped(t))
     });
     let access = match (given.as_deref(), state.token.as_deref()) {
         (Some(g), Some(admin)) if tokens_match(g, admin) => Access::Full,

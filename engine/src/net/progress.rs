@@ -3,9 +3,11 @@
 //!
 //! A catch-up begins when the peer is found behind the local feed and ends when it has
 //! acknowledged everything. Documents left are counted in the feed (one entry per
-//! document, so exact up to [`COUNT_CAP`]); bytes left are estimated at the bytes per
-//! document the catch-up has sent so far, since a document's size on the wire is known
-//! only once it is sent.
+//! document, up to [`COUNT_CAP`]) when it begins and every [`RECOUNT_EVERY`], and between
+//! counts follow the documents synced since; the count includes documents the peer does
+//! not take (other subscriptions), so for a partial peer it is an upper bound. Bytes left
+//! are estimated at the bytes per document the catch-up has sent so far, since a
+//! document's size on the wire is known only once it is sent.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -14,9 +16,12 @@ use super::counters::PeerCounters;
 use crate::model::FeedSeq;
 use crate::store::Store;
 
-/// Most feed entries counted for one reading (about 10 ms of counting); beyond it the
-/// documents left read as this many.
-pub const COUNT_CAP: u64 = 1_000_000;
+/// Most feed entries counted for one reading (a few milliseconds); beyond it the documents
+/// left read as this many until fewer remain.
+pub const COUNT_CAP: u64 = 200_000;
+
+/// How often the documents left are counted again while a catch-up runs.
+pub const RECOUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The current catch-up of one connection, updated about once a second by its driver.
 #[derive(Debug, Default)]
@@ -29,6 +34,10 @@ struct Started {
     at: Instant,
     docs_synced: u64,
     bytes_sent: u64,
+    /// The last count of documents left, when it was made, and `docs_synced` then.
+    counted: u64,
+    counted_at: Instant,
+    synced_at_count: u64,
 }
 
 impl CatchUp {
@@ -39,16 +48,9 @@ impl CatchUp {
 
     /// Reads the peer's position (`lag` feed positions behind) and sets its gauges.
     pub fn update(&mut self, store: &Store, lag: u64, counters: &PeerCounters) {
-        let last = store.last_seq();
-        let remaining = if lag == 0 {
-            0
-        } else {
-            let after = FeedSeq(last.0.saturating_sub(lag));
-            store.feed_entries_after(after, COUNT_CAP).unwrap_or(0)
-        };
         let docs_synced = counters.docs_synced.load(Ordering::Relaxed);
         let bytes_sent = counters.bytes_sent.load(Ordering::Relaxed);
-        if remaining == 0 {
+        if lag == 0 {
             // Done: the last catch-up's totals stay readable; nothing is left.
             if self.started.take().is_some() {
                 counters
@@ -62,11 +64,33 @@ impl CatchUp {
             counters.catchup_eta_seconds.store(0, Ordering::Relaxed);
             return;
         }
-        let started = self.started.get_or_insert_with(|| Started {
-            at: Instant::now(),
-            docs_synced,
-            bytes_sent,
-        });
+        let count = || {
+            let after = FeedSeq(store.last_seq().0.saturating_sub(lag));
+            store.feed_entries_after(after, COUNT_CAP).unwrap_or(0)
+        };
+        let started = match &mut self.started {
+            Some(s) => {
+                if s.counted_at.elapsed() >= RECOUNT_EVERY {
+                    s.counted = count();
+                    s.counted_at = Instant::now();
+                    s.synced_at_count = docs_synced;
+                }
+                s
+            }
+            None => self.started.insert(Started {
+                at: Instant::now(),
+                docs_synced,
+                bytes_sent,
+                counted: count(),
+                counted_at: Instant::now(),
+                synced_at_count: docs_synced,
+            }),
+        };
+        // The peer is behind, so at least one document is left.
+        let remaining = started
+            .counted
+            .saturating_sub(docs_synced.saturating_sub(started.synced_at_count))
+            .max(1);
         let done_docs = docs_synced.saturating_sub(started.docs_synced);
         let done_bytes = bytes_sent.saturating_sub(started.bytes_sent);
         let elapsed = started.at.elapsed().as_secs_f64();

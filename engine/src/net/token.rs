@@ -104,8 +104,9 @@ pub fn issue(
         .map_err(|_| TokenError::Issue("the CA key is not an ECDSA P-256 key".into()))?;
     let mut serial = vec![0u8; 16];
     getrandom::fill(&mut serial).map_err(|e| TokenError::Issue(e.to_string()))?;
-    // A positive serial whatever its first bit, as X.509 wants of the list it may join.
-    serial[0] &= 0x7f;
+    // Positive, as X.509 wants of the list it may join, and with no leading zero byte,
+    // which the list's DER encoding would drop (and the serial would then not match).
+    serial[0] = (serial[0] & 0x7f) | 0x40;
     let now = SystemTime::now();
     let expires = now + valid_for;
     let claims = Claims {
@@ -129,7 +130,9 @@ pub fn issue(
         serial,
         subject: subject.to_owned(),
         grants: Grants::new(grants.to_vec()),
-        expires: UNIX_EPOCH + Duration::from_secs(unix(expires)),
+        expires: UNIX_EPOCH
+            .checked_add(Duration::from_secs(unix(expires)))
+            .ok_or_else(|| TokenError::Issue("an expiry past the clock's range".into()))?,
     };
     Ok((text, token))
 }
@@ -180,7 +183,9 @@ pub fn verify(text: &str, ca_der: &[u8], now: SystemTime) -> Result<Token, Token
         serial,
         subject: claims.sub,
         grants: Grants::new(grants),
-        expires: UNIX_EPOCH + Duration::from_secs(claims.exp),
+        expires: UNIX_EPOCH
+            .checked_add(Duration::from_secs(claims.exp))
+            .ok_or(TokenError::Malformed("an expiry past the clock's range"))?,
     })
 }
 
@@ -271,6 +276,39 @@ mod tests {
         );
         let later = SystemTime::now() + Duration::from_secs(7200);
         assert_eq!(verify(&text, der.as_ref(), later), Err(TokenError::Expired));
+    }
+
+    /// A revoked token is refused whatever its serial: the revocation list's DER drops a
+    /// leading zero byte, so a serial that began with one would never match.
+    #[test]
+    fn every_token_serial_survives_the_revocation_list() {
+        use crate::net::crl::{Crl, Revoked};
+        let ca = Ca::generate("t").expect("ca");
+        let der = ca.cert_der().expect("der");
+        let mut serials = Vec::new();
+        for _ in 0..64 {
+            let (_, t) = issue(
+                ca.key_pem(),
+                "app",
+                &grants(&["repo=rw"]),
+                Duration::from_secs(60),
+            )
+            .expect("issue");
+            assert!(t.serial[0] != 0 && t.serial[0] < 0x80, "{:?}", t.serial);
+            serials.push(t.serial);
+        }
+        let revoked: Vec<Revoked> = serials
+            .iter()
+            .map(|s| Revoked {
+                serial: s.clone(),
+                at: SystemTime::now(),
+            })
+            .collect();
+        let list = ca.revocation_list(1, &revoked).expect("list");
+        let crl = Crl::verify(&list, der.as_ref()).expect("verifies");
+        for s in &serials {
+            assert!(crl.revokes(s), "{s:?} is not revoked");
+        }
     }
 
     #[test]

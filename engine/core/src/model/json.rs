@@ -371,6 +371,13 @@ fn update_prop<T: Transactable>(
             let target = n.as_i64().unwrap_or(now);
             tx.increment(obj, prop, target.wrapping_sub(now))
         }
+        // A string that was a scalar stays one: the mode is for new values, so that no
+        // write changes the type of a string an app already reads.
+        (Some((Value::Scalar(current), _)), Json::String(_))
+            if matches!(current.as_ref(), ScalarValue::Str(_)) =>
+        {
+            put_fresh(tx, false, obj, prop, new)
+        }
         _ => put_fresh(tx, text, obj, prop, new),
     }
 }
@@ -672,6 +679,24 @@ mod tests {
             write_replace(tx, &obj(json!({"a": "x"})), Strings::Auto).expect("put");
         });
         assert_eq!(kind(&empty, "a"), None);
+    }
+
+    #[test]
+    fn text_mode_keeps_an_existing_scalar_a_scalar() {
+        let mut doc = Automerge::new();
+        ops(&mut doc, |tx| {
+            write_replace(tx, &obj(json!({"a": "x"})), Strings::Scalar).expect("put");
+        });
+        ops(&mut doc, |tx| {
+            write_merge_patch(tx, &obj(json!({"a": "y", "b": "new"})), Strings::Text)
+                .expect("patch");
+        });
+        assert_eq!(kind(&doc, "a"), None, "the scalar stays a scalar");
+        assert_eq!(kind(&doc, "b"), Some(ObjType::Text));
+        assert_eq!(
+            read_root(&doc).expect("reads"),
+            obj(json!({"a": "y", "b": "new"}))
+        );
     }
 
     #[test]

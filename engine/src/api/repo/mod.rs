@@ -22,6 +22,7 @@ use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use super::access::Access;
 use super::error::ApiError;
@@ -38,7 +39,11 @@ pub fn default_namespace() -> Namespace {
 
 /// Ephemeral messages waiting for slow clients; past this a client misses the oldest
 /// (ephemeral data is presence and cursors: the next one replaces it).
-const EPHEMERAL_BACKLOG: usize = 256;
+const EPHEMERAL_BACKLOG: usize = 64;
+
+/// WebSocket clients of one node at once; more are answered 503. An upgraded connection
+/// leaves the HTTP server's own connection count, so this is its bound.
+pub const MAX_CLIENTS: u64 = 1024;
 
 /// The automerge-repo endpoint of a node: shared by its WebSocket connections.
 #[derive(Clone, Debug)]
@@ -54,12 +59,16 @@ struct Inner {
     ephemeral: broadcast::Sender<Arc<Relayed>>,
     next_client: AtomicU64,
     clients: AtomicU64,
+    /// Cancelled when the node stops: every client is disconnected.
+    stop: CancellationToken,
 }
 
 /// An ephemeral message on its way to the node's other clients.
 #[derive(Debug)]
 struct Relayed {
     from_client: u64,
+    /// The sender's peer id, prefixed with its connection number: a client cannot pass
+    /// as another one (automerge-repo deduplicates presence by sender and session).
     sender: String,
     session: String,
     count: u64,
@@ -68,8 +77,9 @@ struct Relayed {
 }
 
 impl RepoEndpoint {
-    /// The endpoint of node `node_id`, keeping documents in `namespace`.
-    pub fn new(namespace: Namespace, node_id: &str) -> Self {
+    /// The endpoint of node `node_id`, keeping documents in `namespace`; `stop` ends
+    /// every client's connection.
+    pub fn new(namespace: Namespace, node_id: &str, stop: CancellationToken) -> Self {
         let (ephemeral, _) = broadcast::channel(EPHEMERAL_BACKLOG);
         Self {
             inner: Arc::new(Inner {
@@ -78,6 +88,7 @@ impl RepoEndpoint {
                 ephemeral,
                 next_client: AtomicU64::new(1),
                 clients: AtomicU64::new(0),
+                stop,
             }),
         }
     }
@@ -90,6 +101,23 @@ impl RepoEndpoint {
     /// WebSocket clients connected now.
     pub fn clients(&self) -> u64 {
         self.inner.clients.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new client in, unless [`MAX_CLIENTS`] are connected.
+    fn admit(&self) -> Option<Admitted> {
+        let before = self.inner.clients.fetch_add(1, Ordering::Relaxed);
+        let admitted = Admitted(self.clone());
+        (before < MAX_CLIENTS).then_some(admitted)
+    }
+}
+
+/// A client counted in [`RepoEndpoint::clients`] for as long as it lives.
+#[derive(Debug)]
+struct Admitted(RepoEndpoint);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.inner.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -119,11 +147,17 @@ pub(crate) async fn connect(
         ));
     }
     let writable = state.write_grants.can_write(&ns) && access.can_write(&ns);
+    let admitted = state.repo.admit().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_CLIENTS} automerge-repo clients are connected; try again later"),
+        )
+    })?;
     let max = state.max_body;
     Ok(upgrade
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| conn::run(socket, state, writable)))
+        .on_upgrade(move |socket| conn::run(socket, state, access, writable, admitted)))
 }
 
 const REPO: &str = super::access::REPO_PATH;

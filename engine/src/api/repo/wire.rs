@@ -4,6 +4,7 @@
 //! limit, nesting by a recursion limit, and every field is checked for its type.
 
 use ciborium::value::{Integer, Value};
+use serde::Deserialize;
 
 /// The protocol version this node speaks.
 pub const PROTOCOL_VERSION: &str = "1";
@@ -63,73 +64,139 @@ fn err(s: impl Into<String>) -> WireError {
     WireError(s.into())
 }
 
-/// Decodes one client message.
-pub fn decode(bytes: &[u8]) -> Result<Incoming, WireError> {
-    let value: Value = ciborium::de::from_reader_with_recursion_limit(bytes, RECURSION_LIMIT)
-        .map_err(|e| err(format!("CBOR: {e}")))?;
-    let Value::Map(fields) = value else {
-        return Err(err("not a CBOR map"));
-    };
-    let get = |key: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k.as_text() == Some(key))
-            .map(|(_, v)| v)
-    };
-    let text = |key: &str| -> Result<String, WireError> {
-        match get(key) {
-            Some(Value::Text(s)) if s.len() <= MAX_ID_LEN => Ok(s.clone()),
-            Some(Value::Text(_)) => Err(err(format!("{key} is too long"))),
-            _ => Err(err(format!("{key} is missing or not text"))),
-        }
-    };
-    let bytes_of = |key: &str| -> Result<Vec<u8>, WireError> {
-        match get(key) {
-            Some(Value::Bytes(b)) => Ok(b.clone()),
-            // cbor-x may tag a typed array (tag 64: uint8 array).
-            Some(Value::Tag(_, inner)) => match inner.as_ref() {
-                Value::Bytes(b) => Ok(b.clone()),
-                _ => Err(err(format!("{key} is not bytes"))),
-            },
-            _ => Err(err(format!("{key} is missing or not bytes"))),
-        }
-    };
-    let kind = text("type")?;
-    Ok(match kind.as_str() {
-        "join" => {
-            let versions = match get("supportedProtocolVersions") {
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .take(16)
-                    .filter_map(|v| v.as_text().map(str::to_owned))
-                    .collect(),
-                // Clients from before versions were negotiated speak version 1.
-                None => vec![PROTOCOL_VERSION.to_owned()],
-                Some(_) => return Err(err("supportedProtocolVersions is not a list")),
-            };
-            Incoming::Join {
-                sender: text("senderId")?,
-                versions,
+/// The fields this node reads, decoded straight from the CBOR: everything else (peer
+/// metadata, remote heads, fields of later versions) is skipped without being built, so
+/// a message of many tiny items costs no more memory than its bytes.
+#[derive(Debug, Deserialize)]
+struct Fields {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(rename = "senderId", default)]
+    sender: Option<String>,
+    #[serde(rename = "documentId", default)]
+    document: Option<String>,
+    #[serde(rename = "sessionId", default)]
+    session: Option<String>,
+    #[serde(default)]
+    count: Option<u64>,
+    #[serde(default)]
+    data: Option<Bytes>,
+    #[serde(rename = "supportedProtocolVersions", default)]
+    versions: Option<Versions>,
+}
+
+/// A CBOR byte string.
+#[derive(Debug)]
+struct Bytes(Vec<u8>);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes(v))
             }
         }
+        d.deserialize_bytes(Visit)
+    }
+}
+
+/// The first 16 protocol versions a client lists; the rest are skipped unbuilt.
+#[derive(Debug)]
+struct Versions(Vec<String>);
+
+impl<'de> Deserialize<'de> for Versions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Versions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of versions")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Versions, A::Error> {
+                let mut out = Vec::new();
+                while out.len() < 16 {
+                    match seq.next_element::<String>()? {
+                        Some(v) if v.len() <= MAX_ID_LEN => out.push(v),
+                        Some(_) => {}
+                        None => return Ok(Versions(out)),
+                    }
+                }
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Versions(out))
+            }
+        }
+        d.deserialize_seq(Visit)
+    }
+}
+
+/// Decodes one client message.
+pub fn decode(bytes: &[u8]) -> Result<Incoming, WireError> {
+    let f: Fields = ciborium::de::from_reader_with_recursion_limit(bytes, RECURSION_LIMIT)
+        .map_err(|e| err(format!("CBOR: {e}")))?;
+    let text = |key: &str, v: Option<String>| -> Result<String, WireError> {
+        match v {
+            Some(s) if s.len() <= MAX_ID_LEN => Ok(s),
+            Some(_) => Err(err(format!("{key} is too long"))),
+            None => Err(err(format!("{key} is missing or not text"))),
+        }
+    };
+    let data = |v: Option<Bytes>| {
+        v.map(|b| b.0)
+            .ok_or_else(|| err("data is missing or not bytes"))
+    };
+    if f.kind.len() > MAX_ID_LEN {
+        return Err(err("type is too long"));
+    }
+    Ok(match f.kind.as_str() {
+        "join" => Incoming::Join {
+            sender: text("senderId", f.sender)?,
+            // Clients from before versions were negotiated speak version 1.
+            versions: f
+                .versions
+                .map_or_else(|| vec![PROTOCOL_VERSION.to_owned()], |v| v.0),
+        },
         "leave" => Incoming::Leave,
         "request" | "sync" => Incoming::Sync {
-            request: kind == "request",
-            document: text("documentId")?,
-            data: bytes_of("data")?,
+            request: f.kind == "request",
+            document: text("documentId", f.document)?,
+            data: data(f.data)?,
         },
         "ephemeral" => Incoming::Ephemeral {
-            sender: text("senderId")?,
-            session: text("sessionId")?,
-            count: match get("count") {
-                Some(Value::Integer(i)) => u64::try_from(*i).map_err(|_| err("bad count"))?,
-                _ => return Err(err("count is missing or not an integer")),
-            },
-            document: text("documentId")?,
-            data: bytes_of("data")?,
+            sender: text("senderId", f.sender)?,
+            session: text("sessionId", f.session)?,
+            count: f
+                .count
+                .ok_or_else(|| err("count is missing or not an integer"))?,
+            document: text("documentId", f.document)?,
+            data: data(f.data)?,
         },
-        _ => Incoming::Ignored(kind),
+        _ => Incoming::Ignored(f.kind),
     })
+}
+
+impl Incoming {
+    /// The message's `type`, for errors that must not echo the message.
+    pub fn kind(&self) -> &str {
+        match self {
+            Incoming::Join { .. } => "join",
+            Incoming::Leave => "leave",
+            Incoming::Sync { request: true, .. } => "request",
+            Incoming::Sync { .. } => "sync",
+            Incoming::Ephemeral { .. } => "ephemeral",
+            Incoming::Ignored(kind) => kind,
+        }
+    }
 }
 
 /// Whether `id` is an automerge-repo document id: the base58check encoding of 16 bytes
