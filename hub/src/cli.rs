@@ -159,8 +159,8 @@ pub enum TokenCommand {
             conflicts_with = "token"
         )]
         id: Option<String>,
-        /// The token itself, if its id is not at hand (it shows in `ps` while this runs:
-        /// prefer --id).
+        /// The token itself, if its id is not at hand (it shows in `ps` while this runs;
+        /// --id does not).
         #[arg(long, value_name = "TOKEN")]
         token: Option<String>,
     },
