@@ -44,6 +44,11 @@ fn run(cli: Cli) -> Result<()> {
             config,
         } => {
             let base = RunBase::resolve(config.as_deref(), data, *common)?;
+            if !base.file.export.is_empty() {
+                anyhow::bail!(
+                    "[[export]] tables are for hubs: exports run where the data center's bus is"
+                );
+            }
             let (bundle, bundle_file) = base.bundle(bundle, None)?;
             let hubs = list_or(hubs, base.file.hubs.clone());
             if hubs.is_empty() {
@@ -80,6 +85,7 @@ fn run(cli: Cli) -> Result<()> {
                 replica_defaults: base.common.replica_defaults,
                 blobs: base.common.blobs,
                 repo_namespace: base.common.repo_namespace,
+                extensions: Vec::new(),
                 traffic: base.common.traffic,
             };
             serve(cfg, &base.data, Some(2))

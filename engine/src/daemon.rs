@@ -74,6 +74,8 @@ pub struct DaemonConfig {
     pub traffic: crate::net::TrafficConfig,
     /// The namespace of the documents of automerge-repo clients (`/v1/automerge-repo`).
     pub repo_namespace: crate::model::Namespace,
+    /// Parts of the node outside this crate (a hub's bus bridge), started with it.
+    pub extensions: Vec<std::sync::Arc<dyn crate::extension::Extension>>,
 }
 
 /// Failures to start a node process.
@@ -168,6 +170,7 @@ pub enum DaemonError {
 ///     blobs: Default::default(),
 ///     traffic: Default::default(),
 ///     repo_namespace: tidesync::api::repo::default_namespace(),
+///     extensions: Vec::new(),
 /// })
 /// .await?;
 /// // The real addresses, also for port 0, as the binaries print them.
@@ -517,8 +520,12 @@ impl Daemon {
                 identity.node_id.as_str(),
                 cancel.child_token(),
             ),
+            extensions: cfg.extensions.clone(),
         });
         let mut tasks = Vec::new();
+        for e in &cfg.extensions {
+            tasks.extend(e.start(store.clone(), cancel.child_token()));
+        }
         let stop = cancel.clone();
         tasks.push(tokio::spawn(api::serve::serve(
             listener,

@@ -57,6 +57,7 @@ pub mod api;
 pub mod blobs;
 pub mod daemon;
 pub mod error;
+pub mod extension;
 pub mod files;
 pub mod metrics;
 pub mod net;

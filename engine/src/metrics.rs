@@ -205,8 +205,15 @@ impl EncodeMetric for CommitHistogram {
 }
 
 /// The metrics of `store` and (if running) `node`, as Prometheus text.
-pub fn render(store: &Store, node: Option<&Node>) -> String {
+pub fn render(
+    store: &Store,
+    node: Option<&Node>,
+    extensions: &[std::sync::Arc<dyn crate::extension::Extension>],
+) -> String {
     let mut r = Registry::with_prefix("tidesync");
+    for e in extensions {
+        e.metrics(&mut r);
+    }
     let docs = store.doc_count().unwrap_or(0);
     gauge(
         &mut r,

@@ -44,6 +44,7 @@ async fn node(token: Option<&str>, limits: ServeLimits) -> (Daemon, tempfile::Te
         blobs: Default::default(),
         traffic: Default::default(),
         repo_namespace: tidesync::api::repo::default_namespace(),
+        extensions: Vec::new(),
     })
     .await
     .unwrap();

@@ -98,6 +98,7 @@ impl Local {
             blobs: Default::default(),
             traffic: Default::default(),
             repo_namespace: tidesync::api::repo::default_namespace(),
+            extensions: Vec::new(),
         })
     }
 

@@ -106,11 +106,16 @@ pub enum Command {
         /// it to its next hub (other hubs are never turned away) [default: unlimited].
         #[arg(long, value_name = "N")]
         max_peers: Option<usize>,
+        /// Publish every committed change to a message bus: nats://HOST:PORT (JetStream;
+        /// the stream must cover subjects tidesync.>). Repeat for several; `[[export]]`
+        /// tables choose namespaces, subject and format. Resumes where it stopped.
+        #[arg(long = "export", value_name = "URL")]
+        exports: Vec<String>,
         /// --token, --max-body and --cache-mb.
         #[command(flatten)]
         common: Box<CommonRunFlags>,
         /// A TOML file with any of these settings (keys: data, bundle, listen, api, peers,
-        /// token, max_body, cache_mb). Flags given here win over the file.
+        /// token, max_body, cache_mb, [[export]] tables). Flags given here win over the file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },

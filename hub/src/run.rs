@@ -60,10 +60,12 @@ pub fn run(command: Command) -> Result<()> {
             api,
             peers,
             max_peers,
+            exports,
             common,
             config,
         } => {
             let base = RunBase::resolve(config.as_deref(), data, *common)?;
+            let bridge = bridge(&exports, &base.file.export)?;
             let (bundle, bundle_file) = base.bundle(bundle, Some(base.data.join(BUNDLE)))?;
             let cfg = DaemonConfig {
                 db_path: base.data.join(DB),
@@ -87,6 +89,11 @@ pub fn run(command: Command) -> Result<()> {
                 replica_defaults: base.common.replica_defaults,
                 blobs: base.common.blobs,
                 repo_namespace: base.common.repo_namespace,
+                extensions: if bridge.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![std::sync::Arc::new(bridge)]
+                },
                 traffic: tidesync::net::TrafficConfig {
                     max_peers: max_peers.or(base.file.max_peers),
                     ..base.common.traffic
@@ -95,6 +102,33 @@ pub fn run(command: Command) -> Result<()> {
             serve(cfg, &base.data, None)
         }
     }
+}
+
+/// The exports of `--export` flags (every namespace, the default subject and format) and
+/// of `[[export]]` tables.
+fn bridge(
+    flags: &[String],
+    tables: &[tidesync_cli::config::ExportSettings],
+) -> Result<tidesync_bridge::Bridge> {
+    let mut exports = Vec::new();
+    for url in flags {
+        exports.push(tidesync_bridge::ExportConfig::new(url, &[], None, None)?);
+    }
+    for t in tables {
+        if t.routing_key.is_some() && !t.url.starts_with("amqp") {
+            bail!(
+                "[[export]] {}: routing_key is for amqp:// exports; nats:// ones take subject",
+                t.url
+            );
+        }
+        exports.push(tidesync_bridge::ExportConfig::new(
+            &t.url,
+            &t.namespaces,
+            t.subject.as_deref(),
+            t.format.as_deref(),
+        )?);
+    }
+    Ok(tidesync_bridge::Bridge::new(exports))
 }
 
 /// Writes `text` to `path` whole, durably and readable by the owner only (it may hold a

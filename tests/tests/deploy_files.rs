@@ -116,6 +116,20 @@ fn alerts_and_dashboard_query_only_exported_metrics() {
         assert!(code.contains(&format!("\"{}\"", &n["tidesync_".len()..])));
         names.insert(n.to_owned());
     }
+    // A hub's exports to a message bus: only where configured (these nodes have none).
+    let bridge = read("bridge/src/export.rs");
+    for (family, kind) in [
+        ("export_published_messages", "counter"),
+        ("export_confirmed_messages", "counter"),
+        ("export_failures", "counter"),
+        ("export_lag_feed_positions", "gauge"),
+        ("export_lag_seconds", "gauge"),
+        ("export_connected", "gauge"),
+    ] {
+        assert!(bridge.contains(&format!("\"{family}\"")), "{family}");
+        let suffix = if kind == "counter" { "_total" } else { "" };
+        names.insert(format!("tidesync_{family}{suffix}"));
+    }
 
     let dashboard: serde_json::Value =
         serde_json::from_str(&read("deploy/grafana/tidesync.json")).unwrap();

@@ -85,7 +85,7 @@ async fn a_peer_unseen_for_long_is_forgotten_and_syncs_from_scratch_when_back() 
         .unwrap()
         .is_none());
     assert!(hub.node.peers().iter().all(|p| p.node_id != edge_id));
-    let metrics = tidesync::metrics::render(&hub.store, Some(&hub.node));
+    let metrics = tidesync::metrics::render(&hub.store, Some(&hub.node), &[]);
     assert!(
         metrics.contains("tidesync_peers_forgotten_total 1"),
         "{metrics}"

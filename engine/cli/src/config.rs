@@ -92,6 +92,26 @@ pub struct RunFile {
     pub class: Vec<ClassSettings>,
     /// `--repo-namespace`.
     pub repo_namespace: Option<String>,
+    /// `[[export]]` tables (hub): the change feed out to a message bus.
+    #[serde(default)]
+    pub export: Vec<ExportSettings>,
+}
+
+/// An `[[export]]` table of the config file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSettings {
+    /// The broker: `nats://host:port` (JetStream).
+    pub url: String,
+    /// Namespace patterns exported [default: all].
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Subject template, `{ns}` and `{id}` replaced [default: `tidesync.{ns}.{id}`].
+    pub subject: Option<String>,
+    /// The AMQP routing key template, for `amqp://` exports (not built yet).
+    pub routing_key: Option<String>,
+    /// `json` (the document) or `automerge` (its changes) [default: json].
+    pub format: Option<String>,
 }
 
 /// A `[[class]]` table of the config file.

@@ -63,6 +63,8 @@ pub struct ApiState {
     pub replica_defaults: Vec<(NsPattern, usize)>,
     /// The automerge-repo endpoint: its namespace and its clients.
     pub repo: repo::RepoEndpoint,
+    /// Parts of the node outside this crate, in its status and metrics.
+    pub extensions: Vec<std::sync::Arc<dyn crate::extension::Extension>>,
 }
 
 impl ApiState {
@@ -452,7 +454,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         .map(PeerStatus::to_json)
         .collect();
     let crl = state.node.as_ref().and_then(|n| n.revocations().crl());
-    Ok(Json(json!({
+    let mut status = json!({
         "node_id": state.node_id.as_str(),
         "role": state.role.as_str(),
         "feed_epoch": format!("{:032x}", state.store.feed_epoch()),
@@ -472,7 +474,14 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "revoked_certificates": crl.as_ref().map_or(0, |c| c.entries().len()),
         "peers": peers,
         "blobs": state.node.as_ref().and_then(Node::blobs).map(blob_status),
-    })))
+    });
+    if let Some(obj) = status.as_object_mut() {
+        for e in &state.extensions {
+            let (key, value) = e.status();
+            obj.insert(key.to_owned(), value);
+        }
+    }
+    Ok(Json(status))
 }
 
 /// The blob part of `/v1/status`.
@@ -495,7 +504,7 @@ fn blob_status(blobs: &crate::blobs::Blobs) -> Value {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let body = crate::metrics::render(&state.store, state.node.as_ref());
+    let body = crate::metrics::render(&state.store, state.node.as_ref(), &state.extensions);
     (
         [(
             header::CONTENT_TYPE,

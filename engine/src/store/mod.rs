@@ -44,6 +44,12 @@ use cache::{CachedDoc, DocCache};
 use schema::{DocMeta, CHUNKS, DOCS, FEED, KEY_REVOCATION_LIST, META, PEERS, SYNC_STATE};
 use writer::{load_chunks, Answer, WriteOp, WriteRequest, Writer};
 
+/// Longest key of a [`Store::set_records`] record, in bytes.
+pub const MAX_RECORD_KEY: usize = 512;
+
+/// What sets records apart from the store's own keys in its `meta` table.
+const RECORD_PREFIX: &str = "record/";
+
 /// Settings of a [`Store`]. The defaults suit an edge device; hubs raise the caches.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -382,8 +388,7 @@ impl Store {
             StoreError::WriteFailed(format!("no randomness for the feed epoch: {e}"))
         })?;
         let op = WriteOp::SetMeta {
-            key: schema::KEY_EPOCH,
-            value: bytes.to_vec(),
+            entries: vec![(schema::KEY_EPOCH.into(), bytes.to_vec())],
         };
         self.submit(None, op, None).await?;
         let epoch = u128::from_le_bytes(bytes);
@@ -570,10 +575,36 @@ impl Store {
     /// lost its `crl.pem` still starts with it.
     pub async fn set_revocation_list(&self, der: Vec<u8>) -> Result<(), StoreError> {
         let op = WriteOp::SetMeta {
-            key: KEY_REVOCATION_LIST,
-            value: der,
+            entries: vec![(KEY_REVOCATION_LIST.into(), der)],
         };
         self.submit(None, op, None).await.map(|_| ())
+    }
+
+    /// Keeps small records of a part of the node outside the store (a bus export's
+    /// position), durably, in one commit. Keys are at most [`MAX_RECORD_KEY`] bytes and
+    /// live apart from the store's own.
+    pub async fn set_records(&self, records: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+        let mut entries = Vec::with_capacity(records.len());
+        for (key, value) in records {
+            if key.len() > MAX_RECORD_KEY {
+                return Err(StoreError::WriteFailed(format!(
+                    "a record key of {} bytes; at most {MAX_RECORD_KEY}",
+                    key.len()
+                )));
+            }
+            entries.push((format!("{RECORD_PREFIX}{key}").into(), value));
+        }
+        self.submit(None, WriteOp::SetMeta { entries }, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// A record kept by [`Store::set_records`].
+    pub fn record(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.inner.db.get()?.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let key = format!("{RECORD_PREFIX}{key}");
+        Ok(meta.get(key.as_str())?.map(|v| v.value().to_vec()))
     }
 
     /// The revocation list kept by [`Store::set_revocation_list`], unchecked.

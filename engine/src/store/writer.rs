@@ -51,7 +51,9 @@ pub(crate) enum WriteOp {
     SetCursor { peer: NodeId, cursor: Cursor },
     /// Keep a small node-level record (the revocation list) in the `meta` table. Targets
     /// no document.
-    SetMeta { key: &'static str, value: Vec<u8> },
+    SetMeta {
+        entries: Vec<(std::borrow::Cow<'static, str>, Vec<u8>)>,
+    },
     /// Record that a peer was seen now (connected or disconnected). Targets no document.
     PeerSeen { peer: NodeId, unix_s: u64 },
     /// Drop every row kept for a peer (its cursor, its sync states, when it was seen) if
@@ -402,7 +404,7 @@ impl Writer {
             let mut feed = txn.open_table(FEED)?;
             let mut index: HashMap<(Namespace, DocId), usize> = HashMap::new();
             let mut cursors: Vec<(NodeId, Cursor)> = Vec::new();
-            let mut metas: Vec<(&'static str, Vec<u8>)> = Vec::new();
+            let mut metas: Vec<(std::borrow::Cow<'static, str>, Vec<u8>)> = Vec::new();
             let mut seen: Vec<(NodeId, u64)> = Vec::new();
             let mut forgets: Vec<(NodeId, u64, usize)> = Vec::new();
             for req in batch.iter_mut() {
@@ -418,7 +420,7 @@ impl Writer {
                 let Some(key) = req.doc.clone() else {
                     match op {
                         WriteOp::SetCursor { peer, cursor } => cursors.push((peer, cursor)),
-                        WriteOp::SetMeta { key, value } => metas.push((key, value)),
+                        WriteOp::SetMeta { entries } => metas.extend(entries),
                         WriteOp::PeerSeen { peer, unix_s } => seen.push((peer, unix_s)),
                         WriteOp::ForgetPeer {
                             peer,
@@ -546,8 +548,8 @@ impl Writer {
                 // A record of the node (the revocation list) is kept durably at once.
                 any_durable = true;
                 let mut meta = txn.open_table(META)?;
-                for (key, value) in metas {
-                    meta.insert(key, value.as_slice())?;
+                for (key, value) in &metas {
+                    meta.insert(key.as_ref(), value.as_slice())?;
                 }
             }
             if !cursors.is_empty() {

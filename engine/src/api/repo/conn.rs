@@ -23,7 +23,7 @@ use crate::api::ApiState;
 use crate::error::StoreError;
 use crate::model::{automerge_bytes, op_count, DocId, NodeId, SyncPeer};
 use crate::net::Node;
-use crate::store::{FeedSeq, Store};
+use crate::store::Store;
 use crate::sync::{validate, Apply};
 
 /// How long a client has to send its `join`.
@@ -35,9 +35,6 @@ const MAX_JOIN_BYTES: usize = 64 * 1024;
 /// Most documents one client syncs at once; past this it is told so and disconnected
 /// (each costs a sync state in memory).
 const MAX_DOCS: usize = 10_000;
-
-/// Feed entries read per look at the store's feed.
-const FEED_PAGE: usize = 1000;
 
 /// How often the node pings a client, and checks that its token still holds.
 const TICK: Duration = Duration::from_secs(1);
@@ -175,8 +172,7 @@ struct Session {
 
 impl Session {
     async fn serve(&mut self, socket: &mut WebSocket) -> End {
-        let mut feed = self.store.subscribe();
-        let mut seen = self.store.last_seq();
+        let mut changed = self.endpoint.changes(&self.store);
         let mut relayed = self.endpoint.inner.ephemeral.subscribe();
         let stop = self.endpoint.inner.stop.clone();
         let mut tick = tokio::time::interval(TICK);
@@ -194,11 +190,17 @@ impl Session {
                         return end;
                     }
                 }
-                changed = feed.changed() => {
-                    if changed.is_err() {
-                        return End::Closed;
-                    }
-                    if let Err(end) = self.push_changes(socket, &mut seen).await {
+                ids = changed.recv() => {
+                    let pushed = match ids {
+                        Ok(ids) => self.push(socket, &ids).await,
+                        // Fell behind: every document it syncs may have changed.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let all: Vec<DocId> = self.docs.keys().cloned().collect();
+                            self.push(socket, &all).await
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return End::Closed,
+                    };
+                    if let Err(end) = pushed {
                         return end;
                     }
                 }
@@ -396,42 +398,22 @@ impl Session {
         send(socket, wire::error(&self.server, &self.client, &why)).await
     }
 
-    /// Sends the client what changed in the documents it syncs since `seen`.
-    async fn push_changes(
-        &mut self,
-        socket: &mut WebSocket,
-        seen: &mut FeedSeq,
-    ) -> Result<(), End> {
-        if self.docs.is_empty() {
-            // Nothing to send: skip the feed, and start from its end once there is.
-            *seen = self.store.last_seq();
-            return Ok(());
-        }
-        loop {
-            let entries = self
-                .store
-                .changes_since(*seen, FEED_PAGE)
-                .map_err(|e| End::Refused(format!("reading the change feed: {e}")))?;
-            let Some(last) = entries.last() else {
-                return Ok(());
+    /// Sends the client what changed in `ids`, of the documents it syncs.
+    async fn push(&mut self, socket: &mut WebSocket, ids: &[DocId]) -> Result<(), End> {
+        let ns = self.endpoint.namespace().clone();
+        for id in ids {
+            let Some((document, state)) = self.docs.get_mut(id) else {
+                continue;
             };
-            *seen = last.seq;
-            for e in &entries {
-                if e.ns != *self.endpoint.namespace() {
-                    continue;
-                }
-                let Some((document, state)) = self.docs.get_mut(&e.id) else {
-                    continue;
-                };
-                let Ok(Some(doc)) = self.store.doc(&e.ns, &e.id) else {
-                    continue;
-                };
-                if let Some(m) = doc.generate_sync_message(state) {
-                    let out = wire::sync(&self.server, &self.client, document, m.encode());
-                    send(socket, out).await?;
-                }
+            let Ok(Some(doc)) = self.store.doc(&ns, id) else {
+                continue;
+            };
+            if let Some(m) = doc.generate_sync_message(state) {
+                let out = wire::sync(&self.server, &self.client, document, m.encode());
+                send(socket, out).await?;
             }
         }
+        Ok(())
     }
 
     /// Passes another client's ephemeral message on, if this client syncs its document.

@@ -14,7 +14,7 @@
 mod conn;
 pub mod wire;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use super::access::Access;
 use super::error::ApiError;
 use super::ApiState;
-use crate::model::Namespace;
+use crate::model::{DocId, Namespace};
+use crate::store::Store;
 
 /// The namespace of automerge-repo documents unless configured (`--repo-namespace`).
 pub const DEFAULT_NAMESPACE: &str = "repo";
@@ -61,7 +62,17 @@ struct Inner {
     clients: AtomicU64,
     /// Cancelled when the node stops: every client is disconnected.
     stop: CancellationToken,
+    /// The repo documents each commit changed, read from the feed once for all clients.
+    changed: broadcast::Sender<Arc<Vec<DocId>>>,
+    following: AtomicBool,
 }
+
+/// Batches of changed documents waiting for slow clients; a client that falls further
+/// behind resyncs every document it has.
+const CHANGED_BACKLOG: usize = 256;
+
+/// Feed entries read per look at the store's feed.
+const FEED_PAGE: usize = 1000;
 
 /// An ephemeral message on its way to the node's other clients.
 #[derive(Debug)]
@@ -81,6 +92,7 @@ impl RepoEndpoint {
     /// every client's connection.
     pub fn new(namespace: Namespace, node_id: &str, stop: CancellationToken) -> Self {
         let (ephemeral, _) = broadcast::channel(EPHEMERAL_BACKLOG);
+        let (changed, _) = broadcast::channel(CHANGED_BACKLOG);
         Self {
             inner: Arc::new(Inner {
                 namespace,
@@ -89,6 +101,8 @@ impl RepoEndpoint {
                 next_client: AtomicU64::new(1),
                 clients: AtomicU64::new(0),
                 stop,
+                changed,
+                following: AtomicBool::new(false),
             }),
         }
     }
@@ -103,11 +117,57 @@ impl RepoEndpoint {
         self.inner.clients.load(Ordering::Relaxed)
     }
 
+    /// The repo documents changed from now on; the first call starts the one task that
+    /// follows the store's feed for every client.
+    fn changes(&self, store: &Store) -> broadcast::Receiver<Arc<Vec<DocId>>> {
+        let rx = self.inner.changed.subscribe();
+        if !self.inner.following.swap(true, Ordering::AcqRel) {
+            tokio::spawn(follow(self.clone(), store.clone()));
+        }
+        rx
+    }
+
     /// Counts a new client in, unless [`MAX_CLIENTS`] are connected.
     fn admit(&self) -> Option<Admitted> {
         let before = self.inner.clients.fetch_add(1, Ordering::Relaxed);
         let admitted = Admitted(self.clone());
         (before < MAX_CLIENTS).then_some(admitted)
+    }
+}
+
+/// Reads the feed as commits land and tells the clients which repo documents changed,
+/// until the node stops.
+async fn follow(endpoint: RepoEndpoint, store: Store) {
+    let mut feed = store.subscribe();
+    let mut seen = store.last_seq();
+    let stop = endpoint.inner.stop.clone();
+    loop {
+        tokio::select! {
+            changed = feed.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+        loop {
+            let entries = match store.changes_since(seen, FEED_PAGE) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "automerge-repo clients: reading the change feed failed");
+                    break;
+                }
+            };
+            let Some(last) = entries.last() else {
+                break;
+            };
+            seen = last.seq;
+            let ids: Vec<DocId> = entries
+                .into_iter()
+                .filter(|e| e.ns == endpoint.inner.namespace)
+                .map(|e| e.id)
+                .collect();
+            if !ids.is_empty() {
+                // No receiver is not an error: no client is connected.
+                let _ = endpoint.inner.changed.send(Arc::new(ids));
+            }
+        }
     }
 }
 

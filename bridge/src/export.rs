@@ -1,0 +1,397 @@
+//! One export: the hub's change feed, from a durable position, out to NATS JetStream.
+//!
+//! The loop reads the feed after the export's position in batches, publishes one message
+//! per changed document of its namespaces, waits for JetStream's acknowledgement of every
+//! message of the batch, and only then moves the position, in one commit of the store with
+//! what the batch sent. So a crash, a broker outage or a lost connection resumes from the
+//! last acknowledged batch: nothing is lost, and what is sent again carries the same
+//! `Nats-Msg-Id` (the feed epoch and position), which JetStream drops as a duplicate within
+//! its window and a consumer can drop after it. The feed holds each document once, at its
+//! last write, so a document written several times while the export was behind goes out
+//! once with all of it: the JSON form its latest content, the Automerge form every change
+//! since the document's previous message (each change exactly once after deduplication by
+//! change hash; in order, since a document's messages follow its feed positions).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::json;
+use tidesync::model::{format_heads, FeedSeq};
+use tidesync::store::{FeedEntry, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ExportConfig, Format};
+
+/// Feed entries read, and messages published before their acknowledgements are awaited,
+/// per batch.
+const BATCH: usize = 256;
+
+/// Waits between attempts to reach the broker: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_LAST: Duration = Duration::from_secs(15);
+
+/// How long JetStream has to acknowledge a message.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An export's settings and what it has done, shared with status and metrics.
+#[derive(Debug)]
+pub struct ExportState {
+    cfg: ExportConfig,
+    key: String,
+    connected: AtomicBool,
+    /// The feed position every change through which the broker has acknowledged.
+    position: AtomicU64,
+    /// The local feed's last position when last looked at.
+    feed_last: AtomicU64,
+    published: AtomicU64,
+    confirmed: AtomicU64,
+    duplicates: AtomicU64,
+    failures: AtomicU64,
+    /// Since when the export has been behind the feed (`None`: caught up).
+    behind_since: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Why an export session ended.
+#[derive(Debug, thiserror::Error)]
+enum ExportError {
+    #[error("broker: {0}")]
+    Broker(String),
+    #[error("store: {0}")]
+    Store(#[from] tidesync::error::StoreError),
+}
+
+fn broker(e: impl std::fmt::Display) -> ExportError {
+    ExportError::Broker(e.to_string())
+}
+
+impl ExportState {
+    /// A new export, not started.
+    pub fn new(cfg: ExportConfig) -> Self {
+        let key = cfg.key();
+        Self {
+            cfg,
+            key,
+            connected: AtomicBool::new(false),
+            position: AtomicU64::new(0),
+            feed_last: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            behind_since: Mutex::new(None),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Feed positions not yet acknowledged by the broker.
+    pub fn behind(&self) -> u64 {
+        self.feed_last
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.position.load(Ordering::Relaxed))
+    }
+
+    /// Seconds the export has been behind the feed (0 when caught up).
+    pub fn lag_seconds(&self) -> f64 {
+        self.behind_since
+            .lock()
+            .ok()
+            .and_then(|b| b.map(|t| t.elapsed().as_secs_f64()))
+            .unwrap_or(0.0)
+    }
+
+    /// The export in `/v1/status`.
+    pub fn status(&self) -> serde_json::Value {
+        json!({
+            "id": self.key,
+            "url": self.cfg.shown_url(),
+            "subject": self.cfg.subject,
+            "format": self.cfg.format.as_str(),
+            "namespaces": self.cfg.namespaces.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "connected": self.connected.load(Ordering::Relaxed),
+            "position": self.position.load(Ordering::Relaxed),
+            "behind": self.behind(),
+            "lag_seconds": self.lag_seconds(),
+            "published": self.published.load(Ordering::Relaxed),
+            "confirmed": self.confirmed.load(Ordering::Relaxed),
+            "duplicates": self.duplicates.load(Ordering::Relaxed),
+            "failures": self.failures.load(Ordering::Relaxed),
+            "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
+        })
+    }
+
+    fn set_behind(&self, behind: bool) {
+        if let Ok(mut b) = self.behind_since.lock() {
+            match (behind, b.is_some()) {
+                (true, false) => *b = Some(Instant::now()),
+                (false, true) => *b = None,
+                _ => {}
+            }
+        }
+    }
+
+    fn failed(&self, why: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let changed = self
+            .last_error
+            .lock()
+            .map(|mut e| e.replace(why.clone()).as_deref() != Some(why.as_str()))
+            .unwrap_or(true);
+        if changed {
+            tracing::warn!(export = %self.cfg.shown_url(), error = %why, "export to the broker failed; retrying");
+        }
+    }
+
+    fn cursor_key(&self) -> String {
+        format!("{}/position", self.key)
+    }
+
+    fn heads_key(&self, e: &FeedEntry) -> String {
+        format!("{}/heads/{}/{}", self.key, e.ns, e.id)
+    }
+}
+
+/// Runs an export until `stop`: connects, publishes, and reconnects after failures.
+pub async fn run(state: Arc<ExportState>, store: Store, stop: CancellationToken) {
+    let mut wait = RETRY_FIRST;
+    loop {
+        let ended = tokio::select! {
+            ended = session(&state, &store, &stop) => ended,
+            () = stop.cancelled() => Ok(()),
+        };
+        state.connected.store(false, Ordering::Relaxed);
+        match ended {
+            Ok(()) => return,
+            Err(e) => state.failed(e.to_string()),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+        wait = (wait * 2).min(RETRY_LAST);
+    }
+}
+
+/// One connection to the broker: publishes batches until the connection fails or `stop`.
+async fn session(
+    state: &ExportState,
+    store: &Store,
+    stop: &CancellationToken,
+) -> Result<(), ExportError> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(state.cfg.url.as_str())
+        .await
+        .map_err(broker)?;
+    let mut js = jetstream::new(client);
+    js.set_timeout(ACK_TIMEOUT);
+    state.connected.store(true, Ordering::Relaxed);
+    if let Ok(mut e) = state.last_error.lock() {
+        *e = None;
+    }
+    let mut feed = store.subscribe();
+    loop {
+        let epoch = store.feed_epoch();
+        let after = load_position(store, state, epoch)?;
+        state.position.store(after, Ordering::Relaxed);
+        let entries = store.changes_since(FeedSeq(after), BATCH)?;
+        state
+            .feed_last
+            .store(store.last_seq().0.max(after), Ordering::Relaxed);
+        let Some(last) = entries.last().map(|e| e.seq) else {
+            state.set_behind(false);
+            tokio::select! {
+                changed = feed.changed() => changed.map_err(|_| broker("the store closed"))?,
+                () = stop.cancelled() => return Ok(()),
+            }
+            continue;
+        };
+        state.set_behind(true);
+        let mut acks = Vec::new();
+        let mut records = Vec::new();
+        for e in entries.iter().filter(|e| state.cfg.exports(&e.ns)) {
+            let Some((headers, payload)) = message(state, store, e, epoch, &mut records)? else {
+                continue;
+            };
+            let subject = state.cfg.subject_of(e.ns.as_str(), e.id.as_str());
+            let ack = js
+                .publish_with_headers(subject, headers, payload.into())
+                .await
+                .map_err(broker)?;
+            state.published.fetch_add(1, Ordering::Relaxed);
+            acks.push(ack);
+        }
+        for ack in acks {
+            let ack = ack.await.map_err(broker)?;
+            state.confirmed.fetch_add(1, Ordering::Relaxed);
+            if ack.duplicate {
+                state.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Acknowledged: the position moves, with the heads the batch sent, in one commit.
+        let mut position = epoch.to_le_bytes().to_vec();
+        position.extend_from_slice(&last.0.to_le_bytes());
+        records.push((state.cursor_key(), position));
+        store.set_records(records).await?;
+        state.position.store(last.0, Ordering::Relaxed);
+    }
+}
+
+/// The position kept for this export in `epoch` of the feed; 0 (the start) for none, or
+/// for a position in another epoch (the feed was restored or renewed: its positions mean
+/// other writes now).
+fn load_position(store: &Store, state: &ExportState, epoch: u128) -> Result<u64, ExportError> {
+    let Some(bytes) = store.record(&state.cursor_key())? else {
+        return Ok(0);
+    };
+    let (Some(e), Some(s)) = (bytes.get(..16), bytes.get(16..24)) else {
+        return Ok(0);
+    };
+    let kept_epoch = u128::from_le_bytes(e.try_into().unwrap_or([0; 16]));
+    let seq = u64::from_le_bytes(s.try_into().unwrap_or([0; 8]));
+    Ok(if kept_epoch == epoch { seq } else { 0 })
+}
+
+/// The message for one feed entry: headers and payload; `None` when there is nothing to
+/// send (the document is gone, or no change is new since its last message). Adds what
+/// the batch's commit must keep to `records`.
+fn message(
+    state: &ExportState,
+    store: &Store,
+    e: &FeedEntry,
+    epoch: u128,
+    records: &mut Vec<(String, Vec<u8>)>,
+) -> Result<Option<(async_nats::HeaderMap, Vec<u8>)>, ExportError> {
+    let mut headers = async_nats::HeaderMap::new();
+    // Unique per export too: two exports into one stream must not drop each other's
+    // messages as duplicates.
+    let id = format!("{}-{epoch:032x}-{}", &state.key["export/".len()..], e.seq.0);
+    headers.insert("Nats-Msg-Id", id.as_str());
+    headers.insert("Tidesync-Ns", e.ns.as_str());
+    headers.insert("Tidesync-Id", e.id.as_str());
+    headers.insert("Tidesync-Epoch", format!("{epoch:032x}").as_str());
+    headers.insert("Tidesync-Seq", e.seq.0.to_string().as_str());
+    headers.insert("Tidesync-Heads", format_heads(&e.heads).as_str());
+    headers.insert("Tidesync-Format", state.cfg.format.as_str());
+    let payload = match state.cfg.format {
+        Format::Json => {
+            let content = if e.deleted {
+                serde_json::Value::Null
+            } else {
+                match store.get(&e.ns, &e.id)? {
+                    Some(doc) => serde_json::Value::Object(doc.content),
+                    None => return Ok(None),
+                }
+            };
+            serde_json::to_vec(&json!({
+                "ns": e.ns.as_str(),
+                "id": e.id.as_str(),
+                "heads": e.heads.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "epoch": format!("{epoch:032x}"),
+                "seq": e.seq.0,
+                "deleted": e.deleted,
+                "doc": content,
+            }))
+            .map_err(|err| broker(format!("encoding {}/{}: {err}", e.ns, e.id)))?
+        }
+        Format::Automerge => {
+            let Some(doc) = store.doc(&e.ns, &e.id)? else {
+                return Ok(None);
+            };
+            let key = state.heads_key(e);
+            let before: Vec<automerge::ChangeHash> = store
+                .record(&key)?
+                .map(|b| {
+                    b.chunks_exact(32)
+                        .filter_map(|h| automerge::ChangeHash::try_from(h).ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let changes = doc.get_changes(&before);
+            if changes.is_empty() {
+                return Ok(None);
+            }
+            let mut bytes = Vec::new();
+            for c in changes {
+                bytes.extend_from_slice(c.raw_bytes());
+            }
+            let heads = doc.get_heads();
+            records.push((key, heads.iter().flat_map(|h| h.0).collect()));
+            bytes
+        }
+    };
+    Ok(Some((headers, payload)))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExportLabels {
+    export: String,
+}
+
+/// The exports' metric families.
+pub fn register_metrics(
+    exports: &[Arc<ExportState>],
+    r: &mut prometheus_client::registry::Registry,
+) {
+    let published = Family::<ExportLabels, Counter>::default();
+    let confirmed = Family::<ExportLabels, Counter>::default();
+    let failures = Family::<ExportLabels, Counter>::default();
+    let behind = Family::<ExportLabels, Gauge>::default();
+    let lag = Family::<ExportLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let connected = Family::<ExportLabels, Gauge>::default();
+    for e in exports {
+        let l = ExportLabels {
+            export: e.key.clone(),
+        };
+        published
+            .get_or_create(&l)
+            .inc_by(e.published.load(Ordering::Relaxed));
+        confirmed
+            .get_or_create(&l)
+            .inc_by(e.confirmed.load(Ordering::Relaxed));
+        failures
+            .get_or_create(&l)
+            .inc_by(e.failures.load(Ordering::Relaxed));
+        behind.get_or_create(&l).set(e.behind() as i64);
+        lag.get_or_create(&l).set(e.lag_seconds());
+        connected
+            .get_or_create(&l)
+            .set(i64::from(e.connected.load(Ordering::Relaxed)));
+    }
+    r.register(
+        "export_published_messages",
+        "Messages an export published to its broker",
+        published,
+    );
+    r.register(
+        "export_confirmed_messages",
+        "Messages the broker acknowledged",
+        confirmed,
+    );
+    r.register(
+        "export_failures",
+        "Times an export lost or could not reach its broker (it retries)",
+        failures,
+    );
+    r.register(
+        "export_lag_feed_positions",
+        "Local feed positions the broker has not acknowledged",
+        behind,
+    );
+    r.register(
+        "export_lag_seconds",
+        "Seconds the export has been behind the local feed (0: caught up)",
+        lag,
+    );
+    r.register(
+        "export_connected",
+        "1 while the export is connected to its broker",
+        connected,
+    );
+}

@@ -1,0 +1,63 @@
+//! The hub's bridge to the data center's message bus: every committed change of chosen
+//! namespaces goes out to NATS JetStream, in feed order per document, at least once and
+//! deduplicated by message id, from a position kept durably in the hub's own store.
+//!
+//! It is a [`tidesync::extension::Extension`] of the hub, so the edge agent carries none of
+//! it. What an export sends and why it loses nothing is in [`export`]; its settings in
+//! [`config`].
+
+pub mod config;
+pub mod export;
+
+use std::sync::Arc;
+
+use tidesync::extension::Extension;
+use tidesync::store::Store;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ConfigError, ExportConfig, Format};
+pub use export::ExportState;
+
+/// The hub's exports.
+#[derive(Debug, Default)]
+pub struct Bridge {
+    exports: Vec<Arc<ExportState>>,
+}
+
+impl Bridge {
+    /// A bridge running `exports`.
+    pub fn new(exports: Vec<ExportConfig>) -> Self {
+        Self {
+            exports: exports
+                .into_iter()
+                .map(|c| Arc::new(ExportState::new(c)))
+                .collect(),
+        }
+    }
+
+    /// Whether it has nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.exports.is_empty()
+    }
+}
+
+impl Extension for Bridge {
+    fn start(&self, store: Store, stop: CancellationToken) -> Vec<JoinHandle<()>> {
+        self.exports
+            .iter()
+            .map(|e| tokio::spawn(export::run(e.clone(), store.clone(), stop.clone())))
+            .collect()
+    }
+
+    fn status(&self) -> (&'static str, serde_json::Value) {
+        (
+            "exports",
+            serde_json::Value::Array(self.exports.iter().map(|e| e.status()).collect()),
+        )
+    }
+
+    fn metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        export::register_metrics(&self.exports, registry);
+    }
+}

@@ -1,0 +1,328 @@
+//! The hub's change feed out to NATS JetStream, with a real `nats-server` (`scripts/test`
+//! installs it): every change reaches the stream, in order per document, while the hub is
+//! killed with SIGKILL three times and the broker is restarted once; what a restart sends
+//! again is recognisable by its message id.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use serde_json::{json, Value};
+use tidesync_tests::procs::{status, wait_for, Binaries, Proc};
+
+const DOCS: usize = 50;
+
+/// A `nats-server -js` on a port the OS picked, keeping its streams in `dir`.
+struct Nats {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+fn nats_server() -> PathBuf {
+    for candidate in [
+        "nats-server",
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+    ] {
+        let found = Command::new(candidate)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if found {
+            return PathBuf::from(candidate);
+        }
+    }
+    panic!("nats-server is not installed: run scripts/test, which installs Debian's nats-server");
+}
+
+impl Nats {
+    /// Starts on `port` (0: one the OS picks) and waits until it listens.
+    fn start(dir: &Path, port: u16) -> Self {
+        let port_arg = if port == 0 {
+            "-1".to_owned()
+        } else {
+            port.to_string()
+        };
+        let mut child = Command::new(nats_server())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                    let _ = tx.send(rest.rsplit(':').next().unwrap_or("").trim().to_owned());
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("nats-server did not start listening")
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL).
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same streams.
+    fn start_again(mut self) -> Self {
+        self.stop();
+        Self::start(&self.dir, self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One message of the stream: its subject, headers we read, and payload.
+struct Got {
+    msg_id: String,
+    ns: String,
+    id: String,
+    seq: u64,
+    payload: Vec<u8>,
+    subject: String,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn create_stream(url: &str) {
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    js.create_stream(jetstream::stream::Config {
+        name: "TIDESYNC".into(),
+        subjects: vec!["tidesync.>".into(), "changes.>".into()],
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// Every message of the stream, in stream order.
+async fn read_stream(url: &str) -> Vec<Got> {
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    let mut stream = js.get_stream("TIDESYNC").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for n in 1..=last {
+        let Ok(m) = stream.get_raw_message(n).await else {
+            continue;
+        };
+        let header = |k: &str| {
+            m.headers
+                .get(k)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        out.push(Got {
+            msg_id: header("Nats-Msg-Id"),
+            ns: header("Tidesync-Ns"),
+            id: header("Tidesync-Id"),
+            seq: header("Tidesync-Seq").parse().unwrap(),
+            payload: m.payload.to_vec(),
+            subject: m.subject.to_string(),
+        });
+    }
+    out
+}
+
+fn write(hub: &Proc, i: usize) {
+    let doc = format!("d{}", i % DOCS);
+    ureq::patch(&hub.url(&format!("/v1/docs/orders/{doc}")))
+        .send_json(json!({"n": i / DOCS + 1, "last": i}))
+        .unwrap();
+}
+
+fn caught_up(hub: &Proc) -> bool {
+    let s = status(hub);
+    let last = s["last_seq"].as_u64().unwrap();
+    s["exports"].as_array().is_some_and(|e| {
+        e.len() == 2
+            && e.iter()
+                .all(|x| x["position"] == last && x["connected"] == true)
+    })
+}
+
+#[test]
+fn every_change_reaches_jetstream_through_kills_and_a_broker_restart() {
+    let rt = runtime();
+    let broker_dir = tempfile::tempdir().unwrap();
+    let mut nats = Nats::start(broker_dir.path(), 0);
+    rt.block_on(create_stream(&nats.url()));
+
+    let d = Binaries::init().unwrap();
+    let config = d.path("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[export]]\nurl = \"{}\"\nnamespaces = [\"orders\"]\nsubject = \"changes.{{ns}}.{{id}}\"\nformat = \"automerge\"\n",
+            nats.url()
+        ),
+    )
+    .unwrap();
+    let url = nats.url();
+    let args = ["--export", url.as_str(), "--config", config.as_str()];
+    let mut hub = d.hub(&args).unwrap();
+
+    let total = 1000;
+    let phases = [0, 250, 500, 750, total];
+    for (p, w) in phases.windows(2).enumerate() {
+        for i in w[0]..w[1] {
+            write(&hub, i);
+        }
+        // The broker goes away after the second round of writes, and the third is written
+        // while it is down; it comes back after it.
+        if p == 1 {
+            nats.stop();
+        }
+        if p == 2 {
+            nats = nats.start_again();
+        }
+        if p < 3 {
+            // SIGKILL right after the writes, while the export is likely behind.
+            hub.kill();
+            hub = d.hub(&args).unwrap();
+        }
+    }
+    wait_for("the exports to catch up", Duration::from_secs(60), || {
+        caught_up(&hub)
+    });
+
+    let got = rt.block_on(read_stream(&nats.url()));
+    let (json_msgs, am_msgs): (Vec<&Got>, Vec<&Got>) =
+        got.iter().partition(|g| g.subject.starts_with("tidesync."));
+    assert!(!json_msgs.is_empty() && !am_msgs.is_empty());
+
+    // Message ids are unique in the stream: JetStream dropped what was sent again.
+    for msgs in [&json_msgs, &am_msgs] {
+        let ids: HashSet<&str> = msgs.iter().map(|g| g.msg_id.as_str()).collect();
+        assert_eq!(ids.len(), msgs.len(), "a message id is in the stream twice");
+    }
+
+    // JSON: per document, positions only grow, and the last message is the document now.
+    let mut last_of: BTreeMap<String, &Got> = BTreeMap::new();
+    for g in &json_msgs {
+        assert_eq!(g.ns, "orders");
+        if let Some(prev) = last_of.get(&g.id) {
+            assert!(
+                g.seq > prev.seq,
+                "{} went back: {} after {}",
+                g.id,
+                g.seq,
+                prev.seq
+            );
+        }
+        last_of.insert(g.id.clone(), g);
+    }
+    assert_eq!(last_of.len(), DOCS);
+    for (id, g) in &last_of {
+        let now: Value = ureq::get(&hub.url(&format!("/v1/docs/orders/{id}")))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        let sent: Value = serde_json::from_slice(&g.payload).unwrap();
+        if sent["doc"] != now {
+            let all: Vec<String> = json_msgs
+                .iter()
+                .filter(|m| &m.id == id)
+                .map(|m| {
+                    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+                    format!("{} {} {}", m.msg_id, m.seq, v["doc"])
+                })
+                .collect();
+            let changes: Value = ureq::get(&hub.url("/v1/changes?since=0"))
+                .call()
+                .unwrap()
+                .into_json()
+                .unwrap();
+            let feed: Vec<&Value> = changes["changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| &c["id"] == id)
+                .collect();
+            panic!(
+                "{id}: now {now}, sent {all:#?}, feed {feed:?}, status {}",
+                status(&hub)
+            );
+        }
+        assert_eq!(sent["seq"], g.seq);
+    }
+
+    // Automerge: the changes of each document's messages, merged, are the document at
+    // the hub: every change arrived (duplicates merge away by hash).
+    let mut changes: BTreeMap<String, automerge::Automerge> = BTreeMap::new();
+    let mut positions: BTreeMap<String, u64> = BTreeMap::new();
+    for g in &am_msgs {
+        let last = positions.insert(g.id.clone(), g.seq).unwrap_or(0);
+        assert!(g.seq > last, "{} went back", g.id);
+        changes
+            .entry(g.id.clone())
+            .or_default()
+            .load_incremental(&g.payload)
+            .unwrap();
+    }
+    for i in 0..DOCS {
+        let id = format!("d{i}");
+        let bytes = ureq::get(&hub.url(&format!("/v1/docs/orders/{id}/automerge")))
+            .call()
+            .unwrap();
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut bytes.into_reader(), &mut buf).unwrap();
+        let at_hub = automerge::Automerge::load(&buf).unwrap();
+        let mut heads = changes[&id].get_heads();
+        let mut want = at_hub.get_heads();
+        heads.sort();
+        want.sort();
+        assert_eq!(
+            heads, want,
+            "{id}: the stream's changes do not add up to the document"
+        );
+        assert_eq!(
+            changes[&id].get_changes(&[]).len(),
+            at_hub.get_changes(&[]).len(),
+            "{id}"
+        );
+    }
+    let metrics = ureq::get(&hub.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("tidesync_export_lag_feed_positions{"),
+        "{metrics}"
+    );
+}
