@@ -63,14 +63,7 @@ impl ExportConfig {
         format: Option<&str>,
     ) -> Result<Self, ConfigError> {
         let err = |s: String| ConfigError(s);
-        if url.starts_with("amqp://") || url.starts_with("amqps://") {
-            return Err(err(format!(
-                "{url}: RabbitMQ exports are not built yet; use a nats:// JetStream URL"
-            )));
-        }
-        if !url.starts_with("nats://") {
-            return Err(err(format!("{url} is not a nats:// URL")));
-        }
+        broker_url(url, "exports")?;
         let namespaces = namespaces
             .iter()
             .map(|p| NsPattern::new(p.as_str()).map_err(|e| err(format!("{p:?}: {e}"))))
@@ -130,10 +123,112 @@ impl ExportConfig {
 
     /// The URL without credentials, for status and logs.
     pub fn shown_url(&self) -> String {
-        match (self.url.split_once("://"), self.url.rfind('@')) {
-            (Some((scheme, _)), Some(at)) => format!("{scheme}://…@{}", &self.url[at + 1..]),
-            _ => self.url.clone(),
+        shown_url(&self.url)
+    }
+}
+
+/// `url` without credentials.
+fn shown_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://…@{}", &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// Checks a broker URL: JetStream only for now.
+fn broker_url(url: &str, what: &str) -> Result<(), ConfigError> {
+    if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        return Err(ConfigError(format!(
+            "{url}: RabbitMQ {what} are not built yet; use a nats:// JetStream URL"
+        )));
+    }
+    if !url.starts_with("nats://") {
+        return Err(ConfigError(format!("{url} is not a nats:// URL")));
+    }
+    Ok(())
+}
+
+/// Whether `s` is a NATS subject a bridge may use: dot-separated tokens of letters,
+/// digits, `_` and `-`, `*` or a final `>` where `wildcards` allows them.
+fn valid_subject(s: &str, wildcards: bool) -> bool {
+    let tokens: Vec<&str> = s.split('.').collect();
+    !s.is_empty()
+        && s.len() <= 256
+        && tokens.iter().enumerate().all(|(i, t)| {
+            (wildcards && (*t == "*" || (*t == ">" && i == tokens.len() - 1)))
+                || (!t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')))
+        })
+}
+
+/// The subject imports read unless told: `tidesync.import.` and anything after.
+pub const DEFAULT_IMPORT_SUBJECT: &str = "tidesync.import.>";
+
+/// Where refused messages go unless told.
+pub const DEFAULT_DEAD_LETTER: &str = "tidesync.dead";
+
+/// One import: merge patches from the bus into documents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportConfig {
+    /// The broker: `nats://host:port` (JetStream).
+    pub url: String,
+    /// The subject (wildcards allowed) a stream covers, whose messages are patches.
+    pub subject: String,
+    /// The only namespace its messages may write; any when `None`.
+    pub namespace: Option<Namespace>,
+    /// Where messages that are not valid patches go, with the reason.
+    pub dead_letter: String,
+}
+
+impl ImportConfig {
+    /// Checks an import's settings.
+    pub fn new(
+        url: &str,
+        subject: Option<&str>,
+        namespace: Option<&str>,
+        dead_letter: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        broker_url(url, "imports")?;
+        let subject = subject.unwrap_or(DEFAULT_IMPORT_SUBJECT).to_owned();
+        if !valid_subject(&subject, true) {
+            return Err(ConfigError(format!(
+                "import subject {subject:?} is not a NATS subject"
+            )));
         }
+        let dead_letter = dead_letter.unwrap_or(DEFAULT_DEAD_LETTER).to_owned();
+        if !valid_subject(&dead_letter, false) {
+            return Err(ConfigError(format!(
+                "dead-letter subject {dead_letter:?} is not a NATS subject without wildcards"
+            )));
+        }
+        let namespace = namespace
+            .map(|n| Namespace::new(n).map_err(|e| ConfigError(format!("{n:?}: {e}"))))
+            .transpose()?;
+        Ok(Self {
+            url: url.to_owned(),
+            subject,
+            namespace,
+            dead_letter,
+        })
+    }
+
+    /// What names this import's durable consumer.
+    pub fn key(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        for part in [self.url.as_str(), self.subject.as_str()] {
+            h.update(part.as_bytes());
+            h.update(&[0]);
+        }
+        if let Some(ns) = &self.namespace {
+            h.update(ns.as_str().as_bytes());
+        }
+        format!("import/{}", &h.finalize().to_hex()[..16])
+    }
+
+    /// The URL without credentials, for status and logs.
+    pub fn shown_url(&self) -> String {
+        shown_url(&self.url)
     }
 }
 
@@ -157,5 +252,21 @@ mod tests {
         assert!(ExportConfig::new("nats://h", &[], None, Some("xml")).is_err());
         let secret = ExportConfig::new("nats://u:p@h:1", &[], None, None).expect("valid");
         assert_eq!(secret.shown_url(), "nats://…@h:1");
+    }
+
+    #[test]
+    fn imports_are_checked() {
+        let i = ImportConfig::new("nats://h:1", None, Some("orders"), None).expect("valid");
+        assert_eq!(i.subject, DEFAULT_IMPORT_SUBJECT);
+        assert!(ImportConfig::new("nats://h:1", Some("a.*.b"), None, None).is_ok());
+        for bad in ["a.>.b", "a..b", "", "a b"] {
+            assert!(
+                ImportConfig::new("nats://h:1", Some(bad), None, None).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(ImportConfig::new("nats://h:1", None, None, Some("dead.>")).is_err());
+        assert!(ImportConfig::new("nats://h:1", None, Some("Bad!"), None).is_err());
+        assert!(ImportConfig::new("amqp://h", None, None, None).is_err());
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod export;
+pub mod import;
 
 use std::sync::Arc;
 
@@ -16,48 +17,66 @@ use tidesync::store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{ConfigError, ExportConfig, Format};
+pub use config::{ConfigError, ExportConfig, Format, ImportConfig};
 pub use export::ExportState;
+pub use import::ImportState;
 
-/// The hub's exports.
+/// The hub's exports and imports.
 #[derive(Debug, Default)]
 pub struct Bridge {
     exports: Vec<Arc<ExportState>>,
+    imports: Vec<Arc<ImportState>>,
 }
 
 impl Bridge {
-    /// A bridge running `exports`.
-    pub fn new(exports: Vec<ExportConfig>) -> Self {
+    /// A bridge running `exports` and `imports`.
+    pub fn new(exports: Vec<ExportConfig>, imports: Vec<ImportConfig>) -> Self {
         Self {
             exports: exports
                 .into_iter()
                 .map(|c| Arc::new(ExportState::new(c)))
+                .collect(),
+            imports: imports
+                .into_iter()
+                .map(|c| Arc::new(ImportState::new(c)))
                 .collect(),
         }
     }
 
     /// Whether it has nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.exports.is_empty()
+        self.exports.is_empty() && self.imports.is_empty()
     }
 }
 
 impl Extension for Bridge {
     fn start(&self, store: Store, stop: CancellationToken) -> Vec<JoinHandle<()>> {
-        self.exports
+        let exports = self
+            .exports
             .iter()
-            .map(|e| tokio::spawn(export::run(e.clone(), store.clone(), stop.clone())))
-            .collect()
+            .map(|e| tokio::spawn(export::run(e.clone(), store.clone(), stop.clone())));
+        let imports = self
+            .imports
+            .iter()
+            .map(|i| tokio::spawn(import::run(i.clone(), store.clone(), stop.clone())));
+        exports.chain(imports).collect()
     }
 
-    fn status(&self) -> (&'static str, serde_json::Value) {
-        (
-            "exports",
-            serde_json::Value::Array(self.exports.iter().map(|e| e.status()).collect()),
-        )
+    fn status(&self) -> Vec<(&'static str, serde_json::Value)> {
+        vec![
+            (
+                "exports",
+                serde_json::Value::Array(self.exports.iter().map(|e| e.status()).collect()),
+            ),
+            (
+                "imports",
+                serde_json::Value::Array(self.imports.iter().map(|i| i.status()).collect()),
+            ),
+        ]
     }
 
     fn metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         export::register_metrics(&self.exports, registry);
+        import::register_metrics(&self.imports, registry);
     }
 }

@@ -44,9 +44,9 @@ fn run(cli: Cli) -> Result<()> {
             config,
         } => {
             let base = RunBase::resolve(config.as_deref(), data, *common)?;
-            if !base.file.export.is_empty() {
+            if !base.file.export.is_empty() || !base.file.import.is_empty() {
                 anyhow::bail!(
-                    "[[export]] tables are for hubs: exports run where the data center's bus is"
+                    "[[export]] and [[import]] tables are for hubs: the bridge runs where the data center's bus is"
                 );
             }
             let (bundle, bundle_file) = base.bundle(bundle, None)?;

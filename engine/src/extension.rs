@@ -13,8 +13,8 @@ use crate::store::Store;
 pub trait Extension: Send + Sync + fmt::Debug + 'static {
     /// Starts its tasks on the running node; they end once `stop` is cancelled.
     fn start(&self, store: Store, stop: CancellationToken) -> Vec<JoinHandle<()>>;
-    /// Its part of `/v1/status`: a key of the status object and its value.
-    fn status(&self) -> (&'static str, serde_json::Value);
+    /// Its parts of `/v1/status`: keys of the status object and their values.
+    fn status(&self) -> Vec<(&'static str, serde_json::Value)>;
     /// Registers its metric families (the registry adds the `tidesync_` prefix).
     fn metrics(&self, registry: &mut prometheus_client::registry::Registry);
 }

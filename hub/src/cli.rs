@@ -111,11 +111,17 @@ pub enum Command {
         /// tables choose namespaces, subject and format. Resumes where it stopped.
         #[arg(long = "export", value_name = "URL")]
         exports: Vec<String>,
+        /// Apply JSON merge patches from a message bus: nats://HOST:PORT (JetStream;
+        /// messages {"ns","id","patch"} on tidesync.import.>, refused ones to
+        /// tidesync.dead). Repeat for several; `[[import]]` tables choose the subject and
+        /// the namespace. Each message is acknowledged once its write is durable.
+        #[arg(long = "import", value_name = "URL")]
+        imports: Vec<String>,
         /// --token, --max-body and --cache-mb.
         #[command(flatten)]
         common: Box<CommonRunFlags>,
         /// A TOML file with any of these settings (keys: data, bundle, listen, api, peers,
-        /// token, max_body, cache_mb, [[export]] tables). Flags given here win over the file.
+        /// token, max_body, cache_mb, [[export]] and [[import]] tables). Flags given here win over the file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },

@@ -61,11 +61,12 @@ pub fn run(command: Command) -> Result<()> {
             peers,
             max_peers,
             exports,
+            imports,
             common,
             config,
         } => {
             let base = RunBase::resolve(config.as_deref(), data, *common)?;
-            let bridge = bridge(&exports, &base.file.export)?;
+            let bridge = bridge(&exports, &imports, &base.file)?;
             let (bundle, bundle_file) = base.bundle(bundle, Some(base.data.join(BUNDLE)))?;
             let cfg = DaemonConfig {
                 db_path: base.data.join(DB),
@@ -104,17 +105,36 @@ pub fn run(command: Command) -> Result<()> {
     }
 }
 
-/// The exports of `--export` flags (every namespace, the default subject and format) and
-/// of `[[export]]` tables.
+/// The exports and imports of `--export` and `--import` flags (every namespace, the
+/// default subjects and format) and of `[[export]]` and `[[import]]` tables.
 fn bridge(
-    flags: &[String],
-    tables: &[tidesync_cli::config::ExportSettings],
+    export_flags: &[String],
+    import_flags: &[String],
+    file: &tidesync_cli::config::RunFile,
 ) -> Result<tidesync_bridge::Bridge> {
     let mut exports = Vec::new();
-    for url in flags {
+    for url in export_flags {
         exports.push(tidesync_bridge::ExportConfig::new(url, &[], None, None)?);
     }
-    for t in tables {
+    let mut imports = Vec::new();
+    for url in import_flags {
+        imports.push(tidesync_bridge::ImportConfig::new(url, None, None, None)?);
+    }
+    for t in &file.import {
+        if t.queue.is_some() && !t.url.starts_with("amqp") {
+            bail!(
+                "[[import]] {}: queue is for amqp:// imports; nats:// ones take subject",
+                t.url
+            );
+        }
+        imports.push(tidesync_bridge::ImportConfig::new(
+            &t.url,
+            t.subject.as_deref(),
+            t.namespace.as_deref(),
+            t.dead_letter.as_deref(),
+        )?);
+    }
+    for t in &file.export {
         if t.routing_key.is_some() && !t.url.starts_with("amqp") {
             bail!(
                 "[[export]] {}: routing_key is for amqp:// exports; nats:// ones take subject",
@@ -128,7 +148,7 @@ fn bridge(
             t.format.as_deref(),
         )?);
     }
-    Ok(tidesync_bridge::Bridge::new(exports))
+    Ok(tidesync_bridge::Bridge::new(exports, imports))
 }
 
 /// Writes `text` to `path` whole, durably and readable by the owner only (it may hold a

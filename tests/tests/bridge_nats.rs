@@ -326,3 +326,135 @@ fn every_change_reaches_jetstream_through_kills_and_a_broker_restart() {
         "{metrics}"
     );
 }
+
+async fn create_import_stream(url: &str) {
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    js.create_stream(jetstream::stream::Config {
+        name: "TIDESYNC_IN".into(),
+        subjects: vec!["tidesync.import.>".into(), "tidesync.dead".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+async fn publish(url: &str, messages: Vec<(String, Vec<u8>)>) {
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    let mut acks = Vec::new();
+    for (subject, payload) in messages {
+        acks.push(js.publish(subject, payload.into()).await.unwrap());
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+}
+
+const IMPORT_DOCS: usize = 20;
+const PATCHES_PER_DOC: usize = 100;
+
+/// Patch `k`: field `f{j}` of document `d{k % 20}`, so each document ends with 100 fields
+/// and a lost patch is a missing field.
+fn patch(k: usize) -> (String, Vec<u8>) {
+    let (doc, j) = (k % IMPORT_DOCS, k / IMPORT_DOCS);
+    let body = json!({"ns": "orders", "id": format!("d{doc}"), "patch": {format!("f{j}"): j}});
+    (
+        format!("tidesync.import.orders.d{doc}"),
+        serde_json::to_vec(&body).unwrap(),
+    )
+}
+
+#[test]
+fn patches_from_jetstream_land_once_and_bad_ones_become_dead_letters() {
+    let rt = runtime();
+    let broker_dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(broker_dir.path(), 0);
+    let url = nats.url();
+    rt.block_on(create_import_stream(&url));
+
+    let d = Binaries::init().unwrap();
+    let args = ["--import", url.as_str()];
+    let mut hub = d.hub(&args).unwrap();
+    d.enroll("edge", "edge", &["orders=rw"]).unwrap();
+
+    let total = IMPORT_DOCS * PATCHES_PER_DOC;
+    let mut malformed: Vec<(String, Vec<u8>)> = [
+        b"not json".to_vec(),
+        br#"{"ns":"orders","patch":{"a":1}}"#.to_vec(),
+        br#"{"ns":"orders","id":"x"}"#.to_vec(),
+        br#"{"ns":"orders","id":"x","patch":[1,2]}"#.to_vec(),
+        br#"{"ns":"Not A Namespace","id":"x","patch":{"a":1}}"#.to_vec(),
+        br#"{"ns":"orders","id":"bad id!","patch":{"a":1}}"#.to_vec(),
+        br#"{"ns":"orders","id":"x","patch":{"@deleted":true}}"#.to_vec(),
+    ]
+    .into_iter()
+    .map(|p| ("tidesync.import.orders.bad".to_owned(), p))
+    .collect();
+    let first: Vec<_> = (0..total / 2).map(patch).collect();
+    let mut second: Vec<_> = (total / 2..total).map(patch).collect();
+    second.append(&mut malformed);
+    rt.block_on(publish(&url, first));
+    // SIGKILL while it is applying: what was applied and not yet acknowledged comes again.
+    wait_for("the import to start", Duration::from_secs(30), || {
+        status(&hub)["imports"][0]["applied"].as_u64() > Some(100)
+    });
+    hub.kill();
+    hub = d.hub(&args).unwrap();
+    // An edge of the restarted hub (whose QUIC port the OS picked anew).
+    let edge = d.edge("edge", &[&hub], &[]).unwrap();
+    rt.block_on(publish(&url, second));
+
+    let complete = |p: &Proc, i: usize| {
+        ureq::get(&p.url(&format!("/v1/docs/orders/d{i}")))
+            .call()
+            .ok()
+            .and_then(|r| r.into_json::<Value>().ok())
+            .is_some_and(|v| v.as_object().is_some_and(|o| o.len() == PATCHES_PER_DOC))
+    };
+    wait_for("every patch at the hub", Duration::from_secs(60), || {
+        (0..IMPORT_DOCS).all(|i| complete(&hub, i))
+    });
+    for i in 0..IMPORT_DOCS {
+        let v: Value = ureq::get(&hub.url(&format!("/v1/docs/orders/d{i}")))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        for j in 0..PATCHES_PER_DOC {
+            assert_eq!(v[format!("f{j}")], j, "d{i}.f{j}");
+        }
+        // Applied once in effect: one change per patch, whatever was delivered twice.
+        let bytes = ureq::get(&hub.url(&format!("/v1/docs/orders/d{i}/automerge")))
+            .call()
+            .unwrap();
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut bytes.into_reader(), &mut buf).unwrap();
+        let doc = automerge::Automerge::load(&buf).unwrap();
+        assert_eq!(doc.get_changes(&[]).len(), PATCHES_PER_DOC, "d{i}");
+    }
+    wait_for("the patches at the edge", Duration::from_secs(30), || {
+        (0..IMPORT_DOCS).all(|i| complete(&edge, i))
+    });
+
+    // Every malformed message is a dead letter with its reason; nothing of it was stored.
+    let got = rt.block_on(async {
+        let js = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+        let mut stream = js.get_stream("TIDESYNC_IN").await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        let mut reasons = Vec::new();
+        for n in 1..=last {
+            let m = stream.get_raw_message(n).await.unwrap();
+            if m.subject.as_str() == "tidesync.dead" {
+                let reason = m
+                    .headers
+                    .get("Tidesync-Reason")
+                    .map(|v| v.as_str().to_owned());
+                reasons.push(reason.unwrap_or_default());
+            }
+        }
+        reasons
+    });
+    assert_eq!(got.len(), 7, "{got:?}");
+    assert!(got.iter().all(|r| !r.is_empty()), "{got:?}");
+    assert!(ureq::get(&hub.url("/v1/docs/orders/x")).call().is_err());
+    assert!(status(&hub)["imports"][0]["rejected"].as_u64() >= Some(1));
+}

@@ -241,8 +241,11 @@ fn operations_guide_runs_and_names_every_flag_and_metric() {
         "tidesync_export_lag_feed_positions",
         "tidesync_export_lag_seconds",
         "tidesync_export_connected",
+        "tidesync_import_applied_messages",
+        "tidesync_import_rejected_messages",
+        "tidesync_import_connected",
     ];
-    let bridge = repo_file("bridge/src/export.rs");
+    let bridge = repo_file("bridge/src/export.rs") + &repo_file("bridge/src/import.rs");
     for m in per_export {
         let name = m.strip_prefix("tidesync_").unwrap_or(m);
         assert!(
@@ -374,7 +377,7 @@ fn docs_name_every_endpoint_and_toml_key_and_nothing_else() {
         .collect();
     let ops = repo_file("docs/OPERATIONS.md");
     // A table of settings has no flag; the guide shows it in an example.
-    for table in ["namespace", "class", "export"] {
+    for table in ["namespace", "class", "export", "import"] {
         assert!(keys.remove(table), "no [[{table}]] in RunFile");
         assert!(
             ops.contains(&format!("[[{table}]]")),

@@ -95,6 +95,25 @@ pub struct RunFile {
     /// `[[export]]` tables (hub): the change feed out to a message bus.
     #[serde(default)]
     pub export: Vec<ExportSettings>,
+    /// `[[import]]` tables (hub): merge patches in from a message bus.
+    #[serde(default)]
+    pub import: Vec<ImportSettings>,
+}
+
+/// An `[[import]]` table of the config file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSettings {
+    /// The broker: `nats://host:port` (JetStream).
+    pub url: String,
+    /// The subject its patches arrive on [default: `tidesync.import.>`].
+    pub subject: Option<String>,
+    /// The AMQP queue, for `amqp://` imports (not built yet).
+    pub queue: Option<String>,
+    /// The only namespace its patches may write [default: the one each message names].
+    pub namespace: Option<String>,
+    /// Where messages that are not valid patches go [default: `tidesync.dead`].
+    pub dead_letter: Option<String>,
 }
 
 /// An `[[export]]` table of the config file.

@@ -476,8 +476,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "blobs": state.node.as_ref().and_then(Node::blobs).map(blob_status),
     });
     if let Some(obj) = status.as_object_mut() {
-        for e in &state.extensions {
-            let (key, value) = e.status();
+        for (key, value) in state.extensions.iter().flat_map(|e| e.status()) {
             obj.insert(key.to_owned(), value);
         }
     }

@@ -1,0 +1,285 @@
+//! One import: JSON merge patches from NATS JetStream into the hub's documents.
+//!
+//! A durable pull consumer of the import's subject hands each message over once at a
+//! time; the patch goes through the store's normal write path, and the message is
+//! acknowledged only after the commit is durable. A hub that dies before the
+//! acknowledgement gets the message again and applies it again, which changes nothing:
+//! a merge patch sets values, and setting a value it already has emits no operation. A
+//! message that is not a valid patch (not JSON, no document named, a namespace the import
+//! may not write, a patch that is not an object or is refused by the store) goes to the
+//! dead-letter subject with the reason in a `Tidesync-Reason` header, and is acknowledged:
+//! it is never retried for ever and never half-applied. A store that cannot write for now
+//! (a full disk) makes the message come back later instead.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tidesync::error::StoreError;
+use tidesync::model::{DocId, Namespace};
+use tidesync::store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ImportConfig;
+
+/// Largest message taken, in bytes; a larger one is a dead letter.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_LAST: Duration = Duration::from_secs(15);
+
+/// How long JetStream waits for an acknowledgement before it delivers a message again.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// When a message comes back after the store could not write it.
+const RETRY_WRITE: Duration = Duration::from_secs(5);
+
+/// An import's settings and what it has done, shared with status and metrics.
+#[derive(Debug)]
+pub struct ImportState {
+    pub(crate) cfg: ImportConfig,
+    pub(crate) key: String,
+    pub(crate) connected: AtomicBool,
+    pub(crate) applied: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// What became of one message.
+enum Outcome {
+    Applied,
+    /// Not a valid patch: to the dead letters, with why.
+    Rejected(String),
+    /// The store could not write it now: delivered again later.
+    Later(String),
+}
+
+impl ImportState {
+    /// A new import, not started.
+    pub fn new(cfg: ImportConfig) -> Self {
+        let key = cfg.key();
+        Self {
+            cfg,
+            key,
+            connected: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The import in `/v1/status`.
+    pub fn status(&self) -> Value {
+        json!({
+            "id": self.key,
+            "url": self.cfg.shown_url(),
+            "subject": self.cfg.subject,
+            "dead_letter": self.cfg.dead_letter,
+            "namespace": self.cfg.namespace.as_ref().map(ToString::to_string),
+            "connected": self.connected.load(Ordering::Relaxed),
+            "applied": self.applied.load(Ordering::Relaxed),
+            "rejected": self.rejected.load(Ordering::Relaxed),
+            "failures": self.failures.load(Ordering::Relaxed),
+            "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
+        })
+    }
+
+    fn failed(&self, why: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let changed = self
+            .last_error
+            .lock()
+            .map(|mut e| e.replace(why.clone()).as_deref() != Some(why.as_str()))
+            .unwrap_or(true);
+        if changed {
+            tracing::warn!(import = %self.cfg.shown_url(), error = %why, "import from the broker failed; retrying");
+        }
+    }
+}
+
+/// Runs an import until `stop`: connects, applies, and reconnects after failures.
+pub async fn run(state: Arc<ImportState>, store: Store, stop: CancellationToken) {
+    let mut wait = RETRY_FIRST;
+    loop {
+        let ended = tokio::select! {
+            ended = session(&state, &store) => ended,
+            () = stop.cancelled() => Ok(()),
+        };
+        state.connected.store(false, Ordering::Relaxed);
+        match ended {
+            Ok(()) => return,
+            Err(e) => state.failed(e),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+        wait = (wait * 2).min(RETRY_LAST);
+    }
+}
+
+async fn session(state: &ImportState, store: &Store) -> Result<(), String> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(state.cfg.url.as_str())
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let js = jetstream::new(client);
+    let stream_name = js
+        .stream_by_subject(state.cfg.subject.clone())
+        .await
+        .map_err(|e| format!("no stream covers {}: {e}", state.cfg.subject))?;
+    let stream = js
+        .get_stream(&stream_name)
+        .await
+        .map_err(|e| format!("stream {stream_name}: {e}"))?;
+    let name = state.key.replace('/', "-");
+    let consumer = stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: state.cfg.subject.clone(),
+                ack_wait: ACK_WAIT,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("consumer {name}: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("consuming: {e}"))?;
+    state.connected.store(true, Ordering::Relaxed);
+    if let Ok(mut e) = state.last_error.lock() {
+        *e = None;
+    }
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| format!("receiving: {e}"))?;
+        match apply(state, store, &message.subject, &message.payload).await {
+            Outcome::Applied => {
+                message
+                    .ack()
+                    .await
+                    .map_err(|e| format!("acknowledging: {e}"))?;
+                state.applied.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Rejected(why) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Tidesync-Reason", why.as_str());
+                headers.insert("Tidesync-Subject", message.subject.as_str());
+                js.publish_with_headers(
+                    state.cfg.dead_letter.clone(),
+                    headers,
+                    message.payload.clone(),
+                )
+                .await
+                .map_err(|e| format!("dead letter: {e}"))?
+                .await
+                .map_err(|e| format!("dead letter: {e}"))?;
+                message
+                    .ack_with(AckKind::Term)
+                    .await
+                    .map_err(|e| format!("acknowledging: {e}"))?;
+                state.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Later(why) => {
+                state.failed(format!("the store cannot write now: {why}"));
+                message
+                    .ack_with(AckKind::Nak(Some(RETRY_WRITE)))
+                    .await
+                    .map_err(|e| format!("acknowledging: {e}"))?;
+            }
+        }
+    }
+    Err("the broker ended the subscription".into())
+}
+
+/// Checks one message and applies its patch, durably.
+async fn apply(state: &ImportState, store: &Store, subject: &str, payload: &[u8]) -> Outcome {
+    let reject = |why: String| Outcome::Rejected(why);
+    if payload.len() > MAX_MESSAGE_BYTES {
+        return reject(format!(
+            "{} bytes; at most {MAX_MESSAGE_BYTES}",
+            payload.len()
+        ));
+    }
+    let body: Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => return reject(format!("not JSON: {e}")),
+    };
+    let text = |k: &str| body.get(k).and_then(Value::as_str);
+    let Some(ns) = text("ns").or(state.cfg.namespace.as_ref().map(Namespace::as_str)) else {
+        return reject(format!("no \"ns\" (subject {subject})"));
+    };
+    let ns = match Namespace::new(ns) {
+        Ok(ns) => ns,
+        Err(e) => return reject(e.to_string()),
+    };
+    if state.cfg.namespace.as_ref().is_some_and(|only| *only != ns) {
+        return reject(format!("namespace {ns} is not this import's"));
+    }
+    let id = match text("id").map(DocId::new) {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => return reject(e.to_string()),
+        None => return reject("no \"id\"".into()),
+    };
+    let Some(patch) = body.get("patch").filter(|p| p.is_object()) else {
+        return reject("\"patch\" is missing or not an object".into());
+    };
+    match store.patch(&ns, &id, patch.clone(), None).await {
+        Ok(_) => Outcome::Applied,
+        Err(e @ (StoreError::Model(_) | StoreError::Quarantined { .. })) => reject(e.to_string()),
+        Err(e) => Outcome::Later(e.to_string()),
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ImportLabels {
+    import: String,
+}
+
+/// The imports' metric families.
+pub fn register_metrics(
+    imports: &[Arc<ImportState>],
+    r: &mut prometheus_client::registry::Registry,
+) {
+    use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+    let applied = Family::<ImportLabels, Counter>::default();
+    let rejected = Family::<ImportLabels, Counter>::default();
+    let connected = Family::<ImportLabels, Gauge>::default();
+    for i in imports {
+        let l = ImportLabels {
+            import: i.key.clone(),
+        };
+        applied
+            .get_or_create(&l)
+            .inc_by(i.applied.load(Ordering::Relaxed));
+        rejected
+            .get_or_create(&l)
+            .inc_by(i.rejected.load(Ordering::Relaxed));
+        connected
+            .get_or_create(&l)
+            .set(i64::from(i.connected.load(Ordering::Relaxed)));
+    }
+    r.register(
+        "import_applied_messages",
+        "Patches from the broker applied and acknowledged",
+        applied,
+    );
+    r.register(
+        "import_rejected_messages",
+        "Messages from the broker that were not valid patches, sent to the dead-letter subject",
+        rejected,
+    );
+    r.register(
+        "import_connected",
+        "1 while the import is connected to its broker",
+        connected,
+    );
+}
