@@ -12,7 +12,7 @@
 //! since the document's previous message (each change exactly once after deduplication by
 //! change hash; in order, since a document's messages follow its feed positions).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,14 +27,11 @@ use tidesync::store::{FeedEntry, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ExportConfig, Format};
+use crate::retry::{keep_running, Health};
 
 /// Feed entries read, and messages published before their acknowledgements are awaited,
 /// per batch.
 const BATCH: usize = 256;
-
-/// Waits between attempts to reach the broker: doubling from the first to the last.
-const RETRY_FIRST: Duration = Duration::from_millis(250);
-const RETRY_LAST: Duration = Duration::from_secs(15);
 
 /// How long JetStream has to acknowledge a message.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,7 +41,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ExportState {
     cfg: ExportConfig,
     key: String,
-    connected: AtomicBool,
+    health: Health,
     /// The feed position every change through which the broker has acknowledged.
     position: AtomicU64,
     /// The local feed's last position when last looked at.
@@ -52,10 +49,8 @@ pub struct ExportState {
     published: AtomicU64,
     confirmed: AtomicU64,
     duplicates: AtomicU64,
-    failures: AtomicU64,
     /// Since when the export has been behind the feed (`None`: caught up).
     behind_since: Mutex<Option<Instant>>,
-    last_error: Mutex<Option<String>>,
 }
 
 /// Why an export session ended.
@@ -78,15 +73,13 @@ impl ExportState {
         Self {
             cfg,
             key,
-            connected: AtomicBool::new(false),
+            health: Health::default(),
             position: AtomicU64::new(0),
             feed_last: AtomicU64::new(0),
             published: AtomicU64::new(0),
             confirmed: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
             behind_since: Mutex::new(None),
-            last_error: Mutex::new(None),
         }
     }
 
@@ -114,15 +107,15 @@ impl ExportState {
             "subject": self.cfg.subject,
             "format": self.cfg.format.as_str(),
             "namespaces": self.cfg.namespaces.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "connected": self.connected.load(Ordering::Relaxed),
+            "connected": self.health.connected.load(Ordering::Relaxed),
             "position": self.position.load(Ordering::Relaxed),
             "behind": self.behind(),
             "lag_seconds": self.lag_seconds(),
             "published": self.published.load(Ordering::Relaxed),
             "confirmed": self.confirmed.load(Ordering::Relaxed),
             "duplicates": self.duplicates.load(Ordering::Relaxed),
-            "failures": self.failures.load(Ordering::Relaxed),
-            "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
+            "failures": self.health.failures.load(Ordering::Relaxed),
+            "last_error": self.health.last_error(),
         })
     }
 
@@ -133,18 +126,6 @@ impl ExportState {
                 (false, true) => *b = None,
                 _ => {}
             }
-        }
-    }
-
-    fn failed(&self, why: String) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let changed = self
-            .last_error
-            .lock()
-            .map(|mut e| e.replace(why.clone()).as_deref() != Some(why.as_str()))
-            .unwrap_or(true);
-        if changed {
-            tracing::warn!(export = %self.cfg.shown_url(), error = %why, "export to the broker failed; retrying");
         }
     }
 
@@ -159,23 +140,13 @@ impl ExportState {
 
 /// Runs an export until `stop`: connects, publishes, and reconnects after failures.
 pub async fn run(state: Arc<ExportState>, store: Store, stop: CancellationToken) {
-    let mut wait = RETRY_FIRST;
-    loop {
-        let ended = tokio::select! {
-            ended = session(&state, &store, &stop) => ended,
-            () = stop.cancelled() => Ok(()),
-        };
-        state.connected.store(false, Ordering::Relaxed);
-        match ended {
-            Ok(()) => return,
-            Err(e) => state.failed(e.to_string()),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = stop.cancelled() => return,
-        }
-        wait = (wait * 2).min(RETRY_LAST);
-    }
+    let url = state.cfg.shown_url();
+    keep_running(&state.health, "export", &url, &stop, || async {
+        session(&state, &store, &stop)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
 }
 
 /// One connection to the broker: publishes batches until the connection fails or `stop`.
@@ -191,10 +162,7 @@ async fn session(
         .map_err(broker)?;
     let mut js = jetstream::new(client);
     js.set_timeout(ACK_TIMEOUT);
-    state.connected.store(true, Ordering::Relaxed);
-    if let Ok(mut e) = state.last_error.lock() {
-        *e = None;
-    }
+    state.health.up();
     let mut feed = store.subscribe();
     loop {
         let epoch = store.feed_epoch();
@@ -357,12 +325,12 @@ pub fn register_metrics(
             .inc_by(e.confirmed.load(Ordering::Relaxed));
         failures
             .get_or_create(&l)
-            .inc_by(e.failures.load(Ordering::Relaxed));
+            .inc_by(e.health.failures.load(Ordering::Relaxed));
         behind.get_or_create(&l).set(e.behind() as i64);
         lag.get_or_create(&l).set(e.lag_seconds());
         connected
             .get_or_create(&l)
-            .set(i64::from(e.connected.load(Ordering::Relaxed)));
+            .set(i64::from(e.health.connected.load(Ordering::Relaxed)));
     }
     r.register(
         "export_published_messages",

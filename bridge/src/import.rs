@@ -11,8 +11,8 @@
 //! it is never retried for ever and never half-applied. A store that cannot write for now
 //! (a full disk) makes the message come back later instead.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
@@ -24,12 +24,10 @@ use tidesync::store::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ImportConfig;
+use crate::retry::{keep_running, Health};
 
 /// Largest message taken, in bytes; a larger one is a dead letter.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
-
-const RETRY_FIRST: Duration = Duration::from_millis(250);
-const RETRY_LAST: Duration = Duration::from_secs(15);
 
 /// How long JetStream waits for an acknowledgement before it delivers a message again.
 const ACK_WAIT: Duration = Duration::from_secs(30);
@@ -42,11 +40,9 @@ const RETRY_WRITE: Duration = Duration::from_secs(5);
 pub struct ImportState {
     pub(crate) cfg: ImportConfig,
     pub(crate) key: String,
-    pub(crate) connected: AtomicBool,
+    health: Health,
     pub(crate) applied: AtomicU64,
     pub(crate) rejected: AtomicU64,
-    pub(crate) failures: AtomicU64,
-    last_error: Mutex<Option<String>>,
 }
 
 /// What became of one message.
@@ -65,11 +61,9 @@ impl ImportState {
         Self {
             cfg,
             key,
-            connected: AtomicBool::new(false),
+            health: Health::default(),
             applied: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            last_error: Mutex::new(None),
         }
     }
 
@@ -81,46 +75,22 @@ impl ImportState {
             "subject": self.cfg.subject,
             "dead_letter": self.cfg.dead_letter,
             "namespace": self.cfg.namespace.as_ref().map(ToString::to_string),
-            "connected": self.connected.load(Ordering::Relaxed),
+            "connected": self.health.connected.load(Ordering::Relaxed),
             "applied": self.applied.load(Ordering::Relaxed),
             "rejected": self.rejected.load(Ordering::Relaxed),
-            "failures": self.failures.load(Ordering::Relaxed),
-            "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
+            "failures": self.health.failures.load(Ordering::Relaxed),
+            "last_error": self.health.last_error(),
         })
-    }
-
-    fn failed(&self, why: String) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let changed = self
-            .last_error
-            .lock()
-            .map(|mut e| e.replace(why.clone()).as_deref() != Some(why.as_str()))
-            .unwrap_or(true);
-        if changed {
-            tracing::warn!(import = %self.cfg.shown_url(), error = %why, "import from the broker failed; retrying");
-        }
     }
 }
 
 /// Runs an import until `stop`: connects, applies, and reconnects after failures.
 pub async fn run(state: Arc<ImportState>, store: Store, stop: CancellationToken) {
-    let mut wait = RETRY_FIRST;
-    loop {
-        let ended = tokio::select! {
-            ended = session(&state, &store) => ended,
-            () = stop.cancelled() => Ok(()),
-        };
-        state.connected.store(false, Ordering::Relaxed);
-        match ended {
-            Ok(()) => return,
-            Err(e) => state.failed(e),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = stop.cancelled() => return,
-        }
-        wait = (wait * 2).min(RETRY_LAST);
-    }
+    let url = state.cfg.shown_url();
+    keep_running(&state.health, "import", &url, &stop, || {
+        session(&state, &store)
+    })
+    .await;
 }
 
 async fn session(state: &ImportState, store: &Store) -> Result<(), String> {
@@ -155,10 +125,7 @@ async fn session(state: &ImportState, store: &Store) -> Result<(), String> {
         .messages()
         .await
         .map_err(|e| format!("consuming: {e}"))?;
-    state.connected.store(true, Ordering::Relaxed);
-    if let Ok(mut e) = state.last_error.lock() {
-        *e = None;
-    }
+    state.health.up();
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| format!("receiving: {e}"))?;
         match apply(state, store, &message.subject, &message.payload).await {
@@ -189,7 +156,9 @@ async fn session(state: &ImportState, store: &Store) -> Result<(), String> {
                 state.rejected.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Later(why) => {
-                state.failed(format!("the store cannot write now: {why}"));
+                let url = state.cfg.shown_url();
+                let why = format!("the store cannot write now: {why}");
+                state.health.failed("import", &url, why);
                 message
                     .ack_with(AckKind::Nak(Some(RETRY_WRITE)))
                     .await
@@ -265,7 +234,7 @@ pub fn register_metrics(
             .inc_by(i.rejected.load(Ordering::Relaxed));
         connected
             .get_or_create(&l)
-            .set(i64::from(i.connected.load(Ordering::Relaxed)));
+            .set(i64::from(i.health.connected.load(Ordering::Relaxed)));
     }
     r.register(
         "import_applied_messages",

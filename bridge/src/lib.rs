@@ -9,6 +9,7 @@
 pub mod config;
 pub mod export;
 pub mod import;
+mod retry;
 
 use std::sync::Arc;
 
