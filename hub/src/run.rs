@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use tidesync::daemon::{read_revocations, DaemonConfig, CRL_FILE};
 use tidesync::model::{Grant, NodeId, NsPattern, Role};
 use tidesync::net::crl::Revoked;
+use tidesync::net::token::{hex, unhex};
 use tidesync::net::{Ca, Crl};
 use tidesync_cli::config::list_or;
 use tidesync_cli::files;
@@ -312,10 +313,8 @@ fn register(ca_dir: &Path, bundle: &tidesync::net::Bundle) -> Result<()> {
 /// The certificates the registry of `ca_dir` records.
 fn issued(ca_dir: &Path) -> Result<Vec<IssuedCert>> {
     let path = ca_dir.join(ISSUED);
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let Some(text) = read_if_present(&path)? else {
+        return Ok(Vec::new());
     };
     text.lines()
         .map(str::trim)
@@ -326,6 +325,7 @@ fn issued(ca_dir: &Path) -> Result<Vec<IssuedCert>> {
                 bail!("{}: a damaged line {l:?}", path.display());
             };
             let serial = unhex(serial)
+                .filter(|s| !s.is_empty())
                 .with_context(|| format!("{}: a damaged serial in {l:?}", path.display()))?;
             Ok(IssuedCert {
                 serial,
@@ -335,33 +335,21 @@ fn issued(ca_dir: &Path) -> Result<Vec<IssuedCert>> {
         .collect()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("not hex digits in pairs");
+/// A CA directory's file, or `None` if it was never written.
+pub(crate) fn read_if_present(path: &Path) -> Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            Ok(u8::from_str_radix(
-                s.get(i..i + 2).context("not ASCII")?,
-                16,
-            )?)
-        })
-        .collect()
 }
 
 /// The revocation list issued last from `ca_dir`, checked against the CA, if any. A damaged
 /// one is an error: a list built on it would drop its entries.
 pub(crate) fn current_list(ca_dir: &Path, ca: &Ca) -> Result<Option<Crl>> {
     let path = ca_dir.join(CRL_FILE);
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let Some(text) = read_if_present(&path)? else {
+        return Ok(None);
     };
     let crl = Crl::from_pem(&text, ca.cert_der()?.as_ref()).with_context(|| {
         format!(

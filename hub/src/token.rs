@@ -1,6 +1,5 @@
 //! `tidesync-hub token`: scoped API tokens, issued and revoked where the CA is.
 
-use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use tidesync::net::token;
 use tidesync_cli::files;
 
 use crate::cli::TokenCommand;
-use crate::run::{current_list, load_ca, sign_list, write_private};
+use crate::run::{current_list, load_ca, read_if_present, sign_list, write_private};
 
 /// Every token revoked, one id per line, beside the CA key: a revocation list issued later
 /// (by `revoke`, or after `crl.pem` was lost) still lists them.
@@ -104,10 +103,8 @@ fn revoke(data: &Path, serial: &[u8]) -> Result<()> {
 /// The serials of the tokens revoked from `ca_dir`.
 pub(crate) fn revoked_serials(ca_dir: &Path) -> Result<Vec<Vec<u8>>> {
     let path = ca_dir.join(REVOKED_TOKENS);
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let Some(text) = read_if_present(&path)? else {
+        return Ok(Vec::new());
     };
     text.lines()
         .map(str::trim)

@@ -279,6 +279,15 @@ pub fn status(p: &Proc) -> serde_json::Value {
         .expect("status is JSON")
 }
 
+/// `p`'s Prometheus metrics, as text.
+pub fn metrics(p: &Proc) -> String {
+    ureq::get(&p.url("/metrics"))
+        .call()
+        .expect("the node's metrics")
+        .into_string()
+        .expect("metrics are text")
+}
+
 /// Whether `p`'s status shows a connection to peer `id` up.
 pub fn connected(p: &Proc, id: &str) -> bool {
     status(p)["peers"].as_array().is_some_and(|peers| {

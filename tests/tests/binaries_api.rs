@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tidesync_tests::procs::{connected, run, status, wait_for, Binaries, Proc, SUBCOMMANDS};
+use tidesync_tests::procs::{
+    connected, metrics, run, status, wait_for, Binaries, Proc, SUBCOMMANDS,
+};
 
 fn status_of(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
     match r {
@@ -716,11 +718,7 @@ fn a_deleted_or_damaged_revocation_list_readmits_nobody() {
             "{what}"
         );
     }
-    let metrics = ureq::get(&hub.url("/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = metrics(&hub);
     assert!(
         metrics.contains("tidesync_revocation_list_ok 0"),
         "{metrics}"

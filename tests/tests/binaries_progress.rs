@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use tidesync_tests::procs::{binary, status, wait_for, Binaries, Proc};
+use tidesync_tests::procs::{binary, metrics, status, wait_for, Binaries, Proc};
 
 const DOCS: usize = 10_000;
 
@@ -106,11 +106,7 @@ fn a_catch_up_of_ten_thousand_documents_shows_its_progress() {
     // Caught up: nothing left, everything there.
     let p = progress(&hub, "edge").unwrap();
     assert_eq!(p["documents_remaining"], 0, "{p}");
-    let metrics = ureq::get(&hub.url("/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = metrics(&hub);
     assert!(
         metrics.contains("tidesync_peer_catchup_done_documents{"),
         "{metrics}"

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use serde_json::{json, Value};
-use tidesync_tests::procs::{status, wait_for, Binaries, Proc};
+use tidesync_tests::procs::{metrics, status, wait_for, Binaries, Proc};
 
 const DOCS: usize = 50;
 
@@ -316,11 +316,7 @@ fn every_change_reaches_jetstream_through_kills_and_a_broker_restart() {
             "{id}"
         );
     }
-    let metrics = ureq::get(&hub.url("/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = metrics(&hub);
     assert!(
         metrics.contains("tidesync_export_lag_feed_positions{"),
         "{metrics}"

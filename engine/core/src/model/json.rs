@@ -79,6 +79,22 @@ impl Strings {
     }
 }
 
+/// Whether `content` holds a string anywhere: only then does the mode matter, so a write
+/// without one never walks the document for [`Strings::Auto`]. Iterative, like
+/// [`check_depth`].
+fn has_string(content: &Map<String, Json>) -> bool {
+    let mut stack: Vec<&Json> = content.values().collect();
+    while let Some(v) = stack.pop() {
+        match v {
+            Json::String(_) => return true,
+            Json::Object(m) => stack.extend(m.values()),
+            Json::Array(a) => stack.extend(a.iter()),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Whether the first string met in a breadth-first walk of `doc` is text; `None` if none
 /// is met within [`AUTO_LOOKS_AT`] values.
 fn first_string_is_text<R: ReadDoc>(doc: &R) -> Option<bool> {
@@ -248,7 +264,7 @@ pub fn write_replace<T: Transactable>(
     content: &Map<String, Json>,
     strings: Strings,
 ) -> Result<(), AutomergeError> {
-    let text = strings.as_text(tx);
+    let text = has_string(content) && strings.as_text(tx);
     update_map(tx, text, &ROOT, content, true)?;
     clear_tombstone(tx)
 }
@@ -261,7 +277,7 @@ pub fn write_merge_patch<T: Transactable>(
     patch: &Map<String, Json>,
     strings: Strings,
 ) -> Result<(), AutomergeError> {
-    let text = strings.as_text(tx);
+    let text = has_string(patch) && strings.as_text(tx);
     if is_deleted(tx) {
         update_map(tx, text, &ROOT, &Map::new(), true)?;
         clear_tombstone(tx)?;
