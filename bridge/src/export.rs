@@ -1,11 +1,13 @@
-//! One export: the hub's change feed, from a durable position, out to NATS JetStream.
+//! One export: the hub's change feed, from a durable position, out to NATS JetStream or
+//! RabbitMQ.
 //!
 //! The loop reads the feed after the export's position in batches, publishes one message
-//! per changed document of its namespaces, waits for JetStream's acknowledgement of every
-//! message of the batch, and only then moves the position, in one commit of the store with
-//! what the batch sent. So a crash, a broker outage or a lost connection resumes from the
-//! last acknowledged batch: nothing is lost, and what is sent again carries the same
-//! `Nats-Msg-Id` (the feed epoch and position), which JetStream drops as a duplicate within
+//! per changed document of its namespaces, waits for the broker's acknowledgement of every
+//! message of the batch (JetStream's publish acks, AMQP publisher confirms), and only then
+//! moves the position, in one commit of the store with what the batch sent. So a crash, a
+//! broker outage or a lost connection resumes from the last acknowledged batch: nothing is
+//! lost, and what is sent again carries the same message id (the export, feed epoch and
+//! position: `Nats-Msg-Id`, AMQP `message_id`), which JetStream drops as a duplicate within
 //! its window and a consumer can drop after it. The feed holds each document once, at its
 //! last write, so a document written several times while the export was behind goes out
 //! once with all of it: the JSON form its latest content, the Automerge form every change
@@ -14,9 +16,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use async_nats::jetstream;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,15 +27,13 @@ use tidesync::model::{format_heads, FeedSeq};
 use tidesync::store::{FeedEntry, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ExportConfig, Format};
+use crate::bus::{Confirmed, Outgoing, Publisher};
+use crate::config::{Broker, ExportConfig, Format};
 use crate::retry::{keep_running, Health};
 
 /// Feed entries read, and messages published before their acknowledgements are awaited,
 /// per batch.
 const BATCH: usize = 256;
-
-/// How long JetStream has to acknowledge a message.
-const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An export's settings and what it has done, shared with status and metrics.
 #[derive(Debug)]
@@ -104,7 +103,9 @@ impl ExportState {
         json!({
             "id": self.key,
             "url": self.cfg.shown_url(),
+            "broker": self.cfg.broker.as_str(),
             "subject": self.cfg.subject,
+            "exchange": (self.cfg.broker == Broker::Amqp).then_some(&self.cfg.exchange),
             "format": self.cfg.format.as_str(),
             "namespaces": self.cfg.namespaces.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "connected": self.health.connected.load(Ordering::Relaxed),
@@ -155,13 +156,7 @@ async fn session(
     store: &Store,
     stop: &CancellationToken,
 ) -> Result<(), ExportError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(state.cfg.url.as_str())
-        .await
-        .map_err(broker)?;
-    let mut js = jetstream::new(client);
-    js.set_timeout(ACK_TIMEOUT);
+    let publisher = Publisher::connect(&state.cfg).await.map_err(broker)?;
     state.health.up();
     let mut feed = store.subscribe();
     loop {
@@ -184,21 +179,16 @@ async fn session(
         let mut acks = Vec::new();
         let mut records = Vec::new();
         for e in entries.iter().filter(|e| state.cfg.exports(&e.ns)) {
-            let Some((headers, payload)) = message(state, store, e, epoch, &mut records)? else {
+            let Some(m) = message(state, store, e, epoch, &mut records)? else {
                 continue;
             };
-            let subject = state.cfg.subject_of(e.ns.as_str(), e.id.as_str());
-            let ack = js
-                .publish_with_headers(subject, headers, payload.into())
-                .await
-                .map_err(broker)?;
+            acks.push(publisher.publish(m).await.map_err(broker)?);
             state.published.fetch_add(1, Ordering::Relaxed);
-            acks.push(ack);
         }
         for ack in acks {
-            let ack = ack.await.map_err(broker)?;
+            let confirmed = ack.confirmed().await.map_err(broker)?;
             state.confirmed.fetch_add(1, Ordering::Relaxed);
-            if ack.duplicate {
+            if confirmed == Confirmed::Duplicate {
                 state.duplicates.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -226,27 +216,27 @@ fn load_position(store: &Store, state: &ExportState, epoch: u128) -> Result<u64,
     Ok(if kept_epoch == epoch { seq } else { 0 })
 }
 
-/// The message for one feed entry: headers and payload; `None` when there is nothing to
-/// send (the document is gone, or no change is new since its last message). Adds what
-/// the batch's commit must keep to `records`.
+/// The message for one feed entry; `None` when there is nothing to send (the document
+/// is gone, or no change is new since its last message). Adds what the batch's commit
+/// must keep to `records`.
 fn message(
     state: &ExportState,
     store: &Store,
     e: &FeedEntry,
     epoch: u128,
     records: &mut Vec<(String, Vec<u8>)>,
-) -> Result<Option<(async_nats::HeaderMap, Vec<u8>)>, ExportError> {
-    let mut headers = async_nats::HeaderMap::new();
+) -> Result<Option<Outgoing>, ExportError> {
     // Unique per export too: two exports into one stream must not drop each other's
     // messages as duplicates.
     let id = format!("{}-{epoch:032x}-{}", &state.key["export/".len()..], e.seq.0);
-    headers.insert("Nats-Msg-Id", id.as_str());
-    headers.insert("Tidesync-Ns", e.ns.as_str());
-    headers.insert("Tidesync-Id", e.id.as_str());
-    headers.insert("Tidesync-Epoch", format!("{epoch:032x}").as_str());
-    headers.insert("Tidesync-Seq", e.seq.0.to_string().as_str());
-    headers.insert("Tidesync-Heads", format_heads(&e.heads).as_str());
-    headers.insert("Tidesync-Format", state.cfg.format.as_str());
+    let headers = vec![
+        ("Tidesync-Ns", e.ns.to_string()),
+        ("Tidesync-Id", e.id.to_string()),
+        ("Tidesync-Epoch", format!("{epoch:032x}")),
+        ("Tidesync-Seq", e.seq.0.to_string()),
+        ("Tidesync-Heads", format_heads(&e.heads)),
+        ("Tidesync-Format", state.cfg.format.as_str().to_owned()),
+    ];
     let payload = match state.cfg.format {
         Format::Json => {
             let content = if e.deleted {
@@ -294,7 +284,16 @@ fn message(
             bytes
         }
     };
-    Ok(Some((headers, payload)))
+    Ok(Some(Outgoing {
+        id,
+        dest: state.cfg.subject_of(e.ns.as_str(), e.id.as_str()),
+        headers,
+        payload,
+        content_type: match state.cfg.format {
+            Format::Json => "application/json",
+            Format::Automerge => "application/octet-stream",
+        },
+    }))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

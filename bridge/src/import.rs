@@ -1,39 +1,34 @@
-//! One import: JSON merge patches from NATS JetStream into the hub's documents.
+//! One import: JSON merge patches from NATS JetStream or RabbitMQ into the hub's
+//! documents.
 //!
-//! A durable pull consumer of the import's subject hands each message over once at a
-//! time; the patch goes through the store's normal write path, and the message is
-//! acknowledged only after the commit is durable. A hub that dies before the
+//! A durable consumer (a JetStream pull consumer of the import's subject, or a consumer
+//! of its AMQP queue with manual acknowledgements) hands messages over one at a time; the
+//! patch goes through the store's normal write path, and the message is acknowledged
+//! only after the commit is durable. A hub that dies before the
 //! acknowledgement gets the message again and applies it again, which changes nothing:
 //! a merge patch sets values, and setting a value it already has emits no operation. A
 //! message that is not a valid patch (not JSON, no document named, a namespace the import
 //! may not write, a patch that is not an object or is refused by the store) goes to the
-//! dead-letter subject with the reason in a `Tidesync-Reason` header, and is acknowledged:
+//! dead-letter subject (or queue) with the reason in a `Tidesync-Reason` header, and only
+//! once the broker has that copy is the message acknowledged:
 //! it is never retried for ever and never half-applied. A store that cannot write for now
 //! (a full disk) makes the message come back later instead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, AckKind};
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tidesync::error::StoreError;
 use tidesync::model::{DocId, Namespace};
 use tidesync::store::Store;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::Consumer;
 use crate::config::ImportConfig;
 use crate::retry::{keep_running, Health};
 
 /// Largest message taken, in bytes; a larger one is a dead letter.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
-
-/// How long JetStream waits for an acknowledgement before it delivers a message again.
-const ACK_WAIT: Duration = Duration::from_secs(30);
-
-/// When a message comes back after the store could not write it.
-const RETRY_WRITE: Duration = Duration::from_secs(5);
 
 /// An import's settings and what it has done, shared with status and metrics.
 #[derive(Debug)]
@@ -72,7 +67,9 @@ impl ImportState {
         json!({
             "id": self.key,
             "url": self.cfg.shown_url(),
+            "broker": self.cfg.broker.as_str(),
             "subject": self.cfg.subject,
+            "queue": (self.cfg.broker == crate::config::Broker::Amqp).then_some(&self.cfg.subject),
             "dead_letter": self.cfg.dead_letter,
             "namespace": self.cfg.namespace.as_ref().map(ToString::to_string),
             "connected": self.health.connected.load(Ordering::Relaxed),
@@ -94,79 +91,29 @@ pub async fn run(state: Arc<ImportState>, store: Store, stop: CancellationToken)
 }
 
 async fn session(state: &ImportState, store: &Store) -> Result<(), String> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(state.cfg.url.as_str())
-        .await
-        .map_err(|e| format!("connecting: {e}"))?;
-    let js = jetstream::new(client);
-    let stream_name = js
-        .stream_by_subject(state.cfg.subject.clone())
-        .await
-        .map_err(|e| format!("no stream covers {}: {e}", state.cfg.subject))?;
-    let stream = js
-        .get_stream(&stream_name)
-        .await
-        .map_err(|e| format!("stream {stream_name}: {e}"))?;
+    // The durable consumer's name (JetStream) or consumer tag (AMQP).
     let name = state.key.replace('/', "-");
-    let consumer = stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: state.cfg.subject.clone(),
-                ack_wait: ACK_WAIT,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| format!("consumer {name}: {e}"))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| format!("consuming: {e}"))?;
+    let mut consumer = Consumer::connect(&state.cfg, &name).await?;
     state.health.up();
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| format!("receiving: {e}"))?;
+    loop {
+        let message = consumer.next().await?;
         match apply(state, store, &message.subject, &message.payload).await {
             Outcome::Applied => {
-                message
-                    .ack()
-                    .await
-                    .map_err(|e| format!("acknowledging: {e}"))?;
+                consumer.ack(message).await?;
                 state.applied.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Rejected(why) => {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Tidesync-Reason", why.as_str());
-                headers.insert("Tidesync-Subject", message.subject.as_str());
-                js.publish_with_headers(
-                    state.cfg.dead_letter.clone(),
-                    headers,
-                    message.payload.clone(),
-                )
-                .await
-                .map_err(|e| format!("dead letter: {e}"))?
-                .await
-                .map_err(|e| format!("dead letter: {e}"))?;
-                message
-                    .ack_with(AckKind::Term)
-                    .await
-                    .map_err(|e| format!("acknowledging: {e}"))?;
+                consumer.dead_letter(message, &why).await?;
                 state.rejected.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Later(why) => {
                 let url = state.cfg.shown_url();
                 let why = format!("the store cannot write now: {why}");
                 state.health.failed("import", &url, why);
-                message
-                    .ack_with(AckKind::Nak(Some(RETRY_WRITE)))
-                    .await
-                    .map_err(|e| format!("acknowledging: {e}"))?;
+                consumer.later(message).await?;
             }
         }
     }
-    Err("the broker ended the subscription".into())
 }
 
 /// Checks one message and applies its patch, durably.

@@ -1,11 +1,14 @@
 //! The hub's bridge to the data center's message bus: every committed change of chosen
-//! namespaces goes out to NATS JetStream, in feed order per document, at least once and
-//! deduplicated by message id, from a position kept durably in the hub's own store.
+//! namespaces goes out to NATS JetStream or RabbitMQ, in feed order per document, at
+//! least once and deduplicated by message id, from a position kept durably in the hub's
+//! own store; and JSON merge patches come in from the bus, each acknowledged after its
+//! durable commit.
 //!
 //! It is a [`tidesync::extension::Extension`] of the hub, so the edge agent carries none of
 //! it. What an export sends and why it loses nothing is in [`export`]; its settings in
 //! [`config`].
 
+mod bus;
 pub mod config;
 pub mod export;
 pub mod import;
@@ -18,7 +21,7 @@ use tidesync::store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{ConfigError, ExportConfig, Format, ImportConfig};
+pub use config::{Broker, ConfigError, ExportConfig, Format, ImportConfig};
 pub use export::ExportState;
 pub use import::ImportState;
 

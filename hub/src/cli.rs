@@ -107,14 +107,17 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         max_peers: Option<usize>,
         /// Publish every committed change to a message bus: nats://HOST:PORT (JetStream;
-        /// the stream must cover subjects tidesync.>). Repeat for several; `[[export]]`
-        /// tables choose namespaces, subject and format. Resumes where it stopped.
+        /// a stream must cover subjects tidesync.>) or amqp://USER:PASS@HOST:PORT/VHOST
+        /// (RabbitMQ; topic exchange tidesync, routing keys tidesync.NS.ID, a queue must be
+        /// bound). Repeat for several; `[[export]]` tables choose namespaces, subject or
+        /// routing key, exchange and format. Resumes where it stopped.
         #[arg(long = "export", value_name = "URL")]
         exports: Vec<String>,
         /// Apply JSON merge patches from a message bus: nats://HOST:PORT (JetStream;
-        /// messages {"ns","id","patch"} on tidesync.import.>, refused ones to
-        /// tidesync.dead). Repeat for several; `[[import]]` tables choose the subject and
-        /// the namespace. Each message is acknowledged once its write is durable.
+        /// messages {"ns","id","patch"} on tidesync.import.>) or amqp://… (RabbitMQ; queue
+        /// tidesync.import); refused ones go to tidesync.dead. Repeat for several;
+        /// `[[import]]` tables choose the subject or queue and the namespace. Each message
+        /// is acknowledged once its write is durable.
         #[arg(long = "import", value_name = "URL")]
         imports: Vec<String>,
         /// --token, --max-body and --cache-mb.

@@ -121,33 +121,43 @@ fn bridge(
     for url in import_flags {
         imports.push(tidesync_bridge::ImportConfig::new(url, None, None, None)?);
     }
+    use tidesync_bridge::Broker;
     for t in &file.import {
-        if t.queue.is_some() && !t.url.starts_with("amqp") {
-            bail!(
-                "[[import]] {}: queue is for amqp:// imports; nats:// ones take subject",
-                t.url
-            );
-        }
+        let source = match (Broker::of(&t.url)?, &t.subject, &t.queue) {
+            (Broker::Nats, _, Some(_)) => {
+                bail!("[[import]] queue is for amqp:// imports; nats:// ones take subject")
+            }
+            (Broker::Amqp, Some(_), _) => {
+                bail!("[[import]] subject is for nats:// imports; amqp:// ones take queue")
+            }
+            (_, subject, queue) => subject.as_deref().or(queue.as_deref()),
+        };
         imports.push(tidesync_bridge::ImportConfig::new(
             &t.url,
-            t.subject.as_deref(),
+            source,
             t.namespace.as_deref(),
             t.dead_letter.as_deref(),
         )?);
     }
     for t in &file.export {
-        if t.routing_key.is_some() && !t.url.starts_with("amqp") {
-            bail!(
-                "[[export]] {}: routing_key is for amqp:// exports; nats:// ones take subject",
-                t.url
-            );
-        }
-        exports.push(tidesync_bridge::ExportConfig::new(
-            &t.url,
-            &t.namespaces,
-            t.subject.as_deref(),
-            t.format.as_deref(),
-        )?);
+        let template = match (Broker::of(&t.url)?, &t.subject, &t.routing_key) {
+            (Broker::Nats, _, Some(_)) => {
+                bail!("[[export]] routing_key is for amqp:// exports; nats:// ones take subject")
+            }
+            (Broker::Amqp, Some(_), _) => {
+                bail!("[[export]] subject is for nats:// exports; amqp:// ones take routing_key")
+            }
+            (_, subject, key) => subject.as_deref().or(key.as_deref()),
+        };
+        exports.push(
+            tidesync_bridge::ExportConfig::new(
+                &t.url,
+                &t.namespaces,
+                template,
+                t.format.as_deref(),
+            )?
+            .with_exchange(t.exchange.as_deref())?,
+        );
     }
     Ok(tidesync_bridge::Bridge::new(exports, imports))
 }

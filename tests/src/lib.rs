@@ -3,6 +3,7 @@
 pub mod audit_pair;
 pub mod bench;
 pub mod blob_files;
+pub mod brokers;
 pub mod chaos;
 pub mod cluster;
 pub mod procs;

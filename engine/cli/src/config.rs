@@ -104,15 +104,16 @@ pub struct RunFile {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ImportSettings {
-    /// The broker: `nats://host:port` (JetStream).
+    /// The broker: `nats://host:port` (JetStream) or `amqp://user:pass@host:port/vhost`.
     pub url: String,
-    /// The subject its patches arrive on [default: `tidesync.import.>`].
+    /// NATS: the subject its patches arrive on [default: `tidesync.import.>`].
     pub subject: Option<String>,
-    /// The AMQP queue, for `amqp://` imports (not built yet).
+    /// AMQP: the durable queue its patches arrive on [default: `tidesync.import`].
     pub queue: Option<String>,
     /// The only namespace its patches may write [default: the one each message names].
     pub namespace: Option<String>,
-    /// Where messages that are not valid patches go [default: `tidesync.dead`].
+    /// Where messages that are not valid patches go: a subject (NATS) or queue (AMQP)
+    /// [default: `tidesync.dead`].
     pub dead_letter: Option<String>,
 }
 
@@ -120,15 +121,17 @@ pub struct ImportSettings {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSettings {
-    /// The broker: `nats://host:port` (JetStream).
+    /// The broker: `nats://host:port` (JetStream) or `amqp://user:pass@host:port/vhost`.
     pub url: String,
     /// Namespace patterns exported [default: all].
     #[serde(default)]
     pub namespaces: Vec<String>,
     /// Subject template, `{ns}` and `{id}` replaced [default: `tidesync.{ns}.{id}`].
     pub subject: Option<String>,
-    /// The AMQP routing key template, for `amqp://` exports (not built yet).
+    /// AMQP: routing key template, `{ns}` and `{id}` replaced [default: `tidesync.{ns}.{id}`].
     pub routing_key: Option<String>,
+    /// AMQP: the durable topic exchange published to [default: `tidesync`].
+    pub exchange: Option<String>,
     /// `json` (the document) or `automerge` (its changes) [default: json].
     pub format: Option<String>,
 }
