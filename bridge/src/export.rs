@@ -4,7 +4,9 @@
 //! The loop reads the feed after the export's position in batches, publishes one message
 //! per changed document of its namespaces, waits for the broker's acknowledgement of every
 //! message of the batch (JetStream's publish acks, AMQP publisher confirms), and only then
-//! moves the position, in one commit of the store with what the batch sent. So a crash, a
+//! moves the position, in one commit of the store with what the batch sent. A few batches
+//! are out at once, settled oldest first, so the position only ever moves past
+//! acknowledged messages. So a crash, a
 //! broker outage or a lost connection resumes from the last acknowledged batch: nothing is
 //! lost, and what is sent again carries the same message id (the export, feed epoch and
 //! position: `Nats-Msg-Id`, AMQP `message_id`), which JetStream drops as a duplicate within
@@ -14,9 +16,10 @@
 //! since the document's previous message (each change exactly once after deduplication by
 //! change hash; in order, since a document's messages follow its feed positions).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -27,12 +30,11 @@ use tidesync::model::{format_heads, FeedSeq};
 use tidesync::store::{FeedEntry, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Confirmed, Outgoing, Publisher};
+use crate::bus::{Confirmed, Outgoing, Pending, Publisher};
 use crate::config::{Broker, ExportConfig, Format};
 use crate::retry::{keep_running, Health};
 
-/// Feed entries read, and messages published before their acknowledgements are awaited,
-/// per batch.
+/// Feed entries read per batch.
 const BATCH: usize = 256;
 
 /// An export's settings and what it has done, shared with status and metrics.
@@ -150,7 +152,23 @@ pub async fn run(state: Arc<ExportState>, store: Store, stop: CancellationToken)
     .await;
 }
 
-/// One connection to the broker: publishes batches until the connection fails or `stop`.
+/// Batches published and awaiting their acknowledgements, at most: the next batches are
+/// read and published while the broker acknowledges the ones before and the store commits
+/// their positions.
+const IN_FLIGHT: usize = 4;
+
+/// A published batch: what its commit keeps once the broker acknowledged all of it.
+struct Batch {
+    last: FeedSeq,
+    acks: Vec<Pending>,
+    records: Vec<(String, Vec<u8>)>,
+}
+
+/// The heads each document of a batch in flight was sent at, ahead of their commit.
+type HeadsSent = std::sync::Mutex<HashMap<String, Vec<u8>>>;
+
+/// One connection to the broker until it fails or `stop`: one side publishes batches, the
+/// other settles them in order (acknowledgements, then the position's commit).
 async fn session(
     state: &ExportState,
     store: &Store,
@@ -158,47 +176,104 @@ async fn session(
 ) -> Result<(), ExportError> {
     let publisher = Publisher::connect(&state.cfg).await.map_err(broker)?;
     state.health.up();
+    let epoch = store.feed_epoch();
+    let heads_sent = HeadsSent::default();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(IN_FLIGHT);
+    let publishing = publish_batches(state, store, &publisher, epoch, &heads_sent, tx);
+    let settling = async {
+        while let Some(batch) = rx.recv().await {
+            settle(state, store, epoch, batch, &heads_sent).await?;
+        }
+        Ok::<(), ExportError>(())
+    };
+    tokio::select! {
+        ended = futures_util::future::try_join(publishing, settling) => ended.map(drop),
+        () = stop.cancelled() => Ok(()),
+    }
+}
+
+/// Reads the feed after what was sent and publishes batch after batch, handing each to
+/// the settling side; waits for the feed when it has sent everything.
+async fn publish_batches(
+    state: &ExportState,
+    store: &Store,
+    publisher: &Publisher,
+    epoch: u128,
+    heads_sent: &HeadsSent,
+    settle: tokio::sync::mpsc::Sender<Batch>,
+) -> Result<(), ExportError> {
     let mut feed = store.subscribe();
+    let mut sent = load_position(store, state, epoch)?;
+    state.position.store(sent, Ordering::Relaxed);
     loop {
-        let epoch = store.feed_epoch();
-        let after = load_position(store, state, epoch)?;
-        state.position.store(after, Ordering::Relaxed);
-        let entries = store.changes_since(FeedSeq(after), BATCH)?;
+        if store.feed_epoch() != epoch {
+            // The feed was renewed: a new session starts the new epoch over.
+            return Err(broker("the feed was renewed"));
+        }
+        let entries = store.changes_since(FeedSeq(sent), BATCH)?;
         state
             .feed_last
-            .store(store.last_seq().0.max(after), Ordering::Relaxed);
+            .store(store.last_seq().0.max(sent), Ordering::Relaxed);
         let Some(last) = entries.last().map(|e| e.seq) else {
-            state.set_behind(false);
-            tokio::select! {
-                changed = feed.changed() => changed.map_err(|_| broker("the store closed"))?,
-                () = stop.cancelled() => return Ok(()),
+            if state.position.load(Ordering::Relaxed) >= sent {
+                state.set_behind(false);
             }
+            // Wakes for new writes, and now and then to see the position caught up.
+            let _ = tokio::time::timeout(Duration::from_millis(100), feed.changed()).await;
             continue;
         };
         state.set_behind(true);
-        let mut acks = Vec::new();
-        let mut records = Vec::new();
+        let mut batch = Batch {
+            last,
+            acks: Vec::new(),
+            records: Vec::new(),
+        };
         for e in entries.iter().filter(|e| state.cfg.exports(&e.ns)) {
-            let Some(m) = message(state, store, e, epoch, &mut records)? else {
+            let Some(m) = message(state, store, e, epoch, &mut batch.records, heads_sent)? else {
                 continue;
             };
-            acks.push(publisher.publish(m).await.map_err(broker)?);
+            batch.acks.push(publisher.publish(m).await.map_err(broker)?);
             state.published.fetch_add(1, Ordering::Relaxed);
         }
-        for ack in acks {
-            let confirmed = ack.confirmed().await.map_err(broker)?;
-            state.confirmed.fetch_add(1, Ordering::Relaxed);
-            if confirmed == Confirmed::Duplicate {
-                state.duplicates.fetch_add(1, Ordering::Relaxed);
+        sent = last.0;
+        settle
+            .send(batch)
+            .await
+            .map_err(|_| broker("the settling side stopped"))?;
+    }
+}
+
+/// Waits for every acknowledgement of `batch`, then moves the position past it, with the
+/// heads it sent, in one commit.
+async fn settle(
+    state: &ExportState,
+    store: &Store,
+    epoch: u128,
+    batch: Batch,
+    heads_sent: &HeadsSent,
+) -> Result<(), ExportError> {
+    for ack in batch.acks {
+        let confirmed = ack.confirmed().await.map_err(broker)?;
+        state.confirmed.fetch_add(1, Ordering::Relaxed);
+        if confirmed == Confirmed::Duplicate {
+            state.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let mut records = batch.records;
+    let mut position = epoch.to_le_bytes().to_vec();
+    position.extend_from_slice(&batch.last.0.to_le_bytes());
+    records.push((state.cursor_key(), position));
+    store.set_records(records.clone()).await?;
+    if let Ok(mut sent) = heads_sent.lock() {
+        for (key, heads) in &records {
+            // Committed now, unless a later batch in flight sent the document again.
+            if sent.get(key) == Some(heads) {
+                sent.remove(key);
             }
         }
-        // Acknowledged: the position moves, with the heads the batch sent, in one commit.
-        let mut position = epoch.to_le_bytes().to_vec();
-        position.extend_from_slice(&last.0.to_le_bytes());
-        records.push((state.cursor_key(), position));
-        store.set_records(records).await?;
-        state.position.store(last.0, Ordering::Relaxed);
     }
+    state.position.store(batch.last.0, Ordering::Relaxed);
+    Ok(())
 }
 
 /// The position kept for this export in `epoch` of the feed; 0 (the start) for none, or
@@ -225,6 +300,7 @@ fn message(
     e: &FeedEntry,
     epoch: u128,
     records: &mut Vec<(String, Vec<u8>)>,
+    heads_sent: &HeadsSent,
 ) -> Result<Option<Outgoing>, ExportError> {
     // Unique per export too: two exports into one stream must not drop each other's
     // messages as duplicates.
@@ -263,8 +339,12 @@ fn message(
                 return Ok(None);
             };
             let key = state.heads_key(e);
-            let before: Vec<automerge::ChangeHash> = store
-                .record(&key)?
+            let in_flight = heads_sent.lock().ok().and_then(|s| s.get(&key).cloned());
+            let kept = match in_flight {
+                Some(h) => Some(h),
+                None => store.record(&key)?,
+            };
+            let before: Vec<automerge::ChangeHash> = kept
                 .map(|b| {
                     b.chunks_exact(32)
                         .filter_map(|h| automerge::ChangeHash::try_from(h).ok())
@@ -279,8 +359,11 @@ fn message(
             for c in changes {
                 bytes.extend_from_slice(c.raw_bytes());
             }
-            let heads = doc.get_heads();
-            records.push((key, heads.iter().flat_map(|h| h.0).collect()));
+            let heads: Vec<u8> = doc.get_heads().iter().flat_map(|h| h.0).collect();
+            if let Ok(mut sent) = heads_sent.lock() {
+                sent.insert(key.clone(), heads.clone());
+            }
+            records.push((key, heads));
             bytes
         }
     };

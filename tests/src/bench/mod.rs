@@ -3,6 +3,7 @@
 
 pub mod artifact;
 pub mod audit;
+pub mod bridge;
 pub mod constrained;
 pub mod hostile;
 pub mod live;

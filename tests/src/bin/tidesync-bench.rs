@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde_json::{Map, Value};
 use tidesync_tests::bench::{
-    artifact, audit, constrained, hostile, live, priority, scale, sync, write,
+    artifact, audit, bridge, constrained, hostile, live, priority, scale, sync, write,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -53,6 +53,10 @@ enum Scenario {
     /// the link carries a bulk backlog and a blob: the critical latency p99 against the
     /// idle one (`--backlog-mb`, `--blob-mb`, `--samples`).
     Priority,
+    /// The hub's export to a real nats-server against plain acknowledged publishes of the
+    /// same messages, the export's lag under 64 writers, and the import's rate
+    /// (`--bridge-docs`, `--lag-seconds`).
+    Bridge,
     /// Every scenario in turn (but `soak`); one JSON object with each under its name.
     All,
     /// The attacking process of `hostile` (started by it).
@@ -99,6 +103,12 @@ struct Args {
     /// Critical writes timed per phase of `priority`, one a second.
     #[arg(long, default_value_t = 30)]
     samples: usize,
+    /// Documents exported (and patches imported) by `bridge`.
+    #[arg(long, default_value_t = 10_000)]
+    bridge_docs: usize,
+    /// Seconds the 64 writers of `bridge`'s lag phase write.
+    #[arg(long, default_value_t = 10.0)]
+    lag_seconds: f64,
     /// Edges of the `artifact` scenario's fan-out.
     #[arg(long, default_value_t = 10)]
     fanout_edges: usize,
@@ -396,6 +406,27 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                     ("ratio", "ratio"),
                     ("cubic lossy KB/s", "cubic_lossy_kb_s"),
                     ("cubic ratio", "cubic_ratio"),
+                ],
+            );
+            out
+        }
+        Scenario::Bridge => {
+            let out = bridge::run(args.bridge_docs, args.lag_seconds).await?;
+            println!(
+                "bridge: export of {} documents to JetStream, lag under 64 writers, import",
+                args.bridge_docs
+            );
+            table(
+                &out,
+                &[
+                    ("export msg/s", "export_per_s"),
+                    ("limit msg/s", "limit_per_s"),
+                    ("ratio", "ratio"),
+                    ("read doc/s", "read_per_s"),
+                    ("lag p50 ms", "lag_p50_ms"),
+                    ("lag p99 ms", "lag_p99_ms"),
+                    ("load writes", "load_writes"),
+                    ("import patch/s", "import_per_s"),
                 ],
             );
             out
