@@ -156,6 +156,7 @@ pub async fn run(docs: usize, seconds: f64) -> Result<Value> {
         export_position(&bridge) >= Some(target)
     })
     .await?;
+    eprintln!("bridge: the export caught up with the load");
     tokio::time::sleep(Duration::from_millis(200)).await;
     listening.abort();
     let mut lags: Vec<Duration> = {
@@ -179,19 +180,24 @@ pub async fn run(docs: usize, seconds: f64) -> Result<Value> {
         let _ = t.await;
     }
 
+    eprintln!("bridge: export stopped; publishing {docs} patches");
     // Import of waiting patches.
-    let mut acks = Vec::new();
-    for i in 0..docs {
-        let body =
-            json!({"ns": "bench", "id": format!("d{}", i % 1000), "patch": {format!("f{i}"): i}});
-        acks.push(
-            js.publish("patches.bench", serde_json::to_vec(&body)?.into())
-                .await?,
-        );
+    // In windows: the client holds publishes back while too many acks are unread.
+    let all: Vec<usize> = (0..docs).collect();
+    for window in all.chunks(WINDOW) {
+        let mut acks = Vec::with_capacity(window.len());
+        for i in window {
+            let body = json!({"ns": "bench", "id": format!("d{}", i % 1000), "patch": {format!("f{i}"): i}});
+            acks.push(
+                js.publish("patches.bench", serde_json::to_vec(&body)?.into())
+                    .await?,
+            );
+        }
+        for a in acks {
+            a.await?;
+        }
     }
-    for a in acks {
-        a.await?;
-    }
+    eprintln!("bridge: importing");
     let store = Store::open(dir.path().join("import.redb"), StoreConfig::default())?;
     let bridge = Bridge::new(
         vec![],
