@@ -2,7 +2,9 @@
 //! the export's lag under load, and the import's rate, with a real `nats-server`.
 //!
 //! - Export: a store holding `docs` one-KB documents starts an export (the bridge as the
-//!   hub runs it) and is timed until the broker has acknowledged all of them.
+//!   hub runs it) and is timed until the broker has acknowledged all of them. Its
+//!   document cache is `--bridge-cache-mb` (the hub's `--cache-mb`): one that holds the
+//!   documents measures the export, a smaller one the disk reads behind it.
 //! - Limit, in the same run: the same JSON payloads, with the same headers, published by
 //!   a plain JetStream client in windows of the export's batch size, each window's acks
 //!   awaited: the fastest acknowledged publishing of that work. Beside it, how fast the
@@ -35,8 +37,9 @@ const WRITERS: usize = 64;
 /// The export's batch: the window the limit publishes in too.
 const WINDOW: usize = 256;
 
-/// Runs the scenario with `docs` documents (and patches), the lag phase for `seconds`.
-pub async fn run(docs: usize, seconds: f64) -> Result<Value> {
+/// Runs the scenario with `docs` documents (and patches), the lag phase for `seconds`, the
+/// exporting store's document cache holding `cache_mb` MiB (a hub's `--cache-mb`).
+pub async fn run(docs: usize, seconds: f64, cache_mb: u64) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     let nats = Nats::start(&dir.path().join("nats"))?;
     let url = nats.url();
@@ -56,7 +59,11 @@ pub async fn run(docs: usize, seconds: f64) -> Result<Value> {
     let ns = Namespace::new("bench")?;
 
     // Export of a backlog.
-    let store = Store::open(dir.path().join("export.redb"), StoreConfig::default())?;
+    let cfg = StoreConfig {
+        doc_cache_bytes: cache_mb << 20,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(dir.path().join("export.redb"), cfg)?;
     for i in 0..docs {
         store
             .put(&ns, &DocId::new(format!("d{i}"))?, document(i), None)
@@ -223,6 +230,7 @@ pub async fn run(docs: usize, seconds: f64) -> Result<Value> {
 
     Ok(json!({
         "messages": sent.len(),
+        "cache_mb": cache_mb,
         "export_per_s": export_per_s.round(),
         "limit_per_s": limit_per_s.round(),
         "ratio": round2(export_per_s / limit_per_s),

@@ -55,7 +55,7 @@ enum Scenario {
     Priority,
     /// The hub's export to a real nats-server against plain acknowledged publishes of the
     /// same messages, the export's lag under 64 writers, and the import's rate
-    /// (`--bridge-docs`, `--lag-seconds`).
+    /// (`--bridge-docs`, `--bridge-cache-mb`, `--lag-seconds`).
     Bridge,
     /// Every scenario in turn (but `soak`); one JSON object with each under its name.
     All,
@@ -106,6 +106,9 @@ struct Args {
     /// Documents exported (and patches imported) by `bridge`.
     #[arg(long, default_value_t = 10_000)]
     bridge_docs: usize,
+    /// MiB of document cache of `bridge`'s exporting store (a hub's `--cache-mb`).
+    #[arg(long, default_value_t = 512)]
+    bridge_cache_mb: u64,
     /// Seconds the 64 writers of `bridge`'s lag phase write.
     #[arg(long, default_value_t = 10.0)]
     lag_seconds: f64,
@@ -411,7 +414,7 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
             out
         }
         Scenario::Bridge => {
-            let out = bridge::run(args.bridge_docs, args.lag_seconds).await?;
+            let out = bridge::run(args.bridge_docs, args.lag_seconds, args.bridge_cache_mb).await?;
             println!(
                 "bridge: export of {} documents to JetStream, lag under 64 writers, import",
                 args.bridge_docs
