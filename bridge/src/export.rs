@@ -170,14 +170,14 @@ type HeadsSent = std::sync::Mutex<HashMap<String, Vec<u8>>>;
 /// One connection to the broker until it fails or `stop`: one side publishes batches, the
 /// other settles them in order (acknowledgements, then the position's commit).
 async fn session(
-    state: &ExportState,
+    state: &Arc<ExportState>,
     store: &Store,
     stop: &CancellationToken,
 ) -> Result<(), ExportError> {
     let publisher = Publisher::connect(&state.cfg).await.map_err(broker)?;
     state.health.up();
     let epoch = store.feed_epoch();
-    let heads_sent = HeadsSent::default();
+    let heads_sent = Arc::new(HeadsSent::default());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(IN_FLIGHT);
     let publishing = publish_batches(state, store, &publisher, epoch, &heads_sent, tx);
     let settling = async {
@@ -192,50 +192,89 @@ async fn session(
     }
 }
 
-/// Reads the feed after what was sent and publishes batch after batch, handing each to
-/// the settling side; waits for the feed when it has sent everything.
-async fn publish_batches(
+/// A batch read from the feed and rendered, ready to publish.
+struct Built {
+    last: FeedSeq,
+    messages: Vec<Outgoing>,
+    records: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads the feed after `after` and renders its batch; `None` when there is nothing new.
+/// Runs on a blocking thread: reading and rendering documents is the export's CPU work.
+fn build(
     state: &ExportState,
+    store: &Store,
+    epoch: u128,
+    after: u64,
+    heads_sent: &HeadsSent,
+) -> Result<Option<Built>, ExportError> {
+    if store.feed_epoch() != epoch {
+        // The feed was renewed: a new session starts the new epoch over.
+        return Err(broker("the feed was renewed"));
+    }
+    let entries = store.changes_since(FeedSeq(after), BATCH)?;
+    state
+        .feed_last
+        .store(store.last_seq().0.max(after), Ordering::Relaxed);
+    let Some(last) = entries.last().map(|e| e.seq) else {
+        return Ok(None);
+    };
+    let mut built = Built {
+        last,
+        messages: Vec::with_capacity(entries.len()),
+        records: Vec::new(),
+    };
+    for e in entries.iter().filter(|e| state.cfg.exports(&e.ns)) {
+        if let Some(m) = message(state, store, e, epoch, &mut built.records, heads_sent)? {
+            built.messages.push(m);
+        }
+    }
+    Ok(Some(built))
+}
+
+/// Publishes batch after batch, handing each to the settling side, while the next batch
+/// is read and rendered on a blocking thread; waits for the feed when everything is sent.
+async fn publish_batches(
+    state: &Arc<ExportState>,
     store: &Store,
     publisher: &Publisher,
     epoch: u128,
-    heads_sent: &HeadsSent,
+    heads_sent: &Arc<HeadsSent>,
     settle: tokio::sync::mpsc::Sender<Batch>,
 ) -> Result<(), ExportError> {
     let mut feed = store.subscribe();
     let mut sent = load_position(store, state, epoch)?;
     state.position.store(sent, Ordering::Relaxed);
+    let build_after = |after: u64| {
+        let (state, store, heads_sent) = (state.clone(), store.clone(), heads_sent.clone());
+        tokio::task::spawn_blocking(move || build(&state, &store, epoch, after, &heads_sent))
+    };
+    let mut next = build_after(sent);
     loop {
-        if store.feed_epoch() != epoch {
-            // The feed was renewed: a new session starts the new epoch over.
-            return Err(broker("the feed was renewed"));
-        }
-        let entries = store.changes_since(FeedSeq(sent), BATCH)?;
-        state
-            .feed_last
-            .store(store.last_seq().0.max(sent), Ordering::Relaxed);
-        let Some(last) = entries.last().map(|e| e.seq) else {
+        let built = next
+            .await
+            .map_err(|e| broker(format!("rendering a batch: {e}")))??;
+        let Some(built) = built else {
             if state.position.load(Ordering::Relaxed) >= sent {
                 state.set_behind(false);
             }
             // Wakes for new writes, and now and then to see the position caught up.
             let _ = tokio::time::timeout(Duration::from_millis(100), feed.changed()).await;
+            next = build_after(sent);
             continue;
         };
         state.set_behind(true);
+        sent = built.last.0;
+        next = build_after(sent);
         let mut batch = Batch {
-            last,
-            acks: Vec::new(),
-            records: Vec::new(),
+            last: built.last,
+            acks: Vec::with_capacity(built.messages.len()),
+            records: built.records,
         };
-        for e in entries.iter().filter(|e| state.cfg.exports(&e.ns)) {
-            let Some(m) = message(state, store, e, epoch, &mut batch.records, heads_sent)? else {
-                continue;
-            };
+        for m in built.messages {
             batch.acks.push(publisher.publish(m).await.map_err(broker)?);
             state.published.fetch_add(1, Ordering::Relaxed);
         }
-        sent = last.0;
         settle
             .send(batch)
             .await
