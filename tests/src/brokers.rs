@@ -184,6 +184,9 @@ impl Rabbit {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", path("plugins"))
             .env("RABBITMQ_PID_FILE", path("pid"))
             .env("RABBITMQ_LOGS", "-")
+            // A node killed mid-start writes its crash dump here, not in the working
+            // directory.
+            .env("ERL_CRASH_DUMP", path("erl_crash.dump"))
             // What the node's processes (its port mapper, on a port of its own, among
             // them) are found and stopped by; the start script detaches some of them.
             .env(MARKER, port.to_string())
