@@ -381,12 +381,12 @@ fn edge_writes_reach_jetstream_and_rabbitmq_through_kills_and_broker_restarts() 
     );
 }
 
-/// Patches per broker, and the documents they spread over.
+/// Patches per broker (10,000), and the documents they spread over.
 const IMPORT_DOCS: usize = 50;
-const PATCHES_PER_DOC: usize = 100;
+const PATCHES_PER_DOC: usize = 200;
 
 /// Patch `k` of a broker whose documents are named `{prefix}{n}`: field `f{j}` of
-/// document `k % IMPORT_DOCS`, so each document ends with 100 fields and a lost patch is
+/// document `k % IMPORT_DOCS`, so each document ends with 200 fields and a lost patch is
 /// a missing field.
 fn patch(prefix: &str, k: usize) -> Vec<u8> {
     let (doc, j) = (k % IMPORT_DOCS, k / IMPORT_DOCS);
@@ -412,16 +412,20 @@ fn malformed() -> Vec<Vec<u8>> {
 
 async fn publish_nats(url: &str, payloads: Vec<Vec<u8>>) {
     let js = jetstream::new(async_nats::connect(url).await.unwrap());
-    let mut acks = Vec::new();
-    for p in payloads {
-        acks.push(
-            js.publish("tidesync.import.orders", p.into())
-                .await
-                .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
+    // In windows: the client holds a publish back while too many acks are unread, so
+    // more publishes than that with every ack kept for later would wait for ever.
+    for window in payloads.chunks(256) {
+        let mut acks = Vec::new();
+        for p in window {
+            acks.push(
+                js.publish("tidesync.import.orders", p.clone().into())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
     }
 }
 
@@ -494,11 +498,19 @@ fn patches_from_both_buses_land_once_through_a_kill_and_bad_ones_become_dead_let
     rt.block_on(publish_rabbit(&rabbit_url, batch("r", 0..half)));
     // SIGKILL while both imports are applying: what was applied and not yet
     // acknowledged comes again.
+    let mut before_kill = Value::Null;
     wait_for("the imports to start", Duration::from_secs(60), || {
-        let s = status(&hub);
-        (0..2).all(|i| s["imports"][i]["applied"].as_u64() > Some(100))
+        before_kill = status(&hub);
+        (0..2).all(|i| before_kill["imports"][i]["applied"].as_u64() > Some(100))
     });
     hub.kill();
+    for i in 0..2 {
+        let applied = before_kill["imports"][i]["applied"].as_u64();
+        assert!(
+            applied < Some(half as u64),
+            "the kill came after import {i} had applied its first half: {before_kill}"
+        );
+    }
     hub = d.hub(&args).unwrap();
     let edge = d.edge("edge", &[&hub], &[]).unwrap();
     let mut second = batch("n", half..total);

@@ -154,12 +154,16 @@ fn read_map_at<R: ReadDoc>(
     obj: &ObjId,
     depth: usize,
 ) -> Result<Map<String, Json>, ModelError> {
+    // One pass over the map's ops: a lookup per key would seek the op set once per key.
     let mut out = Map::new();
-    for key in doc.keys(obj) {
-        if let Ok(Some((value, id))) = doc.get(obj, key.as_str()) {
-            let v = read_value_at(doc, value, &id, depth + 1)?;
-            out.insert(key, v);
-        }
+    for item in doc.map_range(obj, ..) {
+        let id = if matches!(item.value, automerge::ValueRef::Object(_)) {
+            item.id()
+        } else {
+            ROOT
+        };
+        let v = read_value_at(doc, item.value.into_value(), &id, depth + 1)?;
+        out.insert(item.key.into_owned(), v);
     }
     Ok(out)
 }
@@ -185,11 +189,18 @@ pub(crate) fn read_value_at<R: ReadDoc>(
         Value::Object(ObjType::Map | ObjType::Table) => Json::Object(read_map_at(doc, id, depth)?),
         Value::Object(ObjType::List) => {
             let mut items = Vec::with_capacity(doc.length(id));
-            for i in 0..doc.length(id) {
-                items.push(match doc.get(id, i) {
-                    Ok(Some((v, child))) => read_value_at(doc, v, &child, depth + 1)?,
-                    _ => Json::Null,
-                });
+            for item in doc.list_range(id, ..) {
+                let child = if matches!(item.value, automerge::ValueRef::Object(_)) {
+                    item.id()
+                } else {
+                    ROOT
+                };
+                items.push(read_value_at(
+                    doc,
+                    item.value.into_value(),
+                    &child,
+                    depth + 1,
+                )?);
             }
             Json::Array(items)
         }
