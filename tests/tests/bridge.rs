@@ -20,7 +20,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 use tidesync_tests::brokers::{Nats, Rabbit};
-use tidesync_tests::procs::{metrics, status, wait_for, Binaries, Proc};
+use tidesync_tests::procs::{metrics, run, status, wait_for, Binaries, Proc};
 
 /// Documents the edges write, and writes per edge.
 const DOCS: usize = 100;
@@ -379,6 +379,14 @@ fn edge_writes_reach_jetstream_and_rabbitmq_through_kills_and_broker_restarts() 
         metrics.contains("tidesync_export_confirmed_messages_total{"),
         "{metrics}"
     );
+    // The operator's view: each export, connected and caught up.
+    let text = run("tidesync-hub", &["status", "--api", &hub.api.to_string()]).unwrap();
+    let exports: Vec<&str> = text.lines().filter(|l| l.starts_with("EXPORT ")).collect();
+    assert_eq!(exports.len(), 4, "{text}");
+    for line in exports {
+        assert!(line.contains(": connected, position "), "{line}");
+        assert!(line.contains(" 0 behind "), "{line}");
+    }
 }
 
 /// Patches per broker (10,000), and the documents they spread over.
@@ -564,5 +572,12 @@ fn patches_from_both_buses_land_once_through_a_kill_and_bad_ones_become_dead_let
     let s = status(&hub);
     for i in 0..2 {
         assert!(s["imports"][i]["rejected"].as_u64() >= Some(1), "{s}");
+    }
+    let text = run("tidesync-hub", &["status", "--api", &hub.api.to_string()]).unwrap();
+    let imports: Vec<&str> = text.lines().filter(|l| l.starts_with("IMPORT ")).collect();
+    assert_eq!(imports.len(), 2, "{text}");
+    for line in imports {
+        assert!(line.contains(": connected, "), "{line}");
+        assert!(line.contains(" rejected to tidesync.dead"), "{line}");
     }
 }

@@ -555,6 +555,23 @@ fn catch_up_line(p: &Value, bars: bool) -> Option<String> {
     ))
 }
 
+/// "connected", or "DISCONNECTED" with the failures so far, for a bridge's export or import.
+fn connection(v: &Value) -> String {
+    if v["connected"] == true {
+        "connected".to_owned()
+    } else {
+        format!("DISCONNECTED after {} failures", v["failures"])
+    }
+}
+
+/// "; last error: …" when the bridge's export or import has one.
+fn last_error(v: &Value) -> String {
+    v["last_error"]
+        .as_str()
+        .map(|e| format!("; last error: {e}"))
+        .unwrap_or_default()
+}
+
 /// The status table and the lines under it; `bars`: progress bars for catch-ups.
 fn render_status(s: &Value, bars: bool) -> String {
     use std::fmt::Write as _;
@@ -666,6 +683,38 @@ fn render_status(s: &Value, bars: bool) -> String {
                 t["rate_bytes_s"]
             );
         }
+    }
+    for e in s["exports"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "EXPORT {} {} {} ({}): {}, position {}, {} behind ({:.1}s), {} published, {} confirmed, {} duplicates{}",
+            e["id"].as_str().unwrap_or("?"),
+            e["broker"].as_str().unwrap_or("?"),
+            e["url"].as_str().unwrap_or("?"),
+            e["format"].as_str().unwrap_or("?"),
+            connection(e),
+            e["position"],
+            e["behind"],
+            e["lag_seconds"].as_f64().unwrap_or(0.0),
+            e["published"],
+            e["confirmed"],
+            e["duplicates"],
+            last_error(e),
+        );
+    }
+    for i in s["imports"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "IMPORT {} {} {}: {}, {} applied, {} rejected to {}{}",
+            i["id"].as_str().unwrap_or("?"),
+            i["broker"].as_str().unwrap_or("?"),
+            i["url"].as_str().unwrap_or("?"),
+            connection(i),
+            i["applied"],
+            i["rejected"],
+            i["dead_letter"].as_str().unwrap_or("?"),
+            last_error(i),
+        );
     }
     if let Some(fault) = s["store_fault"].as_object() {
         let _ = writeln!(
