@@ -243,6 +243,7 @@ fn operations_guide_runs_and_names_every_flag_and_metric() {
         "tidesync_export_connected",
         "tidesync_import_applied_messages",
         "tidesync_import_rejected_messages",
+        "tidesync_import_skipped_messages",
         "tidesync_import_connected",
     ];
     let bridge = repo_file("bridge/src/export.rs") + &repo_file("bridge/src/import.rs");

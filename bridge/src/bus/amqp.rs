@@ -8,7 +8,7 @@
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -20,15 +20,8 @@ use crate::config::ImportConfig;
 /// Messages the broker hands an import before it has acknowledged earlier ones.
 const PREFETCH: u16 = 32;
 
-/// When a message is handed back after the store could not write it: AMQP redelivers at
-/// once, so the import waits before handing it back.
-const RETRY_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Persistent: a durable queue keeps the message across a broker restart.
 const PERSISTENT: u8 = 2;
-
-/// The longest reason a dead letter carries.
-const MAX_REASON: usize = 1024;
 
 async fn connect(url: &str) -> Result<Connection, String> {
     let connecting = Connection::connect(url, ConnectionProperties::default());
@@ -234,6 +227,9 @@ impl Consumer {
         Ok(Incoming {
             subject: delivery.routing_key.to_string(),
             payload: delivery.data,
+            // RabbitMQ puts a message it gets back (the hub stopped before acknowledging
+            // it) at its old place in the queue, ahead of newer ones.
+            position: None,
             handle: Handle::Amqp(delivery.acker),
         })
     }
@@ -245,20 +241,17 @@ impl Consumer {
         payload: &[u8],
         reason: &str,
     ) -> Result<(), String> {
-        let mut reason = reason.to_owned();
-        if reason.len() > MAX_REASON {
-            let mut end = MAX_REASON;
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            reason.truncate(end);
+        let (payload, cut) = super::dead_letter_payload(payload);
+        let mut headers = vec![
+            ("Tidesync-Reason", super::cut_reason(reason)),
+            ("Tidesync-Routing-Key", routing_key),
+        ];
+        if let Some(len) = &cut {
+            headers.push(("Tidesync-Truncated-From", len.as_str()));
         }
         let properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
-            .with_headers(table(&[
-                ("Tidesync-Reason", &reason),
-                ("Tidesync-Routing-Key", routing_key),
-            ])?);
+            .with_headers(table(&headers)?);
         let confirm = self
             .publish
             .basic_publish(
@@ -280,18 +273,6 @@ impl Consumer {
 pub(crate) async fn ack(acker: &lapin::Acker) -> Result<(), String> {
     acker
         .ack(BasicAckOptions::default())
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-pub(crate) async fn later(acker: &lapin::Acker) -> Result<(), String> {
-    tokio::time::sleep(RETRY_WRITE).await;
-    acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
         .await
         .map(drop)
         .map_err(|e| e.to_string())

@@ -89,7 +89,65 @@ pub(crate) struct Incoming {
     /// The subject (NATS) or routing key (AMQP) it arrived with.
     pub subject: String,
     pub payload: Vec<u8>,
+    /// Where the message stands in its stream, for a broker that numbers them
+    /// (JetStream): messages of one document are applied in this order, once.
+    pub position: Option<Position>,
     handle: Handle,
+}
+
+/// A message's place in a numbered stream: the stream (which a re-created stream of the
+/// same name is not) and its sequence number there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub stream: [u8; 8],
+    pub seq: u64,
+}
+
+impl Position {
+    /// The 16 bytes an import keeps per document.
+    pub fn to_bytes(self) -> Vec<u8> {
+        let mut out = self.stream.to_vec();
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out
+    }
+
+    /// Whether a message at `self` was applied already, given the position `kept` for its
+    /// document: the same stream, and not after it.
+    pub fn applied_by(self, kept: &[u8]) -> bool {
+        let (Some(stream), Some(seq)) = (kept.get(..8), kept.get(8..16)) else {
+            return false;
+        };
+        let seq = u64::from_le_bytes(seq.try_into().unwrap_or([0; 8]));
+        stream == self.stream && self.seq <= seq
+    }
+}
+
+/// Longest reason a dead letter carries, in bytes: the reason may quote the message.
+const MAX_REASON: usize = 1024;
+
+/// Most of the original message a dead letter carries, in bytes: with the reason and the
+/// headers it must still fit the broker's largest message.
+const MAX_DEAD_LETTER_PAYLOAD: usize = 512 * 1024;
+
+/// `reason`, cut to [`MAX_REASON`] bytes at a character boundary.
+fn cut_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+/// What of `payload` a dead letter carries, and its full length when that is cut.
+fn dead_letter_payload(payload: &[u8]) -> (&[u8], Option<String>) {
+    if payload.len() > MAX_DEAD_LETTER_PAYLOAD {
+        (
+            &payload[..MAX_DEAD_LETTER_PAYLOAD],
+            Some(payload.len().to_string()),
+        )
+    } else {
+        (payload, None)
+    }
 }
 
 enum Handle {
@@ -141,12 +199,14 @@ impl Consumer {
         }
     }
 
-    /// The store cannot write now: the broker delivers the message again later.
-    pub async fn later(&self, m: Incoming) -> Result<(), String> {
-        match m.handle {
-            Handle::Nats(msg) => nats::later(&msg).await,
-            Handle::Amqp(acker) => amqp::later(&acker).await,
+    /// The store cannot write now and the import holds `held` to try again: tells a broker
+    /// that redelivers unacknowledged messages after a while (JetStream) to wait.
+    pub async fn hold(&self, held: &[Incoming]) -> Result<(), String> {
+        for m in held {
+            if let Handle::Nats(msg) = &m.handle {
+                nats::in_progress(msg).await?;
+            }
         }
-        .map_err(|e| format!("handing back: {e}"))
+        Ok(())
     }
 }

@@ -705,7 +705,7 @@ fn render_status(s: &Value, bars: bool) -> String {
     for i in s["imports"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "IMPORT {} {} {}: {}, {} applied, {} rejected to {}{}",
+            "IMPORT {} {} {}: {}, {} applied, {} rejected to {}, {} skipped as applied already{}",
             i["id"].as_str().unwrap_or("?"),
             i["broker"].as_str().unwrap_or("?"),
             i["url"].as_str().unwrap_or("?"),
@@ -713,6 +713,7 @@ fn render_status(s: &Value, bars: bool) -> String {
             i["applied"],
             i["rejected"],
             i["dead_letter"].as_str().unwrap_or("?"),
+            i["skipped"],
             last_error(i),
         );
     }
