@@ -103,8 +103,9 @@ struct Args {
     /// Critical writes timed per phase of `priority`, one a second.
     #[arg(long, default_value_t = 30)]
     samples: usize,
-    /// Documents exported (and patches imported) by `bridge`.
-    #[arg(long, default_value_t = 10_000)]
+    /// Documents exported (and patches imported) by `bridge`: enough that the export's
+    /// start (connecting, the first batch) does not weigh on its rate.
+    #[arg(long, default_value_t = 20_000)]
     bridge_docs: usize,
     /// MiB of document cache of `bridge`'s exporting store (a hub's `--cache-mb`).
     #[arg(long, default_value_t = 512)]
