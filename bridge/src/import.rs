@@ -296,10 +296,16 @@ async fn apply(state: &ImportState, store: &Store, p: Patch) -> Outcome {
     }
     match store.patch(&p.ns, &p.id, p.patch, None).await {
         Ok(_) => {}
-        Err(e @ (StoreError::Model(_) | StoreError::Quarantined { .. })) => {
-            return Outcome::Rejected(e.to_string())
-        }
-        Err(e) => return Outcome::Later(e.to_string()),
+        // The store cannot write for now; it goes on by itself once it can.
+        Err(
+            e @ (StoreError::NoSpace(_)
+            | StoreError::Unavailable(_)
+            | StoreError::Closed
+            | StoreError::Storage(_)
+            | StoreError::WriteFailed(_)),
+        ) => return Outcome::Later(e.to_string()),
+        // Refused for this patch or this document, as it would be again.
+        Err(e) => return Outcome::Rejected(e.to_string()),
     }
     // After the patch's commit: a stop in between applies the patch once more, which
     // changes nothing, since no later patch of the document has landed yet.

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::stream::RetentionPolicy;
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy, AckKind};
 use futures_util::StreamExt;
 
@@ -73,8 +75,15 @@ pub(crate) struct Consumer {
     js: jetstream::Context,
     messages: pull::Stream,
     dead_letter: String,
-    /// The stream's identity: its name and when it was created.
-    stream: [u8; 8],
+    /// The stream's identity (its name and when it was created), for a stream that keeps
+    /// messages by limits; `None` for an interest or work-queue stream, whose consumer is
+    /// not made over, so a message delivered again may be one never applied and is not
+    /// skipped by position.
+    stream: Option<[u8; 8]>,
+    /// The consumer sequence the next delivery must carry. JetStream numbers every
+    /// delivery; a gap means deliveries this session never got (lost in a reconnect of
+    /// the client), which JetStream will deliver again only later, behind newer ones.
+    expected: u64,
 }
 
 impl Consumer {
@@ -84,7 +93,10 @@ impl Consumer {
     /// deliver those messages again only after [`ACK_WAIT`], behind newer ones, and a
     /// patch applied after a later one of its document would undo it. Made again, the
     /// consumer delivers everything after the floor in stream order, and the import skips
-    /// what it had applied already.
+    /// what it had applied already. Only a stream that keeps messages by limits is made
+    /// over so: deleting the consumer of an interest or work-queue stream would drop the
+    /// messages it holds. A consumer another client is pulling from is refused: an
+    /// import's consumer serves one hub.
     pub async fn connect(cfg: &ImportConfig, name: &str) -> Result<Self, String> {
         let js = context(&cfg.url).await?;
         let stream_name = js
@@ -100,8 +112,17 @@ impl Consumer {
         let mut stream_id = [0u8; 8];
         stream_id.copy_from_slice(&identity.as_bytes()[..8]);
         let mut deliver_policy = DeliverPolicy::All;
-        if let Ok(info) = stream.consumer_info(name).await {
-            if info.num_ack_pending > 0 {
+        let mut expected = 1;
+        match stream.consumer_info(name).await {
+            Ok(info) if info.num_waiting > 0 => {
+                return Err(format!(
+                    "another client is pulling from consumer {name}: an import's consumer serves one hub"
+                ))
+            }
+            Ok(info)
+                if info.num_ack_pending > 0
+                    && stream.cached_info().config.retention == RetentionPolicy::Limits =>
+            {
                 deliver_policy = DeliverPolicy::ByStartSequence {
                     start_sequence: info.ack_floor.stream_sequence.saturating_add(1),
                 };
@@ -110,6 +131,9 @@ impl Consumer {
                     .await
                     .map_err(|e| format!("making consumer {name} again: {e}"))?;
             }
+            Ok(info) => expected = info.delivered.consumer_sequence.saturating_add(1),
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {}
+            Err(e) => return Err(format!("consumer {name}: {e}")),
         }
         let consumer = stream
             .get_or_create_consumer(
@@ -132,7 +156,9 @@ impl Consumer {
             js,
             messages,
             dead_letter: cfg.dead_letter.clone(),
-            stream: stream_id,
+            stream: (stream.cached_info().config.retention == RetentionPolicy::Limits)
+                .then_some(stream_id),
+            expected,
         })
     }
 
@@ -143,9 +169,21 @@ impl Consumer {
             .await
             .ok_or("the broker ended the subscription")?
             .map_err(|e| format!("receiving: {e}"))?;
-        let position = message.info().ok().map(|i| Position {
-            stream: self.stream,
-            seq: i.stream_sequence,
+        let info = message
+            .info()
+            .map_err(|e| format!("a message without its stream position: {e}"))?;
+        if info.consumer_sequence != self.expected {
+            // Ending the session makes the consumer again from its floor, in order.
+            return Err(format!(
+                "delivery {} came after {}: deliveries were lost on the way; resubscribing",
+                info.consumer_sequence,
+                self.expected.saturating_sub(1)
+            ));
+        }
+        self.expected += 1;
+        let position = self.stream.map(|stream| Position {
+            stream,
+            seq: info.stream_sequence,
         });
         Ok(Incoming {
             subject: message.subject.to_string(),
