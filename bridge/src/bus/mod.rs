@@ -210,3 +210,66 @@ impl Consumer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hostile message's dead letter stays within what a broker takes: the reason (which
+    /// may quote the message) is cut at a character boundary, the payload at its bound
+    /// with its full length said.
+    #[test]
+    fn dead_letters_are_bounded_whatever_the_message() {
+        let reason = format!("invalid document id {:?}", "é".repeat(4096));
+        let cut = cut_reason(&reason);
+        assert!(
+            cut.len() <= MAX_REASON && cut.len() > MAX_REASON - 4,
+            "{}",
+            cut.len()
+        );
+        assert!(reason.starts_with(cut));
+        assert_eq!(cut_reason("short"), "short");
+
+        let big = vec![b'x'; 1 << 20];
+        let (payload, full) = dead_letter_payload(&big);
+        assert_eq!(payload.len(), MAX_DEAD_LETTER_PAYLOAD);
+        assert_eq!(full.as_deref(), Some("1048576"));
+        let small = b"not json";
+        assert_eq!(dead_letter_payload(small), (&small[..], None));
+    }
+
+    /// A position is taken for applied only in the same stream and not after the kept one.
+    #[test]
+    fn positions_compare_only_within_one_stream() {
+        let kept = Position {
+            stream: [1; 8],
+            seq: 10,
+        }
+        .to_bytes();
+        assert!(Position {
+            stream: [1; 8],
+            seq: 10
+        }
+        .applied_by(&kept));
+        assert!(Position {
+            stream: [1; 8],
+            seq: 3
+        }
+        .applied_by(&kept));
+        assert!(!Position {
+            stream: [1; 8],
+            seq: 11
+        }
+        .applied_by(&kept));
+        assert!(!Position {
+            stream: [2; 8],
+            seq: 3
+        }
+        .applied_by(&kept));
+        assert!(!Position {
+            stream: [1; 8],
+            seq: 3
+        }
+        .applied_by(b"short"));
+    }
+}
