@@ -24,12 +24,18 @@ pub struct ClassCounts {
 }
 
 impl PeerCounters {
-    /// Counts one sync message of `class` sent.
-    pub fn count_class_send(&self, classes: &Classes, class: ClassId, wire_bytes: u64) {
+    /// Counts sync messages of `class` sent in one frame of `wire_bytes`.
+    pub fn count_class_send(
+        &self,
+        classes: &Classes,
+        class: ClassId,
+        messages: u64,
+        wire_bytes: u64,
+    ) {
         if let Ok(mut map) = self.classes.lock() {
             let c = map.entry(classes.name(class).to_owned()).or_default();
             c.priority = classes.priority(class).as_str();
-            c.sent_messages += 1;
+            c.sent_messages += messages;
             c.sent_bytes += wire_bytes;
         }
     }
@@ -126,10 +132,10 @@ peer_counters! {
     bytes_sent: Counter("peer_sent_bytes", "Frame bytes sent to the peer");
     /// Frame bytes received, length prefixes included.
     bytes_received: Counter("peer_received_bytes", "Frame bytes received from the peer");
-    /// Frames sent.
-    messages_sent: Counter("peer_sent_messages", "Frames sent to the peer");
-    /// Frames received.
-    messages_received: Counter("peer_received_messages", "Frames received from the peer");
+    /// Messages sent (a compressed batch counts the messages it carries).
+    messages_sent: Counter("peer_sent_messages", "Messages sent to the peer");
+    /// Messages received (a compressed batch counts the messages it carries).
+    messages_received: Counter("peer_received_messages", "Messages received from the peer");
     /// Automerge changes received from the peer and stored.
     changes_applied: Counter(
         "peer_changes_applied",

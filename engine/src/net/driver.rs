@@ -45,7 +45,8 @@ use super::send_queue::SendQueue;
 use crate::model::{ClassId, Classes, Namespace, NodeId, Priority};
 use crate::store::Store;
 use crate::sync::{
-    AuditReport, EarlyDoc, Event, Message, ProtocolError, Session, PROTOCOL_VERSION,
+    AuditReport, EarlyDoc, Event, Message, ProtocolError, Session, CLASSES_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use crate::StoreError;
 
@@ -125,7 +126,8 @@ pub struct DriverContext {
     pub classes: Arc<Classes>,
     /// Bytes per second this node sends on the link at most (`--max-rate`).
     pub max_rate: Option<u64>,
-    /// Whether document payloads are compressed where it pays (on protocol 7 links).
+    /// Whether document payloads are compressed where it pays (on protocol 7 links, in
+    /// batches on protocol 8).
     pub compress: bool,
     /// Local time of day, for the windows of batch classes.
     pub clock: LocalClock,
@@ -295,7 +297,7 @@ pub async fn run(
     // and bulk documents have streams of their own, opened critical first (the peer tells
     // them apart by their order).
     let mut queues = vec![SendQueue::new(send, Priority::Normal, ctx.max_frame)];
-    if version >= PROTOCOL_VERSION {
+    if version >= CLASSES_PROTOCOL_VERSION {
         for p in [Priority::Critical, Priority::Bulk] {
             let stream = tokio::time::timeout(OPEN_CLASS_STREAMS, conn.open_uni())
                 .await
@@ -367,7 +369,9 @@ pub async fn run(
                 queues: &mut queues,
                 pacing: &pacing,
                 classes: &ctx.classes,
-                compress: ctx.compress && version >= PROTOCOL_VERSION,
+                compress: ctx.compress && version >= CLASSES_PROTOCOL_VERSION,
+                batch: (ctx.compress && version >= PROTOCOL_VERSION)
+                    .then(|| (ClassId::Default, frames::Batch::default())),
                 counters: &counters,
                 peer: &peer_id,
                 log: &mut log,
@@ -597,12 +601,16 @@ fn on_frame(
         Some(Err(e)) => return Err(DriverError::Stream(e.to_string())),
         None => return Ok(Flow::Closed),
     };
-    counters.messages_received.fetch_add(1, Ordering::Relaxed);
     counters
         .bytes_received
         .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
-    let msg = frames::decode(&frame, decoding.version, decoding.max_frame)?;
-    session.handle_message(msg)?;
+    let msgs = frames::decode(&frame, decoding.version, decoding.max_frame)?;
+    counters
+        .messages_received
+        .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+    for msg in msgs {
+        session.handle_message(msg)?;
+    }
     if session.feed_went_back() {
         return Err(DriverError::FeedWentBack);
     }
@@ -676,6 +684,9 @@ struct Frames<'a> {
     pacing: &'a LinkPacing,
     classes: &'a Classes,
     compress: bool,
+    /// Document messages of one class waiting to be compressed together (protocol 8),
+    /// sent when another kind of message comes or the session is done for now.
+    batch: Option<(ClassId, frames::Batch)>,
     counters: &'a PeerCounters,
     peer: &'a NodeId,
     /// The connection's budget of warning lines.
@@ -695,41 +706,36 @@ impl Outbox for Frames<'_> {
             }
             _ => ClassId::Default,
         };
-        let counted = matches!(msg, Message::Sync { .. } | Message::SyncAhead { .. });
-        let encoded = frames::encode(&msg, self.compress);
-        let wire = encoded.bytes.len() as u64 + 4;
-        self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes_sent.fetch_add(wire, Ordering::Relaxed);
-        if encoded.compressed {
-            self.counters
-                .compressed_messages
-                .fetch_add(1, Ordering::Relaxed);
-            self.counters.compression_saved_bytes.fetch_add(
-                (encoded.plain_len as u64 + 4).saturating_sub(wire),
-                Ordering::Relaxed,
-            );
+        let document = frames::is_document(&msg);
+        let plain = msg.encode();
+        if let Some((batch_class, batch)) = &mut self.batch {
+            if document && frames::Batch::takes(plain.len()) {
+                if *batch_class != class || !batch.fits(plain.len()) {
+                    self.flush_batch()?;
+                }
+                if let Some((batch_class, batch)) = &mut self.batch {
+                    *batch_class = class;
+                    batch.push(plain);
+                }
+                return Ok(());
+            }
+            // Whatever comes next on a stream goes after the batch.
+            if !batch.is_empty() {
+                self.flush_batch()?;
+            }
         }
-        if counted {
-            self.counters.count_class_send(self.classes, class, wire);
-        }
-        let priority = self.classes.priority(class);
-        let queue = &mut self.queues[queue_at(self.queues, priority)];
-        if urgent {
-            queue.push_urgent(Bytes::from(encoded.bytes))?;
-        } else {
-            queue.push(Bytes::from(encoded.bytes), class)?;
-        }
-        if queue.bytes >= WRITE_DURING_DRAIN {
-            queue
-                .write_ready(self.pacing)
-                .map_err(|e| ExecError::Stream(e.to_string()))?;
-        }
-        Ok(())
+        let encoded = frames::encode_message(plain, self.compress && document);
+        self.push(encoded, class, document, urgent)
+    }
+
+    fn flush(&mut self) -> Result<(), ExecError> {
+        self.flush_batch()
     }
 
     fn has_room(&self, priority: Priority) -> bool {
         self.queues[queue_at(self.queues, priority)].has_room()
     }
+
     fn event(&mut self, event: Event) {
         let peer = self.peer;
         match event {
@@ -750,6 +756,66 @@ impl Outbox for Frames<'_> {
             Event::PeerHolds { .. } => {}
             Event::AuditDone(_) | Event::AuditFailed { .. } => self.audit_events.push(event),
         }
+    }
+}
+
+impl Frames<'_> {
+    /// Queues what the batch holds.
+    fn flush_batch(&mut self) -> Result<(), ExecError> {
+        let Some((class, batch)) = &mut self.batch else {
+            return Ok(());
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let class = *class;
+        for encoded in batch.take() {
+            self.push(encoded, class, true, false)?;
+        }
+        Ok(())
+    }
+
+    /// Counts a frame and queues it on its class's stream.
+    fn push(
+        &mut self,
+        encoded: frames::Encoded,
+        class: ClassId,
+        document: bool,
+        urgent: bool,
+    ) -> Result<(), ExecError> {
+        let wire = encoded.bytes.len() as u64 + 4;
+        let messages = encoded.messages as u64;
+        self.counters
+            .messages_sent
+            .fetch_add(messages, Ordering::Relaxed);
+        self.counters.bytes_sent.fetch_add(wire, Ordering::Relaxed);
+        if encoded.compressed {
+            self.counters
+                .compressed_messages
+                .fetch_add(messages, Ordering::Relaxed);
+            // What the messages' own plain frames would have taken.
+            let plain_wire = encoded.plain_len as u64 + 4 * messages;
+            self.counters
+                .compression_saved_bytes
+                .fetch_add(plain_wire.saturating_sub(wire), Ordering::Relaxed);
+        }
+        if document {
+            self.counters
+                .count_class_send(self.classes, class, messages, wire);
+        }
+        let priority = self.classes.priority(class);
+        let queue = &mut self.queues[queue_at(self.queues, priority)];
+        if urgent {
+            queue.push_urgent(Bytes::from(encoded.bytes))?;
+        } else {
+            queue.push(Bytes::from(encoded.bytes), class)?;
+        }
+        if queue.bytes >= WRITE_DURING_DRAIN {
+            queue
+                .write_ready(self.pacing)
+                .map_err(|e| ExecError::Stream(e.to_string()))?;
+        }
+        Ok(())
     }
 }
 
@@ -796,7 +862,7 @@ const CLASS_STREAMS: usize = 2;
 
 impl ClassReaders {
     fn may_accept(&self) -> bool {
-        self.version >= PROTOCOL_VERSION && self.accepted < CLASS_STREAMS
+        self.version >= CLASSES_PROTOCOL_VERSION && self.accepted < CLASS_STREAMS
     }
 
     /// The next frame of any class stream, the most urgent first; a stream that ended is

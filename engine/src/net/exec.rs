@@ -30,6 +30,12 @@ pub trait Outbox {
     /// Something the session reports (its counters are already kept): log it, or ignore it.
     fn event(&mut self, _event: Event) {}
 
+    /// Queues whatever [`Outbox::send`] held back to send together: the session is done
+    /// for now.
+    fn flush(&mut self) -> Result<(), ExecError> {
+        Ok(())
+    }
+
     /// Whether more frames of this priority may be queued now; without room the session
     /// owes its messages instead of queueing them (see `Session::set_room`).
     fn has_room(&self, _priority: Priority) -> bool {
@@ -179,7 +185,7 @@ impl Exec<'_> {
                 }
             }
         }
-        Ok(())
+        outbox.flush()
     }
 
     /// Hands a finished write to the session. A sync message the store refused as invalid

@@ -1,14 +1,18 @@
 //! A message's frame on the wire: its encoding, compressed with zstd where that pays.
 //!
 //! Only document payloads ([`Message::Sync`], [`Message::SyncAhead`]) are worth trying: the
-//! rest is small or already dense. Each is compressed on its own (no shared context, so
-//! any frame decodes alone) and sent compressed only when that is smaller, so data that
-//! does not shrink costs a compression attempt and not one byte more on the link.
+//! rest is small or already dense. On protocol 7 each is compressed on its own
+//! ([`Message::Compressed`]). On protocol 8 consecutive ones of a stream are compressed
+//! together ([`Message::CompressedBatch`], see [`Batch`]): documents share keys, actors and
+//! words that one message alone does not repeat. Either way a frame goes compressed only
+//! when that is smaller, so data that does not shrink costs a compression attempt and not
+//! one byte more on the link; and no frame needs another to decode.
 //!
 //! Decoding is hostile by default: a compressed frame must say its decompressed size, and
-//! that size is checked against the frame limit before anything is allocated.
+//! that size is checked against the frame limit (a batch's against [`BATCH_MAX_CONTENT`])
+//! before anything is allocated.
 
-use crate::sync::{validate, Message, ProtocolError, PROTOCOL_VERSION};
+use crate::sync::{validate, Message, ProtocolError, CLASSES_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Smallest encoded message worth an attempt: below this zstd's frame header eats the
 /// gain.
@@ -25,6 +29,14 @@ pub const COMPRESS_MAX: usize = 1 << 20;
 pub const MAX_EXPANSION: usize = 32;
 /// Bytes of content a compressed frame may have beyond [`MAX_EXPANSION`] times its size.
 pub const EXPANSION_SLACK: usize = 64 * 1024;
+/// Most content a batch may have: its messages' encodings and their 4-byte lengths. Small
+/// enough to decode (and compress) in about a millisecond; large enough for a few dozen
+/// documents of a few kilobytes, where the gain levels off.
+pub const BATCH_MAX_CONTENT: usize = 256 << 10;
+/// Most messages in a batch: bounds what one frame hands the session at once.
+pub const BATCH_MAX_MESSAGES: usize = 128;
+/// Largest message put in a batch; a larger one goes alone.
+pub const BATCH_ITEM_MAX: usize = 64 << 10;
 
 /// The largest content a compressed payload of `len` bytes may declare.
 fn max_content(len: usize) -> usize {
@@ -32,23 +44,49 @@ fn max_content(len: usize) -> usize {
         .saturating_add(EXPANSION_SLACK)
 }
 
-/// One message, ready for the wire.
+/// One frame, ready for the wire.
 #[derive(Debug)]
 pub struct Encoded {
     /// The frame's payload.
     pub bytes: Vec<u8>,
-    /// The size of the message's plain encoding.
+    /// The size of the plain encodings of the messages it carries.
     pub plain_len: usize,
-    /// Whether `bytes` is a [`Message::Compressed`].
+    /// Whether `bytes` is a [`Message::Compressed`] or [`Message::CompressedBatch`].
     pub compressed: bool,
+    /// Messages it carries.
+    pub messages: usize,
+}
+
+impl Encoded {
+    fn plain(bytes: Vec<u8>) -> Self {
+        Self {
+            plain_len: bytes.len(),
+            bytes,
+            compressed: false,
+            messages: 1,
+        }
+    }
+}
+
+/// Whether a message is a document's payload, the only kind compressed.
+pub fn is_document(msg: &Message) -> bool {
+    matches!(msg, Message::Sync { .. } | Message::SyncAhead { .. })
 }
 
 /// Encodes a message, compressed when `compress` allows it and it comes out smaller.
 pub fn encode(msg: &Message, compress: bool) -> Encoded {
-    let plain = msg.encode();
+    encode_plain(msg.encode(), compress && is_document(msg))
+}
+
+/// A message's encoding as a frame of its own, compressed when `compress` allows it and it
+/// comes out smaller (only documents are worth it: see [`is_document`]).
+pub fn encode_message(plain: Vec<u8>, compress: bool) -> Encoded {
+    encode_plain(plain, compress)
+}
+
+fn encode_plain(plain: Vec<u8>, compress: bool) -> Encoded {
     let plain_len = plain.len();
-    let worth_trying = matches!(msg, Message::Sync { .. } | Message::SyncAhead { .. });
-    if compress && worth_trying && (COMPRESS_MIN..=COMPRESS_MAX).contains(&plain_len) {
+    if compress && (COMPRESS_MIN..=COMPRESS_MAX).contains(&plain_len) {
         if let Ok(data) = zstd::bulk::compress(&plain, ZSTD_LEVEL) {
             let within = plain_len <= max_content(data.len());
             let wrapped = Message::Compressed { data }.encode();
@@ -57,14 +95,78 @@ pub fn encode(msg: &Message, compress: bool) -> Encoded {
                     bytes: wrapped,
                     plain_len,
                     compressed: true,
+                    messages: 1,
                 };
             }
         }
     }
-    Encoded {
-        bytes: plain,
-        plain_len,
-        compressed: false,
+    Encoded::plain(plain)
+}
+
+/// Document messages of one stream and class waiting to go out together (protocol 8). The
+/// driver fills it while the session hands it messages, and empties it when the session
+/// is done for now, so a batch never waits for messages to come.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The messages' encodings, in order.
+    plains: Vec<Vec<u8>>,
+    /// What the batch's content would be now.
+    content: usize,
+}
+
+impl Batch {
+    /// Whether a message of `plain_len` bytes may join: it is small enough, and the batch
+    /// has room for it.
+    pub fn fits(&self, plain_len: usize) -> bool {
+        plain_len <= BATCH_ITEM_MAX
+            && self.plains.len() < BATCH_MAX_MESSAGES
+            && self.content + 4 + plain_len <= BATCH_MAX_CONTENT
+    }
+
+    /// Whether a message of `plain_len` bytes may ever join a batch.
+    pub fn takes(plain_len: usize) -> bool {
+        plain_len <= BATCH_ITEM_MAX
+    }
+
+    /// Adds a document message's encoding (check [`Batch::fits`] first).
+    pub fn push(&mut self, plain: Vec<u8>) {
+        self.content += 4 + plain.len();
+        self.plains.push(plain);
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.plains.is_empty()
+    }
+
+    /// The frames to send for what waits, emptying the batch: one compressed frame when
+    /// that is smaller than the messages' own frames, else each message's own frame.
+    pub fn take(&mut self) -> Vec<Encoded> {
+        let plains = std::mem::take(&mut self.plains);
+        let content_len = std::mem::take(&mut self.content);
+        if plains.len() < 2 {
+            return plains.into_iter().map(|p| encode_plain(p, true)).collect();
+        }
+        let mut content = Vec::with_capacity(content_len);
+        for p in &plains {
+            // An item is at most BATCH_ITEM_MAX bytes: its length fits in a u32.
+            content.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            content.extend_from_slice(p);
+        }
+        let plain_len: usize = plains.iter().map(Vec::len).sum();
+        let own_frames = plain_len + 4 * plains.len();
+        if let Ok(data) = zstd::bulk::compress(&content, ZSTD_LEVEL) {
+            let wrapped = Message::CompressedBatch { data }.encode();
+            if wrapped.len() + 4 < own_frames {
+                return vec![Encoded {
+                    bytes: wrapped,
+                    plain_len,
+                    compressed: true,
+                    messages: plains.len(),
+                }];
+            }
+        }
+        plains.into_iter().map(Encoded::plain).collect()
     }
 }
 
@@ -80,30 +182,43 @@ fn first_byte(data: &[u8]) -> Option<Vec<u8>> {
     Some(one.to_vec())
 }
 
-/// Decodes one frame of a connection speaking `version`, unwrapping a compressed one
-/// (whose content may be at most `max_frame` bytes).
-pub fn decode(frame: &[u8], version: u16, max_frame: usize) -> Result<Message, ProtocolError> {
+/// The content size a zstd frame declares: refused if it declares none.
+fn declared_size(data: &[u8]) -> Result<u64, ProtocolError> {
+    match zstd::zstd_safe::get_frame_content_size(data) {
+        Ok(Some(size)) => Ok(size),
+        Ok(None) | Err(_) => Err(ProtocolError::protocol(
+            "a compressed frame that does not say its size",
+        )),
+    }
+}
+
+/// Decodes one frame of a connection speaking `version` into the messages it carries:
+/// itself, or what a compressed frame holds (each message at most `max_frame` bytes).
+pub fn decode(frame: &[u8], version: u16, max_frame: usize) -> Result<Vec<Message>, ProtocolError> {
     validate::check_frame(frame)?;
     let msg = Message::decode(frame).map_err(|e| match Message::hello_version(frame) {
         Some(v) if v != version => ProtocolError::version(v, version),
         _ => ProtocolError::protocol(format!("undecodable frame of {} bytes: {e}", frame.len())),
     })?;
-    let Message::Compressed { data } = msg else {
-        return Ok(msg);
-    };
-    if version < PROTOCOL_VERSION {
-        return Err(ProtocolError::protocol(format!(
-            "a compressed frame on a connection of protocol version {version}"
-        )));
-    }
-    let size = match zstd::zstd_safe::get_frame_content_size(&data) {
-        Ok(Some(size)) => size,
-        Ok(None) | Err(_) => {
-            return Err(ProtocolError::protocol(
-                "a compressed frame that does not say its size",
-            ))
+    match msg {
+        Message::Compressed { data } if version >= CLASSES_PROTOCOL_VERSION => {
+            Ok(vec![decode_compressed(&data, max_frame)?])
         }
-    };
+        Message::CompressedBatch { data } if version >= PROTOCOL_VERSION => {
+            decode_batch(&data, max_frame)
+        }
+        Message::Compressed { .. } | Message::CompressedBatch { .. } => {
+            Err(ProtocolError::protocol(format!(
+                "a compressed frame this connection's protocol version {version} does not have"
+            )))
+        }
+        msg => Ok(vec![msg]),
+    }
+}
+
+/// The document message inside a [`Message::Compressed`].
+fn decode_compressed(data: &[u8], max_frame: usize) -> Result<Message, ProtocolError> {
+    let size = declared_size(data)?;
     if size > max_frame as u64 {
         return Err(ProtocolError::protocol(format!(
             "a compressed frame of {size} bytes (at most {max_frame})"
@@ -117,28 +232,74 @@ pub fn decode(frame: &[u8], version: u16, max_frame: usize) -> Result<Message, P
     }
     // Only a document's sync message may be inside: its variant is the first byte.
     if !matches!(
-        first_byte(&data),
+        first_byte(data),
         Some(ref b) if b.first().is_some_and(|v| SYNC_VARIANTS.contains(v))
     ) {
         return Err(ProtocolError::protocol(
             "a compressed frame holds something other than a document's sync message",
         ));
     }
-    let plain = zstd::bulk::decompress(&data, size as usize)
+    let plain = zstd::bulk::decompress(data, size as usize)
         .map_err(|e| ProtocolError::protocol(format!("compressed frame: {e}")))?;
-    validate::check_frame(&plain)?;
-    let inner = Message::decode(&plain).map_err(|e| {
+    document_message(&plain)
+}
+
+/// One document message of a compressed frame's content.
+fn document_message(plain: &[u8]) -> Result<Message, ProtocolError> {
+    validate::check_frame(plain)?;
+    let inner = Message::decode(plain).map_err(|e| {
         ProtocolError::protocol(format!(
             "undecodable compressed frame of {} bytes: {e}",
             plain.len()
         ))
     })?;
-    match inner {
-        Message::Sync { .. } | Message::SyncAhead { .. } => Ok(inner),
-        _ => Err(ProtocolError::protocol(
+    if is_document(&inner) {
+        Ok(inner)
+    } else {
+        Err(ProtocolError::protocol(
             "a compressed frame holds something other than a document's sync message",
-        )),
+        ))
     }
+}
+
+/// The document messages inside a [`Message::CompressedBatch`].
+fn decode_batch(data: &[u8], max_frame: usize) -> Result<Vec<Message>, ProtocolError> {
+    let size = declared_size(data)?;
+    if size > BATCH_MAX_CONTENT as u64 {
+        return Err(ProtocolError::protocol(format!(
+            "a compressed batch of {size} bytes (at most {BATCH_MAX_CONTENT})"
+        )));
+    }
+    let content = zstd::bulk::decompress(data, size as usize)
+        .map_err(|e| ProtocolError::protocol(format!("compressed batch: {e}")))?;
+    let mut rest = content.as_slice();
+    let mut messages = Vec::new();
+    while !rest.is_empty() {
+        if messages.len() == BATCH_MAX_MESSAGES {
+            return Err(ProtocolError::protocol(format!(
+                "a compressed batch of more than {BATCH_MAX_MESSAGES} messages"
+            )));
+        }
+        let (len, after) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| ProtocolError::protocol("a compressed batch cut inside a length"))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > after.len() || len > max_frame {
+            return Err(ProtocolError::protocol(format!(
+                "a message of {len} bytes in a compressed batch ({} left, at most {max_frame})",
+                after.len()
+            )));
+        }
+        let (item, next) = after.split_at(len);
+        messages.push(document_message(item)?);
+        rest = next;
+    }
+    if messages.len() < 2 {
+        return Err(ProtocolError::protocol(
+            "a compressed batch of fewer than two messages",
+        ));
+    }
+    Ok(messages)
 }
 
 #[cfg(test)]
@@ -162,7 +323,7 @@ mod tests {
         assert!(e.compressed && e.bytes.len() * 4 < e.plain_len, "{e:?}");
         assert_eq!(
             decode(&e.bytes, PROTOCOL_VERSION, 1 << 20).expect("decodes"),
-            m
+            vec![m]
         );
         let mut noise = vec![0u8; 4096];
         getrandom::fill(&mut noise).expect("random");
@@ -171,7 +332,7 @@ mod tests {
         assert!(!e.compressed && e.bytes.len() == e.plain_len);
         assert_eq!(
             decode(&e.bytes, PROTOCOL_VERSION, 1 << 20).expect("decodes"),
-            m
+            vec![m]
         );
         assert!(!encode(&sync(vec![7; 4096]), false).compressed);
     }
@@ -207,5 +368,121 @@ mod tests {
         }
         .encode();
         assert!(decode(&garbage, PROTOCOL_VERSION, 1 << 20).is_err());
+    }
+
+    fn batch_of(msgs: &[Message]) -> Vec<Encoded> {
+        let mut batch = Batch::default();
+        for m in msgs {
+            let plain = m.encode();
+            assert!(batch.fits(plain.len()));
+            batch.push(plain);
+        }
+        let frames = batch.take();
+        assert!(batch.is_empty());
+        frames
+    }
+
+    /// Text shaped like documents' notes: words of a shared vocabulary.
+    fn notes(seed: usize) -> Vec<u8> {
+        let words = [
+            "model", "edge", "rollout", "latency", "sensor", "night", "shift",
+        ];
+        (0..700)
+            .map(|i| words[(i * 31 + seed * 17 + i / 5) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_batch_shares_what_its_messages_repeat_and_decodes_in_order() {
+        let msgs: Vec<Message> = (0..40).map(|i| sync(notes(i))).collect();
+        let frames = batch_of(&msgs);
+        assert_eq!(frames.len(), 1);
+        let batched = &frames[0];
+        assert!(batched.compressed && batched.messages == 40);
+        let alone: usize = msgs.iter().map(|m| encode(m, true).bytes.len()).sum();
+        assert!(
+            batched.bytes.len() * 2 < alone,
+            "{} batched, {alone} one by one",
+            batched.bytes.len()
+        );
+        assert_eq!(
+            decode(&batched.bytes, PROTOCOL_VERSION, 1 << 20).expect("decodes"),
+            msgs
+        );
+        // A peer of protocol 7 never gets a batch, and refuses one.
+        assert!(decode(&batched.bytes, CLASSES_PROTOCOL_VERSION, 1 << 20).is_err());
+        // Noise goes as it is, message by message.
+        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+        getrandom::fill(&mut a).expect("random");
+        getrandom::fill(&mut b).expect("random");
+        let frames = batch_of(&[sync(a), sync(b)]);
+        assert_eq!(frames.len(), 2);
+        assert!(frames.iter().all(|f| !f.compressed));
+        // One message alone is compressed on its own.
+        let frames = batch_of(&[sync(notes(1))]);
+        assert!(frames.len() == 1 && frames[0].compressed && frames[0].messages == 1);
+    }
+
+    #[test]
+    fn a_batch_is_bounded_when_filled_and_when_decoded() {
+        let mut batch = Batch::default();
+        assert!(!batch.fits(BATCH_ITEM_MAX + 1));
+        let small = sync(vec![1; 100]).encode();
+        while batch.fits(small.len()) {
+            batch.push(small.clone());
+        }
+        assert_eq!(batch.plains.len(), BATCH_MAX_MESSAGES);
+        let content = |items: &[Vec<u8>]| {
+            let mut c = Vec::new();
+            for i in items {
+                c.extend_from_slice(&(i.len() as u32).to_le_bytes());
+                c.extend_from_slice(i);
+            }
+            Message::CompressedBatch {
+                data: zstd::bulk::compress(&c, 3).expect("zstd"),
+            }
+            .encode()
+        };
+        let refused = |frame: Vec<u8>, why: &str| {
+            let err = decode(&frame, PROTOCOL_VERSION, 1 << 20).expect_err(why);
+            println!("{why}: {}", err.reason);
+        };
+        refused(
+            content(&vec![small.clone(); BATCH_MAX_MESSAGES + 1]),
+            "too many messages",
+        );
+        refused(
+            content(&[sync(vec![0; BATCH_MAX_CONTENT]).encode(), small.clone()]),
+            "too much content",
+        );
+        refused(content(std::slice::from_ref(&small)), "a batch of one");
+        refused(
+            content(&[small.clone(), Message::Synced { seq: 1 }.encode()]),
+            "something other than a document",
+        );
+        let mut cut = Vec::new();
+        cut.extend_from_slice(&(small.len() as u32 + 9).to_le_bytes());
+        cut.extend_from_slice(&small);
+        refused(
+            Message::CompressedBatch {
+                data: zstd::bulk::compress(&cut, 3).expect("zstd"),
+            }
+            .encode(),
+            "a length past the end",
+        );
+        let err = decode(
+            &content(&[small.clone(), sync(vec![2; 5000]).encode()]),
+            PROTOCOL_VERSION,
+            4096,
+        )
+        .expect_err("over the frame limit");
+        assert!(err.reason.contains("at most 4096"), "{}", err.reason);
+        let ok = content(&[small.clone(), small.clone()]);
+        assert_eq!(
+            decode(&ok, PROTOCOL_VERSION, 4096).expect("decodes").len(),
+            2
+        );
     }
 }

@@ -120,8 +120,9 @@ pub struct TrafficConfig {
     /// Whether sync payloads are compressed with zstd where it pays, on links whose peer
     /// supports it.
     pub compress: bool,
-    /// The newest protocol version offered: [`crate::sync::PROTOCOL_VERSION`], or 6 to
-    /// speak as a node from before classes and compression (mixed-version tests).
+    /// The newest protocol version offered: [`crate::sync::PROTOCOL_VERSION`], or 7 (no
+    /// compressed batches) or 6 (no classes, no compression) to speak as an older node
+    /// (mixed-version tests).
     pub max_protocol: u16,
     /// Edges this node (a hub) holds at most; the next is turned away as full.
     pub max_peers: Option<usize>,
@@ -1212,6 +1213,10 @@ impl Node {
         scfg.audit_salt = Some(audit::salt());
         scfg.classes = self.inner.cfg.traffic.classes.clone();
         scfg.version = crate::sync::version_for_alpn(tls::alpn(&conn).as_deref());
+        // Frames are compressed in batches on protocol 8: documents go without Automerge's
+        // deflate, which would hide from zstd what they share.
+        scfg.raw_payloads =
+            self.inner.cfg.traffic.compress && scfg.version >= crate::sync::PROTOCOL_VERSION;
         counters
             .protocol
             .store(u64::from(scfg.version), Ordering::Relaxed);

@@ -23,7 +23,6 @@ use super::pki::{identity_from_cert, serial_of, Bundle, TlsError};
 pub use super::revocations::Revocations;
 use crate::blobs::serve::MAX_STREAMS_PER_PEER;
 use crate::model::{Identity, Role};
-use crate::sync::{ALPN, ALPN_CLASSES};
 
 /// How long a connection lives without hearing from the peer: how fast a dead peer (a
 /// crash, a cut cable) is noticed when nothing tells us.
@@ -270,13 +269,9 @@ pub fn client_config(
 }
 
 /// The ALPN protocols a node offers, the newest first (a server picks the first of its own
-/// that the client offers): protocol 7 and 6, or only 6 for a node held back to it.
+/// that the client offers): every version up to the one it is held back to.
 fn alpn_protocols(max_protocol: u16) -> Vec<Vec<u8>> {
-    if max_protocol >= crate::sync::PROTOCOL_VERSION {
-        vec![ALPN_CLASSES.to_vec(), ALPN.to_vec()]
-    } else {
-        vec![ALPN.to_vec()]
-    }
+    crate::sync::alpn_protocols(max_protocol)
 }
 
 /// The ALPN protocol the connection's handshake chose.

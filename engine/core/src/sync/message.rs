@@ -14,8 +14,13 @@ use crate::model::{Cursor, NsPattern, Role};
 /// [`Message::SetAside`]; 6 added the audit messages ([`Message::AuditStart`],
 /// [`Message::AuditStep`], [`Message::AuditEnd`]); 7 added [`Message::Compressed`] and
 /// the class streams beside the sync stream, and is spoken only on connections that
-/// negotiated [`ALPN_CLASSES`].
-pub const PROTOCOL_VERSION: u16 = 7;
+/// negotiated [`ALPN_CLASSES`]; 8 added [`Message::CompressedBatch`] and documents sent
+/// whole without Automerge's deflate (see [`super::raw`]), on connections that negotiated
+/// [`ALPN_BATCHES`].
+pub const PROTOCOL_VERSION: u16 = 8;
+
+/// The first version with class streams and [`Message::Compressed`].
+pub const CLASSES_PROTOCOL_VERSION: u16 = 7;
 
 /// The version spoken on connections that negotiated [`ALPN`]: nodes from before classes
 /// and compression.
@@ -24,18 +29,34 @@ pub const LEGACY_PROTOCOL_VERSION: u16 = 6;
 /// ALPN protocol name of protocol version 6 and before.
 pub const ALPN: &[u8] = b"tidesync/1";
 
-/// ALPN protocol name of [`PROTOCOL_VERSION`]: what both sides support is settled in the
-/// TLS handshake, before the first frame, so a node offers both and an older peer picks
-/// the one it knows.
+/// ALPN protocol name of [`CLASSES_PROTOCOL_VERSION`]: what both sides support is settled
+/// in the TLS handshake, before the first frame, so a node offers every version it speaks
+/// and an older peer picks the one it knows.
 pub const ALPN_CLASSES: &[u8] = b"tidesync/2";
+
+/// ALPN protocol name of [`PROTOCOL_VERSION`] (compressed batches).
+pub const ALPN_BATCHES: &[u8] = b"tidesync/3";
 
 /// The protocol version a connection speaks, from the ALPN protocol its handshake chose.
 pub fn version_for_alpn(alpn: Option<&[u8]>) -> u16 {
-    if alpn == Some(ALPN_CLASSES) {
-        PROTOCOL_VERSION
-    } else {
-        LEGACY_PROTOCOL_VERSION
+    match alpn {
+        Some(ALPN_BATCHES) => PROTOCOL_VERSION,
+        Some(ALPN_CLASSES) => CLASSES_PROTOCOL_VERSION,
+        _ => LEGACY_PROTOCOL_VERSION,
     }
+}
+
+/// The ALPN protocols a node speaking at most `max_protocol` offers, the newest first.
+pub fn alpn_protocols(max_protocol: u16) -> Vec<Vec<u8>> {
+    let mut offered = Vec::with_capacity(3);
+    if max_protocol >= PROTOCOL_VERSION {
+        offered.push(ALPN_BATCHES.to_vec());
+    }
+    if max_protocol >= CLASSES_PROTOCOL_VERSION {
+        offered.push(ALPN_CLASSES.to_vec());
+    }
+    offered.push(ALPN.to_vec());
+    offered
 }
 
 /// The first message each side sends.
@@ -171,6 +192,15 @@ pub enum Message {
     /// Another message, encoded and then compressed with zstd (one frame, no dictionary):
     /// sent instead of it when that is smaller. Never nested. Protocol version 7 only.
     Compressed {
+        /// The zstd frame.
+        data: Vec<u8>,
+    },
+    /// Consecutive document messages ([`Message::Sync`], [`Message::SyncAhead`]) of one
+    /// stream, compressed together with zstd (one frame, no dictionary), so that what
+    /// documents share (keys, actors, the words of their text) is sent once. The content
+    /// is each message's encoding after its length (u32, little-endian). Protocol version
+    /// 8 only; bounds in `net::frames`.
+    CompressedBatch {
         /// The zstd frame.
         data: Vec<u8>,
     },

@@ -10,6 +10,8 @@
 //! - `session`: one peer's [`Session`];
 //! - `output`: what a session asks of its driver; `input`: what the driver hands back;
 //! - `state`: the Automerge sync state a document's exchange starts from;
+//! - `raw`: documents sent whole without Automerge's deflate, for links that compress
+//!   frames;
 //! - `validate`: the bounds every peer input is checked against before it is used;
 //! - `audit`: the consistency audit's range-based set reconciliation.
 
@@ -17,6 +19,7 @@ pub mod audit;
 pub mod input;
 pub mod message;
 pub mod output;
+pub mod raw;
 pub mod session;
 pub mod state;
 pub mod validate;
@@ -25,8 +28,8 @@ pub use crate::error::ProtocolError;
 pub use crate::model::{Cursor, Identity, Role, SyncPeer};
 pub use input::{Applied, EarlyDoc, LoadedDoc};
 pub use message::{
-    version_for_alpn, ErrorCode, Hello, Message, ALPN, ALPN_CLASSES, LEGACY_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    alpn_protocols, version_for_alpn, ErrorCode, Hello, Message, ALPN, ALPN_BATCHES, ALPN_CLASSES,
+    CLASSES_PROTOCOL_VERSION, LEGACY_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use output::{Apply, Event, Output};
 pub use session::{AuditReport, Session, SessionConfig, SessionStats};

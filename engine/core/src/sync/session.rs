@@ -103,6 +103,9 @@ pub struct SessionConfig {
     /// The protocol version this connection speaks (chosen by ALPN): sent in the hello and
     /// required of the peer's.
     pub version: u16,
+    /// Whether documents sent whole go without Automerge's deflate (see [`super::raw`]):
+    /// set by the driver on links that compress batches of messages.
+    pub raw_payloads: bool,
 }
 
 impl SessionConfig {
@@ -123,6 +126,7 @@ impl SessionConfig {
             classes: Arc::default(),
             max_held: 65_536,
             version: PROTOCOL_VERSION,
+            raw_payloads: false,
         }
     }
 }
@@ -607,9 +611,9 @@ impl Session {
                 Ok(())
             }
             // The driver unwraps these before the session sees a frame.
-            Message::Compressed { .. } => Err(ProtocolError::protocol(
-                "a compressed frame inside a compressed frame",
-            )),
+            Message::Compressed { .. } | Message::CompressedBatch { .. } => Err(
+                ProtocolError::protocol("a compressed frame inside a compressed frame"),
+            ),
             Message::Revocations { crl } => {
                 if crl.len() > validate::MAX_REVOCATION_LIST {
                     return Err(ProtocolError::protocol(format!(
@@ -1325,6 +1329,11 @@ impl Session {
                         entry.offer = Offer::Early;
                     }
                 }
+                let msg = if self.cfg.raw_payloads {
+                    super::raw::without_deflate(doc, msg)
+                } else {
+                    msg
+                };
                 let (ns, id, data) = (key.0.to_string(), key.1.to_string(), msg.encode());
                 self.outputs.push_back(Output::Send(if entry.uncommitted {
                     Message::SyncAhead { ns, id, data }
