@@ -82,7 +82,7 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `name args` and waits (up to 20 s) for `tidesync listening quic=… api=…`.
-    pub fn start(name: &str, args: &[&str]) -> Result<Self> {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> Result<Self> {
         let mut cmd = Command::new(binary(name)?);
         cmd.args(args);
         Self::spawn(cmd, name)
@@ -240,22 +240,42 @@ impl Binaries {
     /// Runs enrolled edge `name` dialing `hubs` (hubs, or proxies in front of them), in
     /// that order of failover, with `extra` flags.
     pub fn edge_at(&self, name: &str, hubs: &[SocketAddr], extra: &[&str]) -> Result<Proc> {
-        let (data, bundle) = (self.path(name), self.path(&format!("{name}.pem")));
-        let addrs: Vec<String> = hubs.iter().map(SocketAddr::to_string).collect();
-        let mut args = vec![
-            "run",
-            "--data",
-            &data,
-            "--bundle",
-            &bundle,
-            "--api",
-            "127.0.0.1:0",
+        Proc::start(
+            "tidesync-edge",
+            &self.edge_args(name, hubs, "127.0.0.1:0", extra),
+        )
+    }
+
+    /// Runs enrolled edge `name` in the network namespace at the far end of `wire`,
+    /// dialing `hubs` across it; its API listens on the wire's management address.
+    pub fn edge_across(
+        &self,
+        wire: &crate::chaos::wire::Wire,
+        name: &str,
+        hubs: &[SocketAddr],
+        extra: &[&str],
+    ) -> Result<Proc> {
+        let api = format!("{}:0", wire.manage);
+        let mut cmd = wire.ns.command(&binary("tidesync-edge")?);
+        cmd.args(self.edge_args(name, hubs, &api, extra));
+        Proc::spawn(cmd, "tidesync-edge")
+    }
+
+    fn edge_args(&self, name: &str, hubs: &[SocketAddr], api: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--data".into(),
+            self.path(name),
+            "--bundle".into(),
+            self.path(&format!("{name}.pem")),
+            "--api".into(),
+            api.into(),
         ];
-        for a in &addrs {
-            args.extend(["--hub", a]);
+        for a in hubs {
+            args.extend(["--hub".into(), a.to_string()]);
         }
-        args.extend_from_slice(extra);
-        Proc::start("tidesync-edge", &args)
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
     }
 }
 

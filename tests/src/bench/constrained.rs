@@ -1,9 +1,9 @@
-//! `constrained`: catch-up over a poor link. The real binaries, an edge and a hub, talk
-//! through [`crate::link::Link`] shaped as a long, thin, lossy link (300 ms RTT, 1 Mbit/s,
-//! 10 % loss each way) and, in the same run, the same link without loss. The edge writes
-//! 500 documents while the link is down; once it is up, the time from the edge's
-//! connection to the hub holding all of them gives the goodput (document bytes per
-//! second).
+//! `constrained`: catch-up over a poor link. The real binaries, a hub and an edge in a
+//! network namespace of its own, talk across [`crate::chaos::wire::Wire`] shaped as a long,
+//! thin, lossy link (300 ms RTT, 1 Mbit/s, 10 % loss each way) and, in the same run, the
+//! same link without loss. The edge writes 500 documents while the link is down; once it
+//! is up, the time from the edge's connection to the hub holding all of them gives the
+//! goodput (document bytes per second).
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,8 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::round2;
-use crate::chaos::proxy::{Impairment, Link};
+use crate::chaos::proxy::Impairment;
+use crate::chaos::wire::Wire;
 use crate::procs::{connected, status, Binaries};
 use crate::traffic::text_doc;
 use crate::Rng;
@@ -23,15 +24,15 @@ pub async fn catch_up_over(
     edge_flags: &[&str],
 ) -> Result<(u64, f64, Value)> {
     let d = Binaries::init()?;
-    let hub = d.hub(&[])?;
-    d.enroll("edge", "edge", &["*=rw"])?;
-    let link = Link::start(&tokio::runtime::Handle::current(), hub.quic, 42)?;
+    let link = Wire::start(&tokio::runtime::Handle::current(), 42)?;
     link.set(Impairment {
         block_up: true,
         block_down: true,
         ..shape
     });
-    let edge = d.edge_at("edge", &[link.listen], edge_flags)?;
+    let hub = d.hub_at("hub", &format!("{}:0", link.near), &[])?;
+    d.enroll("edge", "edge", &["*=rw"])?;
+    let edge = d.edge_across(&link, "edge", &[hub.quic], edge_flags)?;
     let mut rng = Rng::new(42);
     let mut bytes = 0u64;
     let agent = ureq::AgentBuilder::new().build();

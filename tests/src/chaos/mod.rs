@@ -5,8 +5,12 @@
 //! measures how long the nodes take to converge; at the end it checks the two promises:
 //! every acknowledged write is on every node, and every node holds the same heads.
 //!
+//! [`wire::Wire`] is the same impairment at the IP level, for a node in a network
+//! namespace of its own.
+//!
 //! `cargo test` runs a short seeded run (`binaries_chaos`); `tidesync-bench soak
 //! --minutes N` runs a long one.
 
 pub mod proxy;
 pub mod soak;
+pub mod wire;

@@ -75,7 +75,10 @@ pub struct Tally {
     pub overflowed: AtomicU64,
 }
 
-struct Shared {
+/// A link's impairment, deciding each datagram's fate: shared by the proxy and the
+/// namespaced wire (`chaos::wire`).
+#[derive(Debug)]
+pub struct Shaper {
     now: Mutex<Impairment>,
     rng: Mutex<Rng>,
     /// Per direction (up, down): when the rate limit is done with what it holds.
@@ -83,10 +86,27 @@ struct Shared {
     tally: [Arc<Tally>; 2],
 }
 
-impl Shared {
+impl Shaper {
+    /// An unimpaired link counting into `tally` (up, down), its randomness from `seed`.
+    pub fn new(seed: u64, tally: [Arc<Tally>; 2]) -> Self {
+        Self {
+            now: Mutex::new(Impairment::CLEAR),
+            rng: Mutex::new(Rng::new(seed)),
+            busy_until: Mutex::new([Instant::now(); 2]),
+            tally,
+        }
+    }
+
+    /// Sets the impairment from now on.
+    pub fn set(&self, imp: Impairment) {
+        if let Ok(mut now) = self.now.lock() {
+            *now = imp;
+        }
+    }
+
     /// How long to hold a datagram of `len` bytes going up (`true`) or down, or `None` to
     /// drop it.
-    fn fate(&self, up: bool, len: usize) -> Option<Duration> {
+    pub fn fate(&self, up: bool, len: usize) -> Option<Duration> {
         let imp = self.now.lock().map(|i| *i).unwrap_or(Impairment::CLEAR);
         if (up && imp.block_up) || (!up && imp.block_down) {
             return None;
@@ -126,7 +146,7 @@ pub struct Link {
     pub up: Arc<Tally>,
     /// What crossed back.
     pub down: Arc<Tally>,
-    shared: Arc<Shared>,
+    shared: Arc<Shaper>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -146,12 +166,7 @@ impl Link {
         std_front.set_nonblocking(true)?;
         let listen = std_front.local_addr()?;
         let (up, down) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
-        let shared = Arc::new(Shared {
-            now: Mutex::new(Impairment::CLEAR),
-            rng: Mutex::new(Rng::new(seed)),
-            busy_until: Mutex::new([Instant::now(); 2]),
-            tally: [up.clone(), down.clone()],
-        });
+        let shared = Arc::new(Shaper::new(seed, [up.clone(), down.clone()]));
         let s = shared.clone();
         let task = rt.spawn(async move {
             if let Ok(front) = UdpSocket::from_std(std_front) {
@@ -169,9 +184,7 @@ impl Link {
 
     /// Sets the link's impairment from now on.
     pub fn set(&self, imp: Impairment) {
-        if let Ok(mut now) = self.shared.now.lock() {
-            *now = imp;
-        }
+        self.shared.set(imp);
     }
 }
 
@@ -184,7 +197,7 @@ impl Drop for Link {
 /// Datagrams larger than any QUIC packet a node sends.
 const MAX_DATAGRAM: usize = 65_536;
 
-async fn forward(front: Arc<UdpSocket>, target: SocketAddr, shared: Arc<Shared>) {
+async fn forward(front: Arc<UdpSocket>, target: SocketAddr, shared: Arc<Shaper>) {
     let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut downs = tokio::task::JoinSet::new();
@@ -223,7 +236,7 @@ async fn forward(front: Arc<UdpSocket>, target: SocketAddr, shared: Arc<Shared>)
 }
 
 /// The peer's datagrams back to one client.
-async fn back(up: Arc<UdpSocket>, front: Arc<UdpSocket>, client: SocketAddr, shared: Arc<Shared>) {
+async fn back(up: Arc<UdpSocket>, front: Arc<UdpSocket>, client: SocketAddr, shared: Arc<Shaper>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         // A refused send (the peer's port closed while it restarts) is not the end.
