@@ -20,6 +20,7 @@
 //! queued at the store are abandoned and the store is waited for before the connection
 //! closes, so nothing the peer sent commits, or relays, after it was dropped.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -330,9 +331,10 @@ pub async fn run(
         accepted: 0,
         version,
     };
-    let decoding = Decoding {
+    let mut inbox = Inbox {
         version,
         max_frame: ctx.max_frame,
+        held: VecDeque::new(),
     };
     let mut batch = BatchClock::new(&ctx.classes, ctx.clock.clone());
     let mut next_class_stats = tokio::time::Instant::now();
@@ -362,6 +364,10 @@ pub async fn run(
     let mut audit_deadline: Option<tokio::time::Instant> = None;
     let result: Result<(), DriverError> = async {
         loop {
+            if !inbox.held.is_empty() {
+                inbox.deliver(&mut session)?;
+                lists.take_offer(&ctx.revocations, &mut session)?;
+            }
             for class in batch.due(Instant::now(), |c| session.holds_batch(c)) {
                 session.flush_batch(class);
             }
@@ -430,29 +436,29 @@ pub async fn run(
                 counters.set_backlog(&ctx.classes, &session.backlog());
                 catch_up.update(&ctx.store, session.lag(), &counters);
             }
-            let reading = session.wants_frames();
+            let reading = inbox.reads(&session);
             // The peer's class streams are read once its hello is in: they may arrive first.
             let reading_classes = reading && session.peer_hello().is_some();
             let batch_wake = batch.next_wake(Instant::now(), |c| session.holds_batch(c));
             tokio::select! {
                 written = write_any(&mut queues, &pacing) => written?,
                 frame = main.next(), if reading => {
-                    let flow = on_frame(&mut session, &counters, decoding, frame);
+                    let flow = on_frame(&mut session, &counters, &mut inbox, frame);
                     lists.take_offer(&ctx.revocations, &mut session)?;
                     if flow? == Flow::Closed {
                         return Ok(());
                     }
-                    let flow = sweep(&exec, &mut session, (&mut main, &mut class_readers), decoding, &mut writing, &mut lists, &ctx.revocations);
+                    let flow = sweep(&exec, &mut session, (&mut main, &mut class_readers), &mut inbox, &mut writing, &mut lists, &ctx.revocations);
                     if flow? == Flow::Closed {
                         return Ok(());
                     }
                 }
                 frame = class_readers.next_frame(), if reading_classes && !class_readers.streams.is_empty() => {
                     if let Some(frame) = frame {
-                        let flow = on_frame(&mut session, &counters, decoding, Some(frame));
+                        let flow = on_frame(&mut session, &counters, &mut inbox, Some(frame));
                         lists.take_offer(&ctx.revocations, &mut session)?;
                         flow?;
-                        let flow = sweep(&exec, &mut session, (&mut main, &mut class_readers), decoding, &mut writing, &mut lists, &ctx.revocations);
+                        let flow = sweep(&exec, &mut session, (&mut main, &mut class_readers), &mut inbox, &mut writing, &mut lists, &ctx.revocations);
                         if flow? == Flow::Closed {
                             return Ok(());
                         }
@@ -473,7 +479,7 @@ pub async fn run(
                 Some(done) = writing.join_next() => {
                     let done = done.map_err(|e| DriverError::Stream(e.to_string()))?;
                     exec.finish(&mut session, done)?;
-                    let flow = sweep(&exec, &mut session, (&mut main, &mut class_readers), decoding, &mut writing, &mut lists, &ctx.revocations);
+                    let flow = sweep(&exec, &mut session, (&mut main, &mut class_readers), &mut inbox, &mut writing, &mut lists, &ctx.revocations);
                     if flow? == Flow::Closed {
                         return Ok(());
                     }
@@ -588,7 +594,7 @@ async fn cut_off(store: &Store, writing: &mut Writing) {
 fn on_frame(
     session: &mut Session,
     counters: &PeerCounters,
-    decoding: Decoding,
+    inbox: &mut Inbox,
     frame: Option<Result<bytes::BytesMut, std::io::Error>>,
 ) -> Result<Flow, DriverError> {
     let frame = match frame {
@@ -604,16 +610,12 @@ fn on_frame(
     counters
         .bytes_received
         .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
-    let msgs = frames::decode(&frame, decoding.version, decoding.max_frame)?;
+    let msgs = frames::decode(&frame, inbox.version, inbox.max_frame)?;
     counters
         .messages_received
         .fetch_add(msgs.len() as u64, Ordering::Relaxed);
-    for msg in msgs {
-        session.handle_message(msg)?;
-    }
-    if session.feed_went_back() {
-        return Err(DriverError::FeedWentBack);
-    }
+    inbox.held.extend(msgs);
+    inbox.deliver(session)?;
     Ok(Flow::Open)
 }
 
@@ -624,13 +626,13 @@ fn sweep(
     exec: &Exec<'_>,
     session: &mut Session,
     (main, class_readers): (&mut Reader, &mut ClassReaders),
-    decoding: Decoding,
+    inbox: &mut Inbox,
     writing: &mut Writing,
     lists: &mut ListExchange,
     revocations: &Revocations,
 ) -> Result<Flow, DriverError> {
     for _ in 0..SWEEP_FRAMES {
-        if !session.wants_frames() {
+        if !inbox.reads(session) {
             break;
         }
         let frame = if session.peer_hello().is_some() && !class_readers.streams.is_empty() {
@@ -646,7 +648,7 @@ fn sweep(
                 None => break,
             },
         };
-        let flow = on_frame(session, exec.counters, decoding, frame);
+        let flow = on_frame(session, exec.counters, inbox, frame);
         lists.take_offer(revocations, session)?;
         if flow? == Flow::Closed {
             return Ok(Flow::Closed);
@@ -841,11 +843,36 @@ async fn write_any(queues: &mut [SendQueue], pacing: &LinkPacing) -> Result<(), 
     futures_util::future::select_all(writes).await.0
 }
 
-/// How frames of this connection decode.
-#[derive(Clone, Copy, Debug)]
-struct Decoding {
+/// How frames of this connection decode, and the messages of a frame the session has not
+/// taken yet.
+#[derive(Debug)]
+struct Inbox {
     version: u16,
     max_frame: usize,
+    /// Messages of a compressed batch held back while the session takes no more (its
+    /// inbound bounds, see `Session::wants_frames`, hold per message, not per frame).
+    held: VecDeque<Message>,
+}
+
+impl Inbox {
+    /// Whether a new frame may be read: nothing is held, and the session takes more.
+    fn reads(&self, session: &Session) -> bool {
+        self.held.is_empty() && session.wants_frames()
+    }
+
+    /// Hands the session the held messages it takes now.
+    fn deliver(&mut self, session: &mut Session) -> Result<(), DriverError> {
+        while session.wants_frames() {
+            let Some(msg) = self.held.pop_front() else {
+                break;
+            };
+            session.handle_message(msg)?;
+            if session.feed_went_back() {
+                return Err(DriverError::FeedWentBack);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The peer's class streams once accepted (protocol 7).
@@ -888,5 +915,91 @@ impl ClassReaders {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FeedSeq, Grants, NsPattern};
+    use crate::sync::{Hello, Identity, Role, SessionConfig};
+    use automerge::sync::{State, SyncDoc};
+
+    /// A hub's session that takes at most `max_inbound` peer messages at a time, past its
+    /// hello.
+    fn hub(max_inbound: usize) -> Session {
+        let mut cfg = SessionConfig::new(NodeId::new("hub-1").expect("id"), Role::Hub, 1);
+        cfg.max_inbound_messages = max_inbound;
+        let peer = Identity {
+            node_id: NodeId::new("edge-1").expect("id"),
+            role: Role::Edge,
+            grants: Grants::everything(),
+        };
+        let mut hub = Session::new(cfg, peer, None, FeedSeq(0));
+        hub.handle_message(Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            node_id: "edge-1".into(),
+            role: Role::Edge,
+            feed_epoch: 2,
+            feed_last: 0,
+            resume: None,
+            subscriptions: vec![NsPattern::all()],
+        }))
+        .expect("hello");
+        while hub.poll_output().is_some() {}
+        hub
+    }
+
+    /// A compressed batch of `n` peer messages, each for a document of its own.
+    fn batch_frame(n: usize) -> bytes::BytesMut {
+        let mut batch = frames::Batch::default();
+        for i in 0..n {
+            let data = automerge::Automerge::new()
+                .generate_sync_message(&mut State::new())
+                .expect("a first message")
+                .encode();
+            let msg = Message::Sync {
+                ns: "cfg".into(),
+                id: format!("doc-{i}"),
+                data,
+            };
+            batch.push(msg.encode());
+        }
+        let encoded = batch.take();
+        assert_eq!(encoded.len(), 1, "one frame");
+        assert!(encoded[0].compressed);
+        bytes::BytesMut::from(&encoded[0].bytes[..])
+    }
+
+    /// Regression: the session's inbound bounds hold per message, so a batch's messages
+    /// beyond them wait in the driver, and no frame is read until all are taken. Handing
+    /// the whole batch at once let one frame of 128 messages, each near the ops bound,
+    /// put 128 times that bound in flight.
+    #[test]
+    fn a_batch_beyond_the_inbound_budget_waits_in_the_driver() {
+        let mut session = hub(4);
+        let counters = PeerCounters::default();
+        let mut inbox = Inbox {
+            version: PROTOCOL_VERSION,
+            max_frame: 1 << 20,
+            held: VecDeque::new(),
+        };
+        let flow = on_frame(
+            &mut session,
+            &counters,
+            &mut inbox,
+            Some(Ok(batch_frame(10))),
+        );
+        assert_eq!(flow.expect("a valid batch"), Flow::Open);
+        assert!(!session.wants_frames(), "the budget is full");
+        assert_eq!(inbox.held.len(), 6, "four taken, six held");
+        assert!(!inbox.reads(&session), "no frame is read meanwhile");
+        inbox.deliver(&mut session).expect("deliver");
+        assert_eq!(inbox.held.len(), 6, "still no room");
+        assert_eq!(
+            counters.messages_received.load(Ordering::Relaxed),
+            10,
+            "every message of the frame counted"
+        );
     }
 }

@@ -29,6 +29,10 @@ pub const COMPRESS_MAX: usize = 1 << 20;
 pub const MAX_EXPANSION: usize = 32;
 /// Bytes of content a compressed frame may have beyond [`MAX_EXPANSION`] times its size.
 pub const EXPANSION_SLACK: usize = 64 * 1024;
+/// Most a compressed batch may expand: more than a single message, since documents that
+/// share most of their bytes are what batches are for, and a batch's content is bounded
+/// anyway ([`BATCH_MAX_CONTENT`]); a batch of the most content is at least 1 KiB.
+pub const BATCH_MAX_EXPANSION: usize = 256;
 /// Most content a batch may have: its messages' encodings and their 4-byte lengths. Small
 /// enough to decode (and compress) in about a millisecond; large enough for a few dozen
 /// documents of a few kilobytes, where the gain levels off.
@@ -156,8 +160,9 @@ impl Batch {
         let plain_len: usize = plains.iter().map(Vec::len).sum();
         let own_frames = plain_len + 4 * plains.len();
         if let Ok(data) = zstd::bulk::compress(&content, ZSTD_LEVEL) {
+            let within = content.len() <= data.len().saturating_mul(BATCH_MAX_EXPANSION);
             let wrapped = Message::CompressedBatch { data }.encode();
-            if wrapped.len() + 4 < own_frames {
+            if within && wrapped.len() + 4 < own_frames {
                 return vec![Encoded {
                     bytes: wrapped,
                     plain_len,
@@ -166,9 +171,14 @@ impl Batch {
                 }];
             }
         }
-        plains.into_iter().map(Encoded::plain).collect()
+        // Each on its own: what did not shrink together will not alone, but what expands
+        // too far together may go compressed alone.
+        plains.into_iter().map(|p| encode_plain(p, true)).collect()
     }
 }
+
+// A document the session sends without deflate always fits in a batch.
+const _: () = assert!(crate::sync::raw::RAW_DOC_MAX + 4096 <= BATCH_ITEM_MAX);
 
 /// The postcard variant indices of [`Message::Sync`] and [`Message::SyncAhead`].
 const SYNC_VARIANTS: [u8; 2] = [1, 5];
@@ -268,6 +278,12 @@ fn decode_batch(data: &[u8], max_frame: usize) -> Result<Vec<Message>, ProtocolE
     if size > BATCH_MAX_CONTENT as u64 {
         return Err(ProtocolError::protocol(format!(
             "a compressed batch of {size} bytes (at most {BATCH_MAX_CONTENT})"
+        )));
+    }
+    if size > data.len().saturating_mul(BATCH_MAX_EXPANSION) as u64 {
+        return Err(ProtocolError::protocol(format!(
+            "a compressed batch of {} bytes claims {size} (at most {BATCH_MAX_EXPANSION} times)",
+            data.len()
         )));
     }
     let content = zstd::bulk::decompress(data, size as usize)
@@ -382,13 +398,20 @@ mod tests {
         frames
     }
 
-    /// Text shaped like documents' notes: words of a shared vocabulary.
+    /// Text shaped like documents' notes: words of a shared vocabulary, in an order of
+    /// their own (a xorshift from `seed`).
     fn notes(seed: usize) -> Vec<u8> {
         let words = [
             "model", "edge", "rollout", "latency", "sensor", "night", "shift",
         ];
+        let mut x = (seed as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         (0..700)
-            .map(|i| words[(i * 31 + seed * 17 + i / 5) % words.len()])
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                words[(x % words.len() as u64) as usize]
+            })
             .collect::<Vec<_>>()
             .join(" ")
             .into_bytes()
@@ -403,7 +426,7 @@ mod tests {
         assert!(batched.compressed && batched.messages == 40);
         let alone: usize = msgs.iter().map(|m| encode(m, true).bytes.len()).sum();
         assert!(
-            batched.bytes.len() * 2 < alone,
+            batched.bytes.len() * 10 < alone * 9,
             "{} batched, {alone} one by one",
             batched.bytes.len()
         );
@@ -479,6 +502,20 @@ mod tests {
         )
         .expect_err("over the frame limit");
         assert!(err.reason.contains("at most 4096"), "{}", err.reason);
+        // Content that claims more than 256 times its frame is refused, and a sender sends
+        // such messages one by one instead.
+        let same = sync(vec![0; 60 << 10]).encode();
+        refused(
+            content(&[same.clone(), same.clone(), same.clone(), same.clone()]),
+            "expands too far",
+        );
+        let mut batch = Batch::default();
+        for _ in 0..4 {
+            batch.push(same.clone());
+        }
+        let frames = batch.take();
+        assert_eq!(frames.len(), 4, "sent one by one");
+        assert!(frames.iter().all(|f| f.messages == 1));
         let ok = content(&[small.clone(), small.clone()]);
         assert_eq!(
             decode(&ok, PROTOCOL_VERSION, 4096).expect("decodes").len(),

@@ -7,19 +7,19 @@
 //! sees many documents at once and sends what they share (keys, actors, the words of their
 //! text) once, where per-column deflate hides it. Changes are already sent plain.
 //!
-//! Only documents that stay small go plain: a larger one keeps Automerge's deflate, so a
-//! link never carries a document much larger than before, whatever compression does.
+//! Only documents that stay small go plain, small enough to join a batch (the driver's
+//! `net::frames::BATCH_ITEM_MAX`, which a compile-time check keeps above this bound): a
+//! larger one keeps Automerge's deflate, so it is never sent plain and large.
 
 use automerge::sync::{ChunkList, Message};
 use automerge::Automerge;
 
-/// Largest plain document put in place of the deflated one: the size of message a link
-/// compresses (larger ones go as they are).
-pub const RAW_DOC_MAX: usize = 256 << 10;
+/// Largest plain document put in place of the deflated one.
+pub const RAW_DOC_MAX: usize = 48 << 10;
 
 /// Deflated documents over this are not saved again plain: text deflates to about a
-/// quarter, so the plain form would exceed [`RAW_DOC_MAX`] (and the save would be wasted).
-const DEFLATED_MAX: usize = RAW_DOC_MAX / 3;
+/// third, so the plain form would exceed [`RAW_DOC_MAX`] (and the save would be wasted).
+const DEFLATED_MAX: usize = RAW_DOC_MAX / 2;
 
 /// Bytes of an Automerge chunk's header before its type: magic and checksum.
 const TYPE_AT: usize = 8;
