@@ -1,6 +1,6 @@
-//! `priority`: a critical document's latency on a busy thin link. The real binaries, an
-//! edge and a hub, talk through [`crate::chaos::proxy::Link`] shaped as a 10 Mbit/s link
-//! (20 ms RTT, a quarter second of queue). The edge's classes make `alerts` critical and
+//! `priority`: a critical document's latency on a busy thin link. The real binaries, a hub
+//! and an edge in a network namespace of its own, talk across [`crate::chaos::wire::Wire`]
+//! shaped as a 10 Mbit/s link (20 ms RTT, a quarter second of queue). The edge's classes make `alerts` critical and
 //! `telemetry` bulk, and its `--max-rate` keeps it just under the link's rate, so the
 //! modem's queue stays short.
 //!
@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 
 use super::artifact::live_write_at;
 use super::{percentile, round2};
-use crate::chaos::proxy::{Impairment, Link};
+use crate::chaos::proxy::Impairment;
+use crate::chaos::wire::Wire;
 use crate::procs::{connected, status, wait_for, Binaries, Proc};
 use crate::Rng;
 
@@ -72,16 +73,17 @@ fn received(hub: &Proc) -> u64 {
 /// Runs the scenario.
 pub async fn run(cfg: PriorityConfig) -> Result<Value> {
     let d = Binaries::init()?;
-    let hub = d.hub(&[])?;
-    d.enroll("edge", "edge", &["*=rw"])?;
-    let link = Link::start(&tokio::runtime::Handle::current(), hub.quic, 7)?;
+    let link = Wire::start(&tokio::runtime::Handle::current(), 7)?;
     link.set(Impairment::thin(Duration::from_millis(20), 0.0, LINK_BITS));
+    let hub = d.hub_at("hub", &format!("{}:0", link.near), &[])?;
+    d.enroll("edge", "edge", &["*=rw"])?;
     let config = d.path("edge.toml");
     std::fs::write(&config, CLASSES)?;
     let rate = EDGE_MAX_RATE.to_string();
-    let edge = d.edge_at(
+    let edge = d.edge_across(
+        &link,
         "edge",
-        &[link.listen],
+        &[hub.quic],
         &["--config", &config, "--max-rate", &rate],
     )?;
     wait_for("the edge connected", Duration::from_secs(20), || {
