@@ -522,4 +522,38 @@ mod tests {
             2
         );
     }
+
+    proptest::proptest! {
+        /// Whatever a peer puts in a batch, decoding ends in messages within the bounds
+        /// or in a protocol error, never a panic: arbitrary content, and content made of
+        /// real messages with one byte changed.
+        #[test]
+        fn a_hostile_batch_is_decoded_within_bounds_or_refused(
+            content in proptest::collection::vec(proptest::num::u8::ANY, 0..4096),
+            flip in 0usize..4096,
+            to in proptest::num::u8::ANY,
+        ) {
+            let frame = |c: &[u8]| {
+                Message::CompressedBatch {
+                    data: zstd::bulk::compress(c, 1).expect("zstd"),
+                }
+                .encode()
+            };
+            if let Ok(msgs) = decode(&frame(&content), PROTOCOL_VERSION, 1 << 20) {
+                proptest::prop_assert!((2..=BATCH_MAX_MESSAGES).contains(&msgs.len()));
+                proptest::prop_assert!(msgs.iter().all(is_document));
+            }
+            let mut real = Vec::new();
+            for i in 0..3u8 {
+                let m = sync(vec![i; 40]).encode();
+                real.extend_from_slice(&(m.len() as u32).to_le_bytes());
+                real.extend_from_slice(&m);
+            }
+            let at = flip % real.len();
+            real[at] = to;
+            if let Ok(msgs) = decode(&frame(&real), PROTOCOL_VERSION, 1 << 20) {
+                proptest::prop_assert!(msgs.iter().all(is_document));
+            }
+        }
+    }
 }
