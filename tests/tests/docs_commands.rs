@@ -50,6 +50,25 @@ fn free_ports(n: usize) -> Vec<u16> {
     held.into_iter().map(|(p, _, _)| p).collect()
 }
 
+/// Runs a block in a fresh directory with each of `fixed` ports swapped for a free one.
+/// A port found free can be taken by another process before a node binds it; a block
+/// that fails is run once more on other ports, so only a failure twice in a row counts.
+fn run_block_on_free_ports(
+    block: &str,
+    fixed: &[&str],
+) -> Result<(tempfile::TempDir, Vec<(String, String)>)> {
+    let attempt = || {
+        let dir = tempfile::tempdir()?;
+        let ports: Vec<(&str, u16)> = fixed.iter().copied().zip(free_ports(fixed.len())).collect();
+        let out = run_block(block, dir.path(), &ports)?;
+        Ok((dir, out))
+    };
+    attempt().or_else(|first: anyhow::Error| {
+        eprintln!("running the block failed once, trying other ports: {first:#}");
+        attempt()
+    })
+}
+
 /// Runs a block line by line in `dir`: `run` lines in the background (waiting for their
 /// readiness line), `watch` for a second, everything else to success. Returns each
 /// foreground line with its output.
@@ -169,15 +188,8 @@ fn readme_walk_through_runs_as_written() {
     let section = &readme[readme.find("## Running a deployment").expect("section")..];
     let block = sh_blocks(section).into_iter().next().expect("a block");
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().expect("dir");
-    let p = free_ports(4);
-    let ports = [
-        ("7443", p[0]),
-        ("7790", p[1]),
-        ("7781", p[2]),
-        ("7782", p[3]),
-    ];
-    let out = run_block(&block, dir.path(), &ports).expect("the README's commands");
+    let (_dir, out) = run_block_on_free_ports(&block, &["7443", "7790", "7781", "7782"])
+        .expect("the README's commands");
     assert!(output_of(&out, "localhost:7790/v1/docs/models/resnet").contains("canary"));
     assert!(output_of(&out, "localhost:7781/v1/docs/models/resnet").contains("canary"));
     assert_eq!(output_of(&out, "http_code").trim(), "403");
@@ -194,16 +206,8 @@ fn operations_guide_runs_and_names_every_flag_and_metric() {
         .find(|b| b.contains("tidesync-hub init"))
         .expect("the deployment block");
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().expect("dir");
-    let p = free_ports(5);
-    let ports = [
-        ("7443", p[0]),
-        ("7444", p[1]),
-        ("7790", p[2]),
-        ("7791", p[3]),
-        ("7780", p[4]),
-    ];
-    let out = run_block(&block, dir.path(), &ports).expect("the guide's commands");
+    let (_dir, out) = run_block_on_free_ports(&block, &["7443", "7444", "7790", "7791", "7780"])
+        .expect("the guide's commands");
 
     // Every metric the hub exports is documented, and every documented one exists.
     let metrics = output_of(&out, "curl -sf localhost:7791/metrics");

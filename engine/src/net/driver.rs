@@ -710,22 +710,19 @@ impl Outbox for Frames<'_> {
         };
         let document = frames::is_document(&msg);
         let plain = msg.encode();
-        if let Some((batch_class, batch)) = &mut self.batch {
-            if document && frames::Batch::takes(plain.len()) {
-                if *batch_class != class || !batch.fits(plain.len()) {
-                    self.flush_batch()?;
-                }
-                if let Some((batch_class, batch)) = &mut self.batch {
-                    *batch_class = class;
-                    batch.push(plain);
-                }
-                return Ok(());
-            }
-            // Whatever comes next on a stream goes after the batch.
-            if !batch.is_empty() {
+        if self.batch.is_some() && document && frames::Batch::takes(plain.len()) {
+            let joins = |(c, b): &(ClassId, frames::Batch)| *c == class && b.fits(plain.len());
+            if !self.batch.as_ref().is_some_and(joins) {
                 self.flush_batch()?;
             }
+            if let Some((batch_class, batch)) = &mut self.batch {
+                *batch_class = class;
+                batch.push(plain);
+            }
+            return Ok(());
         }
+        // Whatever comes next on a stream goes after the batch.
+        self.flush_batch()?;
         let encoded = frames::encode_message(plain, self.compress && document);
         self.push(encoded, class, document, urgent)
     }

@@ -79,16 +79,12 @@ pub fn is_document(msg: &Message) -> bool {
 
 /// Encodes a message, compressed when `compress` allows it and it comes out smaller.
 pub fn encode(msg: &Message, compress: bool) -> Encoded {
-    encode_plain(msg.encode(), compress && is_document(msg))
+    encode_message(msg.encode(), compress && is_document(msg))
 }
 
 /// A message's encoding as a frame of its own, compressed when `compress` allows it and it
 /// comes out smaller (only documents are worth it: see [`is_document`]).
 pub fn encode_message(plain: Vec<u8>, compress: bool) -> Encoded {
-    encode_plain(plain, compress)
-}
-
-fn encode_plain(plain: Vec<u8>, compress: bool) -> Encoded {
     let plain_len = plain.len();
     if compress && (COMPRESS_MIN..=COMPRESS_MAX).contains(&plain_len) {
         if let Ok(data) = zstd::bulk::compress(&plain, ZSTD_LEVEL) {
@@ -149,7 +145,10 @@ impl Batch {
         let plains = std::mem::take(&mut self.plains);
         let content_len = std::mem::take(&mut self.content);
         if plains.len() < 2 {
-            return plains.into_iter().map(|p| encode_plain(p, true)).collect();
+            return plains
+                .into_iter()
+                .map(|p| encode_message(p, true))
+                .collect();
         }
         let mut content = Vec::with_capacity(content_len);
         for p in &plains {
@@ -173,7 +172,10 @@ impl Batch {
         }
         // Each on its own: what did not shrink together will not alone, but what expands
         // too far together may go compressed alone.
-        plains.into_iter().map(|p| encode_plain(p, true)).collect()
+        plains
+            .into_iter()
+            .map(|p| encode_message(p, true))
+            .collect()
     }
 }
 
