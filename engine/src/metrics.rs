@@ -109,6 +109,11 @@ fn render_blobs(r: &mut Registry, blobs: &crate::blobs::Blobs) {
             &s.sent_bytes,
         ),
         (
+            "blob_compression_saved_bytes",
+            "Bytes zstd saved on blob streams sent (blob protocol 2)",
+            &s.compression_saved_bytes,
+        ),
+        (
             "blob_corrupt",
             "Blob transfers cut off because a peer sent a chunk group that failed verification",
             &s.corrupt,

@@ -1,5 +1,6 @@
 //! Large test files for blob tests and the `artifact` benchmark: reproducible noise
-//! (incompressible, no two chunk groups alike) and a streaming comparison.
+//! (incompressible, no two chunk groups alike), a telemetry dataset (CSV, as a fleet's
+//! readings are exported) and a streaming comparison.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -52,4 +53,43 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// `size` bytes of a CSV dataset of device readings from `seed`: a header, then one row a
+/// reading (time, device, metric, value, status), as an export of a fleet's telemetry
+/// is. Values and devices vary from row to row; what repeats is what repeats in such
+/// files (the column set, metric names, the time's prefix).
+pub fn telemetry_csv(size: usize, seed: u64) -> Vec<u8> {
+    const METRICS: &[&str] = &[
+        "temperature_c",
+        "humidity_pct",
+        "inference_ms",
+        "gpu_util_pct",
+        "vibration_mm_s",
+        "power_w",
+        "queue_depth",
+    ];
+    const STATUS: &[&str] = &["ok", "ok", "ok", "ok", "warn", "degraded"];
+    let mut rng = crate::Rng::new(seed);
+    let mut out = b"timestamp,device,metric,value,status\n".to_vec();
+    let mut t = 1_796_000_000u64;
+    while out.len() < size {
+        t += rng.range(1, 20);
+        let (day, secs) = (t / 86_400, t % 86_400);
+        let row = format!(
+            "2026-11-{:02}T{:02}:{:02}:{:02}Z,edge-{:04},{},{}.{:02},{}\n",
+            day % 30 + 1,
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            rng.range(0, 5000),
+            METRICS[rng.range(0, METRICS.len() as u64) as usize],
+            rng.range(0, 1000),
+            rng.range(0, 100),
+            STATUS[rng.range(0, STATUS.len() as u64) as usize],
+        );
+        out.extend_from_slice(row.as_bytes());
+    }
+    out.truncate(size);
+    out
 }

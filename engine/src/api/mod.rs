@@ -496,6 +496,7 @@ fn blob_status(blobs: &crate::blobs::Blobs) -> Value {
         "received_bytes": s.received_bytes.load(Relaxed),
         "resumed_bytes": s.resumed_bytes.load(Relaxed),
         "sent_bytes": s.sent_bytes.load(Relaxed),
+        "compression_saved_bytes": s.compression_saved_bytes.load(Relaxed),
         "corrupt": s.corrupt.load(Relaxed),
         "refused": s.refused.load(Relaxed),
         "collected": s.collected.load(Relaxed),

@@ -21,9 +21,10 @@ use bao_tree::io::{BaoContentItem, DecodeError, Leaf, Parent};
 use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
 use positioned_io::WriteAt;
 
+use super::blocks::{BadBlock, BlockReader};
 use super::files::{ranges_bytes, BLOCK};
 use super::stall::StallRead;
-use super::wire::{self, BlobAnswer, BlobRequest, BLOB_PROTOCOL, MAX_REQUEST_RANGES};
+use super::wire::{self, BlobAnswer, BlobRequest, MAX_REQUEST_RANGES, PLAIN_BLOB_PROTOCOL};
 use super::{Blobs, Transfer, MAX_SOURCES};
 use crate::model::{format_blob_hash, NodeId};
 use crate::net::counters::PeerCounters;
@@ -109,6 +110,7 @@ pub async fn fetch_blob(
                 transfer: transfer.clone(),
                 data: partial.data.try_clone()?,
                 outboard: partial.outboard.data.try_clone()?,
+                version: blobs.config().protocol,
             };
             workers.spawn(w.run());
         }
@@ -180,6 +182,9 @@ struct Worker {
     transfer: Arc<Transfer>,
     data: std::fs::File,
     outboard: std::fs::File,
+    /// The blob protocol version asked in: the newest this node speaks, until the peer
+    /// shows it speaks only the first.
+    version: u8,
 }
 
 impl Worker {
@@ -236,11 +241,16 @@ impl Worker {
             .unwrap_or_default()
     }
 
-    async fn fetch_piece(&mut self, piece: &ChunkRanges) -> Result<(), SourceFailed> {
+    /// Asks the peer for `piece` in [`Self::version`]: its answer, and the stream the
+    /// encoding follows on.
+    async fn ask(
+        &self,
+        piece: &ChunkRanges,
+    ) -> Result<(BlobAnswer, quinn::RecvStream), SourceFailed> {
         let other = |e: &dyn std::fmt::Display| SourceFailed::Other(e.to_string());
         let (mut send, mut recv) = self.source.conn.open_bi().await.map_err(|e| other(&e))?;
         let req = BlobRequest {
-            version: BLOB_PROTOCOL,
+            version: self.version,
             hash: self.hash,
             size: self.size,
             ranges: ranges_list(piece, self.size),
@@ -248,10 +258,22 @@ impl Worker {
         let frame = wire::encode(&req).map_err(|e| other(&e))?;
         send.write_all(&frame).await.map_err(|e| other(&e))?;
         let _ = send.finish();
-        match wire::read::<BlobAnswer>(&mut recv)
+        let answer = wire::read::<BlobAnswer>(&mut recv)
             .await
-            .map_err(|e| other(&e))?
-        {
+            .map_err(|e| other(&e))?;
+        Ok((answer, recv))
+    }
+
+    async fn fetch_piece(&mut self, piece: &ChunkRanges) -> Result<(), SourceFailed> {
+        let other = |e: &dyn std::fmt::Display| SourceFailed::Other(e.to_string());
+        let (mut answer, mut recv) = self.ask(piece).await?;
+        if answer == BlobAnswer::Malformed && self.version > PLAIN_BLOB_PROTOCOL {
+            // A node of the first protocol refuses a version it does not know.
+            tracing::debug!(peer = %self.source.peer, "the peer speaks blob protocol 1");
+            self.version = PLAIN_BLOB_PROTOCOL;
+            (answer, recv) = self.ask(piece).await?;
+        }
+        match answer {
             BlobAnswer::Sending => {}
             BlobAnswer::Unavailable => return Err(SourceFailed::Unavailable),
             BlobAnswer::OtherSize(s) => {
@@ -272,6 +294,7 @@ impl Worker {
             transfer: self.transfer.clone(),
             counters: self.source.counters.clone(),
             blobs: self.blobs.clone(),
+            blocks: self.version > PLAIN_BLOB_PROTOCOL,
         };
         tokio::task::spawn_blocking(move || ctx.run(bridge))
             .await
@@ -301,6 +324,8 @@ struct Decode {
     transfer: Arc<Transfer>,
     counters: Arc<PeerCounters>,
     blobs: Blobs,
+    /// The encoding comes in blocks (protocol 2).
+    blocks: bool,
 }
 
 /// Counts what is read off the stream.
@@ -342,13 +367,17 @@ impl Decode {
             .try_clone()
             .map_err(|e| SourceFailed::Other(e.to_string()))?;
         let ranges = self.ranges.clone();
-        let reader = BufReader::with_capacity(
-            256 * 1024,
-            Counted {
-                inner: stream,
-                ctx: &self,
-            },
-        );
+        let counted = Counted {
+            inner: stream,
+            ctx: &self,
+        };
+        let reader: Box<dyn Read + '_> = if self.blocks {
+            let blocks = BlockReader::new(BufReader::with_capacity(256 * 1024, counted))
+                .map_err(|e| SourceFailed::Other(e.to_string()))?;
+            Box::new(blocks)
+        } else {
+            Box::new(BufReader::with_capacity(256 * 1024, counted))
+        };
         let iter = DecodeResponseIter::new(outboard.root, outboard.tree, reader, &ranges);
         let mut unsynced = 0u64;
         for item in iter {
@@ -391,6 +420,9 @@ impl Decode {
                         "tree node at chunk {}",
                         n.mid().0
                     )))
+                }
+                Err(DecodeError::Io(e)) if BadBlock::is(&e) => {
+                    return Err(SourceFailed::Corrupt(e.to_string()))
                 }
                 Err(e) => return Err(SourceFailed::Other(e.to_string())),
             }

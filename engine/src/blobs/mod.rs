@@ -16,6 +16,7 @@
 //!
 //! The protocol of a blob stream is in `wire`.
 
+pub mod blocks;
 pub mod fetch;
 pub mod fetcher;
 pub mod files;
@@ -89,6 +90,10 @@ pub struct BlobConfig {
     /// Fault injection for tests: serve every blob stream with a flipped bit, as a faulty
     /// or hostile peer would.
     pub fault_corrupt_sends: bool,
+    /// The newest blob protocol this node speaks: [`wire::BLOB_PROTOCOL`], or
+    /// [`wire::PLAIN_BLOB_PROTOCOL`] to serve and ask as a node of that version would
+    /// (mixed-version tests).
+    pub protocol: u8,
 }
 
 impl Default for BlobConfig {
@@ -99,6 +104,7 @@ impl Default for BlobConfig {
             gc_grace: DEFAULT_GC_GRACE,
             max_rate: None,
             fault_corrupt_sends: false,
+            protocol: wire::BLOB_PROTOCOL,
         }
     }
 }
@@ -177,6 +183,9 @@ pub struct BlobStats {
     pub resumed_bytes: AtomicU64,
     /// Bytes sent in blob streams.
     pub sent_bytes: AtomicU64,
+    /// Bytes zstd saved on blob streams sent (protocol 2): the plain encoding's size
+    /// minus what went on the wire.
+    pub compression_saved_bytes: AtomicU64,
     /// Transfers cut off because a peer sent data that failed verification.
     pub corrupt: AtomicU64,
     /// Blob streams refused: not readable by the peer, not held, busy or malformed.
@@ -481,4 +490,17 @@ pub fn unix_now_s() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// `len` bytes of noise from `seed` (xorshift), for tests of what does not compress.
+#[cfg(test)]
+pub(crate) fn test_noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
 }

@@ -16,6 +16,7 @@ use bao_tree::io::EncodeError;
 use bao_tree::{ChunkNum, ChunkRanges};
 use tokio_util::sync::CancellationToken;
 
+use super::blocks::BlockWriter;
 use super::stall::StallWrite;
 use super::wire::{self, BlobAnswer, BlobRequest};
 use super::Blobs;
@@ -38,6 +39,8 @@ pub struct ServedPeer {
     pub grants: Grants,
     /// Its counters.
     pub counters: Arc<PeerCounters>,
+    /// Whether blob streams to it are compressed where that pays (protocol 2).
+    pub compress: bool,
 }
 
 /// Serves the blob streams `conn`'s peer opens until the connection ends or `stop`.
@@ -101,6 +104,10 @@ async fn serve_stream(
     let ranges = to_chunk_ranges(&req.ranges);
     let bridge = StallWrite::new(send);
     let (b, counters, hash) = (blobs.clone(), peer.counters.clone(), req.hash);
+    let framing = Framing {
+        blocks: req.version >= wire::BLOB_PROTOCOL,
+        compress: peer.compress,
+    };
     let corrupt = blobs.corrupts_sends();
     let sent = tokio::task::spawn_blocking(move || -> io::Result<quinn::SendStream> {
         let _permit = permit;
@@ -116,9 +123,13 @@ async fn serve_stream(
             written: 0,
             corrupt_at: corrupt.then_some(100_000),
         };
-        let mut out = BufWriter::with_capacity(256 * 1024, out);
-        match encode_ranges_validated(&reader.data, &reader.outboard, &ranges, &mut out) {
-            Ok(()) => {}
+        match framing.encode(&reader, &ranges, out) {
+            Ok((out, saved)) => {
+                b.stats()
+                    .compression_saved_bytes
+                    .fetch_add(saved, Ordering::Relaxed);
+                Ok(out.inner.into_inner())
+            }
             Err(EncodeError::LeafHashMismatch(_) | EncodeError::ParentHashMismatch(_)) => {
                 tracing::error!(blob = %format_blob_hash(&hash), "a blob held here fails verification: setting it aside to fetch again");
                 drop(reader);
@@ -126,12 +137,10 @@ async fn serve_stream(
                     tracing::error!(error = %e, "setting a damaged blob aside failed");
                 }
                 b.poke();
-                return Err(io::Error::other("blob damaged on disk"));
+                Err(io::Error::other("blob damaged on disk"))
             }
-            Err(e) => return Err(io::Error::other(e.to_string())),
+            Err(e) => Err(io::Error::other(e.to_string())),
         }
-        let out = out.into_inner().map_err(|e| e.into_error())?;
-        Ok(out.inner.into_inner())
     })
     .await
     .map_err(io::Error::other)??;
@@ -142,8 +151,42 @@ async fn serve_stream(
     Ok(())
 }
 
+/// How a response's encoding goes on the stream.
+#[derive(Clone, Copy, Debug)]
+struct Framing {
+    /// In blocks (protocol 2), else unframed (protocol 1).
+    blocks: bool,
+    /// Blocks compressed where that pays.
+    compress: bool,
+}
+
+impl Framing {
+    /// Encodes `ranges` of the blob into `out`: answers `out` back and the bytes
+    /// compression saved.
+    fn encode(
+        self,
+        reader: &super::BlobReader,
+        ranges: &ChunkRanges,
+        out: Metered,
+    ) -> Result<(Metered, u64), EncodeError> {
+        let (data, outboard) = (&reader.data, &reader.outboard);
+        if self.blocks {
+            let mut w = BlockWriter::new(out, self.compress)?;
+            encode_ranges_validated(data, outboard, ranges, &mut w)?;
+            Ok(w.finish()?)
+        } else {
+            let mut w = BufWriter::with_capacity(256 * 1024, out);
+            encode_ranges_validated(data, outboard, ranges, &mut w)?;
+            let out = w
+                .into_inner()
+                .map_err(|e| EncodeError::Io(e.into_error()))?;
+            Ok((out, 0))
+        }
+    }
+}
+
 async fn answer_for(blobs: &Blobs, peer: &ServedPeer, req: &BlobRequest, room: bool) -> BlobAnswer {
-    if req.check().is_err() {
+    if req.check(blobs.config().protocol).is_err() {
         return BlobAnswer::Malformed;
     }
     let (b, grants, hash) = (blobs.clone(), peer.grants.clone(), req.hash);

@@ -4,11 +4,19 @@
 //! of exactly the requested chunk ranges (parent hash pairs and 16 KiB chunk groups in
 //! pre-order), then finishes the stream. The receiver verifies every chunk group against
 //! the hash as it arrives. Both messages are postcard, after a 4-byte little-endian length.
+//!
+//! Versions: in protocol 1 the encoding follows the answer as it is; in protocol 2 it
+//! comes in blocks, compressed where that pays (`blocks`). A node asks in the newest
+//! version it speaks; a node of protocol 1 answers [`BlobAnswer::Malformed`] to a
+//! version it does not know, and the asker asks it again in version 1.
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the blob stream protocol, first in every request.
-pub const BLOB_PROTOCOL: u8 = 1;
+/// Newest version of the blob stream protocol, first in every request.
+pub const BLOB_PROTOCOL: u8 = 2;
+
+/// The first version: the encoding follows the answer unframed.
+pub const PLAIN_BLOB_PROTOCOL: u8 = 1;
 
 /// Largest request or answer frame: ranges are few (a request covers what one source
 /// is asked for).
@@ -23,7 +31,8 @@ pub const MAX_BLOB_SIZE: u64 = 1 << 40;
 /// Chunks of a blob, asked of one peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobRequest {
-    /// [`BLOB_PROTOCOL`].
+    /// The protocol version the answer is to use: [`BLOB_PROTOCOL`] or
+    /// [`PLAIN_BLOB_PROTOCOL`].
     pub version: u8,
     /// The blob's BLAKE3 hash.
     pub hash: [u8; 32],
@@ -64,9 +73,10 @@ pub enum WireError {
 }
 
 impl BlobRequest {
-    /// Checks what a peer sent before any work is done for it.
-    pub fn check(&self) -> Result<(), &'static str> {
-        if self.version != BLOB_PROTOCOL {
+    /// Checks what a peer sent before any work is done for it, on a node that speaks
+    /// versions up to `newest`.
+    pub fn check(&self, newest: u8) -> Result<(), &'static str> {
+        if !(PLAIN_BLOB_PROTOCOL..=newest).contains(&self.version) {
             return Err("unknown blob protocol version");
         }
         if self.size > MAX_BLOB_SIZE {
@@ -129,9 +139,11 @@ mod tests {
 
     #[test]
     fn requests_are_checked_before_any_work() {
-        assert!(req(10_000, vec![(0, 10)]).check().is_ok());
-        assert!(req(10_000, vec![(0, 2), (4, 10)]).check().is_ok());
-        assert!(req(0, vec![(0, 1)]).check().is_ok());
+        assert!(req(10_000, vec![(0, 10)]).check(BLOB_PROTOCOL).is_ok());
+        assert!(req(10_000, vec![(0, 2), (4, 10)])
+            .check(BLOB_PROTOCOL)
+            .is_ok());
+        assert!(req(0, vec![(0, 1)]).check(BLOB_PROTOCOL).is_ok());
         for bad in [
             req(10_000, vec![]),
             req(10_000, vec![(0, 11)]),
@@ -146,10 +158,24 @@ mod tests {
                     .collect(),
             ),
         ] {
-            assert!(bad.check().is_err(), "{bad:?}");
+            assert!(bad.check(BLOB_PROTOCOL).is_err(), "{bad:?}");
         }
+        // Versions: both known ones, and not one past; a node held to the first refuses
+        // the second, as a node of that version does.
         let mut v = req(1, vec![(0, 1)]);
-        v.version = 2;
-        assert!(v.check().is_err());
+        for (version, newest, ok) in [
+            (PLAIN_BLOB_PROTOCOL, BLOB_PROTOCOL, true),
+            (BLOB_PROTOCOL, BLOB_PROTOCOL, true),
+            (BLOB_PROTOCOL + 1, BLOB_PROTOCOL, false),
+            (0, BLOB_PROTOCOL, false),
+            (BLOB_PROTOCOL, PLAIN_BLOB_PROTOCOL, false),
+        ] {
+            v.version = version;
+            assert_eq!(
+                v.check(newest).is_ok(),
+                ok,
+                "{version} on a node of {newest}"
+            );
+        }
     }
 }

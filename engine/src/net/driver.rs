@@ -314,6 +314,7 @@ pub async fn run(
             id: peer_id.clone(),
             grants: session.peer().grants.clone(),
             counters: counters.clone(),
+            compress: ctx.compress,
         };
         tokio::spawn(crate::blobs::serve::serve_connection(
             blobs.clone(),
