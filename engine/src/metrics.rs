@@ -110,7 +110,7 @@ fn render_blobs(r: &mut Registry, blobs: &crate::blobs::Blobs) {
         ),
         (
             "blob_compression_saved_bytes",
-            "Bytes zstd saved on blob streams sent (blob protocol 2)",
+            "Bytes zstd saved on blob streams sent: plain blocks minus compressed blocks",
             &s.compression_saved_bytes,
         ),
         (

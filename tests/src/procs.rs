@@ -316,3 +316,12 @@ pub fn connected(p: &Proc, id: &str) -> bool {
             .any(|s| s["node_id"] == id && s["connected"] == true)
     })
 }
+
+/// A runtime of one worker beside a test's own thread, for the async parts (a proxy, a
+/// wire) of tests that drive processes synchronously.
+pub fn side_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}

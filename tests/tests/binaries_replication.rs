@@ -9,14 +9,6 @@ use serde_json::{json, Value};
 use tidesync_tests::chaos::proxy::{Impairment, Link};
 use tidesync_tests::procs::{connected, wait_for, Binaries, Proc};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Status, ETag and JSON body of a request.
 fn call(method: &str, url: &str, body: Option<Value>) -> (u16, String, Value) {
     let req = ureq::request(method, url);
@@ -45,7 +37,7 @@ const PARTITION: Impairment = Impairment {
 
 #[test]
 fn a_write_with_replicas_1_is_at_the_hub_when_the_200_arrives_and_202_when_cut_off() {
-    let rt = runtime();
+    let rt = tidesync_tests::procs::side_runtime().unwrap();
     let d = Binaries::init().unwrap();
     let hub = d.hub(&[]).unwrap();
     d.enroll("edge-1", "edge", &["*=rw"]).unwrap();
@@ -170,7 +162,7 @@ fn a_hub_write_with_replicas_2_waits_for_two_hubs_of_three() {
 
 #[test]
 fn a_causal_read_waits_for_the_writers_heads_or_answers_504() {
-    let rt = runtime();
+    let rt = tidesync_tests::procs::side_runtime().unwrap();
     let d = Binaries::init().unwrap();
     let hub = d.hub(&[]).unwrap();
     for e in ["edge-a", "edge-b"] {

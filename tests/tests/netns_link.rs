@@ -13,14 +13,6 @@ use tidesync_tests::chaos::proxy::Impairment;
 use tidesync_tests::chaos::wire::Wire;
 use tidesync_tests::procs::{connected, status, wait_for, Binaries, Proc};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn put(node: &Proc, path: &str, body: Value) {
     let resp = ureq::put(&node.url(path)).send_json(body).unwrap();
     assert_eq!(resp.status(), 200, "PUT {path}");
@@ -42,7 +34,7 @@ const PARTITION: Impairment = Impairment {
 
 #[test]
 fn an_edge_across_a_long_lossy_thin_link_catches_up_and_heals_from_a_partition() {
-    let rt = runtime();
+    let rt = tidesync_tests::procs::side_runtime().unwrap();
     let wire = Wire::start(rt.handle(), 17).unwrap();
     let d = Binaries::init().unwrap();
     // The hub listens on the wire's near address only: the namespace has no other way in.

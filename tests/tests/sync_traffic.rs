@@ -460,6 +460,8 @@ struct BlobFetch {
     received: u64,
     /// Bytes the hub's compression saved.
     saved: u64,
+    /// The blob protocol the hub answered the edge in.
+    answered_in: u64,
 }
 
 /// A node of `d` with blobs in a directory of its own, speaking blob protocol `protocol`
@@ -514,6 +516,7 @@ async fn fetch_blob(data: &[u8], hub: (bool, u8), edge: (bool, u8)) -> BlobFetch
             .stats()
             .compression_saved_bytes
             .load(Ordering::Relaxed),
+        answered_in: link(&edge).unwrap().blob_protocol,
     };
     edge.stop().await;
     hub.stop().await;
@@ -562,7 +565,9 @@ async fn blob_streams_compress_where_it_pays_and_old_nodes_still_fetch() {
     // its tree, as protocol 1 always sent.
     let old_hub = fetch_blob(&csv, (true, OLD), (true, NEW)).await;
     let old_edge = fetch_blob(&csv, (true, NEW), (true, OLD)).await;
+    assert_eq!(csv_z.answered_in, u64::from(NEW));
     for (who, f) in [("an old hub", old_hub), ("an old edge", old_edge)] {
+        assert_eq!(f.answered_in, u64::from(OLD), "{who}");
         assert_eq!(f.saved, 0, "{who} got compressed blocks");
         assert!(
             f.received > csv.len() as u64 && f.received < csv_off.received,

@@ -43,11 +43,15 @@ pub struct BlockWriter<W: Write> {
     inner: W,
     plain: Vec<u8>,
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Where a block is compressed, reused.
+    packed: Box<[u8]>,
     /// Blocks still to send without an attempt.
     skip: u32,
     /// Blocks to skip after the next one that does not shrink.
     next_skip: u32,
     saved: u64,
+    /// Told what each compressed block saved, as it is sent.
+    on_saved: Box<dyn FnMut(u64) + Send>,
 }
 
 impl<W: Write> std::fmt::Debug for BlockWriter<W> {
@@ -71,11 +75,21 @@ impl<W: Write> BlockWriter<W> {
         Ok(Self {
             inner,
             plain: Vec::with_capacity(BLOCK_PLAIN),
+            packed: vec![0; if compress { BLOCK_PLAIN } else { 0 }].into_boxed_slice(),
             compressor,
             skip: 0,
             next_skip: 1,
             saved: 0,
+            on_saved: Box::new(|_| {}),
         })
+    }
+
+    /// Calls `f` with what each compressed block saved (its plain size minus its
+    /// compressed size; headers not counted) as the block is sent, so a stream cut short
+    /// still counts what it saved.
+    pub fn on_saved(mut self, f: impl FnMut(u64) + Send + 'static) -> Self {
+        self.on_saved = Box::new(f);
+        self
     }
 
     /// Sends what is buffered; answers the writer under it and the bytes compression
@@ -90,31 +104,36 @@ impl<W: Write> BlockWriter<W> {
         if self.plain.is_empty() {
             return Ok(());
         }
-        let compressed = self.try_compress();
-        let (flag, body) = match &compressed {
-            Some(c) => (COMPRESSED, c.as_slice()),
+        let (flag, body) = match self.try_compress() {
+            Some(n) => (COMPRESSED, &self.packed[..n]),
             None => (0, self.plain.as_slice()),
         };
         let header = (body.len() as u32) | flag;
         self.inner.write_all(&header.to_le_bytes())?;
         self.inner.write_all(body)?;
+        if flag == COMPRESSED {
+            let saved = (self.plain.len() - body.len()) as u64;
+            self.saved += saved;
+            (self.on_saved)(saved);
+        }
         self.plain.clear();
         Ok(())
     }
 
-    /// The block compressed, if that pays; keeps the back-off for dense data.
-    fn try_compress(&mut self) -> Option<Vec<u8>> {
+    /// The block compressed into `packed` (its length), if that pays; keeps the back-off
+    /// for dense data.
+    fn try_compress(&mut self) -> Option<usize> {
         if self.skip > 0 {
             self.skip -= 1;
             return None;
         }
         let compressor = self.compressor.as_mut()?;
+        // Room for a block that pays and no more: zstd gives up on one that does not.
         let worth = self.plain.len() - self.plain.len() / WORTH;
-        match compressor.compress(&self.plain) {
-            Ok(c) if c.len() < worth => {
+        match compressor.compress_to_buffer(&self.plain, &mut self.packed[..worth - 1]) {
+            Ok(n) if n > 0 => {
                 self.next_skip = 1;
-                self.saved += (self.plain.len() - c.len()) as u64;
-                Some(c)
+                Some(n)
             }
             _ => {
                 self.skip = self.next_skip;
@@ -184,20 +203,32 @@ impl<R: Read> BlockReader<R> {
             inner,
             plain: Vec::with_capacity(BLOCK_PLAIN),
             at: 0,
-            wire: Vec::new(),
+            wire: Vec::with_capacity(max_compressed()),
             decompressor: zstd::bulk::Decompressor::new()?,
         })
     }
 
     /// The next block into `plain`; `false` at the end of the stream, between blocks.
+    /// After an error nothing of the failed block is left to read.
     fn next_block(&mut self) -> io::Result<bool> {
+        let next = self.fill_block();
+        if next.is_err() {
+            self.plain.clear();
+            self.at = 0;
+        }
+        next
+    }
+
+    fn fill_block(&mut self) -> io::Result<bool> {
         let mut header = [0u8; 4];
         let mut got = 0;
         while got < 4 {
-            match self.inner.read(&mut header[got..])? {
-                0 if got == 0 => return Ok(false),
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n => got += n,
+            match self.inner.read(&mut header[got..]) {
+                Ok(0) if got == 0 => return Ok(false),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
         let header = u32::from_le_bytes(header);
@@ -252,6 +283,9 @@ impl<R: Read> Read for BlockReader<R> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
     use super::*;
 
     fn text(len: usize) -> Vec<u8> {
@@ -272,12 +306,20 @@ mod tests {
     use super::super::test_noise as noise;
 
     fn blocks_of(data: &[u8], compress: bool) -> (Vec<u8>, u64) {
-        let mut w = BlockWriter::new(Vec::new(), compress).expect("writer");
+        let told = Arc::new(AtomicU64::new(0));
+        let counter = told.clone();
+        let mut w = BlockWriter::new(Vec::new(), compress)
+            .expect("writer")
+            .on_saved(move |n| {
+                counter.fetch_add(n, Ordering::Relaxed);
+            });
         // In odd slices, as a buffered encoder writes.
         for piece in data.chunks(10_007) {
             w.write_all(piece).expect("write");
         }
-        w.finish().expect("finish")
+        let (wire, saved) = w.finish().expect("finish");
+        assert_eq!(told.load(Ordering::Relaxed), saved, "told block by block");
+        (wire, saved)
     }
 
     fn read_all(wire: &[u8]) -> io::Result<Vec<u8>> {

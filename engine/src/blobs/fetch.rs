@@ -100,7 +100,13 @@ pub async fn fetch_blob(
         let pieces = split(&missing, size, n).into_iter().rev().collect();
         let queue: Pieces = Arc::new(Mutex::new(pieces));
         let mut workers = tokio::task::JoinSet::new();
+        let newest = blobs.config().protocol;
         for source in sources.into_iter().take(MAX_SOURCES) {
+            // A peer that answered in protocol 1 on this connection is asked in 1 at once.
+            let version = match source.counters.blob_protocol.load(Ordering::Relaxed) {
+                0 => newest,
+                answered => newest.min(u8::try_from(answered).unwrap_or(u8::MAX)),
+            };
             let w = Worker {
                 blobs: blobs.clone(),
                 hash,
@@ -110,7 +116,7 @@ pub async fn fetch_blob(
                 transfer: transfer.clone(),
                 data: partial.data.try_clone()?,
                 outboard: partial.outboard.data.try_clone()?,
-                version: blobs.config().protocol,
+                version,
             };
             workers.spawn(w.run());
         }
@@ -272,6 +278,12 @@ impl Worker {
             tracing::debug!(peer = %self.source.peer, "the peer speaks blob protocol 1");
             self.version = PLAIN_BLOB_PROTOCOL;
             (answer, recv) = self.ask(piece).await?;
+        }
+        if answer == BlobAnswer::Sending {
+            self.source
+                .counters
+                .blob_protocol
+                .store(u64::from(self.version), Ordering::Relaxed);
         }
         match answer {
             BlobAnswer::Sending => {}

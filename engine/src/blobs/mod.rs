@@ -183,8 +183,8 @@ pub struct BlobStats {
     pub resumed_bytes: AtomicU64,
     /// Bytes sent in blob streams.
     pub sent_bytes: AtomicU64,
-    /// Bytes zstd saved on blob streams sent (protocol 2): the plain encoding's size
-    /// minus what went on the wire.
+    /// Bytes zstd saved on blob streams sent (protocol 2): the plain blocks' size minus
+    /// the compressed blocks' size (headers not counted), counted as each block goes.
     pub compression_saved_bytes: AtomicU64,
     /// Transfers cut off because a peer sent data that failed verification.
     pub corrupt: AtomicU64,

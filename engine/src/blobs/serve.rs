@@ -124,12 +124,7 @@ async fn serve_stream(
             corrupt_at: corrupt.then_some(100_000),
         };
         match framing.encode(&reader, &ranges, out) {
-            Ok((out, saved)) => {
-                b.stats()
-                    .compression_saved_bytes
-                    .fetch_add(saved, Ordering::Relaxed);
-                Ok(out.inner.into_inner())
-            }
+            Ok(out) => Ok(out.inner.into_inner()),
             Err(EncodeError::LeafHashMismatch(_) | EncodeError::ParentHashMismatch(_)) => {
                 tracing::error!(blob = %format_blob_hash(&hash), "a blob held here fails verification: setting it aside to fetch again");
                 drop(reader);
@@ -161,26 +156,30 @@ struct Framing {
 }
 
 impl Framing {
-    /// Encodes `ranges` of the blob into `out`: answers `out` back and the bytes
-    /// compression saved.
+    /// Encodes `ranges` of the blob into `out` and answers `out` back; what compression
+    /// saves is counted block by block.
     fn encode(
         self,
         reader: &super::BlobReader,
         ranges: &ChunkRanges,
         out: Metered,
-    ) -> Result<(Metered, u64), EncodeError> {
+    ) -> Result<Metered, EncodeError> {
         let (data, outboard) = (&reader.data, &reader.outboard);
         if self.blocks {
-            let mut w = BlockWriter::new(out, self.compress)?;
+            let blobs = out.blobs.clone();
+            let mut w = BlockWriter::new(out, self.compress)?.on_saved(move |n| {
+                let saved = &blobs.stats().compression_saved_bytes;
+                saved.fetch_add(n, Ordering::Relaxed);
+            });
             encode_ranges_validated(data, outboard, ranges, &mut w)?;
-            Ok(w.finish()?)
+            Ok(w.finish()?.0)
         } else {
             let mut w = BufWriter::with_capacity(256 * 1024, out);
             encode_ranges_validated(data, outboard, ranges, &mut w)?;
             let out = w
                 .into_inner()
                 .map_err(|e| EncodeError::Io(e.into_error()))?;
-            Ok((out, 0))
+            Ok(out)
         }
     }
 }

@@ -234,8 +234,11 @@ peer_counters! {
     /// Automerge sync messages received and applied.
     syncs_applied: StatusOnly;
     /// The protocol version of the last connection (6 for a node from before classes and
-    /// compression, 7 now).
+    /// compression, 7 for one from before batches, 8 now).
     protocol: StatusOnly;
+    /// The blob protocol the peer answered in on this connection (0: not asked yet; 1 for
+    /// a node from before compressed blocks), so a fetch asks an old peer in 1 at once.
+    blob_protocol: StatusOnly;
     /// Documents loaded from the store for this peer.
     docs_loaded: StatusOnly;
     /// Unix milliseconds of the last completed document sync (0: never); metrics show the

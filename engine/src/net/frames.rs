@@ -118,7 +118,7 @@ impl Batch {
     /// Whether a message of `plain_len` bytes may join: it is small enough, and the batch
     /// has room for it.
     pub fn fits(&self, plain_len: usize) -> bool {
-        plain_len <= BATCH_ITEM_MAX
+        Self::takes(plain_len)
             && self.plains.len() < BATCH_MAX_MESSAGES
             && self.content + 4 + plain_len <= BATCH_MAX_CONTENT
     }

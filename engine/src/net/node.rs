@@ -1220,6 +1220,7 @@ impl Node {
         counters
             .protocol
             .store(u64::from(scfg.version), Ordering::Relaxed);
+        counters.blob_protocol.store(0, Ordering::Relaxed);
         let session = Session::new(scfg, identity, record, store.last_seq());
         // Counters add up over reconnects: this connection's frames are the difference.
         let received_before = counters.messages_received.load(Ordering::Relaxed);

@@ -194,6 +194,23 @@ impl Drop for Link {
     }
 }
 
+/// Runs `send` once `hold` has passed: at once if there is no delay, else from a task of
+/// its own, so the packets after it are not held behind it (a link delays each packet;
+/// it does not stop).
+pub async fn send_after<F>(hold: Duration, send: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    if hold.is_zero() {
+        send.await;
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            send.await;
+        });
+    }
+}
+
 /// Datagrams larger than any QUIC packet a node sends.
 const MAX_DATAGRAM: usize = 65_536;
 
@@ -223,15 +240,11 @@ async fn forward(front: Arc<UdpSocket>, target: SocketAddr, shared: Arc<Shaper>)
         let Some(hold) = shared.fate(true, n) else {
             continue;
         };
-        let packet = buf[..n].to_vec();
-        if hold.is_zero() {
+        let (packet, up) = (buf[..n].to_vec(), up.clone());
+        send_after(hold, async move {
             let _ = up.send(&packet).await;
-        } else {
-            tokio::spawn(async move {
-                tokio::time::sleep(hold).await;
-                let _ = up.send(&packet).await;
-            });
-        }
+        })
+        .await;
     }
 }
 
@@ -250,15 +263,10 @@ async fn back(up: Arc<UdpSocket>, front: Arc<UdpSocket>, client: SocketAddr, sha
         let Some(hold) = shared.fate(false, n) else {
             continue;
         };
-        let packet = buf[..n].to_vec();
-        let front = front.clone();
-        if hold.is_zero() {
+        let (packet, front) = (buf[..n].to_vec(), front.clone());
+        send_after(hold, async move {
             let _ = front.send_to(&packet, client).await;
-        } else {
-            tokio::spawn(async move {
-                tokio::time::sleep(hold).await;
-                let _ = front.send_to(&packet, client).await;
-            });
-        }
+        })
+        .await;
     }
 }

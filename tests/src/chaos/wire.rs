@@ -22,7 +22,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tokio_tun::Tun;
 
-use super::proxy::{Impairment, Shaper, Tally};
+use super::proxy::{send_after, Impairment, Shaper, Tally};
 
 /// Largest packet a TUN device of MTU 1500 hands over, with room to spare.
 const MAX_PACKET: usize = 65_536;
@@ -222,15 +222,10 @@ async fn carry(from: Arc<Tun>, to: Arc<Tun>, up: bool, shaper: Arc<Shaper>) {
         let Some(hold) = shaper.fate(up, n) else {
             continue;
         };
-        let packet = buf[..n].to_vec();
-        if hold.is_zero() {
+        let (packet, to) = (buf[..n].to_vec(), to.clone());
+        send_after(hold, async move {
             let _ = to.try_send(&packet);
-        } else {
-            let to = to.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(hold).await;
-                let _ = to.try_send(&packet);
-            });
-        }
+        })
+        .await;
     }
 }
