@@ -60,6 +60,21 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
 /// is. Values and devices vary from row to row; what repeats is what repeats in such
 /// files (the column set, metric names, the time's prefix).
 pub fn telemetry_csv(size: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size);
+    // Writing into a Vec does not fail.
+    let _ = write_telemetry_csv(&mut out, size as u64, seed);
+    out
+}
+
+/// [`telemetry_csv`] of `size` bytes into a file at `path`, streaming.
+pub fn telemetry_csv_file(path: &Path, size: u64, seed: u64) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    write_telemetry_csv(&mut f, size, seed)?;
+    f.flush()?;
+    Ok(())
+}
+
+fn write_telemetry_csv(out: &mut impl Write, size: u64, seed: u64) -> std::io::Result<()> {
     const METRICS: &[&str] = &[
         "temperature_c",
         "humidity_pct",
@@ -71,12 +86,16 @@ pub fn telemetry_csv(size: usize, seed: u64) -> Vec<u8> {
     ];
     const STATUS: &[&str] = &["ok", "ok", "ok", "ok", "warn", "degraded"];
     let mut rng = crate::Rng::new(seed);
-    let mut out = b"timestamp,device,metric,value,status\n".to_vec();
+    let mut row = b"timestamp,device,metric,value,status\n".to_vec();
+    let mut left = size;
     let mut t = 1_796_000_000u64;
-    while out.len() < size {
+    while left > 0 {
+        let n = left.min(row.len() as u64);
+        out.write_all(&row[..n as usize])?;
+        left -= n;
         t += rng.range(1, 20);
         let (day, secs) = (t / 86_400, t % 86_400);
-        let row = format!(
+        row = format!(
             "2026-11-{:02}T{:02}:{:02}:{:02}Z,edge-{:04},{},{}.{:02},{}\n",
             day % 30 + 1,
             secs / 3600,
@@ -87,9 +106,8 @@ pub fn telemetry_csv(size: usize, seed: u64) -> Vec<u8> {
             rng.range(0, 1000),
             rng.range(0, 100),
             STATUS[rng.range(0, STATUS.len() as u64) as usize],
-        );
-        out.extend_from_slice(row.as_bytes());
+        )
+        .into_bytes();
     }
-    out.truncate(size);
-    out
+    Ok(())
 }

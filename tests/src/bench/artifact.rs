@@ -4,7 +4,8 @@
 //! processes during the transfer; a document write at the edge during the transfer,
 //! timed until the hub has it, against the same without a transfer; an edge killed with
 //! SIGKILL at about half the blob, restarted, and the bytes it then receives against the
-//! bytes it was missing; and the fan-out of a blob to 10 edges.
+//! bytes it was missing; the fan-out of a blob to 10 edges; and a CSV dataset, which
+//! blob streams compress: its rate and the bytes on the wire against its size.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -17,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::scale::rss_kb;
 use super::{micros, percentile, round2};
-use crate::blob_files::{noise_file, same_files};
+use crate::blob_files::{noise_file, same_files, telemetry_csv_file};
 use crate::procs::{connected, status, Binaries, Proc};
 
 const MIB: u64 = 1 << 20;
@@ -31,6 +32,8 @@ pub struct ArtifactConfig {
     pub fanout_edges: usize,
     /// MiB of the blob fanned out.
     pub fanout_mb: u64,
+    /// MiB of the CSV dataset sent hub → edge after the blob.
+    pub dataset_mb: u64,
 }
 
 fn wait(
@@ -166,9 +169,9 @@ pub async fn run(cfg: ArtifactConfig) -> Result<Value> {
     let limit_mb_s = size as f64 / MIB as f64 / raw_secs;
 
     let hub = d.hub(&[])?;
-    for e in ["edge-1", "edge-2"] {
-        d.enroll(e, "edge", &["models=rw", "live=rw"])?;
-    }
+    // Only edge-1 reads the dataset: edge-2's resume counts the weights alone.
+    d.enroll("edge-1", "edge", &["models=rw", "live=rw", "datasets=rw"])?;
+    d.enroll("edge-2", "edge", &["models=rw", "live=rw"])?;
     let put_started = Instant::now();
     let hash = tokio::task::block_in_place(|| put(&hub, &file))?;
     let put_mb_s = size as f64 / MIB as f64 / put_started.elapsed().as_secs_f64();
@@ -238,6 +241,7 @@ pub async fn run(cfg: ArtifactConfig) -> Result<Value> {
     if !identical {
         bail!("the edge's copy differs from the blob");
     }
+    let dataset = tokio::task::block_in_place(|| dataset(&d, &hub, &edge, cfg.dataset_mb))?;
     drop(edge);
 
     // Resume: killed at about half, restarted.
@@ -315,7 +319,44 @@ pub async fn run(cfg: ArtifactConfig) -> Result<Value> {
         "fanout_mb": cfg.fanout_mb,
         "fanout_seconds": round2(fan_secs),
         "fanout_mb_s": round2(fan_size as f64 / MIB as f64 * cfg.fanout_edges as f64 / fan_secs),
+        "dataset_mb": cfg.dataset_mb,
+        "dataset_mb_s": round2(dataset.mb_s),
+        "dataset_wire_ratio": (dataset.wire_ratio * 1000.0).round() / 1000.0,
     }))
+}
+
+/// What sending the dataset cost.
+struct Dataset {
+    /// MiB per second, reference to verified copy at the edge.
+    mb_s: f64,
+    /// Blob stream bytes the edge received over the dataset's size.
+    wire_ratio: f64,
+}
+
+/// A CSV dataset of `mb` MiB put at `hub` and fetched by `edge`, compared byte for byte.
+fn dataset(d: &Binaries, hub: &Proc, edge: &Proc, mb: u64) -> Result<Dataset> {
+    let size = mb * MIB;
+    let file = Path::new(&d.path("telemetry.csv")).to_owned();
+    telemetry_csv_file(&file, size, 44)?;
+    let hash = put(hub, &file)?;
+    let received = || blobs_status(edge)["received_bytes"].as_u64().unwrap_or(0);
+    let before = received();
+    let started = Instant::now();
+    reference(hub, "datasets", &hash, size)?;
+    wait("the dataset at the edge", Duration::from_secs(600), || {
+        Ok(holds(edge, &hash))
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    let copy = Path::new(&d.path("edge-1"))
+        .join("blobs")
+        .join(format!("{hash}.data"));
+    if !same_files(&file, &copy)? {
+        bail!("the edge's copy differs from the dataset");
+    }
+    Ok(Dataset {
+        mb_s: mb as f64 / secs,
+        wire_ratio: received().saturating_sub(before) as f64 / size as f64,
+    })
 }
 
 /// One write at the edge API `edge`, timed until the hub API `hub` serves it.

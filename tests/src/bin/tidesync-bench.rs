@@ -119,6 +119,10 @@ struct Args {
     /// MiB of the blob the `artifact` scenario fans out.
     #[arg(long, default_value_t = 256)]
     fanout_mb: u64,
+    /// MiB of the CSV dataset the `artifact` scenario sends (compressible, unlike the
+    /// blob of noise).
+    #[arg(long, default_value_t = 256)]
+    dataset_mb: u64,
     /// MiB the read-only peer floods in the `hostile` scenario.
     #[arg(long, default_value_t = 1024)]
     flood_mb: u64,
@@ -378,6 +382,7 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                 blob_mb: args.blob_mb,
                 fanout_edges: args.fanout_edges,
                 fanout_mb: args.fanout_mb,
+                dataset_mb: args.dataset_mb,
             })
             .await?;
             println!("artifact: a blob hub → edge against one plain quinn stream + fsync");
@@ -392,6 +397,8 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                     ("idle p99 us", "idle_write_p99_us"),
                     ("resume extra", "resume_extra_ratio"),
                     ("fan-out s", "fanout_seconds"),
+                    ("csv MB/s", "dataset_mb_s"),
+                    ("csv wire", "dataset_wire_ratio"),
                 ],
             );
             out
