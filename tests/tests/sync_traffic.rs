@@ -578,3 +578,53 @@ async fn blob_streams_compress_where_it_pays_and_old_nodes_still_fetch() {
         );
     }
 }
+
+/// A source that sends a compressed dataset with a flipped byte is caught as corrupt (the
+/// chunk group fails verification after decompressing) and nothing of it is kept as good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_compressed_blob_stream_is_caught() {
+    let d = Deployment::new().unwrap();
+    let mut hub_cfg = d.config("hub", Role::Hub, &[]).unwrap();
+    hub_cfg.blobs = Some(
+        Blobs::open(
+            &d.dir().join("hub"),
+            BlobConfig {
+                fault_corrupt_sends: true,
+                ..BlobConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    let hub = d.start("hub", hub_cfg).unwrap();
+    let mut edge_cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
+    edge_cfg.dial = vec![hub.addr()];
+    let edge = with_blobs(&d, "edge", edge_cfg, true, BLOB_PROTOCOL);
+    let csv = telemetry_csv(4 << 20, 6);
+    let mut put = hub.node.blobs().unwrap().files().begin_put().unwrap();
+    put.write(&csv).unwrap();
+    let (hash, size) = put.finish().unwrap();
+    let reference = json!({ "file": { "@blob": format_blob_hash(&hash), "size": size } });
+    hub.store
+        .put(&ns("datasets"), &id("d"), reference, None)
+        .await
+        .unwrap();
+    let edge_blobs = edge.node.blobs().unwrap().clone();
+    wait_until(Duration::from_secs(30), "the corrupt stream caught", || {
+        Ok(edge_blobs.stats().corrupt.load(Ordering::Relaxed) > 0)
+    })
+    .await
+    .unwrap();
+    let hub_blobs = hub.node.blobs().unwrap();
+    assert!(
+        hub_blobs
+            .stats()
+            .compression_saved_bytes
+            .load(Ordering::Relaxed)
+            > 0,
+        "the stream was compressed"
+    );
+    assert_eq!(edge_blobs.files().held(&hash).unwrap(), None);
+    assert!(link(&edge).unwrap().blob_corrupt > 0);
+    edge.stop().await;
+    hub.stop().await;
+}

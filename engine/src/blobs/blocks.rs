@@ -426,4 +426,53 @@ mod tests {
             "{first:?}"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever is written, in whatever slices, reads back the same.
+        #[test]
+        fn any_data_in_any_slices_reads_back(
+            seed in 0u64..1000,
+            len in 0usize..(3 * BLOCK_PLAIN),
+            text_share in 0usize..=4,
+            slice in 1usize..20_000,
+            compress: bool,
+        ) {
+            let mut data = text(len * text_share / 4);
+            data.extend(noise(len - data.len(), seed | 1));
+            let mut w = BlockWriter::new(Vec::new(), compress).expect("writer");
+            for piece in data.chunks(slice) {
+                w.write_all(piece).expect("write");
+            }
+            let (wire, _) = w.finish().expect("finish");
+            proptest::prop_assert_eq!(read_all(&wire).expect("read"), data);
+        }
+
+        /// A stream with bytes changed or cut, or bytes of no stream at all, reads as an
+        /// error or as some bytes (which the verifier above then checks), never a panic.
+        #[test]
+        fn damaged_streams_never_panic(
+            seed in 0u64..1000,
+            flips in proptest::collection::vec((0usize..200_000, 0u8..8), 0..6),
+            cut in proptest::option::of(0usize..200_000),
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let mut data = text(150_000);
+            data.extend(noise(50_000, seed | 1));
+            let (mut wire, _) = blocks_of(&data, true);
+            for (at, bit) in flips {
+                let at = at % wire.len();
+                wire[at] ^= 1 << bit;
+            }
+            if let Some(cut) = cut {
+                wire.truncate(cut % (wire.len() + 1));
+            }
+            if let Ok(out) = read_all(&wire) {
+                // Every block is at most BLOCK_PLAIN; a block is at least 5 wire bytes.
+                proptest::prop_assert!(out.len() <= wire.len() / 5 * BLOCK_PLAIN + BLOCK_PLAIN);
+            }
+            let _ = read_all(&garbage);
+        }
+    }
 }

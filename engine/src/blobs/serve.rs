@@ -107,8 +107,8 @@ async fn serve_stream(
     let framing = Framing {
         blocks: req.version >= wire::BLOB_PROTOCOL,
         compress: peer.compress,
+        corrupt_at: blobs.corrupts_sends().then_some(100_000),
     };
-    let corrupt = blobs.corrupts_sends();
     let sent = tokio::task::spawn_blocking(move || -> io::Result<quinn::SendStream> {
         let _permit = permit;
         let reader = b
@@ -120,8 +120,6 @@ async fn serve_stream(
             pace,
             blobs: b.clone(),
             counters,
-            written: 0,
-            corrupt_at: corrupt.then_some(100_000),
         };
         match framing.encode(&reader, &ranges, out) {
             Ok(out) => Ok(out.inner.into_inner()),
@@ -153,6 +151,10 @@ struct Framing {
     blocks: bool,
     /// Blocks compressed where that pays.
     compress: bool,
+    /// Test hook: the byte of the encoding to flip, as a faulty or hostile peer would
+    /// (before any compression, so the receiver sees a chunk group that fails
+    /// verification, whatever the framing).
+    corrupt_at: Option<u64>,
 }
 
 impl Framing {
@@ -167,16 +169,19 @@ impl Framing {
         let (data, outboard) = (&reader.data, &reader.outboard);
         if self.blocks {
             let blobs = out.blobs.clone();
-            let mut w = BlockWriter::new(out, self.compress)?.on_saved(move |n| {
+            let w = BlockWriter::new(out, self.compress)?.on_saved(move |n| {
                 let saved = &blobs.stats().compression_saved_bytes;
                 saved.fetch_add(n, Ordering::Relaxed);
             });
+            let mut w = FlipAt::new(w, self.corrupt_at);
             encode_ranges_validated(data, outboard, ranges, &mut w)?;
-            Ok(w.finish()?.0)
+            Ok(w.inner.finish()?.0)
         } else {
-            let mut w = BufWriter::with_capacity(256 * 1024, out);
+            let w = BufWriter::with_capacity(256 * 1024, out);
+            let mut w = FlipAt::new(w, self.corrupt_at);
             encode_ranges_validated(data, outboard, ranges, &mut w)?;
             let out = w
+                .inner
                 .into_inner()
                 .map_err(|e| EncodeError::Io(e.into_error()))?;
             Ok(out)
@@ -219,14 +224,49 @@ pub fn to_chunk_ranges(ranges: &[(u64, u64)]) -> ChunkRanges {
     out
 }
 
-/// The blocking writer under the encoder: counts, paces and (test hook) corrupts.
+/// The test hook's writer: flips the lowest bit of byte `at` of what passes, if any.
+struct FlipAt<W: Write> {
+    inner: W,
+    at: Option<u64>,
+    written: u64,
+}
+
+impl<W: Write> FlipAt<W> {
+    fn new(inner: W, at: Option<u64>) -> Self {
+        Self {
+            inner,
+            at,
+            written: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for FlipAt<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = match self.at {
+            Some(at) if at >= self.written && at < self.written + buf.len() as u64 => {
+                let mut bad = buf.to_vec();
+                bad[(at - self.written) as usize] ^= 0x01;
+                self.inner.write_all(&bad)?;
+                buf.len()
+            }
+            _ => self.inner.write(buf)?,
+        };
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The blocking writer under the encoder: counts and paces.
 struct Metered {
     inner: StallWrite,
     pace: Arc<[Arc<Bucket>]>,
     blobs: Blobs,
     counters: Arc<PeerCounters>,
-    written: u64,
-    corrupt_at: Option<u64>,
 }
 
 impl Write for Metered {
@@ -241,16 +281,7 @@ impl Write for Metered {
         for p in self.pace.iter() {
             p.take_blocking(buf.len());
         }
-        let n = match self.corrupt_at {
-            Some(at) if at >= self.written && at < self.written + buf.len() as u64 => {
-                let mut bad = buf.to_vec();
-                bad[(at - self.written) as usize] ^= 0x01;
-                self.inner.write_all(&bad)?;
-                buf.len()
-            }
-            _ => self.inner.write(buf)?,
-        };
-        self.written += n as u64;
+        let n = self.inner.write(buf)?;
         self.blobs
             .stats()
             .sent_bytes
