@@ -482,6 +482,19 @@ fn with_blobs(
     d.start(name, cfg).unwrap()
 }
 
+/// Puts `data` as a blob at `hub` and references it from a document: its hash and size.
+async fn offer_blob(hub: &TestNode, data: &[u8]) -> ([u8; 32], u64) {
+    let mut put = hub.node.blobs().unwrap().files().begin_put().unwrap();
+    put.write(data).unwrap();
+    let (hash, size) = put.finish().unwrap();
+    let reference = json!({ "file": { "@blob": format_blob_hash(&hash), "size": size } });
+    hub.store
+        .put(&ns("datasets"), &id("d"), reference, None)
+        .await
+        .unwrap();
+    (hash, size)
+}
+
 /// The hub holds `data` as a blob a document references; an edge fetches it (eagerly)
 /// and must hold the same bytes. `hub` and `edge` are (compress, blob protocol).
 async fn fetch_blob(data: &[u8], hub: (bool, u8), edge: (bool, u8)) -> BlobFetch {
@@ -492,14 +505,7 @@ async fn fetch_blob(data: &[u8], hub: (bool, u8), edge: (bool, u8)) -> BlobFetch
     edge_cfg.dial = vec![hub.addr()];
     let edge = with_blobs(&d, "edge", edge_cfg, edge.0, edge.1);
     let hub_blobs = hub.node.blobs().unwrap().clone();
-    let mut put = hub_blobs.files().begin_put().unwrap();
-    put.write(data).unwrap();
-    let (hash, size) = put.finish().unwrap();
-    let reference = json!({ "file": { "@blob": format_blob_hash(&hash), "size": size } });
-    hub.store
-        .put(&ns("datasets"), &id("d"), reference, None)
-        .await
-        .unwrap();
+    let (hash, size) = offer_blob(&hub, data).await;
     let edge_blobs = edge.node.blobs().unwrap().clone();
     wait_until(Duration::from_secs(60), "the blob at the edge", || {
         Ok(edge_blobs.files().held(&hash)? == Some(size))
@@ -599,15 +605,7 @@ async fn a_corrupt_compressed_blob_stream_is_caught() {
     let mut edge_cfg = d.config("edge", Role::Edge, &["*=rw"]).unwrap();
     edge_cfg.dial = vec![hub.addr()];
     let edge = with_blobs(&d, "edge", edge_cfg, true, BLOB_PROTOCOL);
-    let csv = telemetry_csv(4 << 20, 6);
-    let mut put = hub.node.blobs().unwrap().files().begin_put().unwrap();
-    put.write(&csv).unwrap();
-    let (hash, size) = put.finish().unwrap();
-    let reference = json!({ "file": { "@blob": format_blob_hash(&hash), "size": size } });
-    hub.store
-        .put(&ns("datasets"), &id("d"), reference, None)
-        .await
-        .unwrap();
+    let (hash, _) = offer_blob(&hub, &telemetry_csv(4 << 20, 6)).await;
     let edge_blobs = edge.node.blobs().unwrap().clone();
     wait_until(Duration::from_secs(30), "the corrupt stream caught", || {
         Ok(edge_blobs.stats().corrupt.load(Ordering::Relaxed) > 0)
