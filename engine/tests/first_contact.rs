@@ -132,7 +132,16 @@ async fn a_wrong_guess_still_converges() {
     let from_edge: VecDeque<_> = edge.drive().await.into();
     let t = exchange_traffic(&mut edge, &mut hub, from_edge).await;
     assert!(Traffic::for_doc(&t.from_a, "shared")[0].changes);
-    assert!(Traffic::for_doc(&t.from_b, "shared")[0].changes);
+    // The hub answers the edge's document with its own change. Not always in its first
+    // frame: that answer leaves out the changes the edge's Bloom filter says it has, and
+    // the filter (10 bits a change) wrongly says so about 1 % of the time; the edge's
+    // next message names its heads and the change follows.
+    assert!(
+        Traffic::for_doc(&t.from_b, "shared")
+            .iter()
+            .any(|f| f.changes),
+        "{t:?}"
+    );
     let merged = json!({ "from_hub": 1, "from_edge": 2 });
     assert_eq!(content(&hub, "shared"), merged);
     assert_eq!(content(&edge, "shared"), merged);
