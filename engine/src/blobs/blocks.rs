@@ -49,7 +49,6 @@ pub struct BlockWriter<W: Write> {
     skip: u32,
     /// Blocks to skip after the next one that does not shrink.
     next_skip: u32,
-    saved: u64,
     /// Told what each compressed block saved, as it is sent.
     on_saved: Box<dyn FnMut(u64) + Send>,
 }
@@ -59,7 +58,6 @@ impl<W: Write> std::fmt::Debug for BlockWriter<W> {
         f.debug_struct("BlockWriter")
             .field("buffered", &self.plain.len())
             .field("compress", &self.compressor.is_some())
-            .field("saved", &self.saved)
             .finish_non_exhaustive()
     }
 }
@@ -79,7 +77,6 @@ impl<W: Write> BlockWriter<W> {
             compressor,
             skip: 0,
             next_skip: 1,
-            saved: 0,
             on_saved: Box::new(|_| {}),
         })
     }
@@ -92,12 +89,11 @@ impl<W: Write> BlockWriter<W> {
         self
     }
 
-    /// Sends what is buffered; answers the writer under it and the bytes compression
-    /// saved.
-    pub fn finish(mut self) -> io::Result<(W, u64)> {
+    /// Sends what is buffered and answers the writer under it.
+    pub fn finish(mut self) -> io::Result<W> {
         self.send_block()?;
         self.inner.flush()?;
-        Ok((self.inner, self.saved))
+        Ok(self.inner)
     }
 
     fn send_block(&mut self) -> io::Result<()> {
@@ -112,9 +108,7 @@ impl<W: Write> BlockWriter<W> {
         self.inner.write_all(&header.to_le_bytes())?;
         self.inner.write_all(body)?;
         if flag == COMPRESSED {
-            let saved = (self.plain.len() - body.len()) as u64;
-            self.saved += saved;
-            (self.on_saved)(saved);
+            (self.on_saved)((self.plain.len() - body.len()) as u64);
         }
         self.plain.clear();
         Ok(())
@@ -305,21 +299,27 @@ mod tests {
 
     use super::super::test_noise as noise;
 
-    fn blocks_of(data: &[u8], compress: bool) -> (Vec<u8>, u64) {
-        let told = Arc::new(AtomicU64::new(0));
-        let counter = told.clone();
-        let mut w = BlockWriter::new(Vec::new(), compress)
+    /// A writer into a Vec, and the bytes its compression saved so far.
+    fn counted_writer(compress: bool) -> (BlockWriter<Vec<u8>>, Arc<AtomicU64>) {
+        let saved = Arc::new(AtomicU64::new(0));
+        let counter = saved.clone();
+        let w = BlockWriter::new(Vec::new(), compress)
             .expect("writer")
             .on_saved(move |n| {
                 counter.fetch_add(n, Ordering::Relaxed);
             });
+        (w, saved)
+    }
+
+    /// `data` as blocks, and the bytes compression saved.
+    fn blocks_of(data: &[u8], compress: bool) -> (Vec<u8>, u64) {
+        let (mut w, saved) = counted_writer(compress);
         // In odd slices, as a buffered encoder writes.
         for piece in data.chunks(10_007) {
             w.write_all(piece).expect("write");
         }
-        let (wire, saved) = w.finish().expect("finish");
-        assert_eq!(told.load(Ordering::Relaxed), saved, "told block by block");
-        (wire, saved)
+        let wire = w.finish().expect("finish");
+        (wire, saved.load(Ordering::Relaxed))
     }
 
     fn read_all(wire: &[u8]) -> io::Result<Vec<u8>> {
@@ -356,7 +356,7 @@ mod tests {
     fn dense_data_backs_off_and_text_after_it_is_compressed_again() {
         let mut data = noise(40 * BLOCK_PLAIN, 3);
         data.extend(text(200 * BLOCK_PLAIN));
-        let mut w = BlockWriter::new(Vec::new(), true).expect("writer");
+        let (mut w, saved) = counted_writer(true);
         let mut attempts_skipped = 0;
         for block in data.chunks(BLOCK_PLAIN) {
             if w.skip > 0 {
@@ -365,7 +365,8 @@ mod tests {
             w.write_all(block).expect("write");
         }
         assert!(attempts_skipped >= 30, "skipped {attempts_skipped}");
-        let (wire, saved) = w.finish().expect("finish");
+        let wire = w.finish().expect("finish");
+        let saved = saved.load(Ordering::Relaxed);
         // Text after the noise is compressed once the back-off ends (at most MAX_SKIP
         // blocks of it go plain).
         assert!(saved as usize > (200 - MAX_SKIP as usize) * BLOCK_PLAIN * 3 / 4);
@@ -445,7 +446,7 @@ mod tests {
             for piece in data.chunks(slice) {
                 w.write_all(piece).expect("write");
             }
-            let (wire, _) = w.finish().expect("finish");
+            let wire = w.finish().expect("finish");
             proptest::prop_assert_eq!(read_all(&wire).expect("read"), data);
         }
 

@@ -175,7 +175,7 @@ impl Framing {
             });
             let mut w = FlipAt::new(w, self.corrupt_at);
             encode_ranges_validated(data, outboard, ranges, &mut w)?;
-            Ok(w.inner.finish()?.0)
+            Ok(w.inner.finish()?)
         } else {
             let w = BufWriter::with_capacity(256 * 1024, out);
             let mut w = FlipAt::new(w, self.corrupt_at);
