@@ -172,6 +172,8 @@ impl Rabbit {
         let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
         std::fs::write(dir.join("plugins"), "[].\n")?;
         let mut server = Command::new(server_program)
+            // Mnesia writes its core files (`MnesiaCore.*`) in the working directory.
+            .current_dir(dir)
             .env("HOME", dir)
             .env("ERL_EPMD_PORT", epmd_port.to_string())
             .env("RABBITMQ_NODENAME", format!("tidesync{port}@localhost"))
