@@ -12,24 +12,25 @@ use serde_json::{json, Value};
 
 use super::round2;
 use crate::chaos::proxy::Impairment;
-use crate::chaos::wire::Wire;
+use crate::chaos::wire::{Carried, Shaping, Wire};
 use crate::procs::{connected, status, Binaries};
 use crate::traffic::text_doc;
 use crate::Rng;
 
 /// One catch-up over a link of this shape; returns (document bytes, seconds, link tally).
 pub async fn catch_up_over(
+    shaping: Shaping,
     shape: Impairment,
     docs: usize,
     edge_flags: &[&str],
 ) -> Result<(u64, f64, Value)> {
     let d = Binaries::init()?;
-    let link = Wire::start(&tokio::runtime::Handle::current(), 42)?;
+    let link = Wire::start_with(shaping, &tokio::runtime::Handle::current(), 42)?;
     link.set(Impairment {
         block_up: true,
         block_down: true,
         ..shape
-    });
+    })?;
     let hub = d.hub_at("hub", &format!("{}:0", link.near), &[])?;
     d.enroll("edge", "edge", &["*=rw"])?;
     let edge = d.edge_across(&link, "edge", &[hub.quic], edge_flags)?;
@@ -54,7 +55,7 @@ pub async fn catch_up_over(
             .set("content-type", "application/json")
             .send_string(&body)?;
     }
-    link.set(shape);
+    link.set(shape)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     while !connected(&hub, "edge") {
         anyhow::ensure!(Instant::now() < deadline, "the edge never connected");
@@ -66,12 +67,12 @@ pub async fn catch_up_over(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    let (up, down): (Carried, Carried) = link.carried()?;
     let tally = json!({
-        "up_lost": link.up.lost.load(std::sync::atomic::Ordering::Relaxed),
-        "up_overflowed": link.up.overflowed.load(std::sync::atomic::Ordering::Relaxed),
-        "down_lost": link.down.lost.load(std::sync::atomic::Ordering::Relaxed),
-        "up_bytes": link.up.bytes.load(std::sync::atomic::Ordering::Relaxed),
-        "down_bytes": link.down.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        "up_dropped": up.dropped,
+        "down_dropped": down.dropped,
+        "up_bytes": up.bytes,
+        "down_bytes": down.bytes,
     });
     drop(edge);
     drop(hub);
@@ -81,14 +82,15 @@ pub async fn catch_up_over(
 /// The scenario: `docs` documents over 300 ms RTT and 1 Mbit/s, with 10 % loss and
 /// without, the edge sending with BBR (`--congestion bbr`, for such links); and with
 /// 10 % loss under the default CUBIC, to show what the setting is for.
-pub async fn run(docs: usize) -> Result<Value> {
+pub async fn run(docs: usize, shaping: Shaping) -> Result<Value> {
     let rtt = Duration::from_millis(300);
     let bbr = ["--congestion", "bbr"];
     let (bytes, clean_s, clean_tally) =
-        catch_up_over(Impairment::thin(rtt, 0.0, 1_000_000), docs, &bbr).await?;
+        catch_up_over(shaping, Impairment::thin(rtt, 0.0, 1_000_000), docs, &bbr).await?;
     let (_, lossy_s, lossy_tally) =
-        catch_up_over(Impairment::thin(rtt, 0.10, 1_000_000), docs, &bbr).await?;
-    let (_, cubic_s, _) = catch_up_over(Impairment::thin(rtt, 0.10, 1_000_000), docs, &[]).await?;
+        catch_up_over(shaping, Impairment::thin(rtt, 0.10, 1_000_000), docs, &bbr).await?;
+    let (_, cubic_s, _) =
+        catch_up_over(shaping, Impairment::thin(rtt, 0.10, 1_000_000), docs, &[]).await?;
     let clean = bytes as f64 / 1000.0 / clean_s;
     let lossy = bytes as f64 / 1000.0 / lossy_s;
     let cubic = bytes as f64 / 1000.0 / cubic_s;
@@ -103,6 +105,7 @@ pub async fn run(docs: usize) -> Result<Value> {
         "lossy_kb_s": round2(lossy),
         "ratio": round2(lossy / clean),
         "link_kb_s": 125.0,
+        "link": shaping.to_string(),
         "clean_link": clean_tally,
         "lossy_link": lossy_tally,
     }))

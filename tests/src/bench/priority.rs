@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::artifact::live_write_at;
 use super::{percentile, round2};
 use crate::chaos::proxy::Impairment;
-use crate::chaos::wire::Wire;
+use crate::chaos::wire::{Shaping, Wire};
 use crate::procs::{connected, status, wait_for, Binaries, Proc};
 use crate::Rng;
 
@@ -31,6 +31,8 @@ pub struct PriorityConfig {
     pub blob_mb: usize,
     /// Alerts timed per phase, one a second.
     pub samples: usize,
+    /// What shapes the link.
+    pub link: Shaping,
 }
 
 /// The link: 10 Mbit/s each way.
@@ -73,8 +75,8 @@ fn received(hub: &Proc) -> u64 {
 /// Runs the scenario.
 pub async fn run(cfg: PriorityConfig) -> Result<Value> {
     let d = Binaries::init()?;
-    let link = Wire::start(&tokio::runtime::Handle::current(), 7)?;
-    link.set(Impairment::thin(Duration::from_millis(20), 0.0, LINK_BITS));
+    let link = Wire::start_with(cfg.link, &tokio::runtime::Handle::current(), 7)?;
+    link.set(Impairment::thin(Duration::from_millis(20), 0.0, LINK_BITS))?;
     let hub = d.hub_at("hub", &format!("{}:0", link.near), &[])?;
     d.enroll("edge", "edge", &["*=rw"])?;
     let config = d.path("edge.toml");

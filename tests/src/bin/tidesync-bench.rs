@@ -100,6 +100,11 @@ struct Args {
     /// MB of bulk documents the edge of `priority` holds when its busy phase starts.
     #[arg(long, default_value_t = 50)]
     backlog_mb: usize,
+    /// What shapes the poor link of `constrained` and `priority`: `tun` (this process, on
+    /// TUN devices) or `netem` (the kernel's netem, in a small guest under qemu that
+    /// `scripts/netem-vm` builds).
+    #[arg(long, default_value = "tun")]
+    link: tidesync_tests::chaos::wire::Shaping,
     /// Critical writes timed per phase of `priority`, one a second.
     #[arg(long, default_value_t = 30)]
     samples: usize,
@@ -404,8 +409,11 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
             out
         }
         Scenario::Constrained => {
-            let out = constrained::run(500).await?;
-            println!("constrained: catch-up of 500 documents, 300 ms RTT, 1 Mbit/s");
+            let out = constrained::run(500, args.link).await?;
+            println!(
+                "constrained: catch-up of 500 documents, 300 ms RTT, 1 Mbit/s ({})",
+                args.link
+            );
             table(
                 &out,
                 &[
@@ -447,6 +455,7 @@ async fn run(scenario: Scenario, args: &Args) -> Result<Value> {
                 backlog_mb: args.backlog_mb,
                 blob_mb: args.blob_mb as usize,
                 samples: args.samples,
+                link: args.link,
             })
             .await?;
             println!("priority: a critical write a second on a 10 Mbit/s link, idle and busy");

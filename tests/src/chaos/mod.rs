@@ -6,11 +6,13 @@
 //! every acknowledged write is on every node, and every node holds the same heads.
 //!
 //! [`wire::Wire`] is the same impairment at the IP level, for a node in a network
-//! namespace of its own.
+//! namespace of its own, shaped in this process or by the kernel's netem in a small guest
+//! ([`netem::Guest`]).
 //!
 //! `cargo test` runs a short seeded run (`binaries_chaos`); `tidesync-bench soak
 //! --minutes N` runs a long one.
 
+pub mod netem;
 pub mod proxy;
 pub mod soak;
 pub mod wire;

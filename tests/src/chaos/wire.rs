@@ -10,6 +10,10 @@
 //! netem (the machines these tests run on have none); the packets' fate is decided in this
 //! process, the rest is the kernel's.
 //!
+//! [`Shaping::Netem`] puts the kernel's netem itself in the middle instead: the two devices
+//! are TAP devices of a small guest ([`netem::Guest`]) that bridges them and shapes each
+//! direction with a netem qdisc. The same test or benchmark then runs across either.
+//!
 //! A second, unimpaired pair (a veth) carries the node's HTTP API, so a test can write
 //! and read while the wire is down. Needs root (network namespaces, TUN devices);
 //! everything made is removed on drop.
@@ -22,6 +26,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tokio_tun::Tun;
 
+use super::netem;
 use super::proxy::{send_after, Impairment, Shaper, Tally};
 
 /// Largest packet a TUN device of MTU 1500 hands over, with room to spare.
@@ -90,6 +95,70 @@ fn open_tun(name: &str) -> Result<Arc<Tun>> {
     Ok(Arc::new(tun))
 }
 
+/// Which way packets go through a [`Wire`]'s devices, and what shapes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shaping {
+    /// This process reads each packet from one TUN device and writes it to the other after
+    /// [`Shaper`] decides its fate.
+    Here,
+    /// The kernel's netem, in a guest bridging two TAP devices ([`netem::Guest`]).
+    Netem,
+}
+
+impl std::fmt::Display for Shaping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Here => "tun",
+            Self::Netem => "netem",
+        })
+    }
+}
+
+impl std::str::FromStr for Shaping {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tun" => Ok(Self::Here),
+            "netem" => Ok(Self::Netem),
+            _ => bail!("unknown link {s:?}: tun or netem"),
+        }
+    }
+}
+
+/// What one direction of a wire has carried and dropped so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Packets delivered.
+    pub packets: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Packets dropped, at random or for want of room in the queue.
+    pub dropped: u64,
+}
+
+impl Carried {
+    fn of(tally: &Tally) -> Self {
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Self {
+            packets: get(&tally.forwarded),
+            bytes: get(&tally.bytes),
+            dropped: get(&tally.lost) + get(&tally.overflowed),
+        }
+    }
+}
+
+/// A running wire's shaper.
+enum Carrier {
+    Here {
+        shaper: Arc<Shaper>,
+        up: Arc<Tally>,
+        down: Arc<Tally>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    },
+    Netem(netem::Guest),
+}
+
 /// A link from this machine's namespace into a namespace of its own (see the module).
 pub struct Wire {
     /// The namespace at the far end.
@@ -100,12 +169,7 @@ pub struct Wire {
     pub far: Ipv4Addr,
     /// The namespace's address on the unimpaired management link: bind its HTTP API here.
     pub manage: Ipv4Addr,
-    /// What crossed from the namespace to this side.
-    pub up: Arc<Tally>,
-    /// What crossed into the namespace.
-    pub down: Arc<Tally>,
-    shaper: Arc<Shaper>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    shaper: Carrier,
     veth: String,
 }
 
@@ -123,6 +187,12 @@ impl Wire {
     /// Makes the namespace, the wire (unimpaired until [`Wire::set`]) and the management
     /// link, forwarding on the runtime `rt`.
     pub fn start(rt: &tokio::runtime::Handle, seed: u64) -> Result<Self> {
+        Self::start_with(Shaping::Here, rt, seed)
+    }
+
+    /// As [`Wire::start`], with the packets shaped as `shaping` says (`seed` and `rt`
+    /// serve [`Shaping::Here`] only).
+    pub fn start_with(shaping: Shaping, rt: &tokio::runtime::Handle, seed: u64) -> Result<Self> {
         let k = MADE.fetch_add(1, Ordering::Relaxed);
         anyhow::ensure!(k < 32, "at most 32 wires per process");
         let pid = std::process::id();
@@ -139,17 +209,55 @@ impl Wire {
             format!("tsf{tag}"),
             format!("tsm{tag}"),
         );
-        let _guard = rt.enter();
-        let near_tun = open_tun(&near_dev)?;
-        let far_tun = open_tun(&far_dev)?;
-        // The far device moves into the namespace; this process keeps its end.
-        ip(&["link", "set", &far_dev, "netns", &ns.name])?;
         let (near_s, far_s) = (near.to_string(), far.to_string());
-        ip(&["addr", "add", &near_s, "peer", &far_s, "dev", &near_dev])?;
+        let shaper = match shaping {
+            Shaping::Here => {
+                let _guard = rt.enter();
+                let near_tun = open_tun(&near_dev)?;
+                let far_tun = open_tun(&far_dev)?;
+                // The far device moves into the namespace; this process keeps its end.
+                ip(&["link", "set", &far_dev, "netns", &ns.name])?;
+                ip(&["addr", "add", &near_s, "peer", &far_s, "dev", &near_dev])?;
+                ip(&[
+                    "-n", &ns.name, "addr", "add", &far_s, "peer", &near_s, "dev", &far_dev,
+                ])?;
+                let (up, down) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+                let shaper = Arc::new(Shaper::new(seed, [up.clone(), down.clone()]));
+                let tasks = vec![
+                    rt.spawn(carry(
+                        far_tun.clone(),
+                        near_tun.clone(),
+                        true,
+                        shaper.clone(),
+                    )),
+                    rt.spawn(carry(near_tun, far_tun, false, shaper.clone())),
+                ];
+                Carrier::Here {
+                    shaper,
+                    up,
+                    down,
+                    tasks,
+                }
+            }
+            Shaping::Netem => {
+                // qemu makes both TAP devices, and removes them when it exits; the guest
+                // bridges them, so both ends share one /30.
+                let guest = netem::Guest::start(&near_dev, &far_dev)?;
+                ip(&["link", "set", &far_dev, "netns", &ns.name])?;
+                ip(&["addr", "add", &format!("{near_s}/30"), "dev", &near_dev])?;
+                ip(&[
+                    "-n",
+                    &ns.name,
+                    "addr",
+                    "add",
+                    &format!("{far_s}/30"),
+                    "dev",
+                    &far_dev,
+                ])?;
+                Carrier::Netem(guest)
+            }
+        };
         ip(&["link", "set", &near_dev, "up"])?;
-        ip(&[
-            "-n", &ns.name, "addr", "add", &far_s, "peer", &near_s, "dev", &far_dev,
-        ])?;
         ip(&["-n", &ns.name, "link", "set", &far_dev, "up"])?;
         let veth_far = format!("{veth}f");
         ip(&[
@@ -168,44 +276,59 @@ impl Wire {
             &veth_far,
         ])?;
         ip(&["-n", &ns.name, "link", "set", &veth_far, "up"])?;
-
-        let (up, down) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
-        let shaper = Arc::new(Shaper::new(seed, [up.clone(), down.clone()]));
-        let tasks = vec![
-            rt.spawn(carry(
-                far_tun.clone(),
-                near_tun.clone(),
-                true,
-                shaper.clone(),
-            )),
-            rt.spawn(carry(near_tun, far_tun, false, shaper.clone())),
-        ];
         Ok(Self {
             ns,
             near,
             far,
             manage,
-            up,
-            down,
             shaper,
-            tasks,
             veth,
         })
     }
 
     /// Sets the link's impairment from now on.
-    pub fn set(&self, imp: Impairment) {
-        self.shaper.set(imp);
+    pub fn set(&self, imp: Impairment) -> Result<()> {
+        match &self.shaper {
+            Carrier::Here { shaper, .. } => {
+                shaper.set(imp);
+                Ok(())
+            }
+            Carrier::Netem(guest) => {
+                guest.shape(netem::Card::Near, &imp)?;
+                guest.shape(netem::Card::Far, &imp)
+            }
+        }
+    }
+
+    /// What the wire has carried out of the namespace (`up`) and into it (`down`).
+    pub fn carried(&self) -> Result<(Carried, Carried)> {
+        match &self.shaper {
+            Carrier::Here { up, down, .. } => Ok((Carried::of(up), Carried::of(down))),
+            Carrier::Netem(guest) => {
+                let of = |card| -> Result<Carried> {
+                    let c = guest.count(card)?;
+                    Ok(Carried {
+                        packets: c.packets,
+                        bytes: c.bytes,
+                        dropped: c.dropped,
+                    })
+                };
+                Ok((of(netem::Card::Near)?, of(netem::Card::Far)?))
+            }
+        }
     }
 }
 
 impl Drop for Wire {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        if let Carrier::Here { tasks, .. } = &self.shaper {
+            for t in tasks {
+                t.abort();
+            }
         }
-        // The TUN devices go with their descriptors (held by the tasks), the namespace's
-        // end of the veth with the namespace; this end is removed here.
+        // The TUN devices go with their descriptors (held by the tasks), the TAP devices
+        // with qemu, the namespace's end of the veth with the namespace; this end is
+        // removed here.
         let _ = ip(&["link", "del", &self.veth]);
     }
 }
