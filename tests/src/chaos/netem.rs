@@ -225,7 +225,13 @@ impl Guest {
             let left = deadline.saturating_duration_since(Instant::now());
             match console.lines.recv_timeout(left) {
                 // The firmware's last words share the line.
-                Ok(line) if line.contains("ready near=eth") => return Ok(()),
+                Ok(line) if line.contains("ready near=") => {
+                    anyhow::ensure!(
+                        line.contains("near=eth") && line.contains("far=eth"),
+                        "the netem guest found no network cards: {said:?} {line:?}"
+                    );
+                    return Ok(());
+                }
                 Ok(line) => {
                     said.push(line);
                     if said.len() > 50 {
