@@ -366,13 +366,37 @@ pub fn live_write_at(
     ns: &str,
     i: u64,
 ) -> Result<Duration> {
+    Ok(live_write_timed(edge, hub, ns, i)?.arrived)
+}
+
+/// How long a live write took: to be acknowledged by the edge, and to be served by the
+/// hub (both from the write).
+#[derive(Clone, Copy, Debug)]
+pub struct LiveWrite {
+    /// Until the edge's API answered the write (its commit).
+    pub acked: Duration,
+    /// Until the hub served it.
+    pub arrived: Duration,
+}
+
+/// [`live_write_at`], with the edge's own part of the time.
+pub fn live_write_timed(
+    edge: std::net::SocketAddr,
+    hub: std::net::SocketAddr,
+    ns: &str,
+    i: u64,
+) -> Result<LiveWrite> {
     let started = Instant::now();
     ureq::put(&format!("http://{edge}/v1/docs/{ns}/w")).send_json(json!({ "i": i }))?;
+    let acked = started.elapsed();
     loop {
         if let Ok(r) = ureq::get(&format!("http://{hub}/v1/docs/{ns}/w")).call() {
             let v: Value = r.into_json()?;
             if v["i"] == i {
-                return Ok(started.elapsed());
+                return Ok(LiveWrite {
+                    acked,
+                    arrived: started.elapsed(),
+                });
             }
         }
         if started.elapsed() > Duration::from_secs(30) {

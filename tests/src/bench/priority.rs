@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use super::artifact::live_write_at;
+use super::artifact::{live_write_timed, LiveWrite};
 use super::{percentile, round2};
 use crate::chaos::proxy::Impairment;
 use crate::chaos::wire::{Shaping, Wire};
@@ -51,11 +51,11 @@ namespaces = ["telemetry"]
 priority = "bulk"
 "#;
 
-fn alerts(edge: &Proc, hub: &Proc, samples: usize, from: u64) -> Result<Vec<Duration>> {
+fn alerts(edge: &Proc, hub: &Proc, samples: usize, from: u64) -> Result<Vec<LiveWrite>> {
     let mut out = Vec::new();
     for i in 0..samples as u64 {
         let started = Instant::now();
-        out.push(live_write_at(edge.api, hub.api, "alerts", from + i)?);
+        out.push(live_write_timed(edge.api, hub.api, "alerts", from + i)?);
         std::thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
     }
     Ok(out)
@@ -91,7 +91,7 @@ pub async fn run(cfg: PriorityConfig) -> Result<Value> {
     wait_for("the edge connected", Duration::from_secs(20), || {
         connected(&hub, "edge")
     });
-    let mut idle = tokio::task::block_in_place(|| alerts(&edge, &hub, cfg.samples, 0))?;
+    let idle = tokio::task::block_in_place(|| alerts(&edge, &hub, cfg.samples, 0))?;
 
     // The backlog: bulk documents of random letters (which neither Automerge nor zstd
     // shrinks much), written faster than the link carries them.
@@ -149,7 +149,7 @@ pub async fn run(cfg: PriorityConfig) -> Result<Value> {
     let backlog_at_start = lag(&edge);
     let measured_from = Instant::now();
     let from_bytes = received(&hub);
-    let mut busy = tokio::task::block_in_place(|| alerts(&edge, &hub, cfg.samples, 1_000_000))?;
+    let busy = tokio::task::block_in_place(|| alerts(&edge, &hub, cfg.samples, 1_000_000))?;
     let busy_secs = measured_from.elapsed().as_secs_f64();
     let bulk_bytes = received(&hub) - from_bytes;
     let backlog_at_end = lag(&edge);
@@ -158,16 +158,26 @@ pub async fn run(cfg: PriorityConfig) -> Result<Value> {
             .call()
             .is_ok_and(|r| r.header("x-tidesync-blob") != Some("held"))
     });
-    let in_order: Vec<f64> = busy
-        .iter()
-        .map(|d| round2(d.as_secs_f64() * 1000.0))
-        .collect();
+    let ms = |d: Duration| round2(d.as_secs_f64() * 1000.0);
+    // In order, to tell a slow moment from a slow phase, and the edge's own part of each
+    // (its commit) from the link's and the hub's.
+    let in_order = |w: &[LiveWrite], part: fn(&LiveWrite) -> Duration| -> Vec<f64> {
+        w.iter().map(|s| ms(part(s))).collect()
+    };
+    let (busy_ms, busy_acked_ms, idle_ms) = (
+        in_order(&busy, |s| s.arrived),
+        in_order(&busy, |s| s.acked),
+        in_order(&idle, |s| s.arrived),
+    );
+    let mut idle: Vec<Duration> = idle.iter().map(|s| s.arrived).collect();
+    let mut busy: Vec<Duration> = busy.iter().map(|s| s.arrived).collect();
     let (idle_p50, idle_p99) = (percentile(&mut idle, 50.0), percentile(&mut idle, 99.0));
     let (busy_p50, busy_p99) = (percentile(&mut busy, 50.0), percentile(&mut busy, 99.0));
-    let ms = |d: Duration| round2(d.as_secs_f64() * 1000.0);
     Ok(json!({
         "samples": cfg.samples,
-        "busy_samples_ms": in_order,
+        "busy_samples_ms": busy_ms,
+        "busy_edge_acked_ms": busy_acked_ms,
+        "idle_samples_ms": idle_ms,
         "backlog_mb": cfg.backlog_mb,
         "blob_mb": cfg.blob_mb,
         "link_mbit_s": LINK_BITS / 1_000_000,
