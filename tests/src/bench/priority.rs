@@ -72,6 +72,33 @@ fn received(hub: &Proc) -> u64 {
         })
 }
 
+/// A node's durable commits so far: all of them, and those slower than about 51 ms (the
+/// bucket of its commit-time histogram that ends there).
+fn commits(node: &Proc) -> Result<(u64, u64)> {
+    let text = ureq::get(&node.url("/metrics")).call()?.into_string()?;
+    let (mut all, mut fast) = (None, None);
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("tidesync_commit_duration_seconds_") else {
+            continue;
+        };
+        let value = |s: &str| s.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok());
+        if rest.starts_with("count") {
+            all = value(rest);
+        } else if let Some(le) = rest
+            .strip_prefix("bucket{le=\"")
+            .and_then(|r| r.split('"').next())
+            .and_then(|le| le.parse::<f64>().ok())
+        {
+            if (le - 0.0512).abs() < 1e-6 {
+                fast = value(rest);
+            }
+        }
+    }
+    let all = all.context("no commit count in the node's metrics")?;
+    let fast = fast.context("no 51.2 ms commit bucket in the node's metrics")?;
+    Ok((all, all.saturating_sub(fast)))
+}
+
 /// Runs the scenario.
 pub async fn run(cfg: PriorityConfig) -> Result<Value> {
     let d = Binaries::init()?;
@@ -149,10 +176,16 @@ pub async fn run(cfg: PriorityConfig) -> Result<Value> {
     let backlog_at_start = lag(&edge);
     let measured_from = Instant::now();
     let from_bytes = received(&hub);
+    let (hub_commits, edge_commits) = (commits(&hub)?, commits(&edge)?);
     let busy = tokio::task::block_in_place(|| alerts(&edge, &hub, cfg.samples, 1_000_000))?;
     let busy_secs = measured_from.elapsed().as_secs_f64();
     let bulk_bytes = received(&hub) - from_bytes;
     let backlog_at_end = lag(&edge);
+    let since = |node: &Proc, (all, slow): (u64, u64)| -> Result<Value> {
+        let (now_all, now_slow) = commits(node)?;
+        Ok(json!({ "commits": now_all - all, "over_51ms": now_slow - slow }))
+    };
+    let (hub_commits, edge_commits) = (since(&hub, hub_commits)?, since(&edge, edge_commits)?);
     let blob_arriving = blob.is_some_and(|h| {
         ureq::head(&hub.url(&format!("/v1/blobs/{h}")))
             .call()
@@ -177,6 +210,8 @@ pub async fn run(cfg: PriorityConfig) -> Result<Value> {
         "samples": cfg.samples,
         "busy_samples_ms": busy_ms,
         "busy_edge_acked_ms": busy_acked_ms,
+        "busy_hub_commits": hub_commits,
+        "busy_edge_commits": edge_commits,
         "idle_samples_ms": idle_ms,
         "backlog_mb": cfg.backlog_mb,
         "blob_mb": cfg.blob_mb,
