@@ -19,7 +19,7 @@ use super::artifact::{live_write_timed, LiveWrite};
 use super::{percentile, round2};
 use crate::chaos::proxy::Impairment;
 use crate::chaos::wire::{Shaping, Wire};
-use crate::procs::{connected, status, wait_for, Binaries, Proc};
+use crate::procs::{connected, metrics, status, wait_for, Binaries, Proc};
 use crate::Rng;
 
 /// What the scenario runs.
@@ -75,7 +75,7 @@ fn received(hub: &Proc) -> u64 {
 /// A node's durable commits so far: all of them, and those slower than about 51 ms (the
 /// bucket of its commit-time histogram that ends there).
 fn commits(node: &Proc) -> Result<(u64, u64)> {
-    let text = ureq::get(&node.url("/metrics")).call()?.into_string()?;
+    let text = metrics(node);
     let (mut all, mut fast) = (None, None);
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("tidesync_commit_duration_seconds_") else {

@@ -1,7 +1,7 @@
 //! A network link into a namespace of its own, with the impairments of a poor one.
 //!
 //! A node started in a [`Wire`]'s network namespace reaches the rest of the machine only
-//! through the wire: a TUN device on each side (a point-to-point pair of addresses), and
+//! through the wire: a TUN device on each side (two addresses of one /30), and
 //! every IP packet one side sends is read here and written into the other side's device
 //! after the link's current [`Impairment`] (delay, jitter, loss, a rate with a tail-drop
 //! queue, a partition). The nodes address each other directly, as across a real network,
@@ -169,7 +169,7 @@ pub struct Wire {
     pub far: Ipv4Addr,
     /// The namespace's address on the unimpaired management link: bind its HTTP API here.
     pub manage: Ipv4Addr,
-    shaper: Carrier,
+    carrier: Carrier,
     veth: String,
 }
 
@@ -209,18 +209,11 @@ impl Wire {
             format!("tsf{tag}"),
             format!("tsm{tag}"),
         );
-        let (near_s, far_s) = (near.to_string(), far.to_string());
-        let shaper = match shaping {
+        let carrier = match shaping {
             Shaping::Here => {
                 let _guard = rt.enter();
                 let near_tun = open_tun(&near_dev)?;
                 let far_tun = open_tun(&far_dev)?;
-                // The far device moves into the namespace; this process keeps its end.
-                ip(&["link", "set", &far_dev, "netns", &ns.name])?;
-                ip(&["addr", "add", &near_s, "peer", &far_s, "dev", &near_dev])?;
-                ip(&[
-                    "-n", &ns.name, "addr", "add", &far_s, "peer", &near_s, "dev", &far_dev,
-                ])?;
                 let (up, down) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
                 let shaper = Arc::new(Shaper::new(seed, [up.clone(), down.clone()]));
                 let tasks = vec![
@@ -239,24 +232,23 @@ impl Wire {
                     tasks,
                 }
             }
-            Shaping::Netem => {
-                // qemu makes both TAP devices, and removes them when it exits; the guest
-                // bridges them, so both ends share one /30.
-                let guest = netem::Guest::start(&near_dev, &far_dev)?;
-                ip(&["link", "set", &far_dev, "netns", &ns.name])?;
-                ip(&["addr", "add", &format!("{near_s}/30"), "dev", &near_dev])?;
-                ip(&[
-                    "-n",
-                    &ns.name,
-                    "addr",
-                    "add",
-                    &format!("{far_s}/30"),
-                    "dev",
-                    &far_dev,
-                ])?;
-                Carrier::Netem(guest)
-            }
+            // qemu makes both TAP devices, and removes them when it exits.
+            Shaping::Netem => Carrier::Netem(netem::Guest::start(&near_dev, &far_dev)?),
         };
+        // The far device moves into the namespace; this side keeps its end. Both ends
+        // share one /30: across TUN devices the kernel routes it to the device, across the
+        // guest's bridge it is one Ethernet segment.
+        ip(&["link", "set", &far_dev, "netns", &ns.name])?;
+        ip(&["addr", "add", &format!("{near}/30"), "dev", &near_dev])?;
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{far}/30"),
+            "dev",
+            &far_dev,
+        ])?;
         ip(&["link", "set", &near_dev, "up"])?;
         ip(&["-n", &ns.name, "link", "set", &far_dev, "up"])?;
         let veth_far = format!("{veth}f");
@@ -281,14 +273,14 @@ impl Wire {
             near,
             far,
             manage,
-            shaper,
+            carrier,
             veth,
         })
     }
 
     /// Sets the link's impairment from now on.
     pub fn set(&self, imp: Impairment) -> Result<()> {
-        match &self.shaper {
+        match &self.carrier {
             Carrier::Here { shaper, .. } => {
                 shaper.set(imp);
                 Ok(())
@@ -302,7 +294,7 @@ impl Wire {
 
     /// What the wire has carried out of the namespace (`up`) and into it (`down`).
     pub fn carried(&self) -> Result<(Carried, Carried)> {
-        match &self.shaper {
+        match &self.carrier {
             Carrier::Here { up, down, .. } => Ok((Carried::of(up), Carried::of(down))),
             Carrier::Netem(guest) => {
                 let of = |card| -> Result<Carried> {
@@ -321,7 +313,7 @@ impl Wire {
 
 impl Drop for Wire {
     fn drop(&mut self) {
-        if let Carrier::Here { tasks, .. } = &self.shaper {
+        if let Carrier::Here { tasks, .. } = &self.carrier {
             for t in tasks {
                 t.abort();
             }
